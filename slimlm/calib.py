@@ -1,0 +1,65 @@
+"""Text for calibration and evaluation, with provenance.
+
+Default text when the user gives none: Python's own bundled documentation (`pydoc_data.topics`), present
+in every CPython. Topics are sorted by name; every 4th topic (index % 4 == 3) is held out for evaluation,
+the rest is calibration text, so the two never overlap and need nothing outside the interpreter.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+DEFAULT_SOURCE = "pydoc_data.topics (Python {v}), topics sorted by name, {split}: index % 4 {op} 3"
+
+
+def default_text(split: str = "eval") -> tuple[str, str]:
+    """(text, provenance) of the bundled default text; split is 'eval' or 'calib'."""
+    if split not in ("eval", "calib"):
+        raise ConfigError(f"split must be 'eval' or 'calib', not {split!r}")
+    from pydoc_data.topics import topics
+    names = sorted(topics)
+    keep = [n for i, n in enumerate(names) if (i % 4 == 3) == (split == "eval")]
+    text = "\n\n".join(topics[n] for n in keep)
+    v = ".".join(map(str, sys.version_info[:3]))
+    return text, DEFAULT_SOURCE.format(v=v, split=split, op="==" if split == "eval" else "!=")
+
+
+def read_text(path: str | Path | None, split: str = "eval") -> tuple[str, str]:
+    """A user's text file (UTF-8), or the default text. Returns (text, provenance)."""
+    if path is None:
+        return default_text(split)
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read text file {p}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"text file {p} is not UTF-8 (byte {e.start}): {e.reason}") from None
+    if not text.strip():
+        raise ConfigError(f"text file {p} is empty")
+    return text, f"{p} (sha256 {hashlib.sha256(raw).hexdigest()[:12]}, {len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """A token sequence and where it came from."""
+    tokens: torch.Tensor    # (n,) int64
+    source: str
+    tokenizer: str
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+
+def tokenize(tokenizer, text: str, source: str) -> TokenText:
+    """Tokenize with the HF tokenizer, no special tokens added (BOS is placed per chunk by the scorer)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return TokenText(torch.tensor(ids, dtype=torch.long), source, type(tokenizer).__name__)

@@ -1,0 +1,98 @@
+"""`evaluate()`: a model against a reference on the same tokens: PPL, KLD, top-1, size, bits/weight, speed.
+
+Either side is an in-memory `Model` (run in torch) or a GGUF path (run in llama.cpp). The method of
+chunking and scoring is llama.cpp's (see `metrics.py`).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calib import TokenText, read_text, tokenize
+from ..errors import ConfigError
+from ..gguf.reader import read_gguf
+from .metrics import Scores, make_chunks, scored_slice
+from .runtime import LlamaCppRunner, TorchRunner
+
+__all__ = ["evaluate", "gguf_size_info", "model_size_info"]
+
+
+def gguf_size_info(path: str | Path) -> dict:
+    g = read_gguf(path)
+    n = sum(t.n_elements for t in g.tensors)
+    data = sum(t.nbytes for t in g.tensors)
+    return {"file_bytes": g.file_size, "n_params": n, "bits_per_weight": 8 * data / max(n, 1)}
+
+
+def model_size_info(model) -> dict:
+    n = model.n_params()
+    return {"file_bytes": None, "n_params": n, "bits_per_weight": 32.0}
+
+
+def _side(x, n_ctx: int):
+    """(runner, size info, bos id or None, tokenizer-or-None) for a Model or a GGUF path."""
+    if isinstance(x, (str, Path)):
+        g = read_gguf(x)
+        bos = g.get("tokenizer.ggml.bos_token_id")
+        add_bos = g.get("tokenizer.ggml.add_bos_token")
+        if add_bos is None:
+            add_bos = g.get("tokenizer.ggml.model") == "llama"
+        return LlamaCppRunner(x, n_ctx), gguf_size_info(x), (int(bos) if add_bos and bos is not None else None), None
+    return TorchRunner(x), model_size_info(x), (x.bos_token_id if x.add_bos else None), x.tokenizer
+
+
+def _tokens(text: str, source: str, tokenizers: list, runners: list) -> TokenText:
+    for tok in tokenizers:
+        if tok is not None:
+            return tokenize(tok, text, source)
+    llm = runners[0].llm  # only GGUF files: llama.cpp's own tokenizer
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    return TokenText(torch.tensor(ids, dtype=torch.long), source, "llama.cpp")
+
+
+def evaluate(model, ref=None, *, text: str | None = None, text_path: str | Path | None = None,
+             n_ctx: int = 512, max_chunks: int | None = 16, speed: bool = True, n_gen: int = 32,
+             progress: bool = True) -> dict:
+    """Evaluate `model` (a Model or a .gguf path), optionally against `ref`, on the same tokens.
+
+    Returns a dict: ppl, ref_ppl, kld, kld_max, top1_agreement, n_scored_tokens, n_chunks, n_ctx, text
+    provenance, size (file bytes, params, bits/weight) and speed (prompt/generation tokens/s) per side.
+    """
+    if n_ctx < 16 or n_ctx % 2:
+        raise ConfigError(f"n_ctx must be an even number >= 16, got {n_ctx}")
+    if text is None:
+        text, source = read_text(text_path, "eval")
+    else:
+        source = "text given in memory"
+    sides = [_side(model, n_ctx)] + ([_side(ref, n_ctx)] if ref is not None else [])
+    runners = [s[0] for s in sides]
+    try:
+        if ref is not None and runners[0].n_vocab != runners[1].n_vocab:
+            raise ConfigError(f"model vocab {runners[0].n_vocab} differs from reference vocab "
+                              f"{runners[1].n_vocab}; they cannot be compared token by token")
+        tt = _tokens(text, source, [s[3] for s in reversed(sides)], runners)
+        chunks = make_chunks(tt.tokens, n_ctx, sides[-1][2], max_chunks)
+        scores, (pos, tgt) = Scores(), scored_slice(n_ctx)
+        t0 = time.perf_counter()
+        for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress, leave=False):
+            logits = runners[0].logits(chunk)
+            ref_logits = runners[1].logits(chunk) if ref is not None else None
+            scores.add(logits[pos], chunk[tgt], None if ref_logits is None else ref_logits[pos])
+        out = scores.result()
+        out.update(n_chunks=int(chunks.shape[0]), n_ctx=n_ctx, text=tt.source, tokenizer=tt.tokenizer,
+                   eval_seconds=time.perf_counter() - t0,
+                   model={"runtime": runners[0].name, **sides[0][1]},
+                   ref=None if ref is None else {"runtime": runners[1].name, **sides[1][1]})
+        if speed:
+            plen = min(256, n_ctx // 2)
+            prompt, n_gen = chunks[0][:plen], min(n_gen, n_ctx - plen)
+            out["model"]["speed"] = runners[0].speed(prompt, n_gen)
+            if ref is not None:
+                out["ref"]["speed"] = runners[1].speed(prompt, n_gen)
+        return out
+    finally:
+        for r in runners:
+            r.close()

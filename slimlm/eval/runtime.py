@@ -1,0 +1,131 @@
+"""Runners that give logits and speed for a model: in torch, or a GGUF file in the real llama.cpp runtime.
+
+Both take the same token ids. llama.cpp is driven through llama-cpp-python (the `llama` extra). Speed is
+measured by each runtime itself: llama.cpp's own perf counters (`llama_perf_context`: prompt and
+generation tokens/s), torch by wall clock around a forward pass and greedy decoding with a KV cache.
+Both use the same number of threads (torch's thread count).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MissingDependencyError
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependencyError("running GGUF files needs llama-cpp-python: "
+                                     "pip install 'slimlm[llama]'") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """llama.cpp prints model-loading logs to fd 2 from C; silence them for the duration."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class TorchRunner:
+    name = "torch"
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.config["vocab_size"])
+
+    @torch.no_grad()
+    def logits(self, chunk: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(chunk[None])[0]
+
+    @torch.no_grad()
+    def speed(self, prompt: torch.Tensor, n_gen: int) -> dict:
+        m = self.model.module
+        m(input_ids=prompt[None, :8], use_cache=False)  # warm-up
+        t0 = time.perf_counter()
+        out = m(input_ids=prompt[None], use_cache=True)
+        t_prompt = time.perf_counter() - t0
+        past, tok = out.past_key_values, out.logits[0, -1].argmax()
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            out = m(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[0, -1].argmax()
+        t_gen = time.perf_counter() - t0
+        return {"prompt_tps": prompt.numel() / t_prompt, "gen_tps": n_gen / t_gen,
+                "threads": torch.get_num_threads()}
+
+    def close(self) -> None:
+        pass
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, n_ctx: int, *, logits_all: bool = True):
+        lc = _llama_cpp()
+        self._lc = lc
+        with _quiet_fd2():
+            self.llm = lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                                n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                                verbose=False)
+        self.n_ctx = n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.llm.n_vocab())
+
+    def logits(self, chunk: torch.Tensor) -> torch.Tensor:
+        ids = [int(t) for t in chunk]
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def speed(self, prompt: torch.Tensor, n_gen: int) -> dict:
+        lc, ctx = self._lc, self.llm.ctx
+        self.llm.reset()
+        self.llm.eval([int(t) for t in prompt[:8]])  # warm-up
+        self.llm.reset()
+        lc.llama_perf_context_reset(ctx)
+        self.llm.eval([int(t) for t in prompt])
+        for _ in range(n_gen):
+            self.llm.eval([int(self._last_logits().argmax())])
+        p = lc.llama_perf_context(ctx)
+        return {"prompt_tps": 1e3 * p.n_p_eval / max(p.t_p_eval_ms, 1e-9),
+                "gen_tps": 1e3 * p.n_eval / max(p.t_eval_ms, 1e-9), "threads": torch.get_num_threads()}
+
+    def generate(self, prompt: str, max_tokens: int, *, chat: bool = False, temperature: float = 0.0,
+                 seed: int = 0) -> str:
+        if chat:
+            out = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                                  temperature=temperature, seed=seed)
+            return out["choices"][0]["message"]["content"]
+        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return out["choices"][0]["text"]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()

@@ -1,0 +1,83 @@
+"""The tensor formats slimlm writes, as a data table mirroring llama.cpp's GGML types.
+
+`FORMATS` maps a lower-case name to a `QuantFormat`; `get_format()` accepts any case and lists the valid
+names when the lookup fails. Which encoder serves a format is recorded here (gguf-py's for the legacy
+types today; slimlm's own K-quant encoders will join the table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from .errors import ConfigError
+
+T = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str                   # llama.cpp's name, e.g. "Q4_0"
+    ggml_type: GGMLQuantizationType
+    file_type: LlamaFileType    # general.file_type when this is the file's main type
+    encoder: str                # "gguf-py" (legacy/float types) or "slimlm"
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block_size
+
+    @property
+    def is_float(self) -> bool:
+        return self.ggml_type in (T.F32, T.F16, T.BF16)
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return int(np.prod(shape)) // self.block_size * self.type_size
+
+    def fits(self, row_length: int) -> bool:
+        return row_length % self.block_size == 0
+
+
+# keep in sync with ggml_type / llama_ftype in ggml.h / llama.h
+FORMATS: dict[str, QuantFormat] = {f.name.lower(): f for f in [
+    QuantFormat("F32", T.F32, LlamaFileType.ALL_F32, "gguf-py"),
+    QuantFormat("F16", T.F16, LlamaFileType.MOSTLY_F16, "gguf-py"),
+    QuantFormat("BF16", T.BF16, LlamaFileType.MOSTLY_BF16, "gguf-py"),
+    QuantFormat("Q8_0", T.Q8_0, LlamaFileType.MOSTLY_Q8_0, "gguf-py"),
+    QuantFormat("Q5_1", T.Q5_1, LlamaFileType.MOSTLY_Q5_1, "gguf-py"),
+    QuantFormat("Q5_0", T.Q5_0, LlamaFileType.MOSTLY_Q5_0, "gguf-py"),
+    QuantFormat("Q4_1", T.Q4_1, LlamaFileType.MOSTLY_Q4_1, "gguf-py"),
+    QuantFormat("Q4_0", T.Q4_0, LlamaFileType.MOSTLY_Q4_0, "gguf-py"),
+]}
+BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+# When a row length does not fit a format's block, use the first of these that fits (reported).
+FALLBACKS: dict[str, tuple[str, ...]] = {
+    "q8_0": ("f16",), "q5_1": ("f16",), "q5_0": ("f16",), "q4_1": ("f16",), "q4_0": ("f16",),
+    "bf16": (), "f16": (), "f32": (),
+}
+
+
+def get_format(name: str) -> QuantFormat:
+    f = FORMATS.get(str(name).lower())
+    if f is None:
+        raise ConfigError(f"unknown type {name!r}; valid types: {', '.join(x.name for x in FORMATS.values())}")
+    return f
+
+
+def fallback_for(fmt: QuantFormat, row_length: int) -> QuantFormat:
+    """The format actually used for a row length `fmt` cannot take (F32 as the last resort)."""
+    if fmt.fits(row_length):
+        return fmt
+    for name in FALLBACKS.get(fmt.name.lower(), ()):
+        if FORMATS[name].fits(row_length):
+            return FORMATS[name]
+    return FORMATS["f32"]

