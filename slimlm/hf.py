@@ -119,7 +119,10 @@ def read_safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
 def _shard_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        wm = load_json(index).get("weight_map")
+        idx = load_json(index)
+        if not isinstance(idx.get("metadata"), dict):
+            raise InvalidModelError(f"{index}: missing 'metadata' object (expected {{'total_size': ...}})")
+        wm = idx.get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise InvalidModelError(f"{index}: missing or empty 'weight_map'")
         shards = []

@@ -34,13 +34,23 @@ def copy_tokenizer_fields(src: GGUFFile, w: gguf.GGUFWriter) -> int:
     return n
 
 
-def pre_tokenizer_name(tokenizer, where: str) -> str:
+KNOWN_PRE_TOKENIZERS = sorted(set(PRE_TOKENIZERS.values()) | {"default"})
+
+
+def pre_tokenizer_name(tokenizer, where: str, override: str | None = None) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer; `override` names one explicitly (validated)."""
+    if override is not None:
+        if override not in KNOWN_PRE_TOKENIZERS:
+            raise InvalidModelError(f"pre-tokenizer {override!r} is not one llama.cpp knows; known: "
+                                    f"{', '.join(KNOWN_PRE_TOKENIZERS)}")
+        return override
     chkhsh = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
     name = PRE_TOKENIZERS.get(chkhsh)
     if name is None:
         raise InvalidModelError(f"{where}: the tokenizer's pre-tokenizer is not one llama.cpp knows "
                                 f"(check-text hash {chkhsh[:16]}...); slimlm will not guess one, since a wrong "
-                                f"pre-tokenizer silently changes tokenization in llama.cpp")
+                                f"pre-tokenizer silently changes tokenization in llama.cpp. If you know which one it is, "
+                                f"name it with --pre-tokenizer")
     return name
 
 
@@ -74,7 +84,8 @@ def bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def add_hf_tokenizer(w: gguf.GGUFWriter, tokenizer, model_dir: Path, vocab_size: int) -> None:
+def add_hf_tokenizer(w: gguf.GGUFWriter, tokenizer, model_dir: Path, vocab_size: int,
+                     pre_tokenizer: str | None = None) -> None:
     """Write tokenizer metadata for an HF tokenizer (byte-level BPE, llama.cpp's `gpt2` model)."""
     tj = getattr(tokenizer, "backend_tokenizer", None)
     model = tj.model if tj is not None else None
@@ -84,7 +95,7 @@ def add_hf_tokenizer(w: gguf.GGUFWriter, tokenizer, model_dir: Path, vocab_size:
                                 f"{' with byte_fallback' if getattr(model, 'byte_fallback', False) else ''} "
                                 f"is not supported yet; slimlm exports byte-level BPE tokenizers "
                                 f"(Llama 3, SmolLM, Qwen2/3, Mistral Tekken)")
-    pre = pre_tokenizer_name(tokenizer, str(model_dir))
+    pre = pre_tokenizer_name(tokenizer, str(model_dir), pre_tokenizer)
     tokens, types = bpe_vocab(tokenizer, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)

@@ -140,8 +140,11 @@ def _add_general(w: gguf.GGUFWriter, model, fmt: QuantFormat) -> None:
 
 
 def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool = False,
-                progress: bool = True) -> ExportRecord:
-    """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor."""
+                progress: bool = True, pre_tokenizer: str | None = None) -> ExportRecord:
+    """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor.
+
+    `pre_tokenizer` names llama.cpp's pre-tokenizer for an HF tokenizer whose check-text hash is unknown
+    (by default such a tokenizer is refused, never guessed)."""
     t0 = time.perf_counter()
     fmt = get_format(type)
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
@@ -157,7 +160,7 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
         if model.gguf is not None:
             copy_tokenizer_fields(model.gguf, w)
         else:
-            add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"])
+            add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
         for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {fmt.name}", unit="tensor",
                                           disable=not progress, leave=False):
             data = encode(W.float().numpy(), f, name)

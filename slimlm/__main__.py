@@ -1,0 +1,6 @@
+"""`python -m slimlm` -> the CLI."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

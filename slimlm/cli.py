@@ -1,0 +1,161 @@
+"""Command line: parse arguments, call one library function per subcommand, print the headline numbers.
+
+Errors in the user's input end in one `error: ...` line and exit code 2; Ctrl-C exits 130 and SIGTERM 143,
+both after temp files are removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from .errors import SlimlmError
+from .formats import FORMATS
+
+TYPES = ", ".join(f.name for f in FORMATS.values())
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to evaluate on (default: a held-out part of "
+                   "Python's bundled documentation, pydoc_data.topics)")
+    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per evaluation chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=16, metavar="N",
+                   help="evaluate at most N chunks (default 16; 0 = all of the text)")
+    p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slimlm", description="Compress an LLM into a GGUF that llama.cpp "
+                                 "runs, and measure it against the original.")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="model -> GGUF, evaluated against the original, with a report",
+                       description="Load MODEL (an HF folder with safetensors, a .gguf file, or nothing for the "
+                       "embedded SmolLM2-135M-Instruct), write it as a GGUF of --type, evaluate the GGUF in "
+                       "llama.cpp against the original in torch, and write OUT.report.json / OUT.report.md.")
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output GGUF path")
+    p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"tensor type: {TYPES} (default Q8_0); "
+                   f"norms stay F32; below 8 bits the output projection stays Q8_0")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    p.add_argument("--no-eval", action="store_true", help="write the GGUF and report without evaluating")
+    _add_eval_args(p)
+
+    p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement, size and speed",
+                       description="Evaluate FILE against --ref on the same tokens. A .gguf runs in llama.cpp; "
+                       "an HF folder runs in torch.")
+    p.add_argument("file", help=".gguf file (llama.cpp) or HF folder (torch)")
+    p.add_argument("--ref", help="reference model: .gguf file (llama.cpp) or HF folder (torch)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the full result as JSON")
+    _add_eval_args(p)
+
+    p = sub.add_parser("inspect", help="metadata, per-tensor types and bits/weight of a GGUF file")
+    p.add_argument("file", help=".gguf file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("generate", help="generate text from a GGUF file in llama.cpp")
+    p.add_argument("file", help=".gguf file")
+    p.add_argument("-p", "--prompt", required=True, help="prompt text")
+    p.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
+                   "(rendered by llama-cpp-python in a sandboxed Jinja environment)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
+    return ap
+
+
+def _eval_kwargs(a) -> dict:
+    return dict(text_path=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None, speed=not a.no_speed,
+                progress=not a.quiet)
+
+
+def cmd_compress(a) -> int:
+    from .compress import CompressConfig, compress
+    cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
+                         speed=not a.no_speed, evaluate=not a.no_eval)
+    rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
+                   command="slimlm " + shlex.join(sys.argv[1:]))
+    print("\n".join(rep.summary_lines()))
+    out = Path(a.output)
+    print(f"report: {out.with_suffix('.report.md')} (and .report.json)")
+    return 0
+
+
+def _eval_side(path: str | None):
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        from .model import load
+        return load(p)
+    return p
+
+
+def cmd_eval(a) -> int:
+    from .eval import evaluate
+    from .io import atomic_write_bytes
+    r = evaluate(_eval_side(a.file), _eval_side(a.ref), **_eval_kwargs(a))
+    m = r["model"]
+    print(f"{a.file}: {m['n_params'] / 1e6:.1f}M params, {m['bits_per_weight']:.3f} bits/weight"
+          + (f", {m['file_bytes'] / 2**20:.2f} MiB" if m["file_bytes"] else ""))
+    print(f"  perplexity {r['ppl']:.4f} on {r['n_scored_tokens']} scored tokens of {r['text']}")
+    if a.ref:
+        print(f"  reference perplexity {r['ref_ppl']:.4f}; KL divergence {r['kld']:.6f} (max {r['kld_max']:.4f}); "
+              f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
+    for side in ("model", "ref"):
+        s = (r.get(side) or {}).get("speed")
+        if s:
+            print(f"  {side} ({r[side]['runtime']}): {s['prompt_tps']:.1f} prompt tok/s, {s['gen_tps']:.1f} "
+                  f"generation tok/s, {s['threads']} threads")
+    if a.json:
+        atomic_write_bytes(a.json, (json.dumps(r, indent=1) + "\n").encode(), overwrite=True)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .gguf.inspect import describe, format_description
+    d = describe(a.file)
+    print(json.dumps(d, indent=1) if a.json else format_description(d))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .eval.runtime import LlamaCppRunner
+    from .gguf.reader import read_gguf
+    read_gguf(a.file)  # strict validation before llama.cpp parses it
+    r = LlamaCppRunner(a.file, a.ctx, logits_all=False)
+    try:
+        print(r.generate(a.prompt, a.max_tokens, chat=a.chat, temperature=a.temp, seed=a.seed))
+    finally:
+        r.close()
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate}
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(143)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[a.cmd](a)
+    except SlimlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`compress()`: the end-to-end job. Load -> (prune/quantize steps, as they land) -> export GGUF -> evaluate
+the GGUF in llama.cpp against the original in torch -> report beside the output.
+
+Every argument is validated before weights are loaded, and the output path before any heavy work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .eval import evaluate
+from .formats import get_format
+from .gguf.writer import export_gguf
+from .io import check_output_path
+from .model import load
+from .report import Report
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    type: str = "Q8_0"
+    text: str | None = None        # evaluation text file (default: bundled held-out text)
+    n_ctx: int = 512
+    max_chunks: int | None = 16
+    speed: bool = True
+    evaluate: bool = True
+
+    def __post_init__(self):
+        get_format(self.type)
+        if self.n_ctx < 16 or self.n_ctx % 2:
+            raise ConfigError(f"--ctx must be an even number >= 16, got {self.n_ctx}")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ConfigError(f"--chunks must be >= 1, got {self.max_chunks}")
+        if self.text is not None and not Path(self.text).is_file():
+            raise ConfigError(f"--text {self.text}: no such file")
+
+
+def compress(model: str | Path | None, out: str | Path, config: CompressConfig = CompressConfig(), *,
+             overwrite: bool = False, progress: bool = True, command: str = "") -> Report:
+    """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`."""
+    out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
+    m = load(model, progress=progress)
+    rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress)
+    ev = None
+    if config.evaluate:
+        ev = evaluate(out, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
+                      speed=config.speed, progress=progress)
+    rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {config.type}",
+                 source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
+                 steps=[{"step": "export", "type": rec.type, "seconds": rec.seconds}])
+    rep.write(out)
+    return rep

