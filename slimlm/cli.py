@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"norms stay F32; below 8 bits the output projection stays Q8_0")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--no-eval", action="store_true", help="write the GGUF and report without evaluating")
+    p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
+                   "whose pre-tokenizer slimlm cannot identify (by default such a model is refused)")
     _add_eval_args(p)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement, size and speed",
@@ -77,7 +79,7 @@ def _eval_kwargs(a) -> dict:
 def cmd_compress(a) -> int:
     from .compress import CompressConfig, compress
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
-                         speed=not a.no_speed, evaluate=not a.no_eval)
+                         speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

@@ -25,6 +25,7 @@ class CompressConfig:
     max_chunks: int | None = 16
     speed: bool = True
     evaluate: bool = True
+    pre_tokenizer: str | None = None  # llama.cpp pre-tokenizer name, when an HF tokenizer's is unknown
 
     def __post_init__(self):
         get_format(self.type)
@@ -41,7 +42,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`."""
     out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
     m = load(model, progress=progress)
-    rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress)
+    rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress,
+                      pre_tokenizer=config.pre_tokenizer)
     ev = None
     if config.evaluate:
         ev = evaluate(out, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,

@@ -76,3 +76,12 @@ def smollm2_hf_dir(tmp_path_factory, smollm2, smol_tokenizer_dir) -> Path:
     for f in smol_tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
+    """A tiny llama GGUF (F32) exported by slimlm."""
+    from slimlm import export_gguf, load
+    out = tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf"
+    export_gguf(load(tiny_hf("LlamaForCausalLM")), out, "F32", progress=False)
+    return out

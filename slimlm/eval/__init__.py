@@ -49,7 +49,7 @@ def _tokens(text: str, source: str, tokenizers: list, runners: list) -> TokenTex
         if tok is not None:
             return tokenize(tok, text, source)
     llm = runners[0].llm  # only GGUF files: llama.cpp's own tokenizer
-    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)  # as HF tokenizers do
     return TokenText(torch.tensor(ids, dtype=torch.long), source, "llama.cpp")
 
 
