@@ -37,6 +37,14 @@ class CompressConfig:
             raise ConfigError(f"--text {self.text}: no such file")
 
 
+def source_bytes(path: Path | None) -> int | None:
+    """Bytes of a source GGUF file, or of an HF folder's safetensors files."""
+    if path is None:
+        return None
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
+
+
 def compress(model: str | Path | None, out: str | Path, config: CompressConfig = CompressConfig(), *,
              overwrite: bool = False, progress: bool = True, command: str = "") -> Report:
     """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`."""
@@ -50,6 +58,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                       speed=config.speed, progress=progress)
     rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {config.type}",
                  source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
-                 steps=[{"step": "export", "type": rec.type, "seconds": rec.seconds}])
+                 steps=[{"step": "export", "type": rec.type, "seconds": rec.seconds}],
+                 source_bytes=source_bytes(m.source))
     rep.write(out)
     return rep

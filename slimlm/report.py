@@ -36,6 +36,7 @@ class Report:
     export: dict                       # ExportRecord.to_dict()
     evaluation: dict | None            # evaluate() result (model = the GGUF in llama.cpp, ref = original)
     steps: list[dict] = field(default_factory=list)
+    source_bytes: int | None = None    # the source file(s) on disk, for comparison
     versions: dict = field(default_factory=versions)
 
     # ---- headline ------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ class Report:
         h = self.headline()
         lines = [f"wrote {h['output']}",
                  f"  size          {_mib(h['file_bytes'])}  ({h['bits_per_weight']:.3f} bits/weight, "
-                 f"{h['n_params'] / 1e6:.1f}M params, type {h['type']})"]
+                 f"{h['n_params'] / 1e6:.1f}M params, type {h['type']}; source {_mib(self.source_bytes)})"]
         if h["ppl_after"] is not None:
             lines += [f"  perplexity    {h['ppl_before']:.4f} (original, torch) -> {h['ppl_after']:.4f} "
                       f"(GGUF, llama.cpp)",
@@ -73,8 +74,7 @@ class Report:
         md = [f"# slimlm report: {Path(self.output).name}", "", f"`{self.command}`", "",
               f"- source: `{self.source}`", f"- output: `{self.output}`", ""]
         md += ["| metric | original | compressed |", "|---|---|---|",
-               f"| size | {_mib(e['ref'].get('file_bytes')) if e and e['ref'].get('file_bytes') else 'f32 in memory'}"
-               f" | {_mib(h['file_bytes'])} |",
+               f"| size on disk | {_mib(self.source_bytes)} | {_mib(h['file_bytes'])} |",
                f"| bits/weight | {e['ref']['bits_per_weight']:.3f} | {h['bits_per_weight']:.3f} |" if e else
                f"| bits/weight | | {h['bits_per_weight']:.3f} |"]
         if e:
@@ -97,6 +97,7 @@ class Report:
         if notes:
             md += ["", "Tensors not at the requested type:", ""]
             md += [f"- `{t['name']}`: {t['type']} ({t['note']})" for t in notes]
+        md += ["", "The original is evaluated in torch at float32 (its weights as loaded from the source)."]
         md += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in self.versions.items() if v), ""]
         return "\n".join(md)
 

@@ -143,3 +143,29 @@ def test_gguf_to_gguf_round_trip_tiny(tiny_hf, tmp_path):
         if k.startswith("tokenizer."):
             v, w = f.value, gb.fields[k].value
             assert (np.array_equal(v, w) if isinstance(v, np.ndarray) else v == w), k
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_zero_rows_encode_to_exact_zeros(qtype):
+    from slimlm.formats import get_format
+    from slimlm.gguf.writer import encode
+    fmt = get_format(qtype)
+    x = np.zeros((3, 64), dtype=np.float32)
+    x[1] = np.linspace(-1, 1, 64)
+    q = encode(x, fmt, "t")
+    y = q.astype(np.float32) if qtype == "F16" else gguf.quants.dequantize(q, fmt.ggml_type)
+    assert np.isfinite(y).all() and (y[0] == 0).all() and (y[2] == 0).all()
+
+
+def test_f16_overflow_is_refused_and_bad_scale_is_named():
+    from slimlm.errors import NumericsError
+    from slimlm.formats import get_format
+    from slimlm.gguf.writer import check_tensor_finite, encode
+    x = np.ones((2, 32), dtype=np.float32)
+    x[1, 3] = 1e6
+    with pytest.raises(NumericsError, match="beyond F16's range"):
+        encode(x, get_format("F16"), "blk.0.ffn_up.weight")
+    q = encode(np.ones((2, 64), dtype=np.float32), get_format("Q8_0"), "t")
+    q[1, 34:36] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)  # scale of block 3
+    with pytest.raises(NumericsError, match=r"blk\.0\.attn_q\.weight .* block 3"):
+        check_tensor_finite(q, gguf.GGMLQuantizationType.Q8_0, (2, 64), "blk.0.attn_q.weight")

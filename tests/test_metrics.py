@@ -40,7 +40,7 @@ def test_kld_matches_closed_form():
     q = torch.tensor([[0.2, 0.5, 0.3]])
     s = Scores()
     s.add(q.log(), torch.tensor([0]), p.log())
-    want = sum(pi * math.log(pi / qi) for pi, qi in zip(p[0].tolist(), q[0].tolist()))
+    want = sum(pi * math.log(pi / qi) for pi, qi in zip(p[0].tolist(), q[0].tolist(), strict=True))
     r = s.result()
     assert r["kld"] == pytest.approx(want, rel=1e-6)
     assert r["ppl"] == pytest.approx(1 / 0.2, rel=1e-6) and r["ref_ppl"] == pytest.approx(1 / 0.7, rel=1e-6)

@@ -17,7 +17,7 @@ from ..gguf.reader import read_gguf
 from .metrics import Scores, make_chunks, scored_slice
 from .runtime import LlamaCppRunner, TorchRunner
 
-__all__ = ["evaluate", "gguf_size_info", "model_size_info"]
+__all__ = ["evaluate", "evaluate_many", "gguf_size_info", "model_size_info"]
 
 
 def gguf_size_info(path: str | Path) -> dict:
@@ -53,46 +53,61 @@ def _tokens(text: str, source: str, tokenizers: list, runners: list) -> TokenTex
     return TokenText(torch.tensor(ids, dtype=torch.long), source, "llama.cpp")
 
 
-def evaluate(model, ref=None, *, text: str | None = None, text_path: str | Path | None = None,
-             n_ctx: int = 512, max_chunks: int | None = 16, speed: bool = True, n_gen: int = 32,
-             progress: bool = True) -> dict:
+def evaluate(model, ref=None, **kwargs) -> dict:
     """Evaluate `model` (a Model or a .gguf path), optionally against `ref`, on the same tokens.
 
     Returns a dict: ppl, ref_ppl, kld, kld_max, top1_agreement, n_scored_tokens, n_chunks, n_ctx, text
     provenance, size (file bytes, params, bits/weight) and speed (prompt/generation tokens/s) per side.
+    Keyword arguments are those of `evaluate_many`.
     """
+    return evaluate_many([model], ref, **kwargs)[0]
+
+
+def evaluate_many(models: list, ref=None, *, text: str | None = None, text_path: str | Path | None = None,
+                  n_ctx: int = 512, max_chunks: int | None = 16, speed: bool = True, n_gen: int = 32,
+                  progress: bool = True) -> list[dict]:
+    """Evaluate several models against one reference in one pass (reference logits computed once)."""
     if n_ctx < 16 or n_ctx % 2:
         raise ConfigError(f"n_ctx must be an even number >= 16, got {n_ctx}")
     if text is None:
         text, source = read_text(text_path, "eval")
     else:
         source = "text given in memory"
-    sides = [_side(model, n_ctx)] + ([_side(ref, n_ctx)] if ref is not None else [])
-    runners = [s[0] for s in sides]
+    sides = []
     try:
-        if ref is not None and runners[0].n_vocab != runners[1].n_vocab:
-            raise ConfigError(f"model vocab {runners[0].n_vocab} differs from reference vocab "
-                              f"{runners[1].n_vocab}; they cannot be compared token by token")
+        for m in models + ([ref] if ref is not None else []):
+            sides.append(_side(m, n_ctx))
+        runners = [s[0] for s in sides]
+        ref_runner = runners[-1] if ref is not None else None
+        for r in runners:
+            if r.n_vocab != runners[-1].n_vocab:
+                raise ConfigError(f"vocab sizes differ ({r.n_vocab} vs {runners[-1].n_vocab}); the models "
+                                  f"cannot be compared token by token")
         tt = _tokens(text, source, [s[3] for s in reversed(sides)], runners)
         chunks = make_chunks(tt.tokens, n_ctx, sides[-1][2], max_chunks)
-        scores, (pos, tgt) = Scores(), scored_slice(n_ctx)
+        scores, (pos, tgt) = [Scores() for _ in models], scored_slice(n_ctx)
         t0 = time.perf_counter()
         for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress, leave=False):
-            logits = runners[0].logits(chunk)
-            ref_logits = runners[1].logits(chunk) if ref is not None else None
-            scores.add(logits[pos], chunk[tgt], None if ref_logits is None else ref_logits[pos])
-        out = scores.result()
-        out.update(n_chunks=int(chunks.shape[0]), n_ctx=n_ctx, text=tt.source, tokenizer=tt.tokenizer,
-                   eval_seconds=time.perf_counter() - t0,
-                   model={"runtime": runners[0].name, **sides[0][1]},
-                   ref=None if ref is None else {"runtime": runners[1].name, **sides[1][1]})
-        if speed:
-            plen = min(256, n_ctx // 2)
-            prompt, n_gen = chunks[0][:plen], min(n_gen, n_ctx - plen)
-            out["model"]["speed"] = runners[0].speed(prompt, n_gen)
-            if ref is not None:
-                out["ref"]["speed"] = runners[1].speed(prompt, n_gen)
-        return out
+            ref_logits = ref_runner.logits(chunk)[pos] if ref_runner is not None else None
+            for r, sc in zip(runners[: len(models)], scores, strict=True):
+                sc.add(r.logits(chunk)[pos], chunk[tgt], ref_logits)
+        seconds = time.perf_counter() - t0
+        plen = min(256, n_ctx // 2)
+        prompt, n_gen = chunks[0][:plen], min(n_gen, n_ctx - plen)
+        ref_info = None
+        if ref_runner is not None:
+            ref_info = {"runtime": ref_runner.name, **sides[-1][1]}
+            if speed:
+                ref_info["speed"] = ref_runner.speed(prompt, n_gen)
+        results = []
+        for r, sc, side in zip(runners[: len(models)], scores, sides[: len(models)], strict=True):
+            out = sc.result()
+            out.update(n_chunks=int(chunks.shape[0]), n_ctx=n_ctx, text=tt.source, tokenizer=tt.tokenizer,
+                       eval_seconds=seconds, model={"runtime": r.name, **side[1]}, ref=ref_info)
+            if speed:
+                out["model"]["speed"] = r.speed(prompt, n_gen)
+            results.append(out)
+        return results
     finally:
-        for r in runners:
-            r.close()
+        for s in sides:
+            s[0].close()

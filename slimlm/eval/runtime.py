@@ -129,3 +129,27 @@ class LlamaCppRunner:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()
+
+
+def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int | None = None) -> float:
+    """llama.cpp's own quantizer (`llama_model_quantize`, as llama-quantize runs it): the baseline every
+    benchmark compares against in the same run. `ftype` is a llama.cpp file type name such as "Q8_0" or
+    "Q4_K_M". Returns the seconds it took. Writes `dst` through a temp file and rename."""
+    import ctypes
+
+    from ..io import atomic_output
+    lc = _llama_cpp()
+    const = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}" if ftype.upper() not in ("F32",) else "LLAMA_FTYPE_ALL_F32"
+    if not hasattr(lc, const):
+        raise MissingDependencyError(f"llama.cpp has no file type {ftype!r} ({const})")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, const)
+    params.nthread = threads or torch.get_num_threads()
+    with atomic_output(dst, overwrite=True, inputs=[src]) as tmp:
+        t0 = time.perf_counter()
+        with _quiet_fd2():
+            rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            raise MissingDependencyError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
+    return seconds
