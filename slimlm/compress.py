@@ -5,6 +5,7 @@ Every argument is validated before weights are loaded, and the output path befor
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +50,15 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
              overwrite: bool = False, progress: bool = True, command: str = "") -> Report:
     """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`."""
     out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
+    say(f"writing {out} ({config.type}) ...")
     rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress,
                       pre_tokenizer=config.pre_tokenizer)
     ev = None
     if config.evaluate:
+        say("evaluating the GGUF in llama.cpp against the original in torch ...")
         ev = evaluate(out, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
                       speed=config.speed, progress=progress)
     rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {config.type}",
