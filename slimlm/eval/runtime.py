@@ -8,6 +8,7 @@ Both use the same number of threads (torch's thread count).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,11 @@ def _quiet_fd2():
             os.close(saved)
 
 
+def _kv_cache(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 class TorchRunner:
     name = "torch"
 
@@ -61,15 +67,17 @@ class TorchRunner:
     @torch.no_grad()
     def speed(self, prompt: torch.Tensor, n_gen: int) -> dict:
         m = self.model.module
+        # transformers >= 5.x names the KV cache argument `cache`; older versions `past_key_values`
+        kv = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
         m(input_ids=prompt[None, :8], use_cache=False)  # warm-up
         t0 = time.perf_counter()
         out = m(input_ids=prompt[None], use_cache=True)
         t_prompt = time.perf_counter() - t0
-        past, tok = out.past_key_values, out.logits[0, -1].argmax()
+        past, tok = _kv_cache(out), out.logits[0, -1].argmax()
         t0 = time.perf_counter()
         for _ in range(n_gen):
-            out = m(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[0, -1].argmax()
+            out = m(input_ids=tok.view(1, 1), use_cache=True, **{kv: past})
+            past, tok = _kv_cache(out), out.logits[0, -1].argmax()
         t_gen = time.perf_counter() - t0
         return {"prompt_tps": prompt.numel() / t_prompt, "gen_tps": n_gen / t_gen,
                 "threads": torch.get_num_threads()}
