@@ -56,12 +56,18 @@ FORMATS: dict[str, QuantFormat] = {f.name.lower(): f for f in [
     QuantFormat("Q5_0", T.Q5_0, LlamaFileType.MOSTLY_Q5_0, "gguf-py"),
     QuantFormat("Q4_1", T.Q4_1, LlamaFileType.MOSTLY_Q4_1, "gguf-py"),
     QuantFormat("Q4_0", T.Q4_0, LlamaFileType.MOSTLY_Q4_0, "gguf-py"),
+    QuantFormat("Q6_K", T.Q6_K, LlamaFileType.MOSTLY_Q6_K, "slimlm"),
+    QuantFormat("Q5_K", T.Q5_K, LlamaFileType.MOSTLY_Q5_K_S, "slimlm"),
+    QuantFormat("Q4_K", T.Q4_K, LlamaFileType.MOSTLY_Q4_K_S, "slimlm"),
 ]}
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
-# When a row length does not fit a format's block, use the first of these that fits (reported).
+# When a row length does not fit a format's block, use the first of these that fits (reported); mirrors
+# llama.cpp's tensor_type_fallback() in src/llama-quant.cpp (keep in sync): K-quants fall back to the legacy
+# type of similar size, and anything that still does not fit becomes F16.
 FALLBACKS: dict[str, tuple[str, ...]] = {
     "q8_0": ("f16",), "q5_1": ("f16",), "q5_0": ("f16",), "q4_1": ("f16",), "q4_0": ("f16",),
+    "q6_k": ("q8_0", "f16"), "q5_k": ("q5_1", "f16"), "q4_k": ("q5_0", "f16"),
     "bf16": (), "f16": (), "f32": (),
 }
 

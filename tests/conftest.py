@@ -45,11 +45,11 @@ def tiny_hf(tmp_path_factory, smol_tokenizer_dir):
     """Factory: tiny random HF model folder of an architecture (cached per arch/tie)."""
     cache = {}
 
-    def make(arch: str = "LlamaForCausalLM", tie: bool = False) -> Path:
-        key = (arch, tie)
+    def make(arch: str = "LlamaForCausalLM", tie: bool = False, **dims) -> Path:
+        key = (arch, tie, tuple(sorted(dims.items())))
         if key not in cache:
             d = tmp_path_factory.mktemp(f"tiny_{arch}_{tie}")
-            cache[key] = save_tiny_hf(d / "model", arch, smol_tokenizer_dir, tie=tie)
+            cache[key] = save_tiny_hf(d / "model", arch, smol_tokenizer_dir, tie=tie, **dims)
         return cache[key]
     return make
 

@@ -18,18 +18,19 @@ ARCH_EXTRA = {
 }
 
 
-def tiny_config(arch: str, vocab_size: int, *, tie: bool = False) -> dict:
+def tiny_config(arch: str, vocab_size: int, *, tie: bool = False, **dims) -> dict:
     cfg = dict(TINY, architectures=[arch], vocab_size=vocab_size, tie_word_embeddings=tie,
                bos_token_id=1, eos_token_id=2, **ARCH_EXTRA[arch])
+    cfg.update(dims)
     return cfg
 
 
-def save_tiny_hf(d: Path, arch: str, tokenizer_dir: Path, *, tie: bool = False, seed: int = 0) -> Path:
+def save_tiny_hf(d: Path, arch: str, tokenizer_dir: Path, *, tie: bool = False, seed: int = 0, **dims) -> Path:
     """A tiny random model of `arch` with the given tokenizer files, saved as safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     n_vocab = max(vocab.values()) + 1
-    cfg_dict = tiny_config(arch, n_vocab, tie=tie)
+    cfg_dict = tiny_config(arch, n_vocab, tie=tie, **dims)
     cfg = AutoConfig.for_model(cfg_dict["model_type"], **{k: v for k, v in cfg_dict.items() if k != "model_type"})
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

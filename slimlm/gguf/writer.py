@@ -20,6 +20,7 @@ from ..arch import llama3_rope_factors, rope_parameters
 from ..errors import NumericsError, OutputError
 from ..formats import FORMATS, QuantFormat, fallback_for, get_format
 from ..io import atomic_output, check_output_path, ensure_free_space
+from ..quant import ENCODERS
 from .reader import read_gguf
 from .vocab import add_hf_tokenizer, copy_tokenizer_fields
 
@@ -91,8 +92,9 @@ def plan_type(name: str, shape: tuple[int, ...], fmt: QuantFormat, tied: bool) -
     return got, note
 
 
-def encode(x: np.ndarray, fmt: QuantFormat, name: str) -> np.ndarray:
-    """Encode a float32 array (rows, cols) into `fmt`: gguf-py's encoders (bit-exact with llama.cpp)."""
+def encode(x: np.ndarray, fmt: QuantFormat, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Encode a float32 array (rows, cols) into `fmt`: gguf-py's encoders for legacy types (bit-exact with
+    llama.cpp's reference), slimlm's for K-quants (llama.cpp's searches, optional importance weights)."""
     if fmt.ggml_type == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if fmt.ggml_type == gguf.GGMLQuantizationType.F16:
@@ -101,6 +103,8 @@ def encode(x: np.ndarray, fmt: QuantFormat, name: str) -> np.ndarray:
             raise NumericsError(f"tensor {name} has |value| {amax:.4g} beyond F16's range ({_F16_MAX}); "
                                 f"use BF16 or F32")
         return x.astype(np.float16)
+    if fmt.encoder == "slimlm":
+        return ENCODERS[fmt.ggml_type](np.ascontiguousarray(x, dtype=np.float32), imatrix)
     return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), fmt.ggml_type)
 
 

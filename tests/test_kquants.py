@@ -1,0 +1,106 @@
+"""K-quant encoders against llama.cpp's own (ggml_quantize_chunk through ctypes), decoded by gguf-py."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from slimlm import export_gguf, load
+from slimlm.eval.runtime import LlamaCppRunner
+from slimlm.gguf.reader import read_gguf
+from slimlm.quant import ENCODERS
+
+T = gguf.GGMLQuantizationType
+KTYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def _werr(q, qtype, x, w):
+    y = gguf.quants.dequantize(q, qtype).reshape(x.shape)
+    return float((w * (y - x) ** 2).sum())
+
+
+def _test_tensor(seed=0, rows=12, cols=768):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.03).astype(np.float32)
+    x[1] = 0                                  # a zero row
+    x[2, :256] = 0                            # a zero super-block
+    x[3, 5] = 4.0                             # outliers
+    x[4, 300:320] *= 50
+    x[5] = np.abs(x[5])                       # all positive (min clamps to 0)
+    x[6] = -np.abs(x[6])                      # all negative
+    return x
+
+
+@pytest.mark.parametrize("qtype", KTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
+def test_matches_llama_cpp_on_random_tensors(qtype, weighted, llama_cpp_available):
+    from slimlm.quant.ggml_ref import ggml_quantize
+    x = _test_tensor()
+    imat = (np.random.default_rng(1).random(x.shape[1]) ** 2 * 5).astype(np.float32) if weighted else None
+    ours = ENCODERS[qtype](x, imat)
+    ref = ggml_quantize(x, qtype, imat)
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    w = imat if weighted else np.ones(x.shape[1], np.float32)
+    e_ours, e_ref = _werr(ours, qtype, x, w), _werr(ref, qtype, x, w)
+    assert np.array_equal(ours, ref) or e_ours <= 1.01 * e_ref
+    y = gguf.quants.dequantize(ours, qtype)
+    assert np.isfinite(y).all() and (y[1] == 0).all() and (y[2, :256] == 0).all()
+
+
+def test_bytes_identical_on_typical_tensor(llama_cpp_available):
+    """On an ordinary tensor every block is byte-identical (float near-ties aside: >= 99.5% of blocks)."""
+    from slimlm.quant.ggml_ref import ggml_quantize
+    x = (np.random.default_rng(3).standard_normal((64, 1024)) * 0.02).astype(np.float32)
+    for qtype in KTYPES:
+        a, b = ENCODERS[qtype](x, None), ggml_quantize(x, qtype)
+        bs = gguf.GGML_QUANT_SIZES[qtype][1]
+        same = (a.reshape(-1, bs) == b.reshape(-1, bs)).all(1).mean()
+        assert same >= 0.995, (qtype.name, same)
+
+
+def test_row_length_must_fit():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ENCODERS[T.Q4_K](np.zeros((2, 576), np.float32), None)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_export_runs_in_llama_cpp(tiny_hf, tmp_path, qtype, llama_cpp_available):
+    m = load(tiny_hf("LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=2))
+    out = tmp_path / "k.gguf"
+    rec = export_gguf(m, out, qtype, progress=False)
+    types = {t.name: t.ggml_type.name for t in read_gguf(out).tensors}
+    assert types["blk.0.attn_q.weight"] == qtype and types["blk.1.ffn_down.weight"] == qtype
+    assert rec.fallbacks == []
+    tokens = torch.arange(100, 164)
+    r = LlamaCppRunner(out, 64)
+    try:
+        got = r.logits(tokens)
+    finally:
+        r.close()
+    ref = m.logits(tokens[None])[0]
+    assert torch.isfinite(got).all()
+    # quantization noise only: logits stay strongly correlated with the float model's
+    assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.9
+
+
+def test_k_quant_fallback_is_reported(tiny_hf, tmp_path):
+    m = load(tiny_hf("LlamaForCausalLM"))  # hidden 64: no row fits a 256-block
+    rec = export_gguf(m, tmp_path / "f.gguf", "Q4_K", progress=False)
+    assert rec.fallbacks and all("Q5_0" in f for f in rec.fallbacks)
+    assert any(f.startswith("blk.0.attn_q.weight") for f in rec.fallbacks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", KTYPES, ids=lambda t: t.name)
+def test_smollm2_ffn_down_matches_llama_cpp(smollm2, qtype, llama_cpp_available):
+    """SmolLM2's only K-quantable tensors (ffn_down, 1536 columns), every 3rd layer."""
+    from slimlm.quant.ggml_ref import ggml_quantize
+    sd = smollm2.named_weights()
+    x = torch.cat([sd[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(0, 30, 3)]).numpy()
+    imat = np.random.default_rng(0).gamma(0.5, 2, x.shape[1]).astype(np.float32)
+    for w in (None, imat):
+        ours, ref = ENCODERS[qtype](x, w), ggml_quantize(x, qtype, w)
+        ww = w if w is not None else np.ones(x.shape[1], np.float32)
+        assert np.array_equal(ours, ref) or _werr(ours, qtype, x, ww) <= 1.01 * _werr(ref, qtype, x, ww)
