@@ -63,3 +63,14 @@ def tokenize(tokenizer, text: str, source: str) -> TokenText:
     """Tokenize with the HF tokenizer, no special tokens added (BOS is placed per chunk by the scorer)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return TokenText(torch.tensor(ids, dtype=torch.long), source, type(tokenizer).__name__)
+
+
+def calibration_chunks(model, text_path: str | Path | None = None, *, n_ctx: int = 512,
+                       max_chunks: int | None = 32) -> tuple[torch.Tensor, str]:
+    """(n_chunks, n_ctx) calibration token chunks (BOS first when the model adds BOS, as llama-imatrix does)
+    from a text file or the bundled calibration split, with their provenance."""
+    from .eval.metrics import make_chunks
+    text, source = read_text(text_path, "calib")
+    tt = tokenize(model.tokenizer, text, source)
+    chunks = make_chunks(tt.tokens, n_ctx, model.bos_token_id if model.add_bos else None, max_chunks)
+    return chunks, f"{source}; {chunks.shape[0]} chunks x {n_ctx} tokens"

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"norms stay F32; below 8 bits the output projection stays Q8_0")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--no-eval", action="store_true", help="write the GGUF and report without evaluating")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp imatrix GGUF or legacy .dat) "
+                   "that weights the K-quant encoders' error")
+    p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="compute an importance matrix "
+                   "from this text first (no FILE: the bundled calibration text)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
                    "whose pre-tokenizer slimlm cannot identify (by default such a model is refused)")
     _add_eval_args(p)
@@ -54,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference model: .gguf file (llama.cpp) or HF folder (torch)")
     p.add_argument("--json", metavar="OUT.json", help="also write the full result as JSON")
     _add_eval_args(p)
+
+    p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's imatrix GGUF format)",
+                       description="Run calibration text through MODEL and save, for every linear of the "
+                       "transformer blocks, the mean squared input per column, as llama-imatrix does. The file "
+                       "works with slimlm --imatrix and llama-quantize --imatrix.")
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output imatrix file")
+    p.add_argument("--calib", metavar="FILE", help="calibration text (default: the bundled calibration split "
+                   "of Python's documentation)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=32, help="chunks to run (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
 
     p = sub.add_parser("inspect", help="metadata, per-tensor types and bits/weight of a GGUF file")
     p.add_argument("file", help=".gguf file")
@@ -79,7 +95,8 @@ def _eval_kwargs(a) -> dict:
 def cmd_compress(a) -> int:
     from .compress import CompressConfig, compress
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
-                         speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer)
+                         speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
+                         imatrix=a.imatrix, calib=a.calib)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))
@@ -120,6 +137,20 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_imatrix(a) -> int:
+    from .calib import calibration_chunks
+    from .io import check_output_path
+    from .model import load
+    from .sequential import collect_imatrix
+    check_output_path(a.output, overwrite=a.overwrite, inputs=[a.model] if a.model else [])
+    m = load(a.model, progress=not a.quiet)
+    chunks, prov = calibration_chunks(m, a.calib, n_ctx=a.ctx, max_chunks=a.chunks)
+    im = collect_imatrix(m, chunks, dataset=prov, progress=not a.quiet)
+    im.save(a.output, overwrite=a.overwrite)
+    print(f"wrote {a.output}: {len(im.sums)} tensors, {int(chunks.numel())} tokens of {prov}")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from .gguf.inspect import describe, format_description
     d = describe(a.file)
@@ -139,7 +170,8 @@ def cmd_generate(a) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
+            "generate": cmd_generate}
 
 
 def _on_sigterm(signum, frame):

@@ -9,13 +9,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .calib import calibration_chunks
 from .errors import ConfigError
 from .eval import evaluate
 from .formats import get_format
 from .gguf.writer import export_gguf
 from .io import check_output_path
 from .model import load
+from .quant.imatrix import ImportanceMatrix
 from .report import Report
+from .sequential import collect_imatrix
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class CompressConfig:
     speed: bool = True
     evaluate: bool = True
     pre_tokenizer: str | None = None  # llama.cpp pre-tokenizer name, when an HF tokenizer's is unknown
+    imatrix: str | None = None        # importance matrix file (llama.cpp GGUF or legacy .dat)
+    calib: str | None = None          # compute an importance matrix from this text (or "default")
+    calib_chunks: int = 32
 
     def __post_init__(self):
         get_format(self.type)
@@ -34,8 +40,13 @@ class CompressConfig:
             raise ConfigError(f"--ctx must be an even number >= 16, got {self.n_ctx}")
         if self.max_chunks is not None and self.max_chunks < 1:
             raise ConfigError(f"--chunks must be >= 1, got {self.max_chunks}")
-        if self.text is not None and not Path(self.text).is_file():
-            raise ConfigError(f"--text {self.text}: no such file")
+        for flag, v in (("--text", self.text), ("--imatrix", self.imatrix)):
+            if v is not None and not Path(v).is_file():
+                raise ConfigError(f"{flag} {v}: no such file")
+        if self.calib not in (None, "default") and not Path(self.calib).is_file():
+            raise ConfigError(f"--calib {self.calib}: no such file")
+        if self.imatrix and self.calib:
+            raise ConfigError("give either --imatrix or --calib, not both")
 
 
 def source_bytes(path: Path | None) -> int | None:
@@ -53,9 +64,19 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
+    imatrix, steps = None, []
+    if config.imatrix:
+        imatrix = ImportanceMatrix.load(config.imatrix)
+        steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
+    elif config.calib:
+        say("computing the importance matrix ...")
+        chunks, prov = calibration_chunks(m, None if config.calib == "default" else config.calib,
+                                          n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
+        imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
+        steps.append({"step": "imatrix", "source": prov, "tensors": len(imatrix.sums)})
     say(f"writing {out} ({config.type}) ...")
     rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress,
-                      pre_tokenizer=config.pre_tokenizer)
+                      pre_tokenizer=config.pre_tokenizer, imatrix=imatrix)
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")
@@ -63,7 +84,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                       speed=config.speed, progress=progress)
     rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {config.type}",
                  source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
-                 steps=[{"step": "export", "type": rec.type, "seconds": rec.seconds}],
+                 steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
                  source_bytes=source_bytes(m.source))
     rep.write(out)
     return rep

@@ -103,7 +103,7 @@ def _load_hf(d: Path) -> Model:
     tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
     module = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
                                                   dtype=torch.float32)
-    module.eval()
+    _frozen(module)
     check_finite(module)
     return Model(module, tok, spec, module.config.to_dict(), source=d)
 
@@ -129,7 +129,7 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
     with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext():
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
-    module.eval()
+    _frozen(module)
     cfg = module.config.to_dict()
     cfg.pop("quantization_config", None)
     if hasattr(module.config, "quantization_config"):
@@ -138,6 +138,11 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
     spec = get_arch(cfg, str(p))
     check_finite(module)
     return Model(module, tok, spec, cfg, source=p, gguf=g)
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    """Inference mode for compression: eval() and no gradients (steps that train re-enable them)."""
+    return module.eval().requires_grad_(False)
 
 
 def check_finite(module: torch.nn.Module) -> None:

@@ -139,7 +139,8 @@ class LlamaCppRunner:
             self.llm.close()
 
 
-def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int | None = None) -> float:
+def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int | None = None,
+                       imatrix=None) -> float:
     """llama.cpp's own quantizer (`llama_model_quantize`, as llama-quantize runs it): the baseline every
     benchmark compares against in the same run. `ftype` is a llama.cpp file type name such as "Q8_0" or
     "Q4_K_M". Returns the seconds it took. Writes `dst` through a temp file and rename."""
@@ -153,6 +154,16 @@ def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads:
     params = lc.llama_model_quantize_default_params()
     params.ftype = getattr(lc, const)
     params.nthread = threads or torch.get_num_threads()
+    keep = []  # the arrays must outlive the call
+    if imatrix is not None:
+        names = sorted(imatrix.sums)
+        arr = (lc.llama_model_imatrix_data * (len(names) + 1))()
+        for i, n in enumerate(names):
+            v = np.ascontiguousarray(imatrix.importance(n), dtype=np.float32)
+            keep += [n.encode(), v]
+            arr[i].name, arr[i].data, arr[i].size = keep[-2], v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        params.imatrix = arr
+        keep.append(arr)
     with atomic_output(dst, overwrite=True, inputs=[src]) as tmp:
         t0 = time.perf_counter()
         with _quiet_fd2():

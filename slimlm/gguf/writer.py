@@ -144,11 +144,13 @@ def _add_general(w: gguf.GGUFWriter, model, fmt: QuantFormat) -> None:
 
 
 def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool = False,
-                progress: bool = True, pre_tokenizer: str | None = None) -> ExportRecord:
+                progress: bool = True, pre_tokenizer: str | None = None, imatrix=None) -> ExportRecord:
     """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor.
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for an HF tokenizer whose check-text hash is unknown
-    (by default such a tokenizer is refused, never guessed)."""
+    (by default such a tokenizer is refused, never guessed). `imatrix` (an ImportanceMatrix) weights the
+    K-quant encoders' error as llama.cpp does; legacy types are encoded by gguf-py's reference encoder,
+    which takes no weights (recorded per tensor)."""
     t0 = time.perf_counter()
     fmt = get_format(type)
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
@@ -167,7 +169,11 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
             add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
         for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {fmt.name}", unit="tensor",
                                           disable=not progress, leave=False):
-            data = encode(W.float().numpy(), f, name)
+            imp = imatrix.importance(name) if imatrix is not None and not f.is_float else None
+            if imp is not None and f.encoder != "slimlm":
+                note = (note + "; " if note else "") + "imatrix unused (gguf-py's legacy encoder)"
+                imp = None
+            data = encode(W.float().numpy(), f, name, imp)
             w.add_tensor(name, data, raw_dtype=None if f.is_float and f.name != "BF16" else f.ggml_type)
             records.append(TensorRecord(name, tuple(W.shape), f.name, fmt.name, f.nbytes(tuple(W.shape)), note))
         try:

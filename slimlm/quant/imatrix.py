@@ -1,0 +1,129 @@
+"""Importance matrix: per input column of every linear, the sum of squared activations and the token count,
+as llama.cpp's `llama-imatrix` defines it (importance = in_sum2 / counts). Saved and loaded in llama.cpp's
+imatrix GGUF format (`NAME.in_sum2` (ncols x 1) and `NAME.counts` (1 x 1) F32 tensors, `imatrix.datasets`,
+`imatrix.chunk_count`, `imatrix.chunk_size`), and read from its legacy `.dat` format. Names are GGUF tensor
+names (`blk.0.attn_q.weight`), so one file serves slimlm and llama-quantize alike.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import InvalidModelError
+
+SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
+
+
+@dataclass
+class ImportanceMatrix:
+    sums: dict[str, np.ndarray] = field(default_factory=dict)   # name -> sum of x^2 per column (float64)
+    counts: dict[str, int] = field(default_factory=dict)        # name -> activation rows seen
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def add(self, name: str, x2_sum: np.ndarray, rows: int) -> None:
+        if name in self.sums:
+            self.sums[name] += x2_sum
+            self.counts[name] += rows
+        else:
+            self.sums[name] = np.asarray(x2_sum, dtype=np.float64).copy()
+            self.counts[name] = rows
+
+    def importance(self, name: str) -> np.ndarray | None:
+        """Mean squared activation per input column (float32), or None when the tensor was not seen."""
+        if name not in self.sums:
+            return None
+        c = self.counts[name]
+        if c <= 0:
+            return np.ones_like(self.sums[name], dtype=np.float32)
+        return (self.sums[name] / c).astype(np.float32)
+
+    # ---- llama.cpp's GGUF format ----------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        from ..io import atomic_output
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            w = gguf.GGUFWriter(tmp, "imatrix")
+            w.add_type("imatrix")
+            w.add_array("imatrix.datasets", self.datasets or ["(unknown)"])
+            w.add_uint32("imatrix.chunk_count", self.chunk_count)
+            w.add_uint32("imatrix.chunk_size", self.chunk_size)
+            for name in sorted(self.sums):
+                w.add_tensor(name + SUM_SUFFIX, self.sums[name].astype(np.float32).reshape(1, -1))
+                w.add_tensor(name + COUNT_SUFFIX, np.array([[self.counts[name]]], dtype=np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImportanceMatrix:
+        p = Path(path)
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        return cls._load_gguf(p) if magic == b"GGUF" else cls._load_legacy(p)
+
+    @classmethod
+    def _load_gguf(cls, p: Path) -> ImportanceMatrix:
+        from ..gguf.reader import read_gguf
+        g = read_gguf(p)
+        if g.get("imatrix.chunk_count") is None:
+            raise InvalidModelError(f"{p}: not an imatrix file (no imatrix.chunk_count)")
+        im = cls(datasets=list(g.get("imatrix.datasets") or []), chunk_count=int(g.get("imatrix.chunk_count")),
+                 chunk_size=int(g.get("imatrix.chunk_size") or 0))
+        by_name = {t.name: t for t in g.tensors}
+        for tname, t in by_name.items():
+            if not tname.endswith(SUM_SUFFIX):
+                continue
+            name = tname[: -len(SUM_SUFFIX)]
+            c = by_name.get(name + COUNT_SUFFIX)
+            if c is None or t.ggml_type != gguf.GGMLQuantizationType.F32 or c.ggml_type != t.ggml_type:
+                raise InvalidModelError(f"{p}: {name} needs F32 {SUM_SUFFIX} and {COUNT_SUFFIX} tensors")
+            counts = np.asarray(g.raw(c)).view(np.float32)
+            if counts.size != 1:
+                raise InvalidModelError(f"{p}: {name} has {counts.size} expert counts; MoE imatrix unsupported")
+            im.sums[name] = np.asarray(g.raw(t)).view(np.float32).astype(np.float64)
+            im.counts[name] = round(float(counts[0]))
+        return im
+
+    @classmethod
+    def _load_legacy(cls, p: Path) -> ImportanceMatrix:
+        """llama.cpp's old `.dat`: n, then per entry (len, name, ncall, nval, nval floats of mean*ncall)."""
+        data = p.read_bytes()
+        pos = 0
+
+        def take(fmt: str, what: str):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > len(data):
+                raise InvalidModelError(f"{p}: truncated legacy imatrix while reading {what} at byte {pos}")
+            v = struct.unpack_from(fmt, data, pos)
+            pos += n
+            return v
+
+        (n_entries,) = take("<i", "entry count")
+        if not 1 <= n_entries <= len(data) // 12:
+            raise InvalidModelError(f"{p}: legacy imatrix claims {n_entries} entries")
+        im = cls()
+        for i in range(n_entries):
+            (ln,) = take("<i", f"name length of entry {i}")
+            if not 0 < ln <= 4096:
+                raise InvalidModelError(f"{p}: entry {i} name length {ln} is invalid")
+            name = bytes(take(f"<{ln}s", f"name of entry {i}")[0]).decode("utf-8", errors="replace")
+            ncall, nval = take("<ii", f"sizes of {name}")
+            if nval < 1 or pos + 4 * nval > len(data):
+                raise InvalidModelError(f"{p}: entry {name} claims {nval} values beyond the file")
+            vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64)
+            pos += 4 * nval
+            # legacy sums hold mean * ncall; keep importance = sums / counts identical
+            im.sums[name], im.counts[name] = vals, max(ncall, 0)
+            if ncall <= 0:
+                im.sums[name], im.counts[name] = np.ones(nval), 1
+        if pos + 4 <= len(data):
+            (im.chunk_count,) = take("<i", "chunk count")
+        return im
