@@ -103,7 +103,7 @@ def encode(x: np.ndarray, fmt: QuantFormat, name: str, imatrix: np.ndarray | Non
             raise NumericsError(f"tensor {name} has |value| {amax:.4g} beyond F16's range ({_F16_MAX}); "
                                 f"use BF16 or F32")
         return x.astype(np.float16)
-    if fmt.encoder == "slimlm":
+    if fmt.ggml_type in ENCODERS:
         return ENCODERS[fmt.ggml_type](np.ascontiguousarray(x, dtype=np.float32), imatrix)
     return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), fmt.ggml_type)
 
@@ -149,8 +149,7 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for an HF tokenizer whose check-text hash is unknown
     (by default such a tokenizer is refused, never guessed). `imatrix` (an ImportanceMatrix) weights the
-    K-quant encoders' error as llama.cpp does; legacy types are encoded by gguf-py's reference encoder,
-    which takes no weights (recorded per tensor)."""
+    encoders' error wherever llama.cpp uses one (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; not Q8_0)."""
     t0 = time.perf_counter()
     fmt = get_format(type)
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
@@ -169,10 +168,7 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
             add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
         for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {fmt.name}", unit="tensor",
                                           disable=not progress, leave=False):
-            imp = imatrix.importance(name) if imatrix is not None and not f.is_float else None
-            if imp is not None and f.encoder != "slimlm":
-                note = (note + "; " if note else "") + "imatrix unused (gguf-py's legacy encoder)"
-                imp = None
+            imp = imatrix.importance(name) if imatrix is not None and f.ggml_type in ENCODERS else None
             data = encode(W.float().numpy(), f, name, imp)
             w.add_tensor(name, data, raw_dtype=None if f.is_float and f.name != "BF16" else f.ggml_type)
             records.append(TensorRecord(name, tuple(W.shape), f.name, fmt.name, f.nbytes(tuple(W.shape)), note))
