@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from .errors import SlimlmError
-from .formats import FORMATS
+from .presets import PRESETS
 
-TYPES = ", ".join(f.name for f in FORMATS.values())
+TYPES = ", ".join(p.name for p in PRESETS.values())
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "llama.cpp against the original in torch, and write OUT.report.json / OUT.report.md.")
     p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output GGUF path")
-    p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"tensor type: {TYPES} (default Q8_0); "
-                   f"norms stay F32; below 8 bits the output projection stays Q8_0")
+    p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"llama.cpp preset: {TYPES} (default Q8_0), "
+                   f"with llama-quantize's per-tensor rules (output projection, attn_v, ffn_down) and fallbacks")
+    p.add_argument("--pure", action="store_true", help="every quantizable tensor at the preset's main type "
+                   "(llama-quantize --pure); fallbacks for rows that do not fit still apply")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--no-eval", action="store_true", help="write the GGUF and report without evaluating")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp imatrix GGUF or legacy .dat) "
@@ -96,7 +98,7 @@ def cmd_compress(a) -> int:
     from .compress import CompressConfig, compress
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
-                         imatrix=a.imatrix, calib=a.calib)
+                         imatrix=a.imatrix, calib=a.calib, pure=a.pure)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

@@ -12,10 +12,10 @@ from pathlib import Path
 from .calib import calibration_chunks
 from .errors import ConfigError
 from .eval import evaluate
-from .formats import get_format
 from .gguf.writer import export_gguf
 from .io import check_output_path
 from .model import load
+from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix
@@ -33,9 +33,10 @@ class CompressConfig:
     imatrix: str | None = None        # importance matrix file (llama.cpp GGUF or legacy .dat)
     calib: str | None = None          # compute an importance matrix from this text (or "default")
     calib_chunks: int = 32
+    pure: bool = False                # every quantizable tensor at the preset's main type
 
     def __post_init__(self):
-        get_format(self.type)
+        get_preset(self.type)
         if self.n_ctx < 16 or self.n_ctx % 2:
             raise ConfigError(f"--ctx must be an even number >= 16, got {self.n_ctx}")
         if self.max_chunks is not None and self.max_chunks < 1:
@@ -76,7 +77,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         steps.append({"step": "imatrix", "source": prov, "tensors": len(imatrix.sums)})
     say(f"writing {out} ({config.type}) ...")
     rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress,
-                      pre_tokenizer=config.pre_tokenizer, imatrix=imatrix)
+                      pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure)
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")

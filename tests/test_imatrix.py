@@ -71,7 +71,7 @@ def test_same_imatrix_in_slimlm_and_llama_cpp(tiny_hf, tmp_path, llama_cpp_avail
     llama_cpp_quantize(f32, tmp_path / "lc.gguf", "Q4_K_S", imatrix=ImportanceMatrix.load(tmp_path / "im.gguf"))
     llama_cpp_quantize(f32, tmp_path / "lc-noim.gguf", "Q4_K_S")
     ours = tmp_path / "ours.gguf"
-    export_gguf(m, ours, "Q4_K", progress=False, imatrix=ImportanceMatrix.load(tmp_path / "im.gguf"))
+    export_gguf(m, ours, "Q4_K_S", progress=False, imatrix=ImportanceMatrix.load(tmp_path / "im.gguf"))
     name = "blk.1.attn_q.weight"
     lc, lc0, us = (read_gguf(p) for p in (tmp_path / "lc.gguf", tmp_path / "lc-noim.gguf", ours))
     t_lc, t_lc0, t_us = lc.tensor(name), lc0.tensor(name), us.tensor(name)
@@ -95,5 +95,5 @@ def test_cli_imatrix_then_compress(tiny_hf, tmp_path):
     assert main(["-q", "imatrix", str(src), "-o", str(im), "--calib", str(text), "--ctx", "64", "--chunks", "4"]) == 0
     assert len(ImportanceMatrix.load(im).sums) == 14
     out = tmp_path / "o.gguf"
-    assert main(["-q", "compress", str(src), "-o", str(out), "--type", "Q4_K", "--imatrix", str(im), "--no-eval"]) == 0
+    assert main(["-q", "compress", str(src), "-o", str(out), "--type", "Q4_K_M", "--imatrix", str(im), "--no-eval"]) == 0
     assert out.exists() and out.with_suffix(".report.json").exists()

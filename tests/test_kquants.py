@@ -68,12 +68,12 @@ def test_row_length_must_fit():
         ENCODERS[T.Q4_K](np.zeros((2, 576), np.float32), None)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-def test_k_quant_export_runs_in_llama_cpp(tiny_hf, tmp_path, qtype, llama_cpp_available):
+@pytest.mark.parametrize("preset,qtype", [("Q4_K_S", "Q4_K"), ("Q5_K_S", "Q5_K"), ("Q6_K", "Q6_K")])
+def test_k_quant_export_runs_in_llama_cpp(tiny_hf, tmp_path, preset, qtype, llama_cpp_available):
     m = load(tiny_hf("LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                      num_key_value_heads=2))
     out = tmp_path / "k.gguf"
-    rec = export_gguf(m, out, qtype, progress=False)
+    rec = export_gguf(m, out, preset, progress=False)
     types = {t.name: t.ggml_type.name for t in read_gguf(out).tensors}
     assert types["blk.0.attn_q.weight"] == qtype and types["blk.1.ffn_down.weight"] == qtype
     assert rec.fallbacks == []
@@ -91,9 +91,13 @@ def test_k_quant_export_runs_in_llama_cpp(tiny_hf, tmp_path, qtype, llama_cpp_av
 
 def test_k_quant_fallback_is_reported(tiny_hf, tmp_path):
     m = load(tiny_hf("LlamaForCausalLM"))  # hidden 64: no row fits a 256-block
-    rec = export_gguf(m, tmp_path / "f.gguf", "Q4_K", progress=False)
-    assert rec.fallbacks and all("Q5_0" in f for f in rec.fallbacks)
-    assert any(f.startswith("blk.0.attn_q.weight") for f in rec.fallbacks)
+    rec = export_gguf(m, tmp_path / "f.gguf", "Q4_K_S", progress=False)
+    fb = dict(f.split(": ", 1) for f in rec.fallbacks)
+    assert fb["blk.0.attn_q.weight"].endswith("Q4_K's block 256: Q5_0")
+    assert fb["blk.0.attn_v.weight"].endswith("Q5_K's block 256: Q5_1")     # Q4_K_S's attn_v rule first
+    assert "output.weight" not in fb  # the output rule itself picks Q8_0 when the row does not fit
+    assert {r.name: r.type for r in rec.tensors}["output.weight"] == "Q8_0"
+    assert len(fb) == 2 * 7 + 1  # every block linear and token_embd
 
 
 @pytest.mark.slow

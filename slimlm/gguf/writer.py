@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from ..arch import llama3_rope_factors, rope_parameters
 from ..errors import NumericsError, OutputError
-from ..formats import FORMATS, QuantFormat, fallback_for, get_format
+from ..formats import QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
+from ..presets import Preset, get_preset, plan_types
 from ..quant import ENCODERS
 from .reader import read_gguf
 from .vocab import add_hf_tokenizer, copy_tokenizer_fields
@@ -74,24 +75,6 @@ def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
     return out
 
 
-def _is_output_projection(name: str, tied: bool) -> bool:
-    return name == "output.weight" or (tied and name == "token_embd.weight")
-
-
-def plan_type(name: str, shape: tuple[int, ...], fmt: QuantFormat, tied: bool) -> tuple[QuantFormat, str]:
-    """The format one tensor gets, and why when it differs from the requested one."""
-    if len(shape) < 2 or name == "rope_freqs.weight":
-        return FORMATS["f32"], "1-D tensors stay F32"
-    if not fmt.is_float and fmt.bits_per_weight < 8 and _is_output_projection(name, tied):
-        want, note = FORMATS["q8_0"], "output projection kept at Q8_0"
-    else:
-        want, note = fmt, ""
-    got = fallback_for(want, shape[-1])
-    if got is not want:
-        note = f"row length {shape[-1]} is not a multiple of {want.name}'s block {want.block_size}: {got.name}"
-    return got, note
-
-
 def encode(x: np.ndarray, fmt: QuantFormat, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Encode a float32 array (rows, cols) into `fmt`: gguf-py's encoders for legacy types (bit-exact with
     llama.cpp's reference), slimlm's for K-quants (llama.cpp's searches, optional importance weights)."""
@@ -131,7 +114,7 @@ def _add_hparams(w: gguf.GGUFWriter, model) -> None:
     w.add_vocab_size(cfg["vocab_size"])
 
 
-def _add_general(w: gguf.GGUFWriter, model, fmt: QuantFormat) -> None:
+def _add_general(w: gguf.GGUFWriter, model, preset: Preset) -> None:
     if model.gguf is not None:
         for key, f in model.gguf.fields.items():
             if key.startswith("general.") and key not in _OWN_GENERAL:
@@ -139,39 +122,45 @@ def _add_general(w: gguf.GGUFWriter, model, fmt: QuantFormat) -> None:
                 w.add_key_value(key, v, f.type, sub_type=f.item_type)
     elif model.source is not None:
         w.add_name(Path(model.source).name)
-    w.add_file_type(fmt.file_type)
+    w.add_file_type(preset.file_type)
     w.add_quantization_version(QUANTIZATION_VERSION)
 
 
 def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool = False,
-                progress: bool = True, pre_tokenizer: str | None = None, imatrix=None) -> ExportRecord:
+                progress: bool = True, pre_tokenizer: str | None = None, imatrix=None,
+                pure: bool = False) -> ExportRecord:
     """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor.
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for an HF tokenizer whose check-text hash is unknown
     (by default such a tokenizer is refused, never guessed). `imatrix` (an ImportanceMatrix) weights the
-    encoders' error wherever llama.cpp uses one (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; not Q8_0)."""
+    encoders' error wherever llama.cpp uses one (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; not Q8_0).
+    `type` is a llama.cpp preset (Q4_K_M, Q8_0, ...) with its per-tensor rules; `pure` gives every
+    quantizable tensor the preset's main type (llama-quantize --pure)."""
     t0 = time.perf_counter()
-    fmt = get_format(type)
+    preset = get_preset(type)
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
     tensors = _gguf_tensors(model)
     tied = bool(model.config.get("tie_word_embeddings", False))
-    plan = [(n, hf, W, *plan_type(n, tuple(W.shape), fmt, tied)) for n, hf, W in tensors]
+    types = plan_types([(n, tuple(W.shape)) for n, _, W in tensors], preset,
+                       n_layer=model.config["num_hidden_layers"], tied=tied, has_imatrix=imatrix is not None,
+                       pure=pure)
+    plan = [(n, hf, W, *types[n]) for n, hf, W in tensors]
     ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
     records = []
     with atomic_output(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
         w = gguf.GGUFWriter(tmp, model.spec.gguf_arch)
-        _add_general(w, model, fmt)
+        _add_general(w, model, preset)
         _add_hparams(w, model)
         if model.gguf is not None:
             copy_tokenizer_fields(model.gguf, w)
         else:
             add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
-        for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {fmt.name}", unit="tensor",
+        for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {preset.name}", unit="tensor",
                                           disable=not progress, leave=False):
             imp = imatrix.importance(name) if imatrix is not None and f.ggml_type in ENCODERS else None
             data = encode(W.float().numpy(), f, name, imp)
             w.add_tensor(name, data, raw_dtype=None if f.is_float and f.name != "BF16" else f.ggml_type)
-            records.append(TensorRecord(name, tuple(W.shape), f.name, fmt.name, f.nbytes(tuple(W.shape)), note))
+            records.append(TensorRecord(name, tuple(W.shape), f.name, preset.name, f.nbytes(tuple(W.shape)), note))
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
@@ -183,7 +172,7 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
     n_params = sum(int(np.prod(r.shape)) for r in records)
     tensor_bytes = sum(r.nbytes for r in records)
     fallbacks = [f"{r.name}: {r.note}" for r in records if "not a multiple" in r.note]
-    return ExportRecord(str(out), fmt.name, n_params, file_bytes, tensor_bytes,
+    return ExportRecord(str(out), preset.name, n_params, file_bytes, tensor_bytes,
                         8 * tensor_bytes / max(n_params, 1), time.perf_counter() - t0, records, fallbacks)
 
 

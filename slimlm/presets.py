@@ -1,0 +1,104 @@
+"""llama.cpp's quantization presets (`llama-quantize` file types) and their per-tensor type rules.
+
+Mirrors `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's src/llama-quant.cpp for the
+file types slimlm can encode (dense Llama-family models; no Falcon, no experts) — keep in sync:
+- the output projection (output.weight, or token_embd.weight when tied) goes to Q6_K unless the preset is
+  Q8_0, or to Q8_0 when its row length does not fit the preset's block;
+- attn_v: Q4_K_S -> Q5_K for the first 4 layers; Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`;
+- ffn_down: Q4_K_S -> Q5_K in the first n/8 layers; Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`;
+  Q4_0/Q5_0 with an importance matrix -> Q4_1/Q5_1 in the first n/8 layers;
+- then a row length that does not fit the chosen block falls back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0,
+  then F16). `pure=True` skips the rules (llama-quantize --pure) but not the fallback.
+Norms and other 1-D tensors stay F32.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import LlamaFileType
+
+from .errors import ConfigError
+from .formats import FORMATS, QuantFormat, fallback_for
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    default: str                 # the main tensor type (a FORMATS key)
+    file_type: LlamaFileType
+
+
+PRESETS: dict[str, Preset] = {p.name.lower(): p for p in [
+    Preset("F32", "f32", LlamaFileType.ALL_F32),
+    Preset("F16", "f16", LlamaFileType.MOSTLY_F16),
+    Preset("BF16", "bf16", LlamaFileType.MOSTLY_BF16),
+    Preset("Q8_0", "q8_0", LlamaFileType.MOSTLY_Q8_0),
+    Preset("Q6_K", "q6_k", LlamaFileType.MOSTLY_Q6_K),
+    Preset("Q5_K_M", "q5_k", LlamaFileType.MOSTLY_Q5_K_M),
+    Preset("Q5_K_S", "q5_k", LlamaFileType.MOSTLY_Q5_K_S),
+    Preset("Q5_1", "q5_1", LlamaFileType.MOSTLY_Q5_1),
+    Preset("Q5_0", "q5_0", LlamaFileType.MOSTLY_Q5_0),
+    Preset("Q4_K_M", "q4_k", LlamaFileType.MOSTLY_Q4_K_M),
+    Preset("Q4_K_S", "q4_k", LlamaFileType.MOSTLY_Q4_K_S),
+    Preset("Q4_1", "q4_1", LlamaFileType.MOSTLY_Q4_1),
+    Preset("Q4_0", "q4_0", LlamaFileType.MOSTLY_Q4_0),
+]}
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def get_preset(name: str) -> Preset:
+    p = PRESETS.get(str(name).lower())
+    if p is None:
+        raise ConfigError(f"unknown type {name!r}; valid types: {', '.join(x.name for x in PRESETS.values())}")
+    return p
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+
+
+def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_layer: int, tied: bool,
+               has_imatrix: bool = False, pure: bool = False) -> dict[str, tuple[QuantFormat, str]]:
+    """GGUF tensor name -> (format, why it differs from the preset's default) for (name, shape) pairs."""
+    default = FORMATS[preset.default]
+    name_ = preset.name
+    out, i_wv = {}, 0
+    for name, shape in tensors:
+        if not _quantizable(name, shape) or default.is_float:
+            out[name] = (FORMATS["f32"] if len(shape) < 2 else default, "1-D tensors stay F32"
+                         if len(shape) < 2 else "")
+            continue
+        t, why = default, ""
+        m = _LAYER.match(name)
+        layer = int(m[1]) if m else -1
+        if not pure:
+            if name == "output.weight" or (tied and name == "token_embd.weight"):
+                if shape[-1] % default.block_size:
+                    t, why = FORMATS["q8_0"], "output projection: Q8_0 (row does not fit the preset's block)"
+                elif default is not FORMATS["q8_0"]:
+                    t, why = FORMATS["q6_k"], "output projection: Q6_K"
+            elif name.endswith("attn_v.weight"):
+                if name_ in ("Q4_K_M", "Q5_K_M") and use_more_bits(i_wv, n_layer):
+                    t, why = FORMATS["q6_k"], "attn_v: more bits in this layer"
+                elif name_ == "Q4_K_S" and i_wv < 4:
+                    t, why = FORMATS["q5_k"], "attn_v: first 4 layers"
+                i_wv += 1
+            elif name.endswith("ffn_down.weight"):
+                if name_ in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layer):
+                    t, why = FORMATS["q6_k"], "ffn_down: more bits in this layer"
+                elif name_ == "Q4_K_S" and layer < n_layer // 8:
+                    t, why = FORMATS["q5_k"], "ffn_down: first n/8 layers"
+                elif name_ in ("Q4_0", "Q5_0") and has_imatrix and layer < n_layer // 8:
+                    t = FORMATS["q4_1" if name_ == "Q4_0" else "q5_1"]
+                    why = "ffn_down: first n/8 layers (with imatrix)"
+        got = fallback_for(t, shape[-1])
+        if got is not t:
+            why = f"row length {shape[-1]} is not a multiple of {t.name}'s block {t.block_size}: {got.name}"
+        out[name] = (got, why)
+    return out

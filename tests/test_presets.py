@@ -1,0 +1,67 @@
+"""llama.cpp's presets: slimlm's per-tensor type plan equals what llama_model_quantize chooses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimlm import export_gguf, load
+from slimlm.gguf.reader import read_gguf
+from slimlm.presets import PRESETS, get_preset, plan_types, use_more_bits
+from slimlm.quant.imatrix import ImportanceMatrix
+
+DEEP = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=16)
+QUANTIZED = [p.name for p in PRESETS.values() if p.default not in ("f32", "f16", "bf16")]
+
+
+def test_use_more_bits_pattern():
+    assert [i for i in range(16) if use_more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+
+
+@pytest.fixture(scope="module")
+def deep_f32(tiny_hf, tmp_path_factory):
+    out = {}
+    for tie in (False, True):
+        m = load(tiny_hf("LlamaForCausalLM", tie=tie, **DEEP))
+        p = tmp_path_factory.mktemp("deep") / f"f32-{tie}.gguf"
+        export_gguf(m, p, "F32", progress=False)
+        out[tie] = p
+    return out
+
+
+def _imatrix(g) -> ImportanceMatrix:
+    im = ImportanceMatrix(chunk_count=1, chunk_size=1)
+    rng = np.random.default_rng(0)
+    for t in g.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            im.add(t.name, rng.random(t.shape[1]) + 0.1, 1)
+    return im
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_plan_matches_llama_cpp(deep_f32, tmp_path, preset, tie, llama_cpp_available):
+    from slimlm.eval.runtime import llama_cpp_quantize
+    src = read_gguf(deep_f32[tie])
+    with_imatrix = preset in ("Q4_0", "Q5_0")  # the rule that depends on it
+    im = _imatrix(src) if with_imatrix else None
+    out = tmp_path / "lc.gguf"
+    llama_cpp_quantize(deep_f32[tie], out, preset, imatrix=im)
+    theirs = {t.name: t.ggml_type.name for t in read_gguf(out).tensors}
+    plan = plan_types([(t.name, t.shape) for t in src.tensors], get_preset(preset), n_layer=16, tied=tie,
+                      has_imatrix=with_imatrix)
+    ours = {n: f.name for n, (f, _) in plan.items()}
+    assert ours == theirs
+    assert read_gguf(out).get("general.file_type") == int(get_preset(preset).file_type)
+
+
+def test_pure_and_small_rows():
+    tensors = [("token_embd.weight", (100, 576)), ("blk.0.attn_v.weight", (192, 576)),
+               ("blk.0.ffn_down.weight", (576, 1536)), ("blk.0.attn_norm.weight", (576,))]
+    plan = plan_types(tensors, get_preset("Q4_K_M"), n_layer=1, tied=True)
+    assert plan["token_embd.weight"][0].name == "Q8_0"       # output projection, 576 does not fit Q6_K
+    assert plan["blk.0.attn_v.weight"][0].name == "Q8_0"     # Q6_K (more bits) -> fallback Q8_0
+    assert plan["blk.0.ffn_down.weight"][0].name == "Q6_K"   # 1536 fits
+    assert plan["blk.0.attn_norm.weight"][0].name == "F32"
+    pure = plan_types(tensors, get_preset("Q4_K_M"), n_layer=1, tied=True, pure=True)
+    assert pure["blk.0.ffn_down.weight"][0].name == "Q4_K" and pure["blk.0.attn_v.weight"][0].name == "Q5_0"
