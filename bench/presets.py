@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Preset parity benchmark: every llama.cpp preset made by slimlm and by llama.cpp, with and without the
+same importance matrix, evaluated in llama.cpp against the torch reference in one pass.
+
+Reference: the dithered SmolLM2-135M-Instruct F32 model (../shared/tools/make_dither_reference.py). The
+importance matrix is computed by slimlm on ../shared/data/brown-calib.txt and handed to both quantizers.
+llama.cpp's files are `llama_model_quantize` applied to slimlm's F32 export of the same reference.
+Evaluation text: ../shared/data/brown-eval.txt.
+
+Checks (issue 3): per preset, size within 0.5% of llama.cpp's and KLD <= 1.05x llama.cpp's (same imatrix or
+none); Q4_K_M encoding+writing time <= 3x llama.cpp's.
+
+    python bench/presets.py [--chunks 8] [--calib-chunks 32] [--presets Q4_K_M,Q8_0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from foundation import RESULTS, SHARED, reference_model  # noqa: E402
+
+PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="reference GGUF (default: the dithered SmolLM2 reference)")
+    ap.add_argument("--text", default=str(SHARED / "data" / "brown-eval.txt"))
+    ap.add_argument("--calib", default=str(SHARED / "data" / "brown-calib.txt"))
+    ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens (default 8)")
+    ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of 512 tokens (default 32)")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    a = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    from slimlm import export_gguf, load
+    from slimlm.calib import calibration_chunks
+    from slimlm.eval import evaluate_many
+    from slimlm.eval.runtime import llama_cpp_quantize
+    from slimlm.sequential import collect_imatrix
+
+    ref_path = reference_model(a.model)
+    ref = load(ref_path, progress=False)
+    f32 = RESULTS / "slimlm-F32.gguf"
+    export_gguf(ref, f32, "F32", overwrite=True, progress=False)
+    t0 = time.perf_counter()
+    chunks, prov = calibration_chunks(ref, a.calib, n_ctx=512, max_chunks=a.calib_chunks)
+    imatrix = collect_imatrix(ref, chunks, dataset=prov, progress=True)
+    t_im = time.perf_counter() - t0
+    imatrix.save(RESULTS / "imatrix.gguf", overwrite=True)
+
+    rows = []  # (preset, imatrix?, ours path, llama path, ours s, llama s)
+    for preset in a.presets.split(","):
+        for im in (None, imatrix):
+            tag = f"{preset}{'-imat' if im else ''}"
+            ours, theirs = RESULTS / f"slimlm-{tag}.gguf", RESULTS / f"llamacpp-{tag}.gguf"
+            t0 = time.perf_counter()
+            export_gguf(ref, ours, preset, overwrite=True, progress=False, imatrix=im)
+            t_ours = time.perf_counter() - t0
+            t_theirs = llama_cpp_quantize(f32, theirs, preset, imatrix=im)
+            rows.append((preset, im is not None, ours, theirs, t_ours, t_theirs))
+            print(f"{tag}: slimlm {t_ours:.2f}s, llama.cpp {t_theirs:.2f}s", flush=True)
+
+    files = [p for r in rows for p in (r[2], r[3])]
+    res = evaluate_many(files, ref, text_path=a.text, n_ctx=512, max_chunks=a.chunks, speed=False, progress=True)
+    by = dict(zip(files, res, strict=True))
+    r0 = res[0]
+    print(f"\nmodel: {ref_path.name}, reference in torch f32 (PPL {r0['ref_ppl']:.4f}); imatrix: {prov} "
+          f"({t_im:.1f}s)")
+    print(f"text: {r0['text']}; {r0['n_chunks']} chunks x 512, {r0['n_scored_tokens']} scored tokens\n")
+    print("| preset | imatrix | slimlm MiB | llama.cpp MiB | size ratio | slimlm KLD | llama.cpp KLD | KLD ratio "
+          "| slimlm PPL | llama.cpp PPL | slimlm s | llama.cpp s | time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fails, table = [], []
+    for preset, has_im, ours, theirs, t_o, t_t in rows:
+        o, t = by[ours], by[theirs]
+        size_r = o["model"]["file_bytes"] / t["model"]["file_bytes"]
+        kld_r = o["kld"] / t["kld"] if t["kld"] > 0 else float("nan")
+        print(f"| {preset} | {'yes' if has_im else 'no'} | {o['model']['file_bytes'] / 2**20:.2f} | "
+              f"{t['model']['file_bytes'] / 2**20:.2f} | {size_r:.4f} | {o['kld']:.6f} | {t['kld']:.6f} | "
+              f"{kld_r:.4f} | {o['ppl']:.4f} | {t['ppl']:.4f} | {t_o:.2f} | {t_t:.2f} | {t_o / t_t:.2f} |")
+        table.append(dict(preset=preset, imatrix=has_im, slimlm=o, llama_cpp=t, slimlm_s=t_o, llama_cpp_s=t_t))
+        if abs(size_r - 1) > 0.005:
+            fails.append(f"{preset}{' +imatrix' if has_im else ''}: size ratio {size_r:.4f}")
+        if kld_r > 1.05:
+            fails.append(f"{preset}{' +imatrix' if has_im else ''}: KLD ratio {kld_r:.4f}")
+        if preset == "Q4_K_M" and not has_im and t_o > 3 * t_t:
+            fails.append(f"Q4_K_M time ratio {t_o / t_t:.2f} > 3")
+    (RESULTS / "presets.json").write_text(json.dumps({"reference": str(ref_path), "imatrix": prov,
+                                                      "rows": table}, indent=1, default=str))
+    print()
+    print("\n".join(f"FAIL  {f}" for f in fails) if fails else "PASS  every preset: size within 0.5%, "
+          "KLD <= 1.05x llama.cpp's, Q4_K_M time <= 3x")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
