@@ -8,8 +8,9 @@ from .eval import evaluate
 from .formats import FORMATS, get_format
 from .gguf.writer import export_gguf
 from .model import Model, load
+from .presets import PRESETS, get_preset
 from .report import Report
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "compress", "CompressConfig", "export_gguf", "evaluate", "Report", "FORMATS",
-           "get_format", "SlimlmError", "__version__"]
+           "get_format", "PRESETS", "get_preset", "SlimlmError", "__version__"]

@@ -27,6 +27,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
 
 
+def _add_model_output_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slimlm", description="Compress an LLM into a GGUF that llama.cpp "
                                  "runs, and measure it against the original.")
@@ -37,16 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load MODEL (an HF folder with safetensors, a .gguf file, or nothing for the "
                        "embedded SmolLM2-135M-Instruct), write it as a GGUF of --type, evaluate the GGUF in "
                        "llama.cpp against the original in torch, and write OUT.report.json / OUT.report.md.")
-    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output GGUF path")
+    _add_model_output_args(p, "output GGUF path")
     p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"llama.cpp preset: {TYPES} (default Q8_0), "
                    f"with llama-quantize's per-tensor rules (output projection, attn_v, ffn_down) and fallbacks")
     p.add_argument("--pure", action="store_true", help="every quantizable tensor at the preset's main type "
                    "(llama-quantize --pure); fallbacks for rows that do not fit still apply")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--no-eval", action="store_true", help="write the GGUF and report without evaluating")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp imatrix GGUF or legacy .dat) "
-                   "that weights the K-quant encoders' error")
+                   "that weights the encoders' error where llama.cpp uses one (K-quants, Q4_0/Q4_1/Q5_0/Q5_1)")
     p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="compute an importance matrix "
                    "from this text first (no FILE: the bundled calibration text)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
@@ -65,13 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run calibration text through MODEL and save, for every linear of the "
                        "transformer blocks, the mean squared input per column, as llama-imatrix does. The file "
                        "works with slimlm --imatrix and llama-quantize --imatrix.")
-    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output imatrix file")
+    _add_model_output_args(p, "output imatrix file")
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the bundled calibration split "
                    "of Python's documentation)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=32, help="chunks to run (default 32)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
 
     p = sub.add_parser("inspect", help="metadata, per-tensor types and bits/weight of a GGUF file")
     p.add_argument("file", help=".gguf file")
