@@ -1,15 +1,16 @@
 """The tensor formats slimlm writes, as a data table mirroring llama.cpp's GGML types.
 
 `FORMATS` maps a lower-case name to a `QuantFormat`; `get_format()` accepts any case and lists the valid
-names when the lookup fails. Which encoder serves a format is recorded here (gguf-py's for the legacy
-types today; slimlm's own K-quant encoders will join the table).
+names when the lookup fails. Which encoder serves a format is recorded here: gguf-py's for float types
+and Q8_0; slimlm's for K-quants and for the legacy 4/5-bit types (which hand over to gguf-py's bit-exact
+reference encoder when no importance matrix is given). File types belong to presets (`presets.py`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ConfigError
 
@@ -20,8 +21,7 @@ T = GGMLQuantizationType
 class QuantFormat:
     name: str                   # llama.cpp's name, e.g. "Q4_0"
     ggml_type: GGMLQuantizationType
-    file_type: LlamaFileType    # general.file_type when this is the file's main type
-    encoder: str                # "gguf-py" (legacy/float types) or "slimlm"
+    encoder: str                # "gguf-py", or "slimlm" where slimlm has its own encoder (quant.ENCODERS)
 
     @property
     def block_size(self) -> int:
@@ -46,19 +46,19 @@ class QuantFormat:
         return row_length % self.block_size == 0
 
 
-# keep in sync with ggml_type / llama_ftype in ggml.h / llama.h
+# keep in sync with ggml_type in ggml.h and GGML_QUANT_SIZES in gguf-py
 FORMATS: dict[str, QuantFormat] = {f.name.lower(): f for f in [
-    QuantFormat("F32", T.F32, LlamaFileType.ALL_F32, "gguf-py"),
-    QuantFormat("F16", T.F16, LlamaFileType.MOSTLY_F16, "gguf-py"),
-    QuantFormat("BF16", T.BF16, LlamaFileType.MOSTLY_BF16, "gguf-py"),
-    QuantFormat("Q8_0", T.Q8_0, LlamaFileType.MOSTLY_Q8_0, "gguf-py"),
-    QuantFormat("Q5_1", T.Q5_1, LlamaFileType.MOSTLY_Q5_1, "gguf-py"),
-    QuantFormat("Q5_0", T.Q5_0, LlamaFileType.MOSTLY_Q5_0, "gguf-py"),
-    QuantFormat("Q4_1", T.Q4_1, LlamaFileType.MOSTLY_Q4_1, "gguf-py"),
-    QuantFormat("Q4_0", T.Q4_0, LlamaFileType.MOSTLY_Q4_0, "gguf-py"),
-    QuantFormat("Q6_K", T.Q6_K, LlamaFileType.MOSTLY_Q6_K, "slimlm"),
-    QuantFormat("Q5_K", T.Q5_K, LlamaFileType.MOSTLY_Q5_K_S, "slimlm"),
-    QuantFormat("Q4_K", T.Q4_K, LlamaFileType.MOSTLY_Q4_K_S, "slimlm"),
+    QuantFormat("F32", T.F32, "gguf-py"),
+    QuantFormat("F16", T.F16, "gguf-py"),
+    QuantFormat("BF16", T.BF16, "gguf-py"),
+    QuantFormat("Q8_0", T.Q8_0, "gguf-py"),
+    QuantFormat("Q5_1", T.Q5_1, "slimlm"),
+    QuantFormat("Q5_0", T.Q5_0, "slimlm"),
+    QuantFormat("Q4_1", T.Q4_1, "slimlm"),
+    QuantFormat("Q4_0", T.Q4_0, "slimlm"),
+    QuantFormat("Q6_K", T.Q6_K, "slimlm"),
+    QuantFormat("Q5_K", T.Q5_K, "slimlm"),
+    QuantFormat("Q4_K", T.Q4_K, "slimlm"),
 ]}
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
