@@ -55,6 +55,11 @@ def get_preset(name: str) -> Preset:
     return p
 
 
+def _visit_order(t: tuple[str, tuple[int, ...]]) -> tuple[int, str]:
+    m = _LAYER.match(t[0])
+    return (int(m[1]) if m else -1, t[0])
+
+
 def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
@@ -68,15 +73,15 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_
     """GGUF tensor name -> (format, why it differs from the preset's default) for (name, shape) pairs."""
     default = FORMATS[preset.default]
     name_ = preset.name
-    out, i_wv = {}, 0
-    for name, shape in tensors:
+    out, i_wv, i_down = {}, 0, 0
+    # llama.cpp visits tensors sorted by (layer number, name) -- its loader's weight_name_comparer -- and the
+    # attn_v / ffn_down counters below follow that order, whatever the order in the file
+    for name, shape in sorted(tensors, key=_visit_order):
         if not _quantizable(name, shape) or default.is_float:
             out[name] = (FORMATS["f32"] if len(shape) < 2 else default, "1-D tensors stay F32"
                          if len(shape) < 2 else "")
             continue
         t, why = default, ""
-        m = _LAYER.match(name)
-        layer = int(m[1]) if m else -1
         if not pure:
             if name == "output.weight" or (tied and name == "token_embd.weight"):
                 if shape[-1] % default.block_size:
@@ -90,6 +95,8 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_
                     t, why = FORMATS["q5_k"], "attn_v: first 4 layers"
                 i_wv += 1
             elif name.endswith("ffn_down.weight"):
+                layer = i_down  # llama.cpp's layer_info() is the running count for dense models
+                i_down += 1
                 if name_ in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layer):
                     t, why = FORMATS["q6_k"], "ffn_down: more bits in this layer"
                 elif name_ == "Q4_K_S" and layer < n_layer // 8:

@@ -48,7 +48,9 @@ def test_plan_matches_llama_cpp(deep_f32, tmp_path, preset, tie, llama_cpp_avail
     out = tmp_path / "lc.gguf"
     llama_cpp_quantize(deep_f32[tie], out, preset, imatrix=im)
     theirs = {t.name: t.ggml_type.name for t in read_gguf(out).tensors}
-    plan = plan_types([(t.name, t.shape) for t in src.tensors], get_preset(preset), n_layer=16, tied=tie,
+    # in lexicographic name order (blk.0, blk.1, blk.10, ...), as many GGUF files list them: the plan must
+    # follow llama.cpp's (layer, name) visiting order regardless
+    plan = plan_types(sorted((t.name, t.shape) for t in src.tensors), get_preset(preset), n_layer=16, tied=tie,
                       has_imatrix=with_imatrix)
     ours = {n: f.name for n, (f, _) in plan.items()}
     assert ours == theirs
