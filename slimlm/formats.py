@@ -21,7 +21,12 @@ T = GGMLQuantizationType
 class QuantFormat:
     name: str                   # llama.cpp's name, e.g. "Q4_0"
     ggml_type: GGMLQuantizationType
-    encoder: str                # "gguf-py", or "slimlm" where slimlm has its own encoder (quant.ENCODERS)
+
+    @property
+    def encoder(self) -> str:
+        """"slimlm" where slimlm has its own encoder (quant.ENCODERS), else "gguf-py"."""
+        from .quant import ENCODERS
+        return "slimlm" if self.ggml_type in ENCODERS else "gguf-py"
 
     @property
     def block_size(self) -> int:
@@ -48,17 +53,17 @@ class QuantFormat:
 
 # keep in sync with ggml_type in ggml.h and GGML_QUANT_SIZES in gguf-py
 FORMATS: dict[str, QuantFormat] = {f.name.lower(): f for f in [
-    QuantFormat("F32", T.F32, "gguf-py"),
-    QuantFormat("F16", T.F16, "gguf-py"),
-    QuantFormat("BF16", T.BF16, "gguf-py"),
-    QuantFormat("Q8_0", T.Q8_0, "gguf-py"),
-    QuantFormat("Q5_1", T.Q5_1, "slimlm"),
-    QuantFormat("Q5_0", T.Q5_0, "slimlm"),
-    QuantFormat("Q4_1", T.Q4_1, "slimlm"),
-    QuantFormat("Q4_0", T.Q4_0, "slimlm"),
-    QuantFormat("Q6_K", T.Q6_K, "slimlm"),
-    QuantFormat("Q5_K", T.Q5_K, "slimlm"),
-    QuantFormat("Q4_K", T.Q4_K, "slimlm"),
+    QuantFormat("F32", T.F32),
+    QuantFormat("F16", T.F16),
+    QuantFormat("BF16", T.BF16),
+    QuantFormat("Q8_0", T.Q8_0),
+    QuantFormat("Q5_1", T.Q5_1),
+    QuantFormat("Q5_0", T.Q5_0),
+    QuantFormat("Q4_1", T.Q4_1),
+    QuantFormat("Q4_0", T.Q4_0),
+    QuantFormat("Q6_K", T.Q6_K),
+    QuantFormat("Q5_K", T.Q5_K),
+    QuantFormat("Q4_K", T.Q4_K),
 ]}
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 

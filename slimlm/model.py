@@ -37,10 +37,6 @@ class Model:
     history: list[dict] = field(default_factory=list)
 
     @property
-    def source_kind(self) -> str:
-        return "gguf" if self.gguf is not None else "hf"
-
-    @property
     def add_bos(self) -> bool:
         """Whether llama.cpp prepends BOS when tokenizing (the flag the GGUF will carry)."""
         if self.gguf is not None:
