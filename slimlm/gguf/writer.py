@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..arch import llama3_rope_factors, rope_parameters
 from ..errors import NumericsError, OutputError
-from ..formats import QuantFormat
+from ..formats import BY_GGML_TYPE, QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
 from ..presets import Preset, get_preset, plan_types
 from ..quant import ENCODERS
@@ -140,10 +140,15 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
     preset = get_preset(type)
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
     tensors = _gguf_tensors(model)
-    tied = bool(model.config.get("tie_word_embeddings", False))
-    types = plan_types([(n, tuple(W.shape)) for n, _, W in tensors], preset,
-                       n_layer=model.config["num_hidden_layers"], tied=tied, has_imatrix=imatrix is not None,
-                       pure=pure)
+    cfg = model.config
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    n_head = cfg["num_attention_heads"]
+    n_gqa = n_head // (cfg.get("num_key_value_heads") or n_head)
+    # llama.cpp's LLM_TYPE_70B: 80-layer llama with grouped-query attention, or 80-layer qwen2
+    is_70b = cfg["num_hidden_layers"] == 80 and (model.spec.gguf_arch == "qwen2" or
+                                                 (model.spec.gguf_arch == "llama" and n_gqa > 1))
+    types = plan_types([(n, tuple(W.shape)) for n, _, W in tensors], preset, n_layer=cfg["num_hidden_layers"],
+                       tied=tied, has_imatrix=imatrix is not None, pure=pure, n_gqa=n_gqa, is_70b=is_70b)
     plan = [(n, hf, W, *types[n]) for n, hf, W in tensors]
     ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
     records = []
@@ -190,13 +195,28 @@ def validate_written(path: Path, records: list[TensorRecord]) -> None:
 
 
 def check_tensor_finite(raw: np.ndarray, qtype, shape, name: str) -> None:
-    """NaN/Inf in a tensor's values or in a quantized block's scales -> NumericsError naming the block."""
+    """NaN/Inf in a tensor's values or in a quantized block's scales -> NumericsError naming the block.
+
+    Block types are checked through their fp16 scale fields (formats.QuantFormat.fp16_fields): the other
+    fields are small integers, so a block decodes to finite values exactly when its scales are finite.
+    Types slimlm has no layout for are dequantized whole."""
     if raw.size == 0:
         return
-    x = gguf.quants.dequantize(np.asarray(raw), qtype).reshape(-1)
+    raw = np.asarray(raw)
+    fmt = BY_GGML_TYPE.get(qtype)
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if fmt is not None and not fmt.is_float:
+        blocks = raw.reshape(-1, type_size)
+        fields = np.stack([blocks[:, o:o + 2].copy().view(np.float16)[:, 0] for o in fmt.fp16_fields], 1)
+        bad = ~np.isfinite(fields).all(1)
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise NumericsError(f"tensor {name} ({qtype.name}, shape {list(shape)}) has a non-finite scale at "
+                                f"flat index {b * block} (block {b})")
+        return
+    x = gguf.quants.dequantize(raw, qtype).reshape(-1)
     bad = ~np.isfinite(x)
     if bad.any():
         i = int(np.argmax(bad))
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
         raise NumericsError(f"tensor {name} ({qtype.name}, shape {list(shape)}) has a non-finite value at "
                             f"flat index {i} (block {i // block})")

@@ -1,12 +1,25 @@
 """Quantization kernels: tensors in, bytes or tensors out (no modules, files or printing)."""
 from gguf import GGMLQuantizationType as T
 
-from .kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
-from .legacy import quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1
+from . import kquants as K
+from . import legacy as L
 
 # encoders by GGML type: f(W (rows, cols) float32, importance (cols,) | None) -> uint8 (rows, bytes_per_row).
 # Types not listed (Q8_0) use gguf-py's reference encoder; llama.cpp has no weighted variant for them either.
-ENCODERS = {T.Q4_K: quantize_q4_k, T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k,
-            T.Q4_0: quantize_q4_0, T.Q4_1: quantize_q4_1, T.Q5_0: quantize_q5_0, T.Q5_1: quantize_q5_1}
+ENCODERS = {T.Q2_K: K.quantize_q2_k, T.Q3_K: K.quantize_q3_k, T.Q4_K: K.quantize_q4_k, T.Q5_K: K.quantize_q5_k,
+            T.Q6_K: K.quantize_q6_k, T.IQ4_NL: K.quantize_iq4_nl, T.IQ4_XS: K.quantize_iq4_xs,
+            T.Q4_0: L.quantize_q4_0, T.Q4_1: L.quantize_q4_1, T.Q5_0: L.quantize_q5_0, T.Q5_1: L.quantize_q5_1}
 
-__all__ = ["ENCODERS"]
+
+
+def warmup() -> None:
+    """Compile every encoder's kernels now (numba caches the machine code on disk, so this is paid once
+    per installation instead of on the first quantization)."""
+    import numpy as np
+    x = np.linspace(-1, 1, 2 * 256, dtype=np.float32).reshape(2, 256)
+    for encode in ENCODERS.values():
+        encode(x, None)
+        encode(x, np.ones(256, np.float32))
+
+
+__all__ = ["ENCODERS", "warmup"]
