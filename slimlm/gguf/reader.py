@@ -127,6 +127,32 @@ class _Cursor:
         return s
 
 
+    def strings(self, n: int, what: str) -> list[str]:
+        """n length-prefixed UTF-8 strings (a tokenizer's vocabulary: one tight loop, same checks)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack = _U64.unpack_from
+        for i in range(n):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail(f"item {i} of {what} length needs 8 bytes but only {end - pos} remain")
+            k = unpack(buf, pos)[0]
+            pos += 8
+            if pos + k > end:
+                self.pos = pos
+                raise self.fail(f"item {i} of {what} needs {k} bytes but only {end - pos} remain")
+            try:
+                out.append(str(buf[pos:pos + k], "utf-8"))
+            except UnicodeDecodeError as e:
+                self.pos = pos
+                raise self.fail(f"item {i} of {what} is not valid UTF-8 ({e.reason})") from None
+            pos += k
+        self.pos = pos
+        return out
+
+
+_U64 = struct.Struct("<Q")
+
+
 def _read_value(c: _Cursor, vtype: int, key: str) -> Field:
     try:
         vt = GGUFValueType(vtype)
@@ -153,7 +179,7 @@ def _read_value(c: _Cursor, vtype: int, key: str) -> Field:
     if n > remaining // min_item:
         raise c.fail(f"array {key!r} claims {n} items but only {remaining} bytes remain")
     if it == GGUFValueType.STRING:
-        items = [c.string(f"item {i} of {key!r}") for i in range(n)]
+        items = c.strings(n, repr(key))
         return Field(vt, items, it)
     if it == GGUFValueType.BOOL:
         arr = np.frombuffer(c.buf, dtype=np.uint8, count=n, offset=c.pos).astype(bool)

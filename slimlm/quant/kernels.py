@@ -700,3 +700,55 @@ def legacy_rows(x, qw, nmax, affine, out, dh):
                 dh[r, b, 0] = f16r(make_qx_quants(32, nmax, xs, L8, w))
                 for k in range(32):
                     out[r, b, k] = L8[k]
+
+
+@_pjit
+def legacy_ref_blocks(x, nmax, affine, L, dh):
+    """quantize_row_q{4,5}_{0,1}_ref (no importance matrix) for blocks x (n, 32): levels to L (n, 32),
+    (d, m) to dh. nmax as in legacy_rows: 8/16 (symmetric, levels 0..2*nmax-1) or 15/31 (affine). Note the C code scales by 1/d before d is rounded to fp16 and truncates, not rounds."""
+    for i in prange(x.shape[0]):
+        xb = x[i]
+        if affine:
+            mn, mx = F(np.inf), F(-np.inf)
+            for j in range(32):
+                if xb[j] < mn:
+                    mn = xb[j]
+                if xb[j] > mx:
+                    mx = xb[j]
+            d = (mx - mn) / F(nmax)
+            idd = _1 / d if d != 0 else _0
+            for j in range(32):
+                L[i, j] = min(nmax, np.int64((xb[j] - mn) * idd + F(0.5)))
+            dh[i, 0] = f16r(d)
+            dh[i, 1] = f16r(mn)
+        else:
+            amax, mx = _0, _0
+            for j in range(32):
+                if amax < abs(xb[j]):
+                    amax, mx = abs(xb[j]), xb[j]
+            d = mx / F(-nmax)
+            idd = _1 / d if d != 0 else _0
+            half = F(nmax) + F(0.5)
+            for j in range(32):
+                L[i, j] = min(2 * nmax - 1, np.int64(np.int8(np.int64(xb[j] * idd + half))))
+            dh[i, 0] = f16r(d)
+
+
+@_pjit
+def q8_0_blocks(x, qs, dh):
+    """quantize_row_q8_0_ref: d = amax/127, qs = roundf(x/d) (half away from zero)."""
+    for i in prange(x.shape[0]):
+        xb = x[i]
+        amax = _0
+        for j in range(32):
+            amax = max(amax, abs(xb[j]))
+        d = amax / F(127)
+        idd = _1 / d if d != 0 else _0
+        for j in range(32):
+            v = xb[j] * idd
+            a = abs(v)
+            r = np.int64(a)                 # roundf: half away from zero (a - trunc(a) is exact)
+            if a - F(r) >= F(0.5):
+                r += 1
+            qs[i, j] = r if v >= 0 else -r
+        dh[i, 0] = f16r(d)
