@@ -67,6 +67,19 @@ def get_preset(name: str) -> Preset:
     return p
 
 
+def preset_for_file_type(file_type: int | None) -> Preset | None:
+    for p in PRESETS.values():
+        if file_type is not None and int(p.file_type) == int(file_type):
+            return p
+    return None
+
+
+def is_70b(gguf_arch: str, n_layer: int, n_gqa: int) -> bool:
+    """llama.cpp's LLM_TYPE_70B, which one attn_v rule depends on: 80-layer llama with grouped-query
+    attention (without it, the 65B), or 80-layer qwen2."""
+    return n_layer == 80 and (gguf_arch == "qwen2" or (gguf_arch == "llama" and n_gqa > 1))
+
+
 def _visit_order(t: tuple[str, tuple[int, ...]]) -> tuple[int, str]:
     m = _LAYER.match(t[0])
     return (int(m[1]) if m else -1, t[0])

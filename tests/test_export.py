@@ -1,6 +1,8 @@
 """GGUF export of tiny random models of every supported family: tensors, metadata, and llama.cpp parity."""
 from __future__ import annotations
 
+import struct
+
 import gguf
 import numpy as np
 import pytest
@@ -169,3 +171,16 @@ def test_f16_overflow_is_refused_and_bad_scale_is_named():
     q[1, 34:36] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)  # scale of block 3
     with pytest.raises(NumericsError, match=r"blk\.0\.attn_q\.weight .*\(block 3\)"):
         check_tensor_finite(q, gguf.GGMLQuantizationType.Q8_0, (2, 64), "blk.0.attn_q.weight")
+
+
+def test_bulk_metadata_packing_is_byte_identical_to_gguf_py():
+    from slimlm.gguf.writer import Writer
+    V = gguf.GGUFValueType
+    base, ours = gguf.GGUFWriter("/dev/null", "llama"), Writer("/dev/null", "llama")
+    cases = [(["a", "é", "", "<|im_start|>", "Ġthe"], None), ([1, -2, 3], V.INT32), ([0.5, -1e-3, 3.14159], V.FLOAT32),
+             ([7, 8], V.UINT32), ([1.5, 2.5], None), (["x"], V.STRING),
+             ([True, False], None), ([1, 2], V.UINT8)]
+    for val, sub in cases:
+        assert ours._pack_val(val, V.ARRAY, True, sub) == base._pack_val(val, V.ARRAY, True, sub), (val, sub)
+    with pytest.raises(struct.error):  # out of range still refused, as gguf-py does
+        ours._pack_val([2**40], V.ARRAY, True, V.INT32)

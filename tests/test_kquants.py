@@ -106,6 +106,11 @@ def test_k_quant_fallback_is_reported(tiny_hf, tmp_path):
     assert "output.weight" not in fb  # the output rule itself picks Q8_0 when the row does not fit
     assert {r.name: r.type for r in rec.tensors}["output.weight"] == "Q8_0"
     assert len(fb) == 2 * 7 + 1  # every block linear and token_embd
+    # `inspect` recovers the same list from the file alone (llama.cpp's rules re-planned from its metadata)
+    from slimlm.gguf.inspect import describe
+    d = describe(tmp_path / "f.gguf")
+    assert d["preset"] == "Q4_K_S" and sorted(d["fallbacks"]) == sorted(rec.fallbacks)
+    assert {t["name"]: t["note"] for t in d["tensors"]}["output.weight"].startswith("output projection")
 
 
 @pytest.mark.slow

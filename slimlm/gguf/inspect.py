@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from gguf import LlamaFileType
 
+from ..presets import is_70b, plan_types, preset_for_file_type
 from .reader import read_gguf
 
 _MAX_ITEMS = 4
@@ -28,6 +29,27 @@ def _short(x):
     return x
 
 
+def _plan_notes(g, file_type) -> tuple[str | None, dict[str, str]]:
+    """(preset name, tensor -> note) from llama.cpp's rules for the file's preset: why a tensor's type
+    differs from the preset's main type (rule or row-length fallback), or that it does not follow them."""
+    preset = preset_for_file_type(file_type)
+    arch = g.get("general.architecture")
+    n_layer = g.get(f"{arch}.block_count")
+    if preset is None or n_layer is None:
+        return None, {}
+    n_head = int(g.get(f"{arch}.attention.head_count") or 1)
+    n_gqa = n_head // int(g.get(f"{arch}.attention.head_count_kv") or n_head)
+    names = {t.name for t in g.tensors}
+    plan = plan_types([(t.name, tuple(t.shape)) for t in g.tensors], preset, n_layer=int(n_layer),
+                      tied="output.weight" not in names, n_gqa=n_gqa, is_70b=is_70b(arch, int(n_layer), n_gqa),
+                      has_imatrix=g.get("quantize.imatrix.entries_count") is not None)
+    notes = {}
+    for t in g.tensors:
+        fmt, why = plan[t.name]
+        notes[t.name] = why if fmt.name == t.ggml_type.name else f"not {preset.name}'s rule (which gives {fmt.name})"
+    return preset.name, notes
+
+
 def describe(path: str | Path) -> dict:
     g = read_gguf(path)
     ft = g.get("general.file_type")
@@ -35,8 +57,10 @@ def describe(path: str | Path) -> dict:
         ft_name = LlamaFileType(int(ft)).name if ft is not None else None
     except ValueError:
         ft_name = f"unknown ({ft})"
+    preset, notes = _plan_notes(g, ft)
     tensors = [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "bytes": t.nbytes,
-                "bits_per_weight": 8 * t.nbytes / max(t.n_elements, 1)} for t in g.tensors]
+                "bits_per_weight": 8 * t.nbytes / max(t.n_elements, 1), "note": notes.get(t.name, "")}
+               for t in g.tensors]
     n = sum(t.n_elements for t in g.tensors)
     data = sum(t.nbytes for t in g.tensors)
     counts = Counter(t["type"] for t in tensors)
@@ -47,7 +71,8 @@ def describe(path: str | Path) -> dict:
             "architecture": g.get("general.architecture"), "file_type": ft_name,
             "n_tensors": len(tensors), "n_params": n, "tensor_bytes": data,
             "bits_per_weight": 8 * data / max(n, 1),
-            "type_counts": dict(counts), "type_params": dict(by_type_params),
+            "type_counts": dict(counts), "type_params": dict(by_type_params), "preset": preset,
+            "fallbacks": [f"{t['name']}: {t['note']}" for t in tensors if "not a multiple" in t["note"]],
             "metadata": {k: _summarize(f.value) for k, f in g.fields.items()}, "tensors": tensors}
 
 
@@ -57,11 +82,16 @@ def format_description(d: dict) -> str:
              f"{d['bits_per_weight']:.3f} bits/weight",
              "  types: " + ", ".join(f"{t} x{n} ({d['type_params'][t] / 1e6:.2f}M params)"
                                      for t, n in sorted(d["type_counts"].items())),
-             "", "metadata:"]
+             ]
+    if d["fallbacks"]:
+        lines.append(f"  fallbacks ({len(d['fallbacks'])} tensors whose rows do not fit the planned type's block):")
+        lines += [f"    {f}" for f in d["fallbacks"]]
+    lines += ["", "metadata:"]
     for k, v in d["metadata"].items():
         lines.append(f"  {k} = {v}")
-    lines += ["", f"  {'tensor':<32} {'type':<6} {'shape':<16} {'bytes':>12} {'bpw':>7}"]
+    lines += ["", f"  {'tensor':<32} {'type':<6} {'shape':<16} {'bytes':>12} {'bpw':>7}  why (llama.cpp's "
+                  f"{d['preset'] or '?'} rules)"]
     for t in d["tensors"]:
         lines.append(f"  {t['name']:<32} {t['type']:<6} {'x'.join(map(str, t['shape'])):<16} "
-                     f"{t['bytes']:>12} {t['bits_per_weight']:>7.3f}")
+                     f"{t['bytes']:>12} {t['bits_per_weight']:>7.3f}  {t['note']}".rstrip())
     return "\n".join(lines)

@@ -25,6 +25,7 @@ class ImportanceMatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    source: str = ""            # the file it was loaded from ("" when computed in this process)
 
     def add(self, name: str, x2_sum: np.ndarray, rows: int) -> None:
         if name in self.sums:
@@ -66,7 +67,9 @@ class ImportanceMatrix:
         p = Path(path)
         with open(p, "rb") as f:
             magic = f.read(4)
-        return cls._load_gguf(p) if magic == b"GGUF" else cls._load_legacy(p)
+        im = cls._load_gguf(p) if magic == b"GGUF" else cls._load_legacy(p)
+        im.source = str(p)
+        return im
 
     @classmethod
     def _load_gguf(cls, p: Path) -> ImportanceMatrix:
