@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4, help="evaluation chunks of 512 tokens (default 4)")
     ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of 512 tokens (default 32)")
     ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--timing-only", action="store_true", help="quantize with both tools and print the times; "
+                    "skip evaluation (for a quiet-machine timing run)")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -81,6 +83,13 @@ def main() -> int:
             rows.append((preset, im is not None, ours, theirs, t_ours, t_theirs))
             print(f"{tag}: slimlm {t_ours:.2f}s, llama.cpp {t_theirs:.2f}s", flush=True)
 
+    if a.timing_only:
+        print("\n| preset | imatrix | slimlm s | llama.cpp s | time ratio |\n|---|---|---|---|---|")
+        for preset, has_im, _, _, t_o, t_t in rows:
+            print(f"| {preset} | {'yes' if has_im else 'no'} | {t_o:.2f} | {t_t:.2f} | {t_o / t_t:.2f} |")
+        bad = [r for r in rows if r[0] == "Q4_K_M" and not r[1] and r[4] > 3 * r[5]]
+        print("FAIL  Q4_K_M time ratio > 3" if bad else "PASS  Q4_K_M time <= 3x llama.cpp's")
+        return 1 if bad else 0
     files = [p for r in rows for p in (r[2], r[3])]
     digest = {p: tensor_digest(p) for p in files}
     unique = list({digest[p]: p for p in reversed(files)}.values())

@@ -12,6 +12,13 @@ ENCODERS = {T.Q2_K: K.quantize_q2_k, T.Q3_K: K.quantize_q3_k, T.Q4_K: K.quantize
 
 
 
+def dequantize(data, qtype):
+    """The decoder twin of every encoder: gguf-py's reference decoders (llama.cpp's dequantize_row_*), which
+    the tests use to check our bytes. data: uint8 (rows, bytes_per_row) -> float32 (rows, cols)."""
+    import gguf
+    return gguf.quants.dequantize(data, qtype)
+
+
 def warmup() -> None:
     """Compile every encoder's kernels now (numba caches the machine code on disk, so this is paid once
     per installation instead of on the first quantization)."""
@@ -22,4 +29,4 @@ def warmup() -> None:
         encode(x, np.ones(256, np.float32))
 
 
-__all__ = ["ENCODERS", "warmup"]
+__all__ = ["ENCODERS", "dequantize", "warmup"]
