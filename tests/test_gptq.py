@@ -8,7 +8,7 @@ import torch
 from slimlm.quant.gptq import gptq, hessian
 
 
-def _fit(Wu):  # symmetric 4-bit, one scale per row and unit (a stand-in for a GGUF block grid)
+def _fit(Wu, u=0):  # symmetric 4-bit, one scale per row and unit (a stand-in for a GGUF block grid)
     return (Wu.abs().amax(1) / 7).clamp(min=1e-8)
 
 
@@ -81,3 +81,26 @@ def test_singular_hessian_raises_dampening_and_bad_shapes_are_refused():
     assert r.damp >= 1e-6 and torch.isfinite(r.Q).all()
     with pytest.raises(ValueError, match="do not fit units"):
         gptq(W, hessian(X), unit=48, fit=_fit, round_col=_round)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q3_K", "Q4_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q6_K", "Q8_0", "Q2_K"])
+def test_gptq_onto_gguf_grid_decodes_exactly_and_beats_the_encoder(qtype):
+    import gguf
+    import numpy as np
+
+    from slimlm.quant import ENCODERS
+    from slimlm.quant.gptq import gptq_gguf
+    qt = gguf.GGMLQuantizationType[qtype]
+    W, H = _layer(seed=2, rows=32, cols=512, n=2048)
+    W = W.float()
+    data, Q, res = gptq_gguf(W, H, qt)
+    # the weights GPTQ computed with are exactly what gguf-py decodes from the bytes
+    assert np.array_equal(gguf.quants.dequantize(data, qt), Q.numpy())
+    imp = (torch.diagonal(H) / 2).float().numpy()
+    rtn = torch.from_numpy(gguf.quants.dequantize(ENCODERS[qt](W.numpy(), imp), qt))
+
+    def loss(Qx):
+        D = (W.double() - Qx.double())
+        return float(torch.einsum("ri,ij,rj->", D, H, D))
+
+    assert loss(Q) < 0.9 * loss(rtn), (loss(Q), loss(rtn))

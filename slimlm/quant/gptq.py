@@ -53,11 +53,12 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[tor
                      f"calibration inputs are degenerate for this layer")
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Tensor], Any],
+def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Tensor, int], Any],
          round_col: Callable[[Any, torch.Tensor, int], torch.Tensor], block_units: int = 4,
          damp: float = 0.01, max_tries: int = 6, act_order: bool = False,
          dtype: torch.dtype = torch.float32) -> GPTQResult:
-    """Quantize W (rows, cols) against Hessian H (cols, cols). `fit(W_unit (rows, unit))` returns a grid;
+    """Quantize W (rows, cols) against Hessian H (cols, cols). `fit(W_unit (rows, unit), u)` returns the grid
+    of unit u (its columns are u*unit ... u*unit+unit-1 of W);
     `round_col(grid, w (rows,), j)` returns column j of the unit rounded onto it (dequantized values).
     Lazy updates are applied every `block_units` units."""
     rows, cols = W.shape
@@ -86,8 +87,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Te
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if i % unit == 0:
-                grid = fit(W1[:, i:i + unit].clone())
-                grids[order[(i1 + i) // unit]] = grid
+                u = order[(i1 + i) // unit]
+                grid = fit(W1[:, i:i + unit].clone(), u)
+                grids[u] = grid
             w = W1[:, i]
             q = round_col(grid, w, i % unit).to(dtype)
             Q[:, i1 + i] = q
@@ -98,3 +100,44 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Te
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(cols)
     return GPTQResult(Q[:, inv], grids, used_damp, int(dead.sum()), order)
+
+
+@dataclass
+class _BlockGrid:
+    blocks: Any        # uint8 (rows, type_size): the encoder's bytes for this unit
+    a: Any             # float32 (rows, unit)
+    b: Any
+    L: Any             # int64 (rows, unit): chosen levels
+
+
+def gptq_gguf(W: torch.Tensor, H: torch.Tensor, qtype, **kw) -> tuple[Any, torch.Tensor, GPTQResult]:
+    """GPTQ onto llama.cpp block type `qtype`: returns (bytes uint8 (rows, bytes_per_row) in llama.cpp's
+    layout, the weights those bytes decode to (float32, exactly), the solver's result).
+
+    When the solver reaches a block it runs slimlm's encoder for the type (llama.cpp's importance-weighted
+    scale search, with importance = diag(H) / 2 = the mean squared input, i.e. the importance matrix) on the
+    error-updated weights, keeps that block's scales, and rounds each column onto their grid."""
+    import gguf
+    import numpy as np
+
+    from . import ENCODERS
+    from . import grid as G
+
+    unit, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    imp = (torch.diagonal(H).double() / 2).float().numpy()
+    table = G.TABLES[qtype].values
+
+    def fit(Wu: torch.Tensor, u: int) -> _BlockGrid:
+        blocks = ENCODERS[qtype](Wu.float().numpy(), imp[u * unit:(u + 1) * unit]).reshape(-1, type_size)
+        a, b = G.params(qtype, blocks)
+        return _BlockGrid(blocks, a, b, G.levels(qtype, blocks))
+
+    def round_col(g: _BlockGrid, w: torch.Tensor, j: int) -> torch.Tensor:
+        L = G.nearest(qtype, g.a[:, j], g.b[:, j], w.float().numpy(), g.L[:, j])
+        g.L[:, j] = L
+        return torch.from_numpy(g.a[:, j] * table[L] + g.b[:, j])
+
+    res = gptq(W, H, unit=unit, fit=fit, round_col=round_col, **kw)
+    rows = W.shape[0]
+    out = np.concatenate([G.pack(qtype, g.blocks, g.L) for g in res.grids], axis=1).reshape(rows, -1)
+    return out, res.Q.float(), res
