@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "that weights the encoders' error where llama.cpp uses one (K-quants, Q4_0/Q4_1/Q5_0/Q5_1)")
     p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="compute an importance matrix "
                    "from this text first (no FILE: the bundled calibration text)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="rtn: llama.cpp's rounding "
+                   "(default); gptq: GPTQ written exactly onto the same block grids, layer by layer on "
+                   "calibration text (--calib FILE, else the bundled text)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
+                   "inputs first")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
                    "whose pre-tokenizer slimlm cannot identify (by default such a model is refused)")
     _add_eval_args(p)
@@ -100,7 +105,8 @@ def cmd_compress(a) -> int:
     from .compress import CompressConfig, compress
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
-                         imatrix=a.imatrix, calib=a.calib, pure=a.pure)
+                         imatrix=a.imatrix, calib=a.calib, pure=a.pure, method=a.method,
+                         act_order=a.act_order)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

@@ -168,27 +168,34 @@ def _add_general(w: gguf.GGUFWriter, model, preset: Preset) -> None:
     w.add_quantization_version(QUANTIZATION_VERSION)
 
 
+def plan_model(model, type: str, *, has_imatrix: bool = False, pure: bool = False):
+    """(preset, [(gguf name, hf name, tensor in llama.cpp layout)], gguf name -> (QuantFormat, why)): the
+    per-tensor types llama.cpp's rules give this model under preset `type`."""
+    preset = get_preset(type)
+    tensors = _gguf_tensors(model)
+    cfg = model.config
+    n_head = cfg["num_attention_heads"]
+    n_gqa = n_head // (cfg.get("num_key_value_heads") or n_head)
+    types = plan_types([(n, tuple(W.shape)) for n, _, W in tensors], preset, n_layer=cfg["num_hidden_layers"],
+                       tied=bool(cfg.get("tie_word_embeddings", False)), has_imatrix=has_imatrix, pure=pure,
+                       n_gqa=n_gqa, is_70b=is_70b(model.spec.gguf_arch, cfg["num_hidden_layers"], n_gqa))
+    return preset, tensors, types
+
+
 def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool = False,
                 progress: bool = True, pre_tokenizer: str | None = None, imatrix=None,
-                pure: bool = False) -> ExportRecord:
+                pure: bool = False, encoded: dict | None = None) -> ExportRecord:
     """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor.
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for an HF tokenizer whose check-text hash is unknown
     (by default such a tokenizer is refused, never guessed). `imatrix` (an ImportanceMatrix) weights the
     encoders' error wherever llama.cpp uses one (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; not Q8_0).
     `type` is a llama.cpp preset (Q4_K_M, Q8_0, ...) with its per-tensor rules; `pure` gives every
-    quantizable tensor the preset's main type (llama-quantize --pure)."""
+    quantizable tensor the preset's main type (llama-quantize --pure). `encoded` maps GGUF tensor names to
+    bytes already encoded for their planned type (GPTQ's), written as they are."""
     t0 = time.perf_counter()
-    preset = get_preset(type)
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
-    tensors = _gguf_tensors(model)
-    cfg = model.config
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    n_head = cfg["num_attention_heads"]
-    n_gqa = n_head // (cfg.get("num_key_value_heads") or n_head)
-    types = plan_types([(n, tuple(W.shape)) for n, _, W in tensors], preset, n_layer=cfg["num_hidden_layers"],
-                       tied=tied, has_imatrix=imatrix is not None, pure=pure, n_gqa=n_gqa,
-                       is_70b=is_70b(model.spec.gguf_arch, cfg["num_hidden_layers"], n_gqa))
+    preset, tensors, types = plan_model(model, type, has_imatrix=imatrix is not None, pure=pure)
     plan = [(n, hf, W, *types[n]) for n, hf, W in tensors]
     ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
     records = []
@@ -204,8 +211,13 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
             add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
         for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {preset.name}", unit="tensor",
                                           disable=not progress, leave=False):
-            imp = imatrix.importance(name) if imatrix is not None and f.ggml_type in ENCODERS else None
-            data = encode(W.float().numpy(), f, name, imp)
+            if encoded is not None and name in encoded:
+                data = encoded[name]
+                if data.dtype != np.uint8 or data.nbytes != f.nbytes(tuple(W.shape)) or data.shape[0] != W.shape[0]:
+                    raise OutputError(f"pre-encoded {name} does not fit {f.name} {list(W.shape)}")
+            else:
+                imp = imatrix.importance(name) if imatrix is not None and f.ggml_type in ENCODERS else None
+                data = encode(W.float().numpy(), f, name, imp)
             w.add_tensor(name, data, raw_dtype=None if f.is_float and f.name != "BF16" else f.ggml_type)
             records.append(TensorRecord(name, tuple(W.shape), f.name, preset.name, f.nbytes(tuple(W.shape)), note))
         try:
