@@ -94,21 +94,31 @@ def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = Fa
     layers = module.model.layers
     for i, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress, leave=False)):
         lins = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
-        rows = dict.fromkeys(lins, 0)
+        # linears that read the same tensor (q/k/v, gate/up) share one Hessian: computed once per forward
+        H: dict[str, torch.Tensor] = {}
+        rows: dict[str, int] = {}
+        alias: dict[str, str] = {}
+        seen: dict[int, str] = {}
 
-        def hook(n, H=H, rows=rows, i=i):
+        def hook(n, H=H, rows=rows, alias=alias, seen=seen, i=i):
             def f(_mod, inputs):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                x = inputs[0]
+                first = seen.setdefault(x.data_ptr(), n)
+                if first != n:
+                    alias[n] = first
+                    return
+                x = x.reshape(-1, x.shape[-1]).float()
                 if not torch.isfinite(x).all():
                     raise NumericsError(f"non-finite calibration activation entering layer {i} {n}")
-                H[n] += (x.T @ x).double()
-                rows[n] += x.shape[0]
+                h = (x.T @ x).double()
+                H[n] = H[n] + h if n in H else h
+                rows[n] = rows.get(n, 0) + x.shape[0]
             return f
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
         try:
             for x, kw in cache:
+                seen.clear()
                 layer(x, **kw)
         finally:
             for h in handles:
@@ -119,7 +129,8 @@ def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = Fa
             fmt = types[name][0]
             if fmt.is_float:
                 continue
-            data, Q, res = gptq_gguf(m.weight.data.float(), 2.0 / max(rows[n], 1) * H[n], fmt.ggml_type,
+            src = alias.get(n, n)
+            data, Q, res = gptq_gguf(m.weight.data.float(), 2.0 / max(rows[src], 1) * H[src], fmt.ggml_type,
                                      act_order=act_order, damp=damp)
             m.weight.data = Q.to(m.weight.dtype)
             order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
