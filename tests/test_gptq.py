@@ -144,3 +144,13 @@ def test_gptq_model_export_decodes_to_the_quantized_torch_weights(tiny_hf, tmp_p
     ref = qmod(input_ids=chunks[0][None], use_cache=False).logits[0]
     # the embedding/output stay llama.cpp-rounded in the file but float in the torch copy: close, not equal
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.98
+
+
+def test_compress_config_checks_the_method():
+    from slimlm.compress import CompressConfig
+    from slimlm.errors import ConfigError
+    assert CompressConfig(type="Q4_K_M", method="gptq").method == "gptq"
+    with pytest.raises(ConfigError, match="rtn or gptq"):
+        CompressConfig(type="Q4_K_M", method="awq")
+    with pytest.raises(ConfigError, match="needs a quantized --type"):
+        CompressConfig(type="F16", method="gptq")
