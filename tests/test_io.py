@@ -124,11 +124,13 @@ def test_sigkill_during_export_never_leaves_partial_file(tmp_path, tiny_hf):
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_cli_export_cleans_up(tmp_path, tiny_hf, sig, code):
     out = tmp_path / "out.gguf"
-    # large enough (~330 MB of F32) that writing and checking take a while after the temp file appears: a
-    # tiny model's export finishes between our seeing the temp file and the signal landing
-    src = tiny_hf("LlamaForCausalLM", hidden_size=512, intermediate_size=2048, num_hidden_layers=8)
+    # ~110 MB of F32, so writing and checking last a while after the temp file appears
+    src = tiny_hf("LlamaForCausalLM", hidden_size=256, intermediate_size=1024)
+    # a shell that starts jobs in the background (CI runners, `cmd &`) makes them ignore SIGINT, and Python then
+    # keeps ignoring it: give the child Ctrl-C's default disposition, as an interactive terminal does
     p = subprocess.Popen([sys.executable, "-m", "slimlm", "-q", "compress", str(src), "-o", str(out),
-                          "--type", "F32", "--no-eval"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          "--type", "F32", "--no-eval"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(".tmp-" in x.name for x in tmp_path.iterdir()):
         if p.poll() is not None:
