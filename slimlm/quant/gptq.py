@@ -54,13 +54,14 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[tor
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Tensor, int], Any],
-         round_col: Callable[[Any, torch.Tensor, int], torch.Tensor], block_units: int = 4,
+         round_col: Callable[[Any, torch.Tensor, int], torch.Tensor], block_units: int | None = None,
          damp: float = 0.01, max_tries: int = 6, act_order: bool = False,
          dtype: torch.dtype = torch.float32) -> GPTQResult:
     """Quantize W (rows, cols) against Hessian H (cols, cols). `fit(W_unit (rows, unit), u)` returns the grid
     of unit u (its columns are u*unit ... u*unit+unit-1 of W);
     `round_col(grid, w (rows,), j)` returns column j of the unit rounded onto it (dequantized values).
-    Lazy updates are applied every `block_units` units."""
+    Lazy updates are applied every `block_units` units (default: as many as fit in 128 columns, at least
+    one; the in-block update per column costs rows x block width)."""
     rows, cols = W.shape
     if cols % unit or H.shape != (cols, cols):
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not fit units of {unit} columns")
@@ -79,7 +80,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Te
     U = U.to(dtype)
     Q = torch.zeros_like(W)
     grids: list[Any] = [None] * n_units
-    step = unit * block_units
+    step = unit * (block_units or max(1, 128 // unit))
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         W1 = W[:, i1:i2].clone()
