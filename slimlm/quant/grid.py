@@ -177,7 +177,9 @@ def levels(qtype, blocks: np.ndarray) -> np.ndarray:
 def pack(qtype, blocks: np.ndarray, L: np.ndarray) -> np.ndarray:
     """A copy of `blocks` with its levels replaced by L (n, block); headers unchanged."""
     out = blocks.copy()
-    L = np.asarray(L, dtype=np.int64)
+    L = np.asarray(L)              # kept in its integer dtype: encoders hand over uint8 levels by the million
+    if L.dtype.kind not in "iu":
+        raise ValueError(f"levels must be integers, got {L.dtype}")
     if L.min(initial=0) < 0 or L.max(initial=0) >= len(TABLES[qtype].values):
         raise ValueError(f"levels outside {qtype.name}'s table")
 
@@ -189,7 +191,7 @@ def pack(qtype, blocks: np.ndarray, L: np.ndarray) -> np.ndarray:
         return bits.sum(1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4)
 
     if qtype == T.Q8_0:
-        out[:, 2:34] = (L - 127).astype(np.int8).view(np.uint8)
+        out[:, 2:34] = (L.astype(np.int64) - 127).astype(np.int8).view(np.uint8)
     elif qtype in (T.Q4_0, T.IQ4_NL):
         out[:, 2:18] = nib(L)
     elif qtype == T.Q4_1:

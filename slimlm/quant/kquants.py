@@ -11,7 +11,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from . import kernels
+from ..formats import BY_GGML_TYPE
+from . import grid, kernels
 
 QK_K = 256
 T = gguf.GGMLQuantizationType
@@ -40,26 +41,36 @@ def _prepare(W, imatrix, qtype) -> tuple[np.ndarray, np.ndarray, int]:
     return W.reshape(-1, block), qw, cols // block
 
 
-def _run(kernel, W, imatrix, qtype, fp16_at: tuple[int, ...]) -> np.ndarray:
-    """Blocks of W through `kernel`, then the kernel's fp16 fields stored at byte offsets `fp16_at`."""
+def store_fp16(blocks: np.ndarray, dh: np.ndarray, qtype) -> None:
+    """Write a kernel's fp16 fields (dh: float32 (n, k), already fp16-exact) into blocks (n, type_size) at
+    the type's offsets (formats.QuantFormat.fp16_fields, the one table of where they live)."""
+    h = dh.astype(np.float16).view(np.uint8)
+    for k, off in enumerate(BY_GGML_TYPE[qtype].fp16_fields):
+        blocks[:, off:off + 2] = h[:, 2 * k:2 * k + 2]
+
+
+def as_rows(blocks: np.ndarray, blocks_per_row: int) -> np.ndarray:
+    return blocks.reshape(blocks.shape[0] // blocks_per_row, blocks_per_row * blocks.shape[1])
+
+
+def _run(kernel, W, imatrix, qtype) -> np.ndarray:
+    """Blocks of W through `kernel` (which fills every field but the fp16 ones), then the fp16 fields."""
     x, qw, bpr = _prepare(W, imatrix, qtype)
     out = np.zeros((x.shape[0], gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
-    dh = np.zeros((x.shape[0], len(fp16_at)), np.float32)
+    dh = np.zeros((x.shape[0], len(BY_GGML_TYPE[qtype].fp16_fields)), np.float32)
     kernel(x, qw, bpr, out, dh)
-    h = dh.astype(np.float16).view(np.uint8)
-    for k, off in enumerate(fp16_at):
-        out[:, off:off + 2] = h[:, 2 * k:2 * k + 2]
-    return out.reshape(x.shape[0] // bpr, bpr * out.shape[1])
+    store_fp16(out, dh, qtype)
+    return as_rows(out, bpr)
 
 
 def quantize_q2_k(W, imatrix=None) -> np.ndarray:
     """Q2_K: 16 groups of 16, 4-bit scales and mins, fp16 d/dmin; 2.625 bits/weight."""
-    return _run(kernels.q2_k_blocks, W, imatrix, T.Q2_K, (80, 82))
+    return _run(kernels.q2_k_blocks, W, imatrix, T.Q2_K)
 
 
 def quantize_q3_k(W, imatrix=None) -> np.ndarray:
     """Q3_K: 16 groups of 16, 6-bit signed scales, fp16 d; 3.4375 bits/weight."""
-    return _run(kernels.q3_k_blocks, W, imatrix, T.Q3_K, (108,))
+    return _run(kernels.q3_k_blocks, W, imatrix, T.Q3_K)
 
 
 def quantize_q4_k(W, imatrix=None) -> np.ndarray:
@@ -77,30 +88,22 @@ def _pack_q45(W, imatrix, qtype, nmax: int) -> np.ndarray:
     work = np.zeros((x.shape[0], 16 + QK_K), np.uint8)      # d, dmin, scales[12], then the 256 levels
     dh = np.zeros((x.shape[0], 2), np.float32)
     kernels.q45_k_blocks(x, qw, bpr, nmax, work, dh)
-    work[:, :4] = dh.astype(np.float16).view(np.uint8)
-    L = work[:, 16:].reshape(-1, 4, 2, 32)                  # 4 chunks of 64: (first 32, second 32)
-    qs = (L[:, :, 0] & 15) | ((L[:, :, 1] & 15) << 4)
-    parts = [work[:, :16]]
-    if nmax == 31:
-        hi = (L >> 4).astype(np.uint8)
-        shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 4, 1)
-        qh = ((hi[:, :, 0] << shifts) | (hi[:, :, 1] << (shifts + 1))).sum(1, dtype=np.uint8)
-        parts.append(qh)
-    parts.append(qs.reshape(-1, 128))
-    out = np.concatenate(parts, axis=1)
-    return out.reshape(x.shape[0] // bpr, bpr * out.shape[1])
+    blocks = np.zeros((x.shape[0], gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    blocks[:, 4:16] = work[:, 4:16]
+    store_fp16(blocks, dh, qtype)
+    return as_rows(grid.pack(qtype, blocks, work[:, 16:]), bpr)
 
 
 def quantize_q6_k(W, imatrix=None) -> np.ndarray:
     """Q6_K: 16 groups of 16, int8 group scales, fp16 super-scale; 6.5625 bits/weight."""
-    return _run(kernels.q6_k_blocks, W, imatrix, T.Q6_K, (208,))
+    return _run(kernels.q6_k_blocks, W, imatrix, T.Q6_K)
 
 
 def quantize_iq4_nl(W, imatrix=None) -> np.ndarray:
     """IQ4_NL: 32-weight blocks on llama.cpp's non-linear 16-value grid, fp16 scale; 4.5 bits/weight."""
-    return _run(kernels.iq4_nl_blocks, W, imatrix, T.IQ4_NL, (0,))
+    return _run(kernels.iq4_nl_blocks, W, imatrix, T.IQ4_NL)
 
 
 def quantize_iq4_xs(W, imatrix=None) -> np.ndarray:
     """IQ4_XS: the IQ4_NL grid in 256-weight super-blocks with 6-bit block scales; 4.25 bits/weight."""
-    return _run(kernels.iq4_xs_blocks, W, imatrix, T.IQ4_XS, (0,))
+    return _run(kernels.iq4_xs_blocks, W, imatrix, T.IQ4_XS)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from . import kernels
-from .kquants import _prepare
+from . import grid, kernels
+from .kquants import _prepare, as_rows, store_fp16
 
 T = gguf.GGMLQuantizationType
 
@@ -25,24 +25,19 @@ def _weighted(W, imatrix, qtype, nmax: int, affine: bool) -> np.ndarray:
         kernels.legacy_ref_blocks(x, nmax, affine, L.reshape(-1, 32), dh.reshape(-1, 2))
     else:
         kernels.legacy_rows(x.reshape(rows, nb * 32), qw, nmax, affine, L, dh)
-    h = dh.astype(np.float16).view(np.uint8).reshape(rows * nb, 4)
-    L = L.reshape(rows * nb, 32)
-    parts = [h if affine else h[:, :2]]
-    if nmax >= 16:                                        # the fifth bits as a little-endian uint32
-        bits = ((L >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-        parts.append(bits.sum(1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4))
-    parts.append((L[:, :16] & 15) | ((L[:, 16:] & 15) << 4))
-    out = np.concatenate(parts, axis=1)
-    return out.reshape(rows, nb * out.shape[1])
+    blocks = np.zeros((x.shape[0], gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    store_fp16(blocks, dh.reshape(-1, 2)[:, :2 if affine else 1], qtype)
+    return as_rows(grid.pack(qtype, blocks, L.reshape(-1, 32)), nb)
 
 
 def quantize_q8_0(W, imatrix=None) -> np.ndarray:
     x, _, nb = _prepare(W, None, T.Q8_0)
-    qs = np.zeros((x.shape[0], 32), np.int8)
+    blocks = np.zeros((x.shape[0], gguf.GGML_QUANT_SIZES[T.Q8_0][1]), np.uint8)
+    qs = blocks[:, 2:34].view(np.int8)
     dh = np.zeros((x.shape[0], 1), np.float32)
     kernels.q8_0_blocks(x, qs, dh)
-    out = np.concatenate([dh.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
-    return out.reshape(x.shape[0] // nb, nb * 34)
+    store_fp16(blocks, dh, T.Q8_0)
+    return as_rows(blocks, nb)
 
 
 def quantize_q4_0(W, imatrix=None) -> np.ndarray:
