@@ -64,7 +64,7 @@ def test_plan_matches_llama_cpp(deep_f32, tmp_path, preset, variant, with_imatri
     # in lexicographic name order (blk.0, blk.1, blk.10, ...), as many GGUF files list them: the plan must
     # follow llama.cpp's (layer, name) visiting order regardless
     plan = plan_types(sorted((t.name, t.shape) for t in src.tensors), get_preset(preset), n_layer=16, tied=tie,
-                      has_imatrix=with_imatrix, n_gqa=kw["num_attention_heads"] // kw["num_key_value_heads"])
+                      has_imatrix=with_imatrix, n_head=kw["num_attention_heads"], n_head_kv=kw["num_key_value_heads"])
     ours = {n: f.name for n, (f, _) in plan.items()}
     assert ours == theirs
     assert read_gguf(out).get("general.file_type") == int(get_preset(preset).file_type)

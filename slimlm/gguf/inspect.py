@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from gguf import LlamaFileType
 
-from ..presets import is_70b, plan_types, preset_for_file_type
+from ..presets import plan_types, preset_for_file_type
 from .reader import read_gguf
 
 _MAX_ITEMS = 4
@@ -38,10 +38,10 @@ def _plan_notes(g, file_type) -> tuple[str | None, dict[str, str]]:
     if preset is None or n_layer is None:
         return None, {}
     n_head = int(g.get(f"{arch}.attention.head_count") or 1)
-    n_gqa = n_head // int(g.get(f"{arch}.attention.head_count_kv") or n_head)
     names = {t.name for t in g.tensors}
     plan = plan_types([(t.name, tuple(t.shape)) for t in g.tensors], preset, n_layer=int(n_layer),
-                      tied="output.weight" not in names, n_gqa=n_gqa, is_70b=is_70b(arch, int(n_layer), n_gqa),
+                      tied="output.weight" not in names, arch=arch, n_head=n_head,
+                      n_head_kv=int(g.get(f"{arch}.attention.head_count_kv") or n_head),
                       has_imatrix=g.get("quantize.imatrix.entries_count") is not None)
     notes = {}
     for t in g.tensors:

@@ -21,7 +21,7 @@ from ..arch import llama3_rope_factors, rope_parameters
 from ..errors import NumericsError, OutputError
 from ..formats import BY_GGML_TYPE, QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
-from ..presets import Preset, get_preset, is_70b, plan_types
+from ..presets import Preset, get_preset, plan_types
 from ..quant import ENCODERS
 from .reader import read_gguf
 from .vocab import add_hf_tokenizer, copy_tokenizer_fields
@@ -108,8 +108,8 @@ def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
 
 
 def encode(x: np.ndarray, fmt: QuantFormat, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """Encode a float32 array (rows, cols) into `fmt`: gguf-py's encoders for legacy types (bit-exact with
-    llama.cpp's reference), slimlm's for K-quants (llama.cpp's searches, optional importance weights)."""
+    """Encode a float32 array (rows, cols) into `fmt`: numpy for F32/F16, gguf-py for BF16, slimlm's encoders
+    (ports of llama.cpp's, optional importance weights) for every block type."""
     if fmt.ggml_type == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if fmt.ggml_type == gguf.GGMLQuantizationType.F16:
@@ -174,11 +174,10 @@ def plan_model(model, type: str, *, has_imatrix: bool = False, pure: bool = Fals
     preset = get_preset(type)
     tensors = _gguf_tensors(model)
     cfg = model.config
-    n_head = cfg["num_attention_heads"]
-    n_gqa = n_head // (cfg.get("num_key_value_heads") or n_head)
     types = plan_types([(n, tuple(W.shape)) for n, _, W in tensors], preset, n_layer=cfg["num_hidden_layers"],
                        tied=bool(cfg.get("tie_word_embeddings", False)), has_imatrix=has_imatrix, pure=pure,
-                       n_gqa=n_gqa, is_70b=is_70b(model.spec.gguf_arch, cfg["num_hidden_layers"], n_gqa))
+                       arch=model.spec.gguf_arch, n_head=cfg["num_attention_heads"],
+                       n_head_kv=cfg.get("num_key_value_heads"))
     return preset, tensors, types
 
 

@@ -8,8 +8,8 @@ from . import legacy as L
 # Float types are converted by numpy; every block type slimlm writes has an encoder here.
 ENCODERS = {T.Q2_K: K.quantize_q2_k, T.Q3_K: K.quantize_q3_k, T.Q4_K: K.quantize_q4_k, T.Q5_K: K.quantize_q5_k,
             T.Q6_K: K.quantize_q6_k, T.IQ4_NL: K.quantize_iq4_nl, T.IQ4_XS: K.quantize_iq4_xs,
-            T.Q8_0: L.quantize_q8_0, T.Q4_0: L.quantize_q4_0, T.Q4_1: L.quantize_q4_1, T.Q5_0: L.quantize_q5_0, T.Q5_1: L.quantize_q5_1}
-
+            T.Q8_0: L.quantize_q8_0, T.Q4_0: L.quantize_q4_0, T.Q4_1: L.quantize_q4_1, T.Q5_0: L.quantize_q5_0,
+            T.Q5_1: L.quantize_q5_1}
 
 
 def dequantize(data, qtype):
