@@ -75,69 +75,81 @@ def _layer_inputs(module, chunks: torch.Tensor) -> list[tuple[torch.Tensor, dict
 def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = False, damp: float = 0.01,
                progress: bool = True) -> tuple[dict, torch.nn.Module, dict]:
     """GPTQ every block linear whose planned type (`types`: GGUF name -> (QuantFormat, why), as
-    writer.plan_model gives) is a block type, one
-    decoder layer at a time: each layer's Hessians come from inputs produced by the already-quantized
-    layers before it (the caller's model is never modified; a copy is quantized).
+    writer.plan_model gives) is a block type, one decoder layer at a time and, inside a layer, one linear
+    at a time in forward order ("true sequential"): each linear's Hessian comes from inputs produced by
+    everything quantized before it, the earlier layers and the earlier linears of its own layer. The
+    calibration chunks go through each layer as one batch, once: a pre-hook on each linear computes its
+    Hessian from that batch's input and quantizes the weight before the linear runs. Linears reading the
+    same tensor (q/k/v, gate/up) share the Hessian and its factorization. The caller's model is never
+    modified; a copy is quantized.
 
     Returns (GGUF name -> bytes (rows, bytes_per_row) in llama.cpp's row order, the quantized module whose
     weights are exactly what those bytes decode to, stats)."""
     import copy
     import time
 
-    from .quant.gptq import gptq_gguf
+    from .quant.gptq import factor, gptq_gguf
 
     t0 = time.perf_counter()
     module = copy.deepcopy(model.module)
     cfg, spec = model.config, model.spec
     cache = _layer_inputs(module, chunks)
-    encoded, damps = {}, []
+    x = torch.cat([c[0] for c in cache])                   # (chunks, n_ctx, hidden): every chunk, one batch
+    kw = cache[0][1]                                       # same length and positions for every chunk
+    del cache
+    encoded, damps, secs = {}, [], {"hessian": 0.0, "solve": 0.0}
     layers = module.model.layers
     for i, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress, leave=False)):
-        lins = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        # linears that read the same tensor (q/k/v, gate/up) share one Hessian: computed once per forward
-        H: dict[str, torch.Tensor] = {}
-        rows: dict[str, int] = {}
-        alias: dict[str, str] = {}
-        seen: dict[int, str] = {}
+        shared: dict[tuple, dict] = {}
 
-        def hook(n, H=H, rows=rows, alias=alias, seen=seen, i=i):
-            def f(_mod, inputs):
-                x = inputs[0]
-                first = seen.setdefault(x.data_ptr(), n)
-                if first != n:
-                    alias[n] = first
-                    return
-                x = x.reshape(-1, x.shape[-1]).float()
-                if not torch.isfinite(x).all():
-                    raise NumericsError(f"non-finite calibration activation entering layer {i} {n}")
-                h = (x.T @ x).double()
-                H[n] = H[n] + h if n in H else h
-                rows[n] = rows.get(n, 0) + x.shape[0]
-            return f
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
-        try:
-            for x, kw in cache:
-                seen.clear()
-                layer(x, **kw)
-        finally:
-            for h in handles:
-                h.remove()
-        for n, m in lins.items():
+        def hook(n, i=i, shared=shared):
             hf = f"model.layers.{i}.{n}.weight"
             name = spec.hf_to_gguf(hf)
             fmt = types[name][0]
-            if fmt.is_float:
-                continue
-            src = alias.get(n, n)
-            data, Q, res = gptq_gguf(m.weight.data.float(), 2.0 / max(rows[src], 1) * H[src], fmt.ggml_type,
-                                     act_order=act_order, damp=damp)
-            m.weight.data = Q.to(m.weight.dtype)
-            order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
-            encoded[name] = data[order.numpy()]
-            damps.append(res.damp)
-        outs = [layer(x, **kw) for x, kw in cache]
-        cache = [(y[0] if isinstance(y, tuple) else y, kw) for y, (_, kw) in zip(outs, cache, strict=True)]
+
+            def f(mod, inputs):
+                if fmt.is_float:
+                    return
+                x = inputs[0]
+                key = (x.data_ptr(), tuple(x.shape), x.stride())
+                if key not in shared:      # holding x keeps its memory from being reused by another input
+                    t = time.perf_counter()
+                    x2 = x.reshape(-1, x.shape[-1]).float()
+                    H = (x2.T @ x2).double() * (2.0 / x2.shape[0])
+                    if not torch.isfinite(torch.diagonal(H)).all():
+                        raise NumericsError(f"non-finite calibration activation entering layer {i} {n}")
+                    shared[key] = {"x": x, "H": H, "chol": {}}
+                    secs["hessian"] += time.perf_counter() - t
+                t = time.perf_counter()
+                e = shared[key]
+                qt = fmt.ggml_type
+                unit = qt_unit(qt)
+                if unit not in e["chol"]:
+                    e["chol"][unit] = factor(e["H"], unit, act_order=act_order, damp=damp)
+                data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], qt, act_order=act_order,
+                                         chol=e["chol"][unit])
+                mod.weight.data = Q.to(mod.weight.dtype)
+                order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
+                encoded[name] = data[order.numpy()]
+                damps.append(res.damp)
+                secs["solve"] += time.perf_counter() - t
+            return f
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+        try:
+            y = layer(x, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        shared.clear()
+        x = y[0] if isinstance(y, tuple) else y
     stats = {"tensors": len(encoded), "seconds": time.perf_counter() - t0, "max_damp": max(damps, default=0.0),
-             "act_order": act_order, "calib_tokens": int(chunks.numel())}
+             "act_order": act_order, "calib_tokens": int(chunks.numel()),
+             "hessian_seconds": secs["hessian"], "solve_seconds": secs["solve"]}
     return encoded, module, stats
+
+
+def qt_unit(qtype) -> int:
+    import gguf
+    return gguf.GGML_QUANT_SIZES[qtype][0]

@@ -2,14 +2,21 @@
 inverse Hessian, one Gaussian elimination per column, float64), and its error against round-to-nearest."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from slimlm.quant.gptq import gptq, hessian
+from slimlm.quant.gptq import UnitGrid, gptq, hessian
 
 
-def _fit(Wu, u=0):  # symmetric 4-bit, one scale per row and unit (a stand-in for a GGUF block grid)
-    return (Wu.abs().amax(1) / 7).clamp(min=1e-8)
+def _scale(Wu):  # symmetric 4-bit, one scale per row and unit (a stand-in for a GGUF block grid)
+    return (torch.as_tensor(Wu).abs().amax(1) / 7).clamp(min=1e-8)
+
+
+def _fit(Wu, u=0):
+    s = _scale(Wu).numpy()
+    a = np.repeat(s[:, None], Wu.shape[1], 1)
+    return UnitGrid(a, np.zeros_like(a), np.arange(-8, 8, dtype=a.dtype), True, np.zeros(a.shape, np.int64))
 
 
 def _round(scale, w, j):
@@ -27,7 +34,7 @@ def _naive(W, H, unit, damp, order):
     Q = torch.zeros_like(W)
     for c in range(cols):
         if c % unit == 0:
-            grid = _fit(W[:, c:c + unit])
+            grid = _scale(W[:, c:c + unit])
         Q[:, c] = _round(grid, W[:, c], c % unit)
         err = (W[:, c] - Q[:, c]) / Hinv[c, c]
         W[:, c + 1:] -= err[:, None] * Hinv[c, c + 1:][None, :]
@@ -50,7 +57,7 @@ def _layer(seed=0, rows=24, cols=128, n=512):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_matches_independent_computation(act_order):
     W, H = _layer()
-    r = gptq(W, H, unit=32, fit=_fit, round_col=_round, block_units=2, act_order=act_order, dtype=torch.float64)
+    r = gptq(W, H, unit=32, fit=_fit, block_units=2, act_order=act_order, dtype=torch.float64)
     ref = _naive(W, H, 32, r.damp, r.unit_order)
     assert r.dead_columns == 1
     if act_order:
@@ -61,32 +68,32 @@ def test_matches_independent_computation(act_order):
 def test_beats_round_to_nearest_and_stays_on_grid():
     W, H = _layer(seed=1)
     W32, H32 = W.float(), H
-    r = gptq(W32, H32, unit=32, fit=_fit, round_col=_round)
-    rtn = torch.cat([_round(_fit(W32[:, u:u + 32])[:, None], W32[:, u:u + 32], 0) for u in range(0, 128, 32)], 1)
+    r = gptq(W32, H32, unit=32, fit=_fit)
+    rtn = torch.cat([_round(_scale(W32[:, u:u + 32])[:, None], W32[:, u:u + 32], 0) for u in range(0, 128, 32)], 1)
 
     def loss(Q):
         D = (W - Q.double())
         return float(torch.einsum("ri,ij,rj->", D, H, D))
 
     assert loss(r.Q) < 0.7 * loss(rtn)
-    for u, scale in enumerate(r.grids):                    # every weight is a grid point of its unit's grid
-        levels = r.Q[:, 32 * u:32 * u + 32] / scale[:, None]
+    for u, g in enumerate(r.grids):                        # every weight is its unit's grid value at its level
+        assert np.array_equal(r.Q[:, 32 * u:32 * u + 32].numpy(), g.a * g.table[g.L] + g.b)
+        levels = r.Q[:, 32 * u:32 * u + 32] / torch.from_numpy(g.a)
         assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 8
 
 
 def test_singular_hessian_raises_dampening_and_bad_shapes_are_refused():
     W = torch.randn(4, 64, dtype=torch.float64)
     X = torch.randn(3, 64, dtype=torch.float64)            # rank 3: H singular, damped until Cholesky holds
-    r = gptq(W, hessian(X), unit=32, fit=_fit, round_col=_round, damp=0.0, dtype=torch.float64)
+    r = gptq(W, hessian(X), unit=32, fit=_fit, damp=0.0, dtype=torch.float64)
     assert r.damp >= 1e-6 and torch.isfinite(r.Q).all()
     with pytest.raises(ValueError, match="do not fit units"):
-        gptq(W, hessian(X), unit=48, fit=_fit, round_col=_round)
+        gptq(W, hessian(X), unit=48, fit=_fit)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q3_K", "Q4_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q6_K", "Q8_0", "Q2_K"])
 def test_gptq_onto_gguf_grid_decodes_exactly_and_beats_the_encoder(qtype):
     import gguf
-    import numpy as np
 
     from slimlm.quant import ENCODERS
     from slimlm.quant.gptq import gptq_gguf
@@ -111,7 +118,6 @@ def test_gptq_model_export_decodes_to_the_quantized_torch_weights(tiny_hf, tmp_p
     the weights of the quantized torch copy, in llama.cpp's row order; the caller's model is untouched; and
     llama.cpp's logits from the file match the quantized torch model's."""
     import gguf
-    import numpy as np
 
     from slimlm import export_gguf, load
     from slimlm.calib import calibration_chunks

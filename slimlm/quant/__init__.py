@@ -27,6 +27,11 @@ def warmup() -> None:
     for encode in ENCODERS.values():
         encode(x, None)
         encode(x, np.ones(256, np.float32))
+    import torch
+
+    from .gptq import gptq_gguf
+    for qtype in (T.Q4_0, T.IQ4_NL):      # the GPTQ kernel, for uniform and non-uniform level tables
+        gptq_gguf(torch.from_numpy(x[:, :32].copy()), torch.eye(32, dtype=torch.float64), qtype)
 
 
 __all__ = ["ENCODERS", "dequantize", "warmup"]

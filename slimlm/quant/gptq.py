@@ -1,18 +1,24 @@
-"""GPTQ (Frantar et al., 2022) with a pluggable grid: the error-compensating solver that later writes
+"""GPTQ (Frantar et al., 2022) onto per-block affine level grids: the error-compensating solver that writes
 exactly onto llama.cpp's block grids.
 
 The grid is chosen per *unit* of consecutive input columns (a GGUF block: 32 weights for Q4_0/Q8_0/IQ4_NL,
 256 for K-quants, whose sub-block scales all hang off the super-block's d/dmin): when the solver reaches a
-unit, `fit(W_unit)` picks its grid from the weights *as updated by the errors of every column quantized so
-far* (as an encoder would on those values), then each of the unit's columns is rounded onto that fixed grid
-by `round_col(grid, column, j)`, and the rounding error is spread over the columns not yet quantized through
+unit, `fit(W_unit, u)` picks its grid from the weights *as updated by the errors of every column quantized so
+far* (as an encoder would on those values) and returns a `UnitGrid`: weight (r, j) of the unit may take the
+values a[r, j] * T[l] + b[r, j] for the levels l of table T. Each of the unit's columns is then rounded to the
+nearest value of that fixed grid, and the rounding error is spread over the columns not yet quantized through
 the Cholesky factor of the inverse Hessian (lazy batch updates, as in the paper).
+
+Rows are independent given the Hessian, so the column loop of a unit runs in a compiled kernel, in parallel
+over rows; the lazy-batch update of the remaining columns is one matrix product. Arithmetic is in the dtype of
+the grid's a (float32 for GGUF grids, so the rounded values are exactly what llama.cpp decodes).
 
 Hessian: H = 2/n * X^T X over calibration inputs X (n, cols). Dampening adds `damp * mean(diag H)` to the
 diagonal; if the Cholesky factorization still fails, the dampening is multiplied by 10 (raised to 1e-6
-from 0) up to `max_tries` times and the value used is reported. Columns that never saw an input (diag H == 0) get H_ii = 1 and are
-quantized by plain rounding (their error is free). Activation order (`act_order`) reorders whole units, by
-the sum of their diag H, never columns across units, so every unit still maps onto one GGUF block.
+from 0) up to `max_tries` times and the value used is reported. Columns that never saw an input
+(diag H == 0) get H_ii = 1 and are quantized by plain rounding (their error is free). Activation order
+(`act_order`) reorders whole units, by the sum of their diag H, never columns across units, so every unit
+still maps onto one GGUF block.
 """
 from __future__ import annotations
 
@@ -20,13 +26,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from numba import njit, prange
+
+
+@dataclass
+class UnitGrid:
+    """The grid of one unit: value of level l for weight (r, j) is a[r, j] * table[l] + b[r, j]."""
+    a: np.ndarray          # (rows, unit), the arithmetic dtype
+    b: np.ndarray          # (rows, unit), same dtype
+    table: np.ndarray      # (levels,) ascending, same dtype
+    uniform: bool          # table[l] == table[0] + l (nearest level by rounding instead of search)
+    L: np.ndarray          # int64 (rows, unit): chosen levels (where a == 0 every level is b: kept as given)
+    extra: Any = None      # whatever the caller needs later (GGUF: the encoder's block bytes)
 
 
 @dataclass
 class GPTQResult:
     Q: torch.Tensor                  # (rows, cols) the quantized weights, dequantized, in the original order
-    grids: list[Any]                 # fit()'s result per unit, in the original unit order
+    grids: list[UnitGrid]            # fit()'s result per unit, in the original unit order, levels filled in
     damp: float                      # the dampening that was used (relative to mean diag H)
     dead_columns: int                # columns whose inputs were all zero
     unit_order: list[int] = field(default_factory=list)   # processing order of units (act_order)
@@ -53,65 +72,117 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[tor
                      f"calibration inputs are degenerate for this layer")
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[torch.Tensor, int], Any],
-         round_col: Callable[[Any, torch.Tensor, int], torch.Tensor], block_units: int | None = None,
-         damp: float = 0.01, max_tries: int = 6, act_order: bool = False,
-         dtype: torch.dtype = torch.float32) -> GPTQResult:
-    """Quantize W (rows, cols) against Hessian H (cols, cols). `fit(W_unit (rows, unit), u)` returns the grid
-    of unit u (its columns are u*unit ... u*unit+unit-1 of W);
-    `round_col(grid, w (rows,), j)` returns column j of the unit rounded onto it (dequantized values).
+_SUB = 32      # columns per compiled sub-block: the per-column update stays this narrow, the rest is BLAS
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _solve_sub(W1, U1, s0, s1, a, b, c0, table, uniform, L, Q1, E1):
+    """Quantize columns s0 .. s1 - 1 of the lazy block W1 (rows, width) in place: per row, round each column
+    to the nearest value of its unit's grid (column j uses a, b, L column j - c0), record the scaled error in
+    E1 and push it onto the sub-block's later columns (W1[r, j+1:s1] -= e * U1[j, j+1:s1])."""
+    rows = W1.shape[0]
+    nv = table.shape[0]
+    for r in prange(rows):
+        for j in range(s0, s1):
+            jj = j - c0
+            w = W1[r, j]
+            A = a[r, jj]
+            B = b[r, jj]
+            if A != 0:
+                t = (w - B) / A
+                if uniform:
+                    lv = np.rint(t - table[0])
+                    li = 0 if lv < 0 else (nv - 1 if lv > nv - 1 else int(lv))
+                else:
+                    i = 0
+                    while i < nv and table[i] < t:
+                        i += 1
+                    i = 1 if i < 1 else (nv - 1 if i > nv - 1 else i)
+                    li = i - 1 if abs(t - table[i - 1]) <= abs(table[i] - t) else i
+                L[r, jj] = li
+            q = A * table[L[r, jj]] + B
+            Q1[r, j] = q
+            e = (w - q) / U1[j, j]
+            E1[r, j] = e
+            for k in range(j + 1, s1):
+                W1[r, k] -= e * U1[j, k]
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[np.ndarray, int], UnitGrid],
+         block_units: int | None = None, damp: float = 0.01, max_tries: int = 6, act_order: bool = False,
+         dtype: torch.dtype = torch.float32, chol: tuple[torch.Tensor, float] | None = None) -> GPTQResult:
+    """Quantize W (rows, cols) against Hessian H (cols, cols). `fit(W_unit (rows, unit) numpy, u)` returns the
+    grid of unit u (its columns are u*unit ... u*unit+unit-1 of W); the solver fills in its levels L.
     Lazy updates are applied every `block_units` units (default: as many as fit in 128 columns, at least
-    one; the in-block update per column costs rows x block width)."""
+    one); inside a lazy block the columns go through a compiled kernel 32 at a time, each group's errors
+    reaching the block's later columns as one matrix product. `dtype` is the solver's working precision (the
+    rounded values are computed in the grid's own dtype). `chol`: a (U, damp) from `factor()` for this H
+    and act_order, when several weights share one Hessian."""
     rows, cols = W.shape
     if cols % unit or H.shape != (cols, cols):
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not fit units of {unit} columns")
-    W = W.detach().to(dtype).clone()
-    H = H.detach().double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1      # no input, no coupling: such a column is rounded plainly, its weights are kept
-    n_units = cols // unit
-    order = list(range(n_units))
-    if act_order:
-        imp = torch.diagonal(H).reshape(n_units, unit).sum(1)
-        order = [int(u) for u in torch.argsort(imp, descending=True, stable=True)]
-    perm = torch.cat([torch.arange(u * unit, (u + 1) * unit) for u in order])
-    W, H = W[:, perm], H[perm][:, perm]
-    U, used_damp = _inverse_cholesky(H, damp, max_tries)
-    U = U.to(dtype)
-    Q = torch.zeros_like(W)
-    grids: list[Any] = [None] * n_units
+    npdt = torch.empty(0, dtype=dtype).numpy().dtype
+    order, perm, dead = _order(H, unit, act_order)
+    U, used_damp = chol if chol is not None else factor(H, unit, act_order=act_order, damp=damp,
+                                                         max_tries=max_tries)
+    U = np.ascontiguousarray(U.numpy(), dtype=npdt)
+    Wn = np.ascontiguousarray(W.detach().cpu().numpy()[:, perm], dtype=npdt)
+    Q = np.zeros_like(Wn)
+    tW, tU = torch.from_numpy(Wn), torch.from_numpy(U)
+    grids: list[Any] = [None] * (cols // unit)
     step = unit * (block_units or max(1, 128 // unit))
+    sub = _SUB if unit % _SUB == 0 else unit
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            if i % unit == 0:
-                u = order[(i1 + i) // unit]
-                grid = fit(W1[:, i:i + unit].clone(), u)
-                grids[u] = grid
-            w = W1[:, i]
-            q = round_col(grid, w, i % unit).to(dtype)
-            Q[:, i1 + i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(cols)
-    return GPTQResult(Q[:, inv], grids, used_damp, int(dead.sum()), order)
+        W1 = np.ascontiguousarray(Wn[:, i1:i2])
+        U1 = np.ascontiguousarray(U[i1:i2, i1:i2])
+        E1 = np.zeros_like(W1)
+        Q1 = np.zeros_like(W1)
+        tW1, tU1, tE1 = torch.from_numpy(W1), torch.from_numpy(U1), torch.from_numpy(E1)
+        for s0 in range(0, i2 - i1, sub):
+            c0 = s0 - s0 % unit                                   # the unit's first column in the block
+            if s0 == c0:
+                u = order[(i1 + c0) // unit]
+                g = grids[u] = fit(W1[:, c0:c0 + unit].copy(), u)
+                g.a = np.ascontiguousarray(g.a)
+                g.b = np.ascontiguousarray(g.b, dtype=g.a.dtype)
+                g.table = np.ascontiguousarray(g.table, dtype=g.a.dtype)
+                g.L = np.ascontiguousarray(g.L, dtype=np.int64)
+            s1 = s0 + sub
+            _solve_sub(W1, U1, s0, s1, g.a, g.b, c0, g.table, bool(g.uniform), g.L, Q1, E1)
+            if s1 < i2 - i1:       # matrix products through torch: its thread pool, not a second BLAS's
+                tW1[:, s1:].sub_(tE1[:, s0:s1] @ tU1[s0:s1, s1:])
+        Q[:, i1:i2] = Q1
+        if i2 < cols:
+            tW[:, i2:].sub_(tE1 @ tU[i1:i2, i2:])
+    out = np.empty_like(Q)
+    out[:, perm] = Q
+    return GPTQResult(torch.from_numpy(out), grids, used_damp, int(dead.sum()), order)
 
 
-@dataclass
-class _BlockGrid:
-    blocks: Any        # uint8 (rows, type_size): the encoder's bytes for this unit
-    a: Any             # float32 (rows, unit)
-    b: Any
-    L: Any             # int64 (rows, unit): chosen levels
+def _order(H: torch.Tensor, unit: int, act_order: bool) -> tuple[list[int], np.ndarray, torch.Tensor]:
+    n_units = H.shape[0] // unit
+    dead = torch.diagonal(H) == 0
+    order = list(range(n_units))
+    if act_order:
+        imp = torch.where(dead, 1.0, torch.diagonal(H).double()).reshape(n_units, unit).sum(1)
+        order = [int(u) for u in torch.argsort(imp, descending=True, stable=True)]
+    perm = np.concatenate([np.arange(u * unit, (u + 1) * unit) for u in order])
+    return order, perm, dead
 
 
-def gptq_gguf(W: torch.Tensor, H: torch.Tensor, qtype, **kw) -> tuple[Any, torch.Tensor, GPTQResult]:
+def factor(H: torch.Tensor, unit: int, *, act_order: bool = False, damp: float = 0.01,
+           max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of the dampened inverse Hessian in the solver's column order, and the
+    dampening used: computed once for weights that share H (q/k/v, gate/up)."""
+    H = H.detach().double().clone()
+    _, perm, dead = _order(H, unit, act_order)
+    H[dead, dead] = 1      # no input, no coupling: such a column is rounded plainly, its weights are kept
+    p = torch.from_numpy(perm)
+    return _inverse_cholesky(H[p][:, p], damp, max_tries)
+
+
+def gptq_gguf(W: torch.Tensor, H: torch.Tensor, qtype, **kw) -> tuple[np.ndarray, torch.Tensor, GPTQResult]:
     """GPTQ onto llama.cpp block type `qtype`: returns (bytes uint8 (rows, bytes_per_row) in llama.cpp's
     layout, the weights those bytes decode to (float32, exactly), the solver's result).
 
@@ -119,26 +190,20 @@ def gptq_gguf(W: torch.Tensor, H: torch.Tensor, qtype, **kw) -> tuple[Any, torch
     scale search, with importance = diag(H) / 2 = the mean squared input, i.e. the importance matrix) on the
     error-updated weights, keeps that block's scales, and rounds each column onto their grid."""
     import gguf
-    import numpy as np
 
     from . import ENCODERS
     from . import grid as G
 
     unit, type_size = gguf.GGML_QUANT_SIZES[qtype]
     imp = (torch.diagonal(H).double() / 2).float().numpy()
-    table = G.TABLES[qtype].values
+    table = G.TABLES[qtype]
 
-    def fit(Wu: torch.Tensor, u: int) -> _BlockGrid:
-        blocks = ENCODERS[qtype](Wu.float().numpy(), imp[u * unit:(u + 1) * unit]).reshape(-1, type_size)
+    def fit(Wu: np.ndarray, u: int) -> UnitGrid:
+        blocks = ENCODERS[qtype](Wu.astype(np.float32), imp[u * unit:(u + 1) * unit]).reshape(-1, type_size)
         a, b = G.params(qtype, blocks)
-        return _BlockGrid(blocks, a, b, G.levels(qtype, blocks))
+        return UnitGrid(a, b, table.values, table.uniform, G.levels(qtype, blocks), blocks)
 
-    def round_col(g: _BlockGrid, w: torch.Tensor, j: int) -> torch.Tensor:
-        L = G.nearest(qtype, g.a[:, j], g.b[:, j], w.float().numpy(), g.L[:, j])
-        g.L[:, j] = L
-        return torch.from_numpy(g.a[:, j] * table[L] + g.b[:, j])
-
-    res = gptq(W, H, unit=unit, fit=fit, round_col=round_col, **kw)
+    res = gptq(W, H, unit=unit, fit=fit, **kw)
     rows = W.shape[0]
-    out = np.concatenate([G.pack(qtype, g.blocks, g.L) for g in res.grids], axis=1).reshape(rows, -1)
+    out = np.concatenate([G.pack(qtype, g.extra, g.L) for g in res.grids], axis=1).reshape(rows, -1)
     return out, res.Q.float(), res
