@@ -51,13 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="write the GGUF and report without evaluating")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp imatrix GGUF or legacy .dat) "
                    "that weights the encoders' error where llama.cpp uses one (K-quants, Q4_0/Q4_1/Q5_0/Q5_1)")
-    p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="compute an importance matrix "
-                   "from this text first (no FILE: the bundled calibration text)")
+    p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="calibration text (no FILE: the "
+                   "bundled calibration text): an importance matrix is computed from it unless --imatrix is "
+                   "given; GPTQ and --target-size/--bpw use it too")
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="rtn: llama.cpp's rounding "
                    "(default); gptq: GPTQ written exactly onto the same block grids, layer by layer on "
                    "calibration text (--calib FILE, else the bundled text)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
+    p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "
+                   "70MiB or 70M = 2^20): every 2-D tensor, embedding and output included, gets the block type "
+                   "that minimizes the predicted KL divergence within it, measured per tensor and type on "
+                   "calibration text (cached); --type then only labels the file")
+    p.add_argument("--bpw", type=float, metavar="BITS", help="size budget in bits per weight over all "
+                   "parameters, instead of --target-size")
+    p.add_argument("--calib-chunks", type=int, default=32, metavar="N", help="calibration chunks of --ctx "
+                   "tokens (default 32; GPTQ uses the first --gptq-chunks, the sensitivity measurement the "
+                   "first --sensitivity-chunks)")
+    p.add_argument("--gptq-chunks", type=int, default=16, metavar="N", help="chunks for GPTQ's Hessians "
+                   "(default 16)")
+    p.add_argument("--sensitivity-chunks", type=int, default=8, metavar="N", help="chunks for the "
+                   "sensitivity measurement of --target-size/--bpw (default 8)")
+    p.add_argument("--no-cache", action="store_true", help="measure sensitivity again even when a cached "
+                   "table for this model and text exists (cache: $SLIMLM_CACHE or ~/.cache/slimlm)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
                    "whose pre-tokenizer slimlm cannot identify (by default such a model is refused)")
     _add_eval_args(p)
@@ -106,7 +122,9 @@ def cmd_compress(a) -> int:
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
                          imatrix=a.imatrix, calib=a.calib, pure=a.pure, method=a.method,
-                         act_order=a.act_order)
+                         act_order=a.act_order, target_size=a.target_size, bpw=a.bpw,
+                         calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
+                         sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .eval import evaluate
 from .gguf.writer import export_gguf, plan_model
 from .io import check_output_path
+from .mixed import parse_size
 from .model import load
 from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
@@ -36,6 +37,11 @@ class CompressConfig:
     pure: bool = False                # every quantizable tensor at the preset's main type
     method: str = "rtn"               # rtn: llama.cpp's rounding; gptq: error-compensating, on the same grids
     act_order: bool = False           # GPTQ: blocks with the largest inputs first
+    gptq_chunks: int = 16             # calibration chunks GPTQ's Hessians use (of calib_chunks)
+    target_size: str | None = None    # whole-file budget ("70MB", "70MiB"): per-tensor types by sensitivity
+    bpw: float | None = None          # or a budget in bits per weight over all parameters
+    sensitivity_chunks: int = 8       # calibration chunks the sensitivity measurement uses
+    cache: bool = True                # reuse a cached sensitivity table for the same model and text
 
     def __post_init__(self):
         get_preset(self.type)
@@ -48,12 +54,24 @@ class CompressConfig:
                 raise ConfigError(f"{flag} {v}: no such file")
         if self.calib not in (None, "default") and not Path(self.calib).is_file():
             raise ConfigError(f"--calib {self.calib}: no such file")
-        if self.imatrix and self.calib:
-            raise ConfigError("give either --imatrix or --calib, not both")
         if self.method not in ("rtn", "gptq"):
             raise ConfigError(f"--method must be rtn or gptq, got {self.method!r}")
-        if self.method == "gptq" and get_preset(self.type).default in ("f32", "f16", "bf16"):
+        if self.method == "gptq" and get_preset(self.type).default in ("f32", "f16", "bf16") and not self.budgeted:
             raise ConfigError(f"--method gptq needs a quantized --type, not {self.type}")
+        if self.target_size is not None and self.bpw is not None:
+            raise ConfigError("give either --target-size or --bpw, not both")
+        if self.target_size is not None:
+            parse_size(self.target_size)
+        if self.bpw is not None and not 2.0 <= self.bpw <= 16.0:
+            raise ConfigError(f"--bpw must be between 2 and 16, got {self.bpw}")
+        for flag, v in (("--gptq-chunks", self.gptq_chunks), ("--sensitivity-chunks", self.sensitivity_chunks),
+                        ("--calib-chunks", self.calib_chunks)):
+            if v < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {v}")
+
+    @property
+    def budgeted(self) -> bool:
+        return self.target_size is not None or self.bpw is not None
 
 
 def source_bytes(path: Path | None) -> int | None:
@@ -76,31 +94,85 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         imatrix = ImportanceMatrix.load(config.imatrix)
         steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
     chunks = prov = None
-    if config.calib or config.method == "gptq":
+    if config.calib or config.method == "gptq" or config.budgeted:
         chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                           n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
-    if config.calib:
+    if config.calib and imatrix is None:
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
         steps.append({"step": "imatrix", "source": prov, "tensors": len(imatrix.sums)})
-    encoded = None
+    encoded, label, overrides = None, config.type, None
+    if config.budgeted:
+        say("measuring each tensor's sensitivity to each block type ...")
+        label, overrides, st = budget_types(m, chunks[:config.sensitivity_chunks], config, imatrix, progress)
+        steps.append({"step": "mixed precision", "source": prov, **st})
+        say(f"budget: {st['budget_bytes'] / 2**20:.2f} MiB, predicted file {st['planned_file_bytes'] / 2**20:.2f} "
+            f"MiB, predicted KLD {st['predicted_kld']:.4f}")
     if config.method == "gptq":
-        say(f"GPTQ onto {config.type}'s block grids, layer by layer ...")
-        _, _, types = plan_model(m, config.type, has_imatrix=imatrix is not None, pure=config.pure)
-        encoded, _, st = gptq_model(m, chunks, types, act_order=config.act_order, progress=progress)
+        say(f"GPTQ onto {label}'s block grids, layer by layer ...")
+        _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
+        encoded, _, st = gptq_model(m, chunks[:config.gptq_chunks], {**types, **(overrides or {})},
+                                    act_order=config.act_order, progress=progress)
         steps.append({"step": "gptq", "source": prov, **st})
-    say(f"writing {out} ({config.type}) ...")
-    rec = export_gguf(m, out, config.type, overwrite=overwrite, progress=progress,
-                      pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded)
+    say(f"writing {out} ({label}{', mixed' if overrides else ''}) ...")
+    rec = export_gguf(m, out, label, overwrite=overwrite, progress=progress, pre_tokenizer=config.pre_tokenizer,
+                      imatrix=imatrix, pure=config.pure, encoded=encoded, types=overrides)
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")
         ev = evaluate(out, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
                       speed=config.speed, progress=progress)
-    rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {config.type} "
+    rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {label} "
                                     f"--method {config.method}",
                  source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
                  steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
                  source_bytes=source_bytes(m.source))
     rep.write(out)
     return rep
+
+
+# the preset whose label a mixed file carries: the one whose main type holds most of its weights
+_LABEL = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K": "Q5_K_M", "Q5_1": "Q5_1", "Q5_0": "Q5_0", "Q4_K": "Q4_K_M",
+          "Q4_1": "Q4_1", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0", "IQ4_XS": "IQ4_XS", "Q3_K": "Q3_K_M", "Q2_K": "Q2_K"}
+
+
+def budget_types(m, chunks, config: CompressConfig, imatrix, progress: bool) -> tuple[str, dict, dict]:
+    """(preset label, GGUF name -> (QuantFormat, why) for every 2-D tensor, stats) for the size budget."""
+    import time
+
+    from .formats import get_format
+    from .gguf.writer import _gguf_tensors, file_bytes
+    from .mixed import allocate
+    from .sensitivity import sensitivity_table
+    t0 = time.perf_counter()
+    importance = imatrix.importance if imatrix is not None else None
+    tag = imatrix.digest() if imatrix is not None else ""
+    table, info = sensitivity_table(m, chunks, importance=importance, importance_tag=tag, cache=config.cache,
+                                    progress=progress)
+    tensors = _gguf_tensors(m)
+    fixed = {n: 4 * W.numel() for n, _, W in tensors if n not in table}     # norms etc. stay F32
+    if config.target_size is not None:
+        target = parse_size(config.target_size)
+        overhead = file_bytes(m, {**fixed, **{n: 0 for n in table}}, imatrix=imatrix,
+                              pre_tokenizer=config.pre_tokenizer)
+        budget = target - overhead
+    else:
+        target = None
+        budget = int(config.bpw * sum(W.numel() for _, _, W in tensors) / 8) - sum(fixed.values())
+    choice, predicted, used = allocate(table, budget)
+    params: dict[str, int] = {}
+    for n, _, W in tensors:
+        if n in choice:
+            params[choice[n]] = params.get(choice[n], 0) + W.numel()
+    label = _LABEL[max(params, key=params.get)]
+    overrides = {n: (get_format(t), f"budget: predicted dKLD {table[n][t][1]:.3g}") for n, t in choice.items()}
+    planned = file_bytes(m, {**fixed, **{n: table[n][t][0] for n, t in choice.items()}}, imatrix=imatrix,
+                         pre_tokenizer=config.pre_tokenizer)
+    counts: dict[str, int] = {}
+    for t in choice.values():
+        counts[t] = counts.get(t, 0) + 1
+    st = {"target_bytes": target, "bpw": config.bpw, "budget_bytes": budget, "planned_file_bytes": planned,
+          "predicted_kld": predicted, "types": counts, "label": label, "seconds": time.perf_counter() - t0,
+          "sensitivity": info, "predicted": {n: {"type": t, "bytes": table[n][t][0], "dkld": table[n][t][1]}
+                                             for n, t in choice.items()}}
+    return label, overrides, st

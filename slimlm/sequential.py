@@ -73,15 +73,17 @@ def _layer_inputs(module, chunks: torch.Tensor) -> list[tuple[torch.Tensor, dict
 
 @torch.no_grad()
 def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = False, damp: float = 0.01,
-               progress: bool = True) -> tuple[dict, torch.nn.Module, dict]:
+               output: bool = True, progress: bool = True) -> tuple[dict, torch.nn.Module, dict]:
     """GPTQ every block linear whose planned type (`types`: GGUF name -> (QuantFormat, why), as
     writer.plan_model gives) is a block type, one decoder layer at a time and, inside a layer, one linear
     at a time in forward order ("true sequential"): each linear's Hessian comes from inputs produced by
     everything quantized before it, the earlier layers and the earlier linears of its own layer. The
     calibration chunks go through each layer as one batch, once: a pre-hook on each linear computes its
     Hessian from that batch's input and quantizes the weight before the linear runs. Linears reading the
-    same tensor (q/k/v, gate/up) share the Hessian and its factorization. The caller's model is never
-    modified; a copy is quantized.
+    same tensor (q/k/v, gate/up) share the Hessian and its factorization. With `output`, the output
+    projection follows, on the final normalized hidden states (for a tied embedding that is token_embd:
+    its input side then reads the same quantized rows). The caller's model is never modified; a copy is
+    quantized.
 
     Returns (GGUF name -> bytes (rows, bytes_per_row) in llama.cpp's row order, the quantized module whose
     weights are exactly what those bytes decode to, stats)."""
@@ -144,6 +146,8 @@ def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = Fa
                 h.remove()
         shared.clear()
         x = y[0] if isinstance(y, tuple) else y
+    if output:
+        _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp)
     stats = {"tensors": len(encoded), "seconds": time.perf_counter() - t0, "max_damp": max(damps, default=0.0),
              "act_order": act_order, "calib_tokens": int(chunks.numel()),
              "hessian_seconds": secs["hessian"], "solve_seconds": secs["solve"]}
@@ -153,3 +157,27 @@ def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = Fa
 def qt_unit(qtype) -> int:
     import gguf
     return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp) -> None:
+    import time
+
+    from .quant.gptq import gptq_gguf
+    head = module.get_output_embeddings()
+    tied = bool(model.config.get("tie_word_embeddings", False))
+    name = "token_embd.weight" if tied else model.spec.hf_to_gguf("lm_head.weight")
+    if head is None or name not in types or types[name][0].is_float:
+        return
+    t = time.perf_counter()
+    h = module.model.norm(x).reshape(-1, x.shape[-1]).float()
+    H = (h.T @ h).double() * (2.0 / h.shape[0])
+    if not torch.isfinite(torch.diagonal(H)).all():
+        raise NumericsError("non-finite final hidden state on calibration text")
+    secs["hessian"] += time.perf_counter() - t
+    t = time.perf_counter()
+    data, Q, res = gptq_gguf(head.weight.data.float(), H, types[name][0].ggml_type, act_order=act_order,
+                             damp=damp)
+    head.weight.data = Q.to(head.weight.dtype)       # a tied embedding shares this parameter
+    encoded[name] = data
+    damps.append(res.damp)
+    secs["solve"] += time.perf_counter() - t

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import llama3_rope_factors, rope_parameters
-from ..errors import NumericsError, OutputError
+from ..errors import ConfigError, NumericsError, OutputError
 from ..formats import BY_GGML_TYPE, QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
 from ..presets import Preset, get_preset, plan_types
@@ -181,9 +181,43 @@ def plan_model(model, type: str, *, has_imatrix: bool = False, pure: bool = Fals
     return preset, tensors, types
 
 
+def _metadata(w: Writer, model, preset: Preset, imatrix, pre_tokenizer: str | None) -> None:
+    _add_general(w, model, preset)
+    _add_hparams(w, model)
+    if imatrix is not None:
+        _add_imatrix_info(w, imatrix)
+    if model.gguf is not None:
+        copy_tokenizer_fields(model.gguf, w)
+    else:
+        add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
+
+
+def file_bytes(model, tensor_bytes: dict[str, int], type: str = "Q8_0", *, imatrix=None,
+               pre_tokenizer: str | None = None) -> int:
+    """The exact size of the GGUF export_gguf writes when tensor `name` takes `tensor_bytes[name]` bytes:
+    the header, metadata and tensor directory are written to a scratch file and measured, then every tensor's
+    data is added with llama.cpp's alignment."""
+    import tempfile
+    preset = get_preset(type)
+    tensors = _gguf_tensors(model)
+    with tempfile.TemporaryDirectory() as d:
+        w = Writer(Path(d) / "h.gguf", model.spec.gguf_arch)
+        _metadata(w, model, preset, imatrix, pre_tokenizer)
+        for name, _hf, W in tensors:
+            w.add_tensor_info(name, tuple(W.shape), np.dtype(np.float32), tensor_bytes[name])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        head = (Path(d) / "h.gguf").stat().st_size
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    return gguf.GGUFWriter.ggml_pad(head, align) + sum(gguf.GGUFWriter.ggml_pad(tensor_bytes[n], align)
+                                                       for n, _, _ in tensors)
+
+
 def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool = False,
                 progress: bool = True, pre_tokenizer: str | None = None, imatrix=None,
-                pure: bool = False, encoded: dict | None = None) -> ExportRecord:
+                pure: bool = False, encoded: dict | None = None, types: dict | None = None) -> ExportRecord:
     """Write `model` as a GGUF file llama.cpp runs. Returns what was written, per tensor.
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for an HF tokenizer whose check-text hash is unknown
@@ -191,23 +225,22 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
     encoders' error wherever llama.cpp uses one (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; not Q8_0).
     `type` is a llama.cpp preset (Q4_K_M, Q8_0, ...) with its per-tensor rules; `pure` gives every
     quantizable tensor the preset's main type (llama-quantize --pure). `encoded` maps GGUF tensor names to
-    bytes already encoded for their planned type (GPTQ's), written as they are."""
+    bytes already encoded for their planned type (GPTQ's), written as they are. `types` overrides the plan:
+    GGUF name -> (QuantFormat, why) (a size-budgeted allocation's types)."""
     t0 = time.perf_counter()
     out = check_output_path(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
-    preset, tensors, types = plan_model(model, type, has_imatrix=imatrix is not None, pure=pure)
-    plan = [(n, hf, W, *types[n]) for n, hf, W in tensors]
+    preset, tensors, planned = plan_model(model, type, has_imatrix=imatrix is not None, pure=pure)
+    planned = {**planned, **(types or {})}
+    for n, _, W in tensors:
+        f = planned[n][0]
+        if not f.is_float and W.ndim and not f.fits(W.shape[-1]):
+            raise ConfigError(f"{n}: rows of {W.shape[-1]} do not fit {f.name}'s blocks of {f.block_size}")
+    plan = [(n, hf, W, *planned[n]) for n, hf, W in tensors]
     ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
     records = []
     with atomic_output(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
         w = Writer(tmp, model.spec.gguf_arch)
-        _add_general(w, model, preset)
-        _add_hparams(w, model)
-        if imatrix is not None:
-            _add_imatrix_info(w, imatrix)
-        if model.gguf is not None:
-            copy_tokenizer_fields(model.gguf, w)
-        else:
-            add_hf_tokenizer(w, model.tokenizer, Path(model.source), model.config["vocab_size"], pre_tokenizer)
+        _metadata(w, model, preset, imatrix, pre_tokenizer)
         for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {preset.name}", unit="tensor",
                                           disable=not progress, leave=False):
             if encoded is not None and name in encoded:

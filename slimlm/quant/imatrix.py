@@ -44,6 +44,16 @@ class ImportanceMatrix:
             return np.ones_like(self.sums[name], dtype=np.float32)
         return (self.sums[name] / c).astype(np.float32)
 
+    def digest(self) -> str:
+        """A short hash of the values (for cache keys)."""
+        import hashlib
+        h = hashlib.sha256()
+        for n in sorted(self.sums):
+            h.update(n.encode())
+            h.update(self.sums[n].tobytes())
+            h.update(str(self.counts[n]).encode())
+        return h.hexdigest()[:16]
+
     # ---- llama.cpp's GGUF format ----------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         from ..io import atomic_output

@@ -1,0 +1,205 @@
+"""How much each tensor's quantization costs, per candidate type: the input to size-budgeted mixed precision.
+
+Measured on calibration text with the Fisher information of the model's own predictions (the second-order
+term of the KL divergence to the original): for a linear layer y = W x the per-token KLD from a weight
+error D is, to second order and with the Fisher's Kronecker factorization (K-FAC) kept diagonal over output
+rows,
+
+    dKLD ~= 1/2 * sum_r g_r * D_r A D_r^T,   A = E[x x^T] (the layer's inputs), g_r = E[(d log p(y) / d o_r)^2]
+
+where o = W x and y is sampled from the original model (so E over y gives the true Fisher, not the
+empirical one). A is what GPTQ's Hessian and llama.cpp's importance matrix are built from (its diagonal
+*is* the importance matrix); g says how much each output row matters downstream, which neither has. The
+token embedding's input side is D[token] . S[token], with S the mean squared gradient reaching each used
+token's embedding; a tied embedding adds the output projection's term.
+
+`predict()` encodes every quantizable tensor with each candidate type (the same encoders and importance
+weights the export uses) and evaluates that formula: a table name -> type -> (bytes, predicted dKLD).
+Results are cached on disk, keyed by the model's weights, the calibration tokens and the candidates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NumericsError, OutputError
+from .formats import get_format
+
+# block types a tensor may get, most bytes first (each only where its block size divides the row length)
+CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K", "Q2_K")
+_VERSION = 1
+
+
+@dataclass
+class FisherStats:
+    A: dict[str, torch.Tensor]           # input id -> (cols, cols) float64 mean x x^T
+    g: dict[str, torch.Tensor]           # HF module name -> (rows,) float64 mean squared output gradient
+    inputs: dict[str, str]               # HF module name -> input id (linears reading one tensor share A)
+    emb: torch.Tensor | None = None      # (vocab, hidden) mean squared gradient at each token's embedding
+    tokens: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool = True) -> FisherStats:
+    """One forward and backward pass per calibration chunk with labels sampled from the model itself."""
+    import time
+    t0 = time.perf_counter()
+    module = model.module
+    lins = {n: m for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")}
+    A: dict[str, torch.Tensor] = {}
+    g: dict[str, torch.Tensor] = {}
+    inputs: dict[str, str] = {}
+    live: dict[tuple, tuple] = {}
+    emb_mod = module.get_input_embeddings()
+    emb = torch.zeros(emb_mod.weight.shape, dtype=torch.float32)
+
+    def fwd(name):
+        def f(_mod, args, out):
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            first, _ = live.setdefault(key, (name, x))     # holding x keeps its memory from being reused
+            inputs[name] = first
+            if first == name:
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                a = (x2.T @ x2).double()
+                A[name] = A[name] + a if name in A else a
+
+            def grad_hook(gr, name=name):
+                s = gr.detach().reshape(-1, gr.shape[-1]).double().pow(2).sum(0)
+                g[name] = g[name] + s if name in g else s
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return f
+
+    ids_now: list[torch.Tensor] = []
+
+    def emb_hook(_mod, args, out):
+        out = out.detach().requires_grad_(True)
+        ids = args[0].reshape(-1)
+
+        def grad_hook(gr):
+            emb.index_add_(0, ids, gr.detach().reshape(-1, gr.shape[-1]).float().pow(2))
+        out.register_hook(grad_hook)
+        return out
+
+    gen = torch.Generator().manual_seed(seed)
+    handles = [m.register_forward_hook(fwd(n)) for n, m in lins.items()]
+    handles.append(emb_mod.register_forward_hook(emb_hook))
+    n_tok = 0
+    try:
+        with torch.enable_grad():
+            for chunk in tqdm(chunks, desc="sensitivity (Fisher)", unit="chunk", disable=not progress,
+                              leave=False):
+                live.clear()
+                ids_now.clear()
+                logits = module(input_ids=chunk[None], use_cache=False).logits[0].float()
+                logp = torch.log_softmax(logits, -1)
+                if not torch.isfinite(logp).all():
+                    raise NumericsError("non-finite logits on calibration text")
+                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                (-logp.gather(1, y).sum()).backward()
+                n_tok += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        live.clear()
+    return FisherStats({k: v / n_tok for k, v in A.items()}, {k: v / n_tok for k, v in g.items()}, inputs,
+                       emb / n_tok, n_tok, time.perf_counter() - t0)
+
+
+def _weight_terms(model, stats: FisherStats) -> dict[str, list[tuple]]:
+    """GGUF name -> [(A, g in GGUF row order)] for the output-side terms of each quantizable 2-D tensor."""
+    spec, cfg = model.spec, model.config
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    out: dict[str, list[tuple]] = {}
+    for name, gsq in stats.g.items():
+        hf = f"{name}.weight"
+        rows = torch.arange(gsq.shape[0])
+        if name == "lm_head":
+            gg = "token_embd.weight" if tied else spec.hf_to_gguf(hf)
+        else:
+            gg = spec.hf_to_gguf(hf)
+            rows = spec.to_gguf_tensor(hf, rows, cfg)
+        out.setdefault(gg, []).append((stats.A[stats.inputs[name]], gsq[rows]))
+    return out
+
+
+def predict(model, stats: FisherStats, *, candidates=CANDIDATES, importance=None,
+            progress: bool = True) -> dict[str, dict[str, tuple[int, float]]]:
+    """name -> type -> (bytes, predicted dKLD) for every 2-D tensor of the model and every candidate type
+    its rows fit. `importance(name)` gives the encoder's importance weights (as the export will use them)."""
+    from .gguf.writer import _gguf_tensors, encode
+    from .quant import dequantize
+    terms = _weight_terms(model, stats)
+    fmts = [get_format(c) for c in candidates]
+    table: dict[str, dict[str, tuple[int, float]]] = {}
+    tensors = [(n, W) for n, _, W in _gguf_tensors(model) if W.ndim == 2 and n in terms or n == "token_embd.weight"]
+    for name, W in tqdm(tensors, desc="sensitivity (types)", unit="tensor", disable=not progress, leave=False):
+        Wn = W.float().numpy()
+        Wt = W.float()
+        imp = importance(name) if importance is not None else None
+        row = {}
+        for f in fmts:
+            if not f.fits(Wn.shape[1]):
+                continue
+            D = Wt - torch.from_numpy(dequantize(encode(Wn, f, name, imp), f.ggml_type).reshape(Wn.shape))
+            loss = 0.0
+            for Am, gsq in terms.get(name, []):
+                loss += 0.5 * float(((D @ Am.float()) * D).sum(1).double() @ gsq)
+            if name == "token_embd.weight" and stats.emb is not None:
+                loss += 0.5 * float((stats.emb * D * D).sum())
+            row[f.name] = (f.nbytes(tuple(Wn.shape)), loss)
+        table[name] = row
+    return table
+
+
+def cache_key(model, chunks: torch.Tensor, candidates, seed: int, importance_tag: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([_VERSION, list(candidates), seed, importance_tag]).encode())
+    for name, W in sorted(model.named_weights().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(W.detach().float().numpy()[:: max(1, W.shape[0] // 64)]).tobytes())
+    h.update(chunks.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                          Path.home() / ".cache") / "slimlm")
+
+
+def sensitivity_table(model, chunks: torch.Tensor, *, candidates=CANDIDATES, importance=None,
+                      importance_tag: str = "", seed: int = 0, cache: bool = True,
+                      progress: bool = True) -> tuple[dict, dict]:
+    """(table as predict() gives it, info) — from the cache when this model, text and candidates were
+    measured before."""
+    from .io import atomic_output
+    key = cache_key(model, chunks, candidates, seed, importance_tag)
+    path = cache_dir() / f"sensitivity-{key}.json"
+    if cache and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            return ({n: {t: (int(b), float(v)) for t, (b, v) in r.items()} for n, r in d["table"].items()},
+                    {**d["info"], "cached": str(path)})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass                                            # unreadable cache: measure again
+    stats = fisher_stats(model, chunks, seed=seed, progress=progress)
+    table = predict(model, stats, candidates=candidates, importance=importance, progress=progress)
+    info = {"tokens": stats.tokens, "fisher_seconds": round(stats.seconds, 2), "seed": seed}
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path, overwrite=True) as tmp:
+                Path(tmp).write_text(json.dumps({"table": table, "info": info}))
+        except (OSError, OutputError):
+            pass                                            # a cache that cannot be written is no error
+    return table, info
