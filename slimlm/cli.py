@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="calibration text (no FILE: the "
                    "bundled calibration text): an importance matrix is computed from it unless --imatrix is "
                    "given; GPTQ and --target-size/--bpw use it too")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="rtn: llama.cpp's rounding "
-                   "(default); gptq: GPTQ written exactly onto the same block grids, layer by layer on "
-                   "calibration text (--calib FILE, else the bundled text)")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="rtn", help="rtn: "
+                   "llama.cpp's rounding (default); gptq: GPTQ written exactly onto the same block grids, layer "
+                   "by layer on calibration text (--calib FILE, else the bundled text); awq: activation-aware "
+                   "per-channel scales searched against the encoders and folded into the norms and up_proj rows "
+                   "(no extra operations in the GGUF), then rounding; awq+gptq: both")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
     p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "
@@ -95,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "of Python's documentation)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=32, help="chunks to run (default 32)")
+
+    p = sub.add_parser("kmeans", help="k-means codebook model (torch/safetensors), evaluated against the original",
+                       description="Quantize every decoder-layer linear of MODEL to a per-row codebook of 2^BITS "
+                       "values (importance-weighted k-means, SqueezeLLM-style), write OUT_DIR (safetensors with "
+                       "codebooks and packed indices, config, tokenizer; other tensors float16) and evaluate it "
+                       "in torch against the original. llama.cpp has no codebook format: load it with "
+                       "slimlm.codebook.load_kmeans.")
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the files in OUT_DIR")
+    p.add_argument("--bits", type=int, default=4, help="index bits per weight, 2^BITS centroids per row (default 4)")
+    p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="weight the clustering by the "
+                   "mean squared input of each column on this text (no FILE: the bundled text; default: "
+                   "unweighted)")
+    p.add_argument("--calib-chunks", type=int, default=16, metavar="N", help="calibration chunks (default 16)")
+    p.add_argument("--no-eval", action="store_true", help="write without evaluating")
+    _add_eval_args(p)
 
     p = sub.add_parser("inspect", help="metadata, per-tensor types and bits/weight of a GGUF file")
     p.add_argument("file", help=".gguf file")
@@ -179,6 +198,36 @@ def cmd_imatrix(a) -> int:
     return 0
 
 
+def cmd_kmeans(a) -> int:
+    from .codebook import kmeans_model, load_kmeans, save_kmeans
+    from .errors import ConfigError
+    from .model import load
+    if not 1 <= a.bits <= 8:
+        raise ConfigError(f"--bits must be 1..8, got {a.bits}")
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace its files")
+    m = load(a.model, progress=not a.quiet)
+    im = None
+    if a.calib:
+        from .calib import calibration_chunks
+        from .sequential import collect_imatrix
+        chunks, prov = calibration_chunks(m, None if a.calib == "default" else a.calib, n_ctx=a.ctx,
+                                          max_chunks=a.calib_chunks)
+        im = collect_imatrix(m, chunks, dataset=prov, progress=not a.quiet)
+    books = kmeans_model(m, a.bits, im, progress=not a.quiet)
+    save_kmeans(m, out, books, a.bits, overwrite=a.overwrite)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out}: model.safetensors {size / 2**20:.2f} MiB ({8 * size / m.n_params():.3f} bits/weight "
+          f"over {m.n_params() / 1e6:.1f}M params; {a.bits}-bit indices, float16 codebooks and other tensors)")
+    if not a.no_eval:
+        from .eval import evaluate
+        r = evaluate(load_kmeans(out), m, **_eval_kwargs(a))
+        print(f"  perplexity {r['ref_ppl']:.4f} (original) -> {r['ppl']:.4f} (k-means, torch); KL divergence "
+              f"{r['kld']:.6f}; top-1 agreement {100 * r['top1_agreement']:.2f}% on {r['n_scored_tokens']} tokens")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from .gguf.inspect import describe, format_description
     d = describe(a.file)
@@ -199,6 +248,7 @@ def cmd_generate(a) -> int:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
+            "kmeans": cmd_kmeans,
             "generate": cmd_generate}
 
 

@@ -5,6 +5,7 @@ Every argument is validated before weights are loaded, and the output path befor
 """
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from .model import load
 from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
 from .report import Report
-from .sequential import collect_imatrix, gptq_model
+from .sequential import collect_imatrix, quantize_model
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class CompressConfig:
     calib: str | None = None          # compute an importance matrix from this text (or "default")
     calib_chunks: int = 32
     pure: bool = False                # every quantizable tensor at the preset's main type
-    method: str = "rtn"               # rtn: llama.cpp's rounding; gptq: error-compensating, on the same grids
+    method: str = "rtn"               # rtn: llama.cpp's rounding; gptq: error-compensating, on the same grids;
+                                      # awq: activation-aware scales folded into norms/up rows; awq+gptq
     act_order: bool = False           # GPTQ: blocks with the largest inputs first
     gptq_chunks: int = 16             # calibration chunks GPTQ's Hessians use (of calib_chunks)
     target_size: str | None = None    # whole-file budget ("70MB", "70MiB"): per-tensor types by sensitivity
@@ -54,10 +58,10 @@ class CompressConfig:
                 raise ConfigError(f"{flag} {v}: no such file")
         if self.calib not in (None, "default") and not Path(self.calib).is_file():
             raise ConfigError(f"--calib {self.calib}: no such file")
-        if self.method not in ("rtn", "gptq"):
-            raise ConfigError(f"--method must be rtn or gptq, got {self.method!r}")
-        if self.method == "gptq" and get_preset(self.type).default in ("f32", "f16", "bf16") and not self.budgeted:
-            raise ConfigError(f"--method gptq needs a quantized --type, not {self.type}")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "rtn" and get_preset(self.type).default in ("f32", "f16", "bf16") and not self.budgeted:
+            raise ConfigError(f"--method {self.method} needs a quantized --type, not {self.type}")
         if self.target_size is not None and self.bpw is not None:
             raise ConfigError("give either --target-size or --bpw, not both")
         if self.target_size is not None:
@@ -94,7 +98,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         imatrix = ImportanceMatrix.load(config.imatrix)
         steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
     chunks = prov = None
-    if config.calib or config.method == "gptq" or config.budgeted:
+    if config.calib or config.method != "rtn" or config.budgeted:
         chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                           n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
     if config.calib and imatrix is None:
@@ -108,15 +112,23 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         steps.append({"step": "mixed precision", "source": prov, **st})
         say(f"budget: {st['budget_bytes'] / 2**20:.2f} MiB, predicted file {st['planned_file_bytes'] / 2**20:.2f} "
             f"MiB, predicted KLD {st['predicted_kld']:.4f}")
-    if config.method == "gptq":
-        say(f"GPTQ onto {label}'s block grids, layer by layer ...")
+    written = m
+    if config.method != "rtn":
+        gptq, awq = "gptq" in config.method, "awq" in config.method
+        say(f"{config.method.upper()} onto {label}'s block grids, layer by layer ...")
         _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
-        encoded, _, st = gptq_model(m, chunks[:config.gptq_chunks], {**types, **(overrides or {})},
-                                    act_order=config.act_order, progress=progress)
-        steps.append({"step": "gptq", "source": prov, **st})
+        encoded, module, st = quantize_model(m, chunks[:config.gptq_chunks], {**types, **(overrides or {})},
+                                             gptq=gptq, awq=awq, act_order=config.act_order, progress=progress)
+        written = copy.copy(m)
+        written.module = module
+        if imatrix is not None and st["awq_scales"]:
+            imatrix = imatrix.scaled(st["awq_scales"])     # importance of the scaled inputs: / s^2
+        scales = st.pop("awq_scales")
+        steps.append({"step": config.method, "source": prov, **st, "awq_scaled_tensors": len(scales)})
     say(f"writing {out} ({label}{', mixed' if overrides else ''}) ...")
-    rec = export_gguf(m, out, label, overwrite=overwrite, progress=progress, pre_tokenizer=config.pre_tokenizer,
-                      imatrix=imatrix, pure=config.pure, encoded=encoded, types=overrides)
+    rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
+                      pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,
+                      types=overrides)
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")

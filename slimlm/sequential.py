@@ -71,25 +71,44 @@ def _layer_inputs(module, chunks: torch.Tensor) -> list[tuple[torch.Tensor, dict
     return cache
 
 
+# linears that read one tensor, and what produced it: AWQ folds 1/s into the producer (an RMSNorm's weight,
+# or the rows of a linear), so the exported graph is unchanged. Llama-family names; other layers are left alone.
+AWQ_GROUPS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+              (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"))
+AWQ_DOWN = ("mlp.down_proj", "mlp.up_proj")      # down reads act(gate) * up: 1/s goes into up's rows
+
+
 @torch.no_grad()
 def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = False, damp: float = 0.01,
                output: bool = True, progress: bool = True) -> tuple[dict, torch.nn.Module, dict]:
-    """GPTQ every block linear whose planned type (`types`: GGUF name -> (QuantFormat, why), as
-    writer.plan_model gives) is a block type, one decoder layer at a time and, inside a layer, one linear
-    at a time in forward order ("true sequential"): each linear's Hessian comes from inputs produced by
-    everything quantized before it, the earlier layers and the earlier linears of its own layer. The
-    calibration chunks go through each layer as one batch, once: a pre-hook on each linear computes its
-    Hessian from that batch's input and quantizes the weight before the linear runs. Linears reading the
-    same tensor (q/k/v, gate/up) share the Hessian and its factorization. With `output`, the output
-    projection follows, on the final normalized hidden states (for a tied embedding that is token_embd:
-    its input side then reads the same quantized rows). The caller's model is never modified; a copy is
-    quantized.
+    """GPTQ alone: `quantize_model(..., gptq=True, awq=False)`."""
+    return quantize_model(model, chunks, types, gptq=True, awq=False, act_order=act_order, damp=damp,
+                          output=output, progress=progress)
 
-    Returns (GGUF name -> bytes (rows, bytes_per_row) in llama.cpp's row order, the quantized module whose
-    weights are exactly what those bytes decode to, stats)."""
+
+@torch.no_grad()
+def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = True, awq: bool = False,
+                   act_order: bool = False, damp: float = 0.01, output: bool = True,
+                   progress: bool = True) -> tuple[dict, torch.nn.Module, dict]:
+    """AWQ scaling and/or GPTQ of every block linear whose planned type (`types`: GGUF name -> (QuantFormat,
+    why), as writer.plan_model gives) is a block type, one decoder layer at a time and, inside a layer, one
+    linear at a time in forward order ("true sequential"): each linear's Hessian comes from inputs produced
+    by everything quantized before it, the earlier layers and the earlier linears of its own layer. The
+    calibration chunks go through each layer as one batch, once: a pre-hook on the first linear of each
+    input group searches the group's AWQ scales (quant/awq.py) and folds them into the weights and the
+    producer of the input; a pre-hook on each linear computes its Hessian from that batch's input and GPTQs
+    the weight before the linear runs. Linears reading the same tensor (q/k/v, gate/up) share the Hessian
+    and its factorization. With `output`, GPTQ then quantizes the output projection on the final normalized
+    hidden states (for a tied embedding that is token_embd: its input side then reads the same quantized
+    rows). The caller's model is never modified; a copy is changed.
+
+    Returns (GGUF name -> bytes (rows, bytes_per_row) in llama.cpp's row order for every GPTQ'd tensor, the
+    changed module (scaled by AWQ, weights of GPTQ'd tensors exactly what those bytes decode to), stats with
+    "awq_scales": GGUF name -> the scales its input columns were multiplied by)."""
     import copy
     import time
 
+    from .quant.awq import awq_search
     from .quant.gptq import factor, gptq_gguf
 
     t0 = time.perf_counter()
@@ -99,45 +118,95 @@ def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = Fa
     x = torch.cat([c[0] for c in cache])                   # (chunks, n_ctx, hidden): every chunk, one batch
     kw = cache[0][1]                                       # same length and positions for every chunk
     del cache
-    encoded, damps, secs = {}, [], {"hessian": 0.0, "solve": 0.0}
+    encoded, damps, secs = {}, [], {"hessian": 0.0, "solve": 0.0, "awq": 0.0}
+    awq_scales: dict[str, torch.Tensor] = {}
+    awq_log: list[dict] = []
     layers = module.model.layers
-    for i, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress, leave=False)):
+    desc = "+".join(n for n, on in (("AWQ", awq), ("GPTQ", gptq)) if on)
+    def run_layer(i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        mods = dict(layer.named_modules())
+        gguf_name = {n: spec.hf_to_gguf(f"model.layers.{i}.{n}.weight") for n, m in mods.items()
+                     if isinstance(m, torch.nn.Linear)}
+        qtype = {n: (None if types[g][0].is_float else types[g][0].ggml_type) for n, g in gguf_name.items()}
         shared: dict[tuple, dict] = {}
+        scaled: dict[tuple, torch.Tensor] = {}     # input key -> the input divided by its group's scales
 
-        def hook(n, i=i, shared=shared):
+        def search_fold(names, producer, xin, rows_of=False):
+            """AWQ for linears `names` reading xin: search, fold; returns s or None."""
+            names = [n for n in names if n in mods]
+            quant = [n for n in names if qtype.get(n) is not None]
+            if not quant or producer not in mods:
+                return None
+            t = time.perf_counter()
+            x2 = xin.reshape(-1, xin.shape[-1]).float()
+            H = (x2.T @ x2).double() / x2.shape[0]
+            res = awq_search([mods[n].weight.data.float() for n in quant], [qtype[n] for n in quant], H,
+                             x2.abs().mean(0))
+            s = res.s
+            for n in names:
+                mods[n].weight.data = (mods[n].weight.data.float() * s[None, :]).to(mods[n].weight.dtype)
+                awq_scales[gguf_name[n]] = s
+            pw = mods[producer].weight
+            pw.data = (pw.data.float() / (s[:, None] if rows_of else s)).to(pw.dtype)
+            awq_log.append({"layer": i, "linears": names, "alpha": res.alpha, "err": res.err,
+                            "err_plain": res.err_plain})
+            secs["awq"] += time.perf_counter() - t
+            return s
+
+        def awq_pre(n, x):
+            """The input linear n should read: scaled by its group's AWQ scales (searched on first sight)."""
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key in scaled:
+                return scaled[key][0]
+            for names, producer in AWQ_GROUPS:
+                if n in names:
+                    s = search_fold(names, producer, x)
+                    xs = x if s is None else x / s
+                    if s is not None and names[0] == "mlp.gate_proj":   # down's input, from the scaled MLP
+                        g, u = mods["mlp.gate_proj"], mods["mlp.up_proj"]
+                        h = mods["mlp"].act_fn(torch.nn.functional.linear(xs, g.weight)) * \
+                            torch.nn.functional.linear(xs, u.weight)
+                        search_fold([AWQ_DOWN[0]], AWQ_DOWN[1], h, rows_of=True)
+                    scaled[key] = (xs, x)       # holding x keeps its memory from being reused
+                    return xs
+            return x
+
+        def hook(n):
             hf = f"model.layers.{i}.{n}.weight"
-            name = spec.hf_to_gguf(hf)
+            name = gguf_name[n]
             fmt = types[name][0]
 
             def f(mod, inputs):
-                if fmt.is_float:
-                    return
                 x = inputs[0]
-                key = (x.data_ptr(), tuple(x.shape), x.stride())
-                if key not in shared:      # holding x keeps its memory from being reused by another input
+                if awq:
+                    x = awq_pre(n, x)
+                if gptq and not fmt.is_float:
+                    key = (x.data_ptr(), tuple(x.shape), x.stride())
+                    if key not in shared:  # holding x keeps its memory from being reused by another input
+                        t = time.perf_counter()
+                        x2 = x.reshape(-1, x.shape[-1]).float()
+                        H = (x2.T @ x2).double() * (2.0 / x2.shape[0])
+                        if not torch.isfinite(torch.diagonal(H)).all():
+                            raise NumericsError(f"non-finite calibration activation entering layer {i} {n}")
+                        shared[key] = {"x": x, "H": H, "chol": {}}
+                        secs["hessian"] += time.perf_counter() - t
                     t = time.perf_counter()
-                    x2 = x.reshape(-1, x.shape[-1]).float()
-                    H = (x2.T @ x2).double() * (2.0 / x2.shape[0])
-                    if not torch.isfinite(torch.diagonal(H)).all():
-                        raise NumericsError(f"non-finite calibration activation entering layer {i} {n}")
-                    shared[key] = {"x": x, "H": H, "chol": {}}
-                    secs["hessian"] += time.perf_counter() - t
-                t = time.perf_counter()
-                e = shared[key]
-                qt = fmt.ggml_type
-                unit = qt_unit(qt)
-                if unit not in e["chol"]:
-                    e["chol"][unit] = factor(e["H"], unit, act_order=act_order, damp=damp)
-                data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], qt, act_order=act_order,
-                                         chol=e["chol"][unit])
-                mod.weight.data = Q.to(mod.weight.dtype)
-                order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
-                encoded[name] = data[order.numpy()]
-                damps.append(res.damp)
-                secs["solve"] += time.perf_counter() - t
+                    e = shared[key]
+                    qt = fmt.ggml_type
+                    unit = qt_unit(qt)
+                    if unit not in e["chol"]:
+                        e["chol"][unit] = factor(e["H"], unit, act_order=act_order, damp=damp)
+                    data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], qt, act_order=act_order,
+                                             chol=e["chol"][unit])
+                    mod.weight.data = Q.to(mod.weight.dtype)
+                    order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
+                    encoded[name] = data[order.numpy()]
+                    damps.append(res.damp)
+                    secs["solve"] += time.perf_counter() - t
+                return (x, *inputs[1:]) if x is not inputs[0] else None
             return f
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()
                    if isinstance(m, torch.nn.Linear)]
         try:
             y = layer(x, **kw)
@@ -145,12 +214,16 @@ def gptq_model(model, chunks: torch.Tensor, types: dict, *, act_order: bool = Fa
             for h in handles:
                 h.remove()
         shared.clear()
-        x = y[0] if isinstance(y, tuple) else y
-    if output:
+        scaled.clear()
+        return y[0] if isinstance(y, tuple) else y
+    for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress, leave=False)):
+        x = run_layer(i, layer, x)
+    if gptq and output:
         _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp)
     stats = {"tensors": len(encoded), "seconds": time.perf_counter() - t0, "max_damp": max(damps, default=0.0),
              "act_order": act_order, "calib_tokens": int(chunks.numel()),
-             "hessian_seconds": secs["hessian"], "solve_seconds": secs["solve"]}
+             "hessian_seconds": secs["hessian"], "solve_seconds": secs["solve"], "awq_seconds": secs["awq"],
+             "awq_groups": awq_log, "awq_scales": awq_scales}
     return encoded, module, stats
 
 

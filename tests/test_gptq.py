@@ -156,7 +156,8 @@ def test_compress_config_checks_the_method():
     from slimlm.compress import CompressConfig
     from slimlm.errors import ConfigError
     assert CompressConfig(type="Q4_K_M", method="gptq").method == "gptq"
-    with pytest.raises(ConfigError, match="rtn or gptq"):
-        CompressConfig(type="Q4_K_M", method="awq")
+    assert CompressConfig(type="Q4_K_M", method="awq+gptq").method == "awq+gptq"
+    with pytest.raises(ConfigError, match="must be one of rtn, gptq, awq, awq"):
+        CompressConfig(type="Q4_K_M", method="smoothquant")
     with pytest.raises(ConfigError, match="needs a quantized --type"):
         CompressConfig(type="F16", method="gptq")

@@ -44,6 +44,16 @@ class ImportanceMatrix:
             return np.ones_like(self.sums[name], dtype=np.float32)
         return (self.sums[name] / c).astype(np.float32)
 
+    def scaled(self, scales: dict) -> ImportanceMatrix:
+        """A copy for weights whose input columns were multiplied by `scales[name]` (AWQ): their inputs are
+        divided by the scales, so the mean squares are divided by s^2."""
+        out = ImportanceMatrix({k: v.copy() for k, v in self.sums.items()}, dict(self.counts),
+                               list(self.datasets), self.chunk_count, self.chunk_size, self.source)
+        for name, s in scales.items():
+            if name in out.sums:
+                out.sums[name] = out.sums[name] / np.asarray(s, dtype=np.float64) ** 2
+        return out
+
     def digest(self) -> str:
         """A short hash of the values (for cache keys)."""
         import hashlib

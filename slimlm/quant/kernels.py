@@ -16,7 +16,6 @@ llama.cpp, while these loops run at the C code's speed and keep its exact arithm
 from __future__ import annotations
 
 import math
-
 import os
 
 import numpy as np

@@ -1,0 +1,141 @@
+"""Size-budgeted mixed precision: the size parser, the knapsack, the Fisher sensitivity prediction against a
+measured KL divergence, the exact file-size model, and the budgeted compress end to end."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from slimlm.errors import ConfigError
+from slimlm.mixed import allocate, parse_size
+
+
+def test_parse_size_units_and_errors():
+    assert parse_size("70MB") == 70_000_000
+    assert parse_size("70MiB") == parse_size("70M") == 70 * 2**20
+    assert parse_size("1.5 GiB") == 3 * 2**29
+    assert parse_size("123456") == 123456
+    for bad in ("70 parsecs", "", "-5MB", "0"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def _brute(table, budget):
+    names = list(table)
+    best = None
+    for combo in itertools.product(*[list(table[n].items()) for n in names]):
+        b = sum((o[1][0] + 31) // 32 * 32 for o in combo)
+        loss = sum(o[1][1] for o in combo)
+        if b <= budget and (best is None or loss < best):
+            best = loss
+    return best
+
+
+def test_allocate_fits_the_budget_and_matches_exhaustive_search():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        table = {}
+        for i in range(5):          # bytes up, loss down, like real types
+            bs = sorted(int(x) for x in torch.randint(1, 100, (4,), generator=g))
+            ls = sorted((float(x) for x in torch.rand(4, generator=g)), reverse=True)
+            table[f"t{i}"] = {f"T{j}": (32 * bs[j], ls[j]) for j in range(4)}
+        budget = int(sum(32 * min(b for b, _ in r.values()) for r in table.values()) * (1.2 + 0.1 * (trial % 8)))
+        choice, loss, used = allocate(table, budget)
+        assert used <= budget
+        assert loss == pytest.approx(sum(table[n][t][1] for n, t in choice.items()))
+        assert loss <= _brute(table, budget) * 1.25 + 1e-9        # near-optimal on every instance
+    with pytest.raises(ConfigError, match="smallest types"):
+        allocate({"a": {"Q4_0": (1000, 1.0)}}, 500)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    from slimlm import load
+    return load(tiny_hf("LlamaForCausalLM", tie=True, hidden_size=128, intermediate_size=256,
+                        num_attention_heads=4, num_key_value_heads=2), progress=False)
+
+
+def _kld(ref_logits, logits):
+    p = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_predicted_kld_tracks_the_measured_one(tiny):
+    """The Fisher prediction of each preset's KLD (sum over tensors) is within 2x of the KLD measured in torch
+    with those weights, and ranks the presets the same way."""
+    from slimlm.calib import calibration_chunks
+    from slimlm.formats import get_format
+    from slimlm.gguf.writer import _gguf_tensors, encode
+    from slimlm.quant import dequantize
+    from slimlm.sensitivity import fisher_stats, predict
+    chunks, _ = calibration_chunks(tiny, None, n_ctx=64, max_chunks=8)
+    stats = fisher_stats(tiny, chunks, progress=False)
+    table = predict(tiny, stats, candidates=("Q8_0", "Q4_0", "Q5_0"), progress=False)
+    assert set(table) == {n for n, _, W in _gguf_tensors(tiny) if W.ndim == 2}
+    with torch.no_grad():
+        ref = torch.cat([tiny.module(input_ids=c[None]).logits[0] for c in chunks])
+    preds, meas = [], []
+    for t in ("Q8_0", "Q5_0", "Q4_0"):
+        module = __import__("copy").deepcopy(tiny.module)
+        sd = module.state_dict()
+        for n, hf, W in _gguf_tensors(tiny):
+            if n in table:
+                f = get_format(t)
+                Q = dequantize(encode(W.float().numpy(), f, n), f.ggml_type).reshape(W.shape)
+                back = torch.from_numpy(Q)
+                if hf.endswith(("q_proj.weight", "k_proj.weight")):     # GGUF row order -> HF's
+                    order = tiny.spec.to_gguf_tensor(hf, torch.arange(W.shape[0]), tiny.config)
+                    back = torch.empty_like(back)
+                    back[order] = torch.from_numpy(Q)
+                sd[hf].copy_(back)
+        with torch.no_grad():
+            got = torch.cat([module(input_ids=c[None]).logits[0] for c in chunks])
+        preds.append(sum(table[n][t][1] for n in table))
+        meas.append(_kld(ref, got))
+    assert preds == sorted(preds) and meas == sorted(meas)
+    for p, m in zip(preds, meas, strict=True):
+        assert 0.5 < p / m < 2.0, (preds, meas)
+
+
+def test_budgeted_compress_fits_the_target_and_reports_every_tensor(tiny, tmp_path, monkeypatch,
+                                                                     llama_cpp_available):
+    """--target-size: the file is no larger than asked (the size model is exact), every 2-D tensor has the
+    allocated type with its predicted effect in the report, GPTQ writes onto those types, and the
+    sensitivity table is cached."""
+    import json
+
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.gguf.reader import read_gguf
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    src = tiny.source
+    q8 = compress(src, tmp_path / "q8.gguf", CompressConfig(type="Q8_0", evaluate=False), progress=False)
+    target = int(q8.export["file_bytes"] * 0.7)
+    cfg = CompressConfig(target_size=str(target), method="gptq", calib_chunks=4, gptq_chunks=4,
+                         sensitivity_chunks=4, max_chunks=2, speed=False)
+    rep = compress(src, tmp_path / "b.gguf", cfg, progress=False)
+    size = (tmp_path / "b.gguf").stat().st_size
+    step = next(s for s in rep.steps if s["step"] == "mixed precision")
+    assert size <= target and size == step["planned_file_bytes"] and size > 0.9 * target
+    types = {t.name: t.ggml_type.name for t in read_gguf(tmp_path / "b.gguf").tensors}
+    assert {n: p["type"] for n, p in step["predicted"].items()} == {n: types[n] for n in step["predicted"]}
+    assert len(set(types[n] for n in step["predicted"])) > 1                       # mixed, really
+    md = (tmp_path / "b.report.md").read_text()
+    assert "predicted dKLD" in md and all(n in md for n in step["predicted"])
+    assert rep.evaluation["kld"] < 1.0
+    assert list((tmp_path / "cache").glob("sensitivity-*.json"))
+    rep2 = compress(src, tmp_path / "b2.gguf", CompressConfig(target_size=str(target), calib_chunks=4,
+                                                              sensitivity_chunks=4, evaluate=False), progress=False)
+    assert "cached" in next(s for s in rep2.steps if s["step"] == "mixed precision")["sensitivity"]
+    assert json.loads((tmp_path / "b2.report.json").read_text())["export"]["file_bytes"] <= target
+
+
+def test_budget_config_is_checked_before_loading():
+    from slimlm.compress import CompressConfig
+    with pytest.raises(ConfigError, match="either --target-size or --bpw"):
+        CompressConfig(target_size="70MB", bpw=4.0)
+    with pytest.raises(ConfigError, match="--bpw must be"):
+        CompressConfig(bpw=1.0)
+    with pytest.raises(ConfigError, match="--target-size"):
+        CompressConfig(target_size="seventy")
