@@ -10,7 +10,7 @@ use the same calibration text. Evaluation: ../shared/data/brown-eval.txt.
 slimlm runs go through `slimlm.compress` (the product path), model loading excluded from the times:
   - `--method gptq` at the Q4_K_M preset (same per-tensor types as llama.cpp's Q4_K_M);
   - `--target-size` equal to the byte size of llama.cpp's Q4_K_M, Q3_K_M and Q5_K_M files (+ imatrix), and
-    0.82 x its Q4_0 file, with --method rtn and gptq.
+    0.82 x its Q4_0 file, with --method rtn and gptq (and awq+gptq at the two smallest sizes).
 
 Checks (issue 4): b. at the sizes of llama.cpp's Q4_K_M and Q3_K_M, slimlm's KLD <= 0.5x; c. a slimlm file
 <= 0.82x llama.cpp's Q4_0+imatrix with a KLD no higher; d. GPTQ over the whole model <= 120 s (calibration
@@ -76,7 +76,7 @@ def main() -> int:
         t0 = time.perf_counter()
         rep = compress(ref_path, out, cfg, overwrite=True, progress=False)
         steps = {s["step"]: s for s in rep.steps}
-        g = steps.get("gptq", {})
+        g = steps.get(kw.get("method", "rtn"), {})
         runs.append(dict(name=f"slimlm {tag}", tool="slimlm", method=kw.get("method", "rtn"), path=out,
                          seconds=time.perf_counter() - t0, gptq_seconds=g.get("seconds"),
                          calib_tokens=g.get("calib_tokens"), target=kw.get("target_size"),
@@ -89,7 +89,7 @@ def main() -> int:
     if not a.quick:
         budgets.insert(0, ("Q5_K_M", size["Q5_K_M"]))
     for tag, b in budgets:
-        for method in ("rtn", "gptq"):
+        for method in ("rtn", "gptq") + (("awq+gptq",) if tag in ("Q3_K_M", "0.82xQ4_0") else ()):
             ours(f"{method}-size-of-{tag}", target_size=str(b), method=method)
 
     paths = [r["path"] for r in runs]
@@ -143,6 +143,8 @@ def main() -> int:
                "s-", "tab:blue"),
               ("slimlm budget, gptq", lambda r: r["tool"] == "slimlm" and r["target"] and r["method"] == "gptq",
                "D-", "tab:red"),
+              ("slimlm budget, awq+gptq", lambda r: r["tool"] == "slimlm" and r["target"]
+               and r["method"] == "awq+gptq", "^-", "tab:purple"),
               ("slimlm gptq, Q4_K_M types", lambda r: r["name"] == "slimlm gptq-Q4_K_M", "*", "tab:green")]
     for label, sel, style, color in series:
         pts = sorted((r["mib"], r["kld"]) for r in runs if sel(r))

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 16)")
     p.add_argument("--sensitivity-chunks", type=int, default=8, metavar="N", help="chunks for the "
                    "sensitivity measurement of --target-size/--bpw (default 8)")
+    p.add_argument("--measure-effects", action="store_true", help="with --target-size/--bpw: also measure "
+                   "each tensor's KL divergence alone with its written weights (one calibration chunk; one partial "
+                   "forward pass per tensor) and list it beside the prediction in the report")
     p.add_argument("--no-cache", action="store_true", help="measure sensitivity again even when a cached "
                    "table for this model and text exists (cache: $SLIMLM_CACHE or ~/.cache/slimlm)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
@@ -143,7 +146,8 @@ def cmd_compress(a) -> int:
                          imatrix=a.imatrix, calib=a.calib, pure=a.pure, method=a.method,
                          act_order=a.act_order, target_size=a.target_size, bpw=a.bpw,
                          calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
-                         sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache)
+                         sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
+                         measure_effects=a.measure_effects)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

@@ -46,6 +46,7 @@ class CompressConfig:
     bpw: float | None = None          # or a budget in bits per weight over all parameters
     sensitivity_chunks: int = 8       # calibration chunks the sensitivity measurement uses
     cache: bool = True                # reuse a cached sensitivity table for the same model and text
+    measure_effects: bool = False     # budget: measure each tensor's KLD alone with its written weights
 
     def __post_init__(self):
         get_preset(self.type)
@@ -129,6 +130,9 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
                       pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,
                       types=overrides)
+    if config.measure_effects and overrides:
+        say("measuring each tensor's effect alone (one calibration chunk) ...")
+        _measure(m, out, chunks[0], steps, progress)
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")
@@ -188,3 +192,22 @@ def budget_types(m, chunks, config: CompressConfig, imatrix, progress: bool) -> 
           "sensitivity": info, "predicted": {n: {"type": t, "bytes": table[n][t][0], "dkld": table[n][t][1]}
                                              for n, t in choice.items()}}
     return label, overrides, st
+
+
+def _measure(m, out, chunk, steps, progress: bool) -> None:
+    """Add each tensor's measured effect (KLD with only its written weights) beside its prediction."""
+    import gguf as _gguf
+    import torch
+
+    from .gguf.reader import read_gguf
+    from .sensitivity import measure_effects
+    st = next(s for s in steps if s["step"] == "mixed precision")
+    g = read_gguf(out)
+    weights = {}
+    for t in g.tensors:
+        if t.name in st["predicted"]:
+            weights[t.name] = torch.from_numpy(_gguf.quants.dequantize(g.raw(t), t.ggml_type).copy())
+    got = measure_effects(m, chunk, weights, progress=progress)
+    for n, v in got.items():
+        st["predicted"][n]["measured_dkld"] = v
+    st["measured_on"] = f"1 calibration chunk of {chunk.numel()} tokens, one tensor at a time"

@@ -93,7 +93,18 @@ class Report:
         types = Counter(t["type"] for t in self.export["tensors"])
         md += ["", "## Tensor types", "", "| type | tensors |", "|---|---|"]
         md += [f"| {t} | {n} |" for t, n in sorted(types.items())]
+        mixed = next((st for st in self.steps if st.get("step") == "mixed precision"), None)
         notes = [t for t in self.export["tensors"] if t["note"] and t["type"] != "F32"]
+        if mixed:
+            md += ["", f"Size budget: {_mib(mixed['budget_bytes'])} for the weights, planned file "
+                       f"{_mib(mixed['planned_file_bytes'])}; predicted KLD (sum over tensors) "
+                       f"{mixed['predicted_kld']:.4f}. Per tensor: its type, bytes, predicted effect (Fisher) and, "
+                       f"when measured, its KLD alone ({mixed.get('measured_on', 'not measured')}):", "",
+                   "| tensor | type | bytes | predicted dKLD | measured dKLD |", "|---|---|---|---|---|"]
+            md += [f"| `{n}` | {p['type']} | {p['bytes']} | {p['dkld']:.3g} | "
+                   f"{'' if p.get('measured_dkld') is None else format(p['measured_dkld'], '.3g')} |"
+                   for n, p in mixed["predicted"].items()]
+            notes = [t for t in notes if not t["note"].startswith("budget:")]
         if notes:
             md += ["", "Tensors not at the requested type:", ""]
             md += [f"- `{t['name']}`: {t['type']} ({t['note']})" for t in notes]

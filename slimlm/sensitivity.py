@@ -203,3 +203,57 @@ def sensitivity_table(model, chunks: torch.Tensor, *, candidates=CANDIDATES, imp
         except (OSError, OutputError):
             pass                                            # a cache that cannot be written is no error
     return table, info
+
+
+@torch.no_grad()
+def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor], *,
+                    progress: bool = True) -> dict[str, float]:
+    """The KL divergence to the original model when only tensor `name` takes `weights[name]` (GGUF name ->
+    weight in GGUF layout, e.g. decoded from a written file), on one calibration chunk. A decoder layer's
+    tensor is measured from that layer's cached input onward; the embedding with a full forward."""
+    module, spec, cfg = model.module, model.spec, model.config
+    layers = module.model.layers
+    ins: list[tuple] = []
+
+    def catch(_mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        ins.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    hs = [layer.register_forward_pre_hook(catch, with_kwargs=True) for layer in layers]
+    try:
+        ref = torch.log_softmax(module(input_ids=chunk[None], use_cache=False).logits[0].double(), -1)
+    finally:
+        for h in hs:
+            h.remove()
+
+    def kld(logits):
+        q = torch.log_softmax(logits[0].double(), -1)
+        return float((ref.exp() * (ref - q)).sum(-1).mean())
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    hf_of = {spec.hf_to_gguf(n): n for n in params if n.endswith(".weight")}
+    out = {}
+    for name, Wg in tqdm(weights.items(), desc="measuring each tensor's effect", unit="tensor",
+                         disable=not progress, leave=False):
+        hf = hf_of.get(name)
+        if hf is None:
+            continue
+        p = params[hf]
+        order = spec.to_gguf_tensor(hf, torch.arange(p.shape[0]), cfg)
+        W = torch.empty_like(p)
+        W[order] = Wg.reshape(p.shape).to(p.dtype)          # GGUF row order -> HF's
+        keep = p.data.clone()
+        p.data.copy_(W)
+        try:
+            if hf.startswith("model.layers."):
+                i = int(hf.split(".")[2])
+                x, kw = ins[i]
+                for layer in layers[i:]:
+                    y = layer(x, **kw)
+                    x = y[0] if isinstance(y, tuple) else y
+                out[name] = kld(module.lm_head(module.model.norm(x)))
+            else:
+                out[name] = kld(module(input_ids=chunk[None], use_cache=False).logits)
+        finally:
+            p.data.copy_(keep)
+    return out

@@ -113,7 +113,7 @@ def test_budgeted_compress_fits_the_target_and_reports_every_tensor(tiny, tmp_pa
     q8 = compress(src, tmp_path / "q8.gguf", CompressConfig(type="Q8_0", evaluate=False), progress=False)
     target = int(q8.export["file_bytes"] * 0.7)
     cfg = CompressConfig(target_size=str(target), method="gptq", calib_chunks=4, gptq_chunks=4,
-                         sensitivity_chunks=4, max_chunks=2, speed=False)
+                         sensitivity_chunks=4, max_chunks=2, speed=False, measure_effects=True)
     rep = compress(src, tmp_path / "b.gguf", cfg, progress=False)
     size = (tmp_path / "b.gguf").stat().st_size
     step = next(s for s in rep.steps if s["step"] == "mixed precision")
@@ -122,7 +122,14 @@ def test_budgeted_compress_fits_the_target_and_reports_every_tensor(tiny, tmp_pa
     assert {n: p["type"] for n, p in step["predicted"].items()} == {n: types[n] for n in step["predicted"]}
     assert len(set(types[n] for n in step["predicted"])) > 1                       # mixed, really
     md = (tmp_path / "b.report.md").read_text()
-    assert "predicted dKLD" in md and all(n in md for n in step["predicted"])
+    assert "predicted dKLD" in md and "measured dKLD" in md and all(n in md for n in step["predicted"])
+    # measured: each tensor alone with its written weights; the bigger predicted effects are measured bigger
+    pred = [p["dkld"] for p in step["predicted"].values()]
+    meas = [p["measured_dkld"] for p in step["predicted"].values()]
+    assert all(v >= 0 for v in meas) and sum(meas) > 0
+    rank = torch.corrcoef(torch.stack([torch.tensor(pred).argsort().argsort().double(),
+                                       torch.tensor(meas).argsort().argsort().double()]))[0, 1]
+    assert rank > 0.5, rank
     assert rep.evaluation["kld"] < 1.0
     assert list((tmp_path / "cache").glob("sensitivity-*.json"))
     rep2 = compress(src, tmp_path / "b2.gguf", CompressConfig(target_size=str(target), calib_chunks=4,

@@ -6,7 +6,7 @@ division is folded into whatever produced x (an RMSNorm's weight, or the rows of
 no extra operation. Large-activation channels get s > 1: their weights take more of the block's range, and
 the rounding error that reaches the output, (W' - Q(W')) diag(1/s) x, shrinks where x is large.
 
-s = mean|x|^alpha, normalized so max(s) * min(s) = 1, with alpha searched on a grid; the score is the output
+s = mean|x|^alpha, normalized so max(s) * min(s) = 1, with alpha searched on a grid (ALPHAS); the score is the output
 error of the quantized group on the calibration inputs, computed exactly from their second moment H:
 err = sum over the group's weights of tr(dW H dW^T), dW = W - Q(W diag s) diag(1/s). Q is the encoder of each
 weight's planned GGUF type with the importance of the scaled inputs (diag(H) / s^2). alpha = 0 (s = 1, plain
@@ -28,8 +28,11 @@ class AWQResult:
     err_plain: float         # ... and without scaling (alpha = 0)
 
 
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)    # SmolLM2 picks 0.1-0.4 (measured); 0 = no scaling
+
+
 def awq_search(weights: list[torch.Tensor], qtypes: list, H: torch.Tensor, x_absmean: torch.Tensor, *,
-               grid: int = 11) -> AWQResult:
+               alphas: tuple[float, ...] = ALPHAS) -> AWQResult:
     """weights: (rows_i, cols) float32 reading the same input; qtypes: each one's GGML block type;
     H: (cols, cols) mean x x^T; x_absmean: (cols,) mean |x|."""
     from . import ENCODERS, dequantize
@@ -38,8 +41,9 @@ def awq_search(weights: list[torch.Tensor], qtypes: list, H: torch.Tensor, x_abs
     base = x_absmean.double().clamp(min=1e-8)
     best = None
     plain = None
-    for k in range(grid):
-        alpha = k / (grid - 1) if grid > 1 else 0.0
+    if not alphas or alphas[0] != 0.0:
+        raise ValueError("the alpha grid must start at 0 (no scaling)")
+    for k, alpha in enumerate(alphas):
         s = base.pow(alpha)
         s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
         imp = (diag / (s * s)).float().numpy()

@@ -60,12 +60,15 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[torch.Tensor, float]:
     mean_diag = float(torch.diagonal(H).mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype)
+    # The upper Cholesky factor U of H^-1 (H^-1 = U^T U) without forming H^-1: with J the order reversal and
+    # J H J = L L^T, U = J L^-1 J is upper triangular with a positive diagonal and U^T U = J (J H J)^-1 J = H^-1.
+    # One factorization and one triangular inverse instead of a factorization, an inverse and a factorization.
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        L, info = torch.linalg.cholesky_ex((H + damp * mean_diag * eye).flip(0, 1))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            U = Linv.flip(0, 1)
+            if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
                 return U, damp
         damp = damp * 10 if damp > 0 else 1e-6
     raise ValueError(f"the Hessian stays singular with dampening up to {damp / 10:g} x mean(diag H); the "
