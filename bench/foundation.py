@@ -41,6 +41,35 @@ def reference_model(arg: str | None) -> Path:
     return out
 
 
+def add_common_args(ap, eval_chunks: int) -> None:
+    """--model, --text, --calib, --chunks, --calib-chunks: what the preset and frontier benches share."""
+    ap.add_argument("--model", help="reference GGUF (default: the dithered SmolLM2 reference)")
+    ap.add_argument("--text", default=str(SHARED / "data" / "brown-eval.txt"))
+    ap.add_argument("--calib", default=str(SHARED / "data" / "brown-calib.txt"))
+    ap.add_argument("--chunks", type=int, default=eval_chunks,
+                    help=f"evaluation chunks of 512 tokens (default {eval_chunks})")
+    ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of 512 tokens (default 32)")
+
+
+def reference_f32_imatrix(a):
+    """(reference path, loaded reference, its F32 export for llama.cpp's quantizer, importance matrix from
+    --calib saved as results/imatrix.gguf, provenance, seconds the imatrix took)."""
+    from slimlm import export_gguf, load
+    from slimlm.calib import calibration_chunks
+    from slimlm.sequential import collect_imatrix
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    ref_path = reference_model(a.model)
+    ref = load(ref_path, progress=False)
+    f32 = RESULTS / "slimlm-F32.gguf"
+    export_gguf(ref, f32, "F32", overwrite=True, progress=False)
+    t0 = time.perf_counter()
+    chunks, prov = calibration_chunks(ref, a.calib, n_ctx=512, max_chunks=a.calib_chunks)
+    imatrix = collect_imatrix(ref, chunks, dataset=prov, progress=True)
+    t_im = time.perf_counter() - t0
+    imatrix.save(RESULTS / "imatrix.gguf", overwrite=True)
+    return ref_path, ref, f32, imatrix, prov, t_im
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="reference GGUF (default: the dithered SmolLM2 reference)")

@@ -28,37 +28,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from foundation import RESULTS, SHARED, reference_model  # noqa: E402
+from foundation import RESULTS, add_common_args, reference_f32_imatrix  # noqa: E402
 
 LLAMA = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="reference GGUF (default: the dithered SmolLM2 reference)")
-    ap.add_argument("--text", default=str(SHARED / "data" / "brown-eval.txt"))
-    ap.add_argument("--calib", default=str(SHARED / "data" / "brown-calib.txt"))
-    ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens (default 8)")
-    ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of 512 tokens (default 32)")
+    add_common_args(ap, 8)
     ap.add_argument("--quick", action="store_true", help="only the sizes the acceptance checks need")
     a = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
 
-    from slimlm import export_gguf, load
-    from slimlm.calib import calibration_chunks
     from slimlm.compress import CompressConfig, compress
     from slimlm.eval import evaluate_many
     from slimlm.eval.runtime import llama_cpp_quantize
     from slimlm.quant.imatrix import ImportanceMatrix
-    from slimlm.sequential import collect_imatrix
 
-    ref_path = reference_model(a.model)
-    ref = load(ref_path, progress=False)
-    f32 = RESULTS / "slimlm-F32.gguf"
-    export_gguf(ref, f32, "F32", overwrite=True, progress=False)
-    chunks, prov = calibration_chunks(ref, a.calib, n_ctx=512, max_chunks=a.calib_chunks)
+    ref_path, ref, f32, _, prov, _ = reference_f32_imatrix(a)
     im_path = RESULTS / "imatrix.gguf"
-    collect_imatrix(ref, chunks, dataset=prov, progress=True).save(im_path, overwrite=True)
 
     runs = []   # dict(name, tool, method, path, seconds, gptq_seconds)
     for p in (["Q4_K_M", "Q3_K_M", "Q4_0"] if a.quick else LLAMA):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from foundation import RESULTS, SHARED, reference_model  # noqa: E402
+from foundation import RESULTS, add_common_args, reference_f32_imatrix  # noqa: E402
 
 PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL",
            "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
@@ -44,32 +44,17 @@ def tensor_digest(path: Path) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="reference GGUF (default: the dithered SmolLM2 reference)")
-    ap.add_argument("--text", default=str(SHARED / "data" / "brown-eval.txt"))
-    ap.add_argument("--calib", default=str(SHARED / "data" / "brown-calib.txt"))
-    ap.add_argument("--chunks", type=int, default=4, help="evaluation chunks of 512 tokens (default 4)")
-    ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of 512 tokens (default 32)")
+    add_common_args(ap, 4)
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--timing-only", action="store_true", help="quantize with both tools and print the times; "
                     "skip evaluation (for a quiet-machine timing run)")
     a = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
 
-    from slimlm import export_gguf, load
-    from slimlm.calib import calibration_chunks
+    from slimlm import export_gguf
     from slimlm.eval import evaluate_many
     from slimlm.eval.runtime import llama_cpp_quantize
-    from slimlm.sequential import collect_imatrix
 
-    ref_path = reference_model(a.model)
-    ref = load(ref_path, progress=False)
-    f32 = RESULTS / "slimlm-F32.gguf"
-    export_gguf(ref, f32, "F32", overwrite=True, progress=False)
-    t0 = time.perf_counter()
-    chunks, prov = calibration_chunks(ref, a.calib, n_ctx=512, max_chunks=a.calib_chunks)
-    imatrix = collect_imatrix(ref, chunks, dataset=prov, progress=True)
-    t_im = time.perf_counter() - t0
-    imatrix.save(RESULTS / "imatrix.gguf", overwrite=True)
+    ref_path, ref, f32, imatrix, prov, t_im = reference_f32_imatrix(a)
 
     rows = []  # (preset, imatrix?, ours path, llama path, ours s, llama s)
     for preset in a.presets.split(","):

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "
                    "70MiB or 70M = 2^20): every 2-D tensor, embedding and output included, gets the block type "
                    "that minimizes the predicted KL divergence within it, measured per tensor and type on "
-                   "calibration text (cached); --type then only labels the file")
+                   "calibration text (cached); --type is then ignored: the file carries the label of its "
+                   "most common type")
     p.add_argument("--bpw", type=float, metavar="BITS", help="size budget in bits per weight over all "
                    "parameters, instead of --target-size")
     p.add_argument("--calib-chunks", type=int, default=32, metavar="N", help="calibration chunks of --ctx "
