@@ -226,9 +226,11 @@ def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor]
         for h in hs:
             h.remove()
 
+    p_ref = ref.exp()
+    neg_entropy = float((p_ref * ref).sum(-1).mean())
+
     def kld(logits):
-        q = torch.log_softmax(logits[0].double(), -1)
-        return float((ref.exp() * (ref - q)).sum(-1).mean())
+        return neg_entropy - float((p_ref * torch.log_softmax(logits[0].double(), -1)).sum(-1).mean())
 
     params = dict(module.named_parameters(remove_duplicate=False))
     hf_of = {spec.hf_to_gguf(n): n for n in params if n.endswith(".weight")}

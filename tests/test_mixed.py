@@ -110,9 +110,10 @@ def test_budgeted_compress_fits_the_target_and_reports_every_tensor(tiny, tmp_pa
     from slimlm.gguf.reader import read_gguf
     monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
     src = tiny.source
-    q8 = compress(src, tmp_path / "q8.gguf", CompressConfig(type="Q8_0", evaluate=False), progress=False)
-    target = int(q8.export["file_bytes"] * 0.7)
-    cfg = CompressConfig(target_size=str(target), method="gptq", calib_chunks=4, gptq_chunks=4,
+    from slimlm.gguf.writer import file_bytes, plan_model
+    _, tensors, types = plan_model(tiny, "Q8_0")
+    target = int(0.7 * file_bytes(tiny, {n: types[n][0].nbytes(tuple(W.shape)) for n, _, W in tensors}))
+    cfg = CompressConfig(target_size=str(target), method="gptq", calib_chunks=4, gptq_chunks=4, n_ctx=128,
                          sensitivity_chunks=4, max_chunks=2, speed=False, measure_effects=True)
     rep = compress(src, tmp_path / "b.gguf", cfg, progress=False)
     size = (tmp_path / "b.gguf").stat().st_size
@@ -132,7 +133,7 @@ def test_budgeted_compress_fits_the_target_and_reports_every_tensor(tiny, tmp_pa
     assert rank > 0.5, rank
     assert rep.evaluation["kld"] < 1.0
     assert list((tmp_path / "cache").glob("sensitivity-*.json"))
-    rep2 = compress(src, tmp_path / "b2.gguf", CompressConfig(target_size=str(target), calib_chunks=4,
+    rep2 = compress(src, tmp_path / "b2.gguf", CompressConfig(target_size=str(target), calib_chunks=4, n_ctx=128,
                                                               sensitivity_chunks=4, evaluate=False), progress=False)
     assert "cached" in next(s for s in rep2.steps if s["step"] == "mixed precision")["sensitivity"]
     assert json.loads((tmp_path / "b2.report.json").read_text())["export"]["file_bytes"] <= target
