@@ -3,6 +3,7 @@ unchanged while the GGUF needs no extra operation."""
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -53,8 +54,6 @@ def test_folded_scales_keep_the_float_function(tiny):
 def test_awq_gptq_file_decodes_to_the_torch_weights_and_runs_in_llama_cpp(tiny, tmp_path, llama_cpp_available):
     """awq+gptq through compress: every GPTQ'd tensor decodes exactly to the changed torch model's weights, the
     folded norms are in the file, and llama.cpp's logits follow the torch model's."""
-    import numpy as np
-
     from slimlm import export_gguf
     from slimlm.calib import calibration_chunks
     from slimlm.eval.runtime import LlamaCppRunner
@@ -84,3 +83,20 @@ def test_awq_gptq_file_decodes_to_the_torch_weights_and_runs_in_llama_cpp(tiny, 
     with torch.no_grad():
         ref = mod(input_ids=chunks[0][None], use_cache=False).logits[0]
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.98
+
+
+def test_compress_awq_writes_the_folded_model(tiny, tmp_path, llama_cpp_available):
+    """--method awq through compress: the imatrix is rescaled for the scaled inputs, the file holds the folded
+    norms, and it evaluates close to the original in llama.cpp."""
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.gguf.reader import read_gguf
+    cfg = CompressConfig(type="Q8_0", method="awq", calib="default", calib_chunks=2, n_ctx=64, max_chunks=2,
+                         speed=False)
+    rep = compress(tiny.source, tmp_path / "a.gguf", cfg, progress=False)
+    step = next(s for s in rep.steps if s["step"] == "awq")
+    assert step["awq_scaled_tensors"] == 2 * 6 and step["tensors"] == 0          # scaled, not GPTQ'd
+    g = read_gguf(tmp_path / "a.gguf")
+    t = g.tensor("blk.0.attn_norm.weight")
+    norm = gguf.quants.dequantize(g.raw(t), t.ggml_type).reshape(-1)
+    assert not np.allclose(norm, tiny.module.state_dict()["model.layers.0.input_layernorm.weight"].numpy())
+    assert rep.evaluation["kld"] < 0.05
