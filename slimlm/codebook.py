@@ -86,7 +86,8 @@ def load_kmeans(path: str | Path):
     missing, unexpected = module.load_state_dict(plain, strict=False)
     if unexpected:
         raise InvalidModelError(f"{st}: unexpected tensors {unexpected[:3]}")
-    for name in {k[:-len(".codebook")] for k in tensors if k.endswith(".codebook")}:
+    coded = {k[:-len(".codebook")] for k in tensors if k.endswith(".codebook")}
+    for name in coded:
         parent, _, child = name.rpartition(".")
         host = module.get_submodule(parent)
         old = getattr(host, child)
@@ -94,8 +95,7 @@ def load_kmeans(path: str | Path):
                                           old.in_features, None if old.bias is None else old.bias.data))
     if cfg.tie_word_embeddings:
         module.tie_weights()
-    left = [k for k in missing if not any(k.startswith(n) for n in
-                                          {x[:-len(".codebook")] for x in tensors if x.endswith(".codebook")})
+    left = [k for k in missing if not any(k.startswith(n) for n in coded)
             and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if left:
         raise InvalidModelError(f"{st}: missing tensors {left[:3]}")

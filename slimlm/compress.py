@@ -122,9 +122,9 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                                              gptq=gptq, awq=awq, act_order=config.act_order, progress=progress)
         written = copy.copy(m)
         written.module = module
-        if imatrix is not None and st["awq_scales"]:
-            imatrix = imatrix.scaled(st["awq_scales"])     # importance of the scaled inputs: / s^2
         scales = st.pop("awq_scales")
+        if imatrix is not None and scales:
+            imatrix = imatrix.scaled(scales)                  # importance of the scaled inputs: / s^2
         steps.append({"step": config.method, "source": prov, **st, "awq_scaled_tensors": len(scales)})
     say(f"writing {out} ({label}{', mixed' if overrides else ''}) ...")
     rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,

@@ -51,6 +51,8 @@ class FisherStats:
 def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool = True) -> FisherStats:
     """One forward and backward pass per calibration chunk with labels sampled from the model itself."""
     import time
+
+    from .sequential import input_key
     t0 = time.perf_counter()
     module = model.module
     lins = {n: m for n, m in module.named_modules()
@@ -65,8 +67,7 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
     def fwd(name):
         def f(_mod, args, out):
             x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            first, _ = live.setdefault(key, (name, x))     # holding x keeps its memory from being reused
+            first, _ = live.setdefault(input_key(x), (name, x))   # holding x keeps its memory from being reused
             inputs[name] = first
             if first == name:
                 x2 = x.reshape(-1, x.shape[-1]).float()
@@ -79,8 +80,6 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
             if out.requires_grad:
                 out.register_hook(grad_hook)
         return f
-
-    ids_now: list[torch.Tensor] = []
 
     def emb_hook(_mod, args, out):
         out = out.detach().requires_grad_(True)
@@ -100,7 +99,6 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
             for chunk in tqdm(chunks, desc="sensitivity (Fisher)", unit="chunk", disable=not progress,
                               leave=False):
                 live.clear()
-                ids_now.clear()
                 logits = module(input_ids=chunk[None], use_cache=False).logits[0].float()
                 logp = torch.log_softmax(logits, -1)
                 if not torch.isfinite(logp).all():

@@ -155,7 +155,7 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
 
         def awq_pre(n, x):
             """The input linear n should read: scaled by its group's AWQ scales (searched on first sight)."""
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            key = input_key(x)
             if key in scaled:
                 return scaled[key][0]
             for names, producer in AWQ_GROUPS:
@@ -181,22 +181,17 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
                 if awq:
                     x = awq_pre(n, x)
                 if gptq and not fmt.is_float:
-                    key = (x.data_ptr(), tuple(x.shape), x.stride())
+                    key = input_key(x)
                     if key not in shared:  # holding x keeps its memory from being reused by another input
                         t = time.perf_counter()
-                        x2 = x.reshape(-1, x.shape[-1]).float()
-                        H = (x2.T @ x2).double() * (2.0 / x2.shape[0])
-                        if not torch.isfinite(torch.diagonal(H)).all():
-                            raise NumericsError(f"non-finite calibration activation entering layer {i} {n}")
-                        shared[key] = {"x": x, "H": H, "chol": {}}
+                        shared[key] = {"x": x, "H": _checked_hessian(x, f"layer {i} {n}"), "chol": {}}
                         secs["hessian"] += time.perf_counter() - t
                     t = time.perf_counter()
                     e = shared[key]
-                    qt = fmt.ggml_type
-                    unit = qt_unit(qt)
+                    unit = fmt.block_size
                     if unit not in e["chol"]:
                         e["chol"][unit] = factor(e["H"], unit, act_order=act_order, damp=damp)
-                    data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], qt, act_order=act_order,
+                    data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], fmt.ggml_type, act_order=act_order,
                                              chol=e["chol"][unit])
                     mod.weight.data = Q.to(mod.weight.dtype)
                     order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
@@ -227,9 +222,18 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     return encoded, module, stats
 
 
-def qt_unit(qtype) -> int:
-    import gguf
-    return gguf.GGML_QUANT_SIZES[qtype][0]
+def input_key(x: torch.Tensor) -> tuple:
+    """Identifies one tensor fed to several linears (q/k/v, gate/up) within a forward pass; the caller holds
+    the tensor while the key is in use, so its memory cannot be reused by a different input."""
+    return x.data_ptr(), tuple(x.shape), x.stride()
+
+
+def _checked_hessian(x: torch.Tensor, where: str) -> torch.Tensor:
+    from .quant.gptq import hessian
+    H = hessian(x)
+    if not torch.isfinite(torch.diagonal(H)).all():
+        raise NumericsError(f"non-finite calibration activation entering {where}")
+    return H
 
 
 def _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp) -> None:
@@ -242,10 +246,7 @@ def _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp)
     if head is None or name not in types or types[name][0].is_float:
         return
     t = time.perf_counter()
-    h = module.model.norm(x).reshape(-1, x.shape[-1]).float()
-    H = (h.T @ h).double() * (2.0 / h.shape[0])
-    if not torch.isfinite(torch.diagonal(H)).all():
-        raise NumericsError("non-finite final hidden state on calibration text")
+    H = _checked_hessian(module.model.norm(x), "the output projection")
     secs["hessian"] += time.perf_counter() - t
     t = time.perf_counter()
     data, Q, res = gptq_gguf(head.weight.data.float(), H, types[name][0].ggml_type, act_order=act_order,

@@ -52,9 +52,11 @@ class GPTQResult:
 
 
 def hessian(X: torch.Tensor) -> torch.Tensor:
-    """2/n X^T X in float64 for inputs X (n, cols)."""
-    X = X.reshape(-1, X.shape[-1]).double()
-    return 2.0 / max(X.shape[0], 1) * (X.T @ X)
+    """2/n X^T X in float64 for inputs X (..., cols): the product in float64 for float64 inputs, otherwise in
+    float32 (activations: the float64 product would cost several times as much) and then widened."""
+    X = X.reshape(-1, X.shape[-1])
+    M = X.T @ X if X.dtype == torch.float64 else (X.float().T @ X.float()).double()
+    return M * (2.0 / max(X.shape[0], 1))
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[torch.Tensor, float]:

@@ -45,7 +45,7 @@ def kmeans_rows(W: torch.Tensor, bits: int, importance: torch.Tensor | None = No
             if torch.equal(newC, C):
                 break
             C = newC
-        C, perm = C.sort(1)
+        C = C.sort(1).values
         a = (X[:, :, None] - C[:, None, :]).abs().argmin(2)
         books[r0:r0 + chunk] = C
         idx[r0:r0 + chunk] = a.to(torch.uint8)
