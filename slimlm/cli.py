@@ -210,6 +210,8 @@ def cmd_kmeans(a) -> int:
     if not 1 <= a.bits <= 8:
         raise ConfigError(f"--bits must be 1..8, got {a.bits}")
     out = Path(a.output)
+    if a.model and Path(a.model).resolve() == out.resolve():
+        raise ConfigError(f"{out} is the model's own folder; give another output folder")
     if out.exists() and not a.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace its files")
     m = load(a.model, progress=not a.quiet)

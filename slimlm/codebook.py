@@ -35,8 +35,13 @@ def kmeans_model(model, bits: int, imatrix=None, *, progress: bool = True) -> di
 
 
 def save_kmeans(model, out: str | Path, codebooks: dict, bits: int, *, overwrite: bool = False) -> Path:
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
     out = Path(out)
+    if model.source is not None and Path(model.source).resolve() == out.resolve():
+        raise ConfigError(f"{out} is the model's own folder; give another output folder")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace its files")
     if out.exists() and not out.is_dir():
@@ -58,7 +63,12 @@ def save_kmeans(model, out: str | Path, codebooks: dict, bits: int, *, overwrite
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "bits": str(bits), "version": "1"})
     with atomic_output(out / "config.json", overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps(model.module.config.to_dict(), indent=1, default=str))
-    model.tokenizer.save_pretrained(out)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as d:    # each file: temp, fsync, rename
+        for f in model.tokenizer.save_pretrained(d):
+            f = Path(f)
+            if f.is_file():
+                with atomic_output(out / f.name, overwrite=True) as tmp:
+                    shutil.copyfile(f, tmp)
     return out
 
 

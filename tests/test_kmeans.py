@@ -56,6 +56,10 @@ def test_saved_kmeans_model_loads_and_runs(tiny_hf, tmp_path):
     save_kmeans(m, tmp_path / "km", books, 4)
     with pytest.raises(ConfigError, match="exists"):
         save_kmeans(m, tmp_path / "km", books, 4)
+    with pytest.raises(ConfigError, match="own folder"):
+        save_kmeans(m, m.source, books, 4, overwrite=True)               # never onto the input
+    assert not list((tmp_path / "km").glob(".*"))                        # no temp files left behind
+    assert (tmp_path / "km" / "tokenizer.json").is_file()
     k = load_kmeans(tmp_path / "km")
     lin = k.module.model.layers[0].self_attn.q_proj
     assert isinstance(lin, KMeansLinear)
