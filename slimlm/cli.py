@@ -119,6 +119,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="write without evaluating")
     _add_eval_args(p)
 
+    p = sub.add_parser("prune", help="prune: structured (smaller, faster GGUF) or weight pruning (zeros)",
+                       description="Remove parameters from MODEL and write OUT: a .gguf of --type, or (any other "
+                       "name) an HF folder that transformers loads. Structured methods physically remove MLP "
+                       "neurons, attention heads (whole KV groups, then query heads within groups), hidden "
+                       "channels and layers, so llama.cpp runs the result faster; weight methods zero weights "
+                       "(unstructured or N:M), which helps accuracy-at-sparsity and sparse runtimes but makes a "
+                       "GGUF neither smaller nor faster. The result is evaluated against the original "
+                       "(llama.cpp for a GGUF, torch for an HF folder) and a report is written next to OUT.")
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.gguf, or a folder for HF safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    p.add_argument("--ratio", type=float, metavar="R", help="structured: fraction of ALL parameters to remove "
+                   "(embedding included), e.g. 0.25")
+    p.add_argument("--method", default="mlp", choices=["mlp", "width", "layers", "magnitude", "wanda", "sparsegpt"],
+                   help="mlp (default, best measured): MLP neurons chosen and compensated by OBS on calibration "
+                   "activations (down_proj refit by least squares); width: MLP neurons and query heads at the "
+                   "same fraction; layers: whole layers by block influence (ShortGPT); magnitude/wanda/"
+                   "sparsegpt: weight pruning to --sparsity")
+    p.add_argument("--importance", default="obs", choices=["obs", "activation", "magnitude"],
+                   help="structured: how neurons/heads are ranked: obs (least-squares error with refit of the "
+                   "next matrix; default), activation (Minitron's mean |activation|), magnitude (weight norms)")
+    p.add_argument("--sparsity", metavar="S", help="weight pruning: 0.5, 50%% (per layer) or N:M such as 2:4")
+    p.add_argument("--hidden", type=int, metavar="N", help="structured: keep N hidden (embedding) channels "
+                   "(Minitron-style; RMSNorm then normalizes over fewer channels: heal afterwards)")
+    p.add_argument("--ffn", type=int, metavar="N", help="structured: keep N MLP neurons per layer")
+    p.add_argument("--heads", metavar="KVxQ", help="structured: keep KV heads x query heads per KV head, e.g. 2x2")
+    p.add_argument("--drop-layers", metavar="I,J,...", help="structured: remove these layers (0-based)")
+    p.add_argument("--format-aware", action="store_true", help="round every width (hidden, MLP, attention = "
+                   "heads x head_dim) to a multiple of --type's block size (256 for K-quants), so every tensor "
+                   "takes the requested type with no fallback; attention heads are cut to fit where needed")
+    p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
+    p.add_argument("--hf-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="HF folder output precision (default float32)")
+    p.add_argument("--calib", metavar="FILE", help="calibration text (default: the bundled calibration split)")
+    p.add_argument("--calib-chunks", type=int, default=16, metavar="N", help="calibration chunks (default 16)")
+    p.add_argument("--no-eval", action="store_true", help="write without evaluating")
+    _add_eval_args(p)
+
     p = sub.add_parser("inspect", help="metadata, per-tensor types and bits/weight of a GGUF file")
     p.add_argument("file", help=".gguf file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -235,6 +273,24 @@ def cmd_kmeans(a) -> int:
     return 0
 
 
+def cmd_prune(a) -> int:
+    from .errors import ConfigError
+    from .prune.command import PruneConfig, prune
+    try:
+        drop = tuple(int(v) for v in a.drop_layers.split(",")) if a.drop_layers else ()
+    except ValueError:
+        raise ConfigError(f"--drop-layers {a.drop_layers!r}: give comma-separated layer indices") from None
+    cfg = PruneConfig(ratio=a.ratio, method=a.method, importance=a.importance, sparsity=a.sparsity,
+                      hidden=a.hidden, ffn=a.ffn, heads=a.heads, drop_layers=drop, format_aware=a.format_aware,
+                      type=a.type, hf_dtype=a.hf_dtype, calib=a.calib, calib_chunks=a.calib_chunks, n_ctx=a.ctx,
+                      text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval)
+    rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
+                command="slimlm " + shlex.join(sys.argv[1:]))
+    print("\n".join(rep.summary_lines()))
+    print(f"report: {rep.written[1]} (and .report.json)")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from .gguf.inspect import describe, format_description
     d = describe(a.file)
@@ -255,7 +311,7 @@ def cmd_generate(a) -> int:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
-            "kmeans": cmd_kmeans,
+            "kmeans": cmd_kmeans, "prune": cmd_prune,
             "generate": cmd_generate}
 
 

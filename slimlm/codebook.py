@@ -8,14 +8,12 @@ support); `load_kmeans` builds the model from the config and puts `KMeansLinear`
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, InvalidModelError
-from .io import atomic_output
+from .errors import InvalidModelError
 from .quant.kmeans import KMeansLinear, kmeans_rows, pack
 
 FORMAT = "slimlm-kmeans"
@@ -35,18 +33,7 @@ def kmeans_model(model, bits: int, imatrix=None, *, progress: bool = True) -> di
 
 
 def save_kmeans(model, out: str | Path, codebooks: dict, bits: int, *, overwrite: bool = False) -> Path:
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-    out = Path(out)
-    if model.source is not None and Path(model.source).resolve() == out.resolve():
-        raise ConfigError(f"{out} is the model's own folder; give another output folder")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace its files")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; give a folder for the k-means model")
-    out.mkdir(parents=True, exist_ok=True)
+    from .hfout import write_hf_folder
     tensors = {}
     for name, t in model.module.state_dict().items():
         base = name[:-len(".weight")] if name.endswith(".weight") else None
@@ -56,20 +43,8 @@ def save_kmeans(model, out: str | Path, codebooks: dict, bits: int, *, overwrite
             continue
         else:
             tensors[name] = t.detach().half().contiguous() if t.is_floating_point() else t.contiguous()
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InvalidModelError(f"{name} has non-finite values in float16; refusing to write it")
-    with atomic_output(out / "model.safetensors", overwrite=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "bits": str(bits), "version": "1"})
-    with atomic_output(out / "config.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(model.module.config.to_dict(), indent=1, default=str))
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as d:    # each file: temp, fsync, rename
-        for f in model.tokenizer.save_pretrained(d):
-            f = Path(f)
-            if f.is_file():
-                with atomic_output(out / f.name, overwrite=True) as tmp:
-                    shutil.copyfile(f, tmp)
-    return out
+    return write_hf_folder(model, out, tensors, model.module.config.to_dict(), overwrite=overwrite,
+                           metadata={"format": FORMAT, "bits": str(bits), "version": "1"})
 
 
 def load_kmeans(path: str | Path):

@@ -140,10 +140,11 @@ class LlamaCppRunner:
 
 
 def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int | None = None,
-                       imatrix=None) -> float:
+                       imatrix=None, prune_layers: list[int] | None = None) -> float:
     """llama.cpp's own quantizer (`llama_model_quantize`, as llama-quantize runs it): the baseline every
     benchmark compares against in the same run. `ftype` is a llama.cpp file type name such as "Q8_0" or
-    "Q4_K_M". Returns the seconds it took. Writes `dst` through a temp file and rename."""
+    "Q4_K_M". `prune_layers`: block indices llama.cpp drops (its `--prune-layers`; the rest are renumbered).
+    Returns the seconds it took. Writes `dst` through a temp file and rename."""
     import ctypes
 
     from ..io import atomic_output
@@ -164,6 +165,10 @@ def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads:
             arr[i].name, arr[i].data, arr[i].size = keep[-2], v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
         params.imatrix = arr
         keep.append(arr)
+    if prune_layers:
+        layers = (ctypes.c_int32 * (len(prune_layers) + 1))(*sorted(int(i) for i in prune_layers), -1)
+        params.prune_layers = layers
+        keep.append(layers)
     with atomic_output(dst, overwrite=True, inputs=[src]) as tmp:
         t0 = time.perf_counter()
         with _quiet_fd2():

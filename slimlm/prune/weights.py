@@ -111,3 +111,101 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
         mask[:, i1:i2] = m1
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return SparseGPTResult(W, mask, used)
+
+
+WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def parse_sparsity(text: str) -> tuple[float | None, tuple[int, int] | None]:
+    """'0.5' or '50%' -> (0.5, None); '2:4' -> (None, (2, 4))."""
+    from ..errors import ConfigError
+    t = str(text).strip()
+    try:
+        if ":" in t:
+            n, m = (int(v) for v in t.split(":"))
+            _check(None, (n, m))
+            return None, (n, m)
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        _check(v, None)
+        return v, None
+    except ValueError as e:
+        raise ConfigError(f"sparsity {text!r}: give a fraction (0.5), a percentage (50%) or N:M (2:4); {e}") from None
+
+
+@torch.no_grad()
+def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsity: float | None = None,
+                        nm: tuple[int, int] | None = None, *, damp: float = 0.01, progress: bool = True):
+    """Weight-prune every linear of the decoder layers of a copy of `model` (embedding and output projection
+    are left dense, as in the Wanda and SparseGPT papers). Wanda and SparseGPT run one decoder layer at a
+    time on calibration chunks that went through the already-pruned earlier layers, and inside a layer in
+    forward order, each linear seeing the pruned earlier linears' outputs (pre-hooks, as GPTQ's driver);
+    q/k/v and gate/up share one input statistic. Returns (the pruned Model, stats with the achieved sparsity)."""
+    import copy
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ..errors import ConfigError
+    from ..sequential import _checked_hessian, _layer_inputs, input_key
+    if method not in WEIGHT_METHODS:
+        raise ConfigError(f"unknown weight-pruning method {method!r}; choose {', '.join(WEIGHT_METHODS)}")
+    _check(sparsity, nm)
+    if method != "magnitude" and chunks is None:
+        raise ConfigError(f"{method} needs calibration text")
+    t0 = time.perf_counter()
+    out = copy.copy(model)
+    out.module = module = copy.deepcopy(model.module)
+    counts = {"removed": 0, "total": 0, "damp": 0.0}
+
+    def apply(mod, W_new, mask):
+        mod.weight.data = W_new.to(mod.weight.dtype)
+        counts["removed"] += int(mask.sum())
+        counts["total"] += mask.numel()
+
+    layers = module.model.layers
+    if method == "magnitude":
+        for layer in layers:
+            for mod in layer.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mask = magnitude_mask(mod.weight.data, sparsity, nm)
+                    apply(mod, mod.weight.data.masked_fill(mask, 0.0), mask)
+    else:
+        cache = _layer_inputs(module, chunks)
+        x, kw = torch.cat([c[0] for c in cache]), cache[0][1]
+        del cache
+        for i, layer in enumerate(tqdm(layers, desc=f"{method} pruning", unit="layer", disable=not progress,
+                                       leave=False)):
+            shared: dict = {}
+
+            def hook(name):
+                def f(mod, inputs):
+                    key = input_key(inputs[0])
+                    if key not in shared:       # holding the input keeps its memory from being reused
+                        shared[key] = (inputs[0], _checked_hessian(inputs[0], f"layer {i} {name}"))
+                    H = shared[key][1]
+                    W = mod.weight.data.float()
+                    if method == "wanda":
+                        mask = wanda_mask(W, torch.diagonal(H), sparsity, nm)
+                        apply(mod, W.masked_fill(mask, 0.0), mask)
+                    else:
+                        r = sparsegpt(W, H, sparsity, nm, damp=damp)
+                        counts["damp"] = max(counts["damp"], r.damp)
+                        apply(mod, r.W, r.mask)
+                return f
+
+            hs = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
+                  if isinstance(m, torch.nn.Linear)]
+            try:
+                y = layer(x, **kw)
+            finally:
+                for h in hs:
+                    h.remove()
+            x = y[0] if isinstance(y, tuple) else y
+            shared.clear()
+    stats = {"method": method, "pattern": f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%}",
+             "sparsity": counts["removed"] / max(counts["total"], 1), "pruned_weights": counts["removed"],
+             "seconds": time.perf_counter() - t0}
+    if method == "sparsegpt":
+        stats["max_damp"] = counts["damp"]
+    out.history = list(model.history) + [{"step": "weight pruning", **stats}]
+    return out, stats

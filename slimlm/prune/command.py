@@ -1,0 +1,222 @@
+"""`slimlm prune`: structured pruning (a smaller, faster model) or weight pruning (zeros), written as a GGUF or
+an HF folder, evaluated against the original, with a report."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
+from .weights import WEIGHT_METHODS, parse_sparsity
+
+STRUCTURED = ("mlp", "width", "layers")
+METHODS = STRUCTURED + WEIGHT_METHODS
+DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float | None = None         # fraction of all parameters removed (structured)
+    method: str = DEFAULT_METHOD
+    importance: str = "obs"
+    sparsity: str | None = None        # weight methods: "0.5", "50%", "2:4"
+    hidden: int | None = None          # explicit widths (override what --ratio would choose)
+    ffn: int | None = None
+    heads: str | None = None           # "KVxQ": KV heads kept x query heads per KV head
+    drop_layers: tuple[int, ...] = ()
+    format_aware: bool = False         # round every width to the output type's block size
+    type: str = "Q8_0"                 # GGUF output type
+    hf_dtype: str = "float32"          # HF output precision
+    calib: str | None = None
+    calib_chunks: int = 16
+    n_ctx: int = 512
+    text: str | None = None
+    max_chunks: int | None = 16
+    speed: bool = True
+    evaluate: bool = True
+
+    def __post_init__(self):
+        from ..presets import get_preset
+        get_preset(self.type)
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.importance not in IMPORTANCE:
+            raise ConfigError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.method in WEIGHT_METHODS:
+            if self.sparsity is None:
+                raise ConfigError(f"--method {self.method} is weight pruning: give --sparsity (0.5, 50% or 2:4)")
+            if self.ratio is not None or self.explicit:
+                raise ConfigError("--ratio/--hidden/--ffn/--heads/--drop-layers are for structured methods")
+            parse_sparsity(self.sparsity)
+        else:
+            if self.sparsity is not None:
+                raise ConfigError(f"--sparsity is for weight pruning ({', '.join(WEIGHT_METHODS)})")
+            if self.ratio is None and not self.explicit:
+                raise ConfigError("give --ratio R (fraction of parameters to remove) or explicit widths")
+            if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+                raise ConfigError(f"--ratio must be between 0 and 1, got {self.ratio}")
+        if self.heads is not None:
+            self.parsed_heads()
+        for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks)):
+            if v is not None and v < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {v}")
+        for flag, v in (("--text", self.text), ("--calib", None if self.calib == "default" else self.calib)):
+            if v is not None and not Path(v).is_file():
+                raise ConfigError(f"{flag} {v}: no such file")
+
+    @property
+    def explicit(self) -> bool:
+        return any(v is not None for v in (self.hidden, self.ffn, self.heads)) or bool(self.drop_layers)
+
+    def parsed_heads(self) -> tuple[int, int]:
+        try:
+            kv, q = (int(v) for v in self.heads.lower().split("x"))
+            if kv < 1 or q < 1:
+                raise ValueError
+            return kv, q
+        except ValueError:
+            raise ConfigError(f"--heads {self.heads!r}: give KVxQ, e.g. 2x2 (KV heads kept x query heads "
+                              f"per KV head)") from None
+
+
+def round_multiple(config: PruneConfig) -> int:
+    """Widths are multiples of 32 (every GGUF block type's row unit short of K-quants); format-aware: of the
+    output type's main block size (256 for K-quants), so no tensor needs a fallback type."""
+    from ..formats import FORMATS
+    from ..presets import get_preset
+    if not config.format_aware:
+        return 32
+    return max(32, FORMATS[get_preset(config.type).default].block_size)
+
+
+def _heads_for(cfg: dict, multiple: int, at_most: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The largest (KV heads, query heads per KV) within the model's (and `at_most`) whose attention width is a
+    multiple of `multiple`; None when the model's own already is."""
+    d = dims(cfg)
+    q0 = d["n_head"] // d["n_kv"]
+    kv_max, q_max = at_most or (d["n_kv"], q0)
+    if at_most is None and (d["n_head"] * d["head_dim"]) % multiple == 0:
+        return None
+    best = None
+    for kv in range(1, min(kv_max, d["n_kv"]) + 1):
+        for q in range(1, min(q_max, q0) + 1):
+            if (kv * q * d["head_dim"]) % multiple == 0 and (best is None or (kv * q, kv) > (best[0] * best[1], best[0])):
+                best = (kv, q)
+    if best is None:
+        raise ConfigError(f"no head count within {d['n_kv']}x{q0} gives an attention width that is a multiple of "
+                          f"{multiple} (head_dim {d['head_dim']})")
+    return best
+
+
+def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan:
+    cfg = model.config
+    d = dims(cfg)
+    mult = round_multiple(config)
+    heads = config.parsed_heads() if config.heads else None
+    if config.format_aware:
+        heads = _heads_for(cfg, mult, heads) or heads
+        if config.hidden is not None and config.hidden % mult:
+            raise ConfigError(f"--hidden {config.hidden} is not a multiple of {mult} ({config.type}'s block size)")
+        if config.ffn is not None and config.ffn % mult:
+            raise ConfigError(f"--ffn {config.ffn} is not a multiple of {mult} ({config.type}'s block size)")
+        if config.hidden is None and d["hidden"] % mult:
+            raise ConfigError(f"the hidden size {d['hidden']} is not a multiple of {mult}: give --hidden "
+                              f"{d['hidden'] // mult * mult} (or less) for format-aware pruning")
+    base = Plan(hidden=config.hidden, ffn=config.ffn, drop_layers=sorted(config.drop_layers),
+                n_kv=heads[0] if heads else None, q_per_kv=heads[1] if heads else None)
+    if config.ratio is None:
+        return base
+    from .structured import planned_config
+    pre = planned_config(cfg, Plan(hidden=base.hidden, n_kv=base.n_kv, q_per_kv=base.q_per_kv,
+                                   drop_layers=base.drop_layers))
+    from .structured import n_params
+    left = 1.0 - (1.0 - config.ratio) * n_params(cfg) / n_params(pre)     # what the method still has to remove
+    if left <= 0:
+        if config.ffn is None and config.method == "mlp" and d["ffn"] % mult:
+            base.ffn = d["ffn"] // mult * mult
+        return base
+    p = plan_for_ratio(pre, left, method=config.method, round_to=mult,
+                       layer_order=None if layer_order is None else
+                       [i - sum(1 for j in base.drop_layers if j < i) for i in layer_order if i not in base.drop_layers])
+    if p.drop_layers:          # indices in the model after base's drops -> original indices
+        kept = [i for i in range(d["n_layer"]) if i not in base.drop_layers]
+        base.drop_layers = sorted(base.drop_layers + [kept[i] for i in p.drop_layers])
+    if config.ffn is None and p.ffn is not None:
+        base.ffn = p.ffn
+    if p.q_per_kv is not None and base.q_per_kv is None:
+        base.q_per_kv = p.q_per_kv
+    return base
+
+
+def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
+          command: str = ""):
+    """Prune `model` (path or None for the default) and write `out` (.gguf: a GGUF of config.type; otherwise an
+    HF folder). Returns the Report."""
+    from ..calib import calibration_chunks
+    from ..compress import source_bytes
+    from ..eval import evaluate
+    from ..io import check_output_path
+    from ..model import load
+    from ..report import Report
+    from .structured import block_influence, prune_structured
+    from .weights import prune_weights_model
+    gguf_out = str(out).endswith(".gguf")
+    if gguf_out:
+        out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
+    m = load(model, progress=progress)
+    if not gguf_out:
+        from ..hfout import check_folder
+        check_folder(m, out, overwrite=overwrite)
+    chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
+                                      n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
+    t0 = time.perf_counter()
+    if config.method in WEIGHT_METHODS:
+        sp, nm = parse_sparsity(config.sparsity)
+        say(f"{config.method} weight pruning at {config.sparsity} ...")
+        pruned, st = prune_weights_model(m, chunks, config.method, sp, nm, progress=progress)
+        step = {"step": "weight pruning", "source": prov, **st}
+        say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
+            f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")
+    else:
+        order = None
+        if config.method == "layers":
+            bi = block_influence(m, chunks[:4], progress=progress)
+            order = sorted(range(len(bi)), key=lambda i: bi[i])
+        plan = make_plan(m, config, order)
+        say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
+        pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
+        step = {"step": "structured pruning", "source": prov, **st,
+                "removed_fraction": 1 - st["params_after"] / st["params_before"]}
+        say(f"parameters {st['params_before'] / 1e6:.2f}M -> {st['params_after'] / 1e6:.2f}M "
+            f"({step['removed_fraction']:.1%} removed)")
+    step["seconds"] = time.perf_counter() - t0
+    if gguf_out:
+        from ..gguf.writer import export_gguf
+        say(f"writing {out} ({config.type}) ...")
+        rec = export_gguf(pruned, out, config.type, overwrite=overwrite, progress=progress).to_dict()
+        target = out
+    else:
+        from ..hfout import save_hf
+        say(f"writing the HF folder {out} ...")
+        t = time.perf_counter()
+        save_hf(pruned, out, dtype=config.hf_dtype, overwrite=overwrite)
+        size = (Path(out) / "model.safetensors").stat().st_size
+        n = pruned.n_params()
+        rec = {"path": str(out), "type": config.hf_dtype, "n_params": n, "file_bytes": size, "tensor_bytes": size,
+               "bits_per_weight": 8 * size / n, "seconds": time.perf_counter() - t, "tensors": [], "fallbacks": []}
+        target = load(out, progress=False)                 # reloaded by transformers: the check that it loads
+    ev = None
+    if config.evaluate:
+        say("evaluating against the original ...")
+        ev = evaluate(target, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
+                      speed=config.speed, progress=progress)
+    rep = Report(command=command or f"prune {model or '(default)'} -o {out} --method {config.method}",
+                 source=str(m.source), output=str(out), type=rec["type"], export=rec, evaluation=ev,
+                 steps=[step, {"step": "export", "type": rec["type"], "seconds": rec["seconds"]}],
+                 source_bytes=source_bytes(m.source))
+    rep.written = rep.write(out)
+    return rep

@@ -1,0 +1,469 @@
+"""Structured pruning that physically shrinks a Llama-family model: MLP neurons, attention heads (GQA-aware),
+hidden channels and whole layers. Zeroed weights make a GGUF neither smaller nor faster; removed rows,
+columns, heads and layers do.
+
+How widths are pruned (`prune_widths`), one decoder layer at a time on calibration activations that already
+went through the pruned earlier layers ("sequential", as SparseGPT/GPTQ do):
+- MLP neurons: the intermediate activations h = act(gate x) * up x feed down_proj. With C = h^T h / n, the
+  output error of dropping a set S of down_proj's input columns and refitting the rest by least squares is
+  that of OBS (Optimal Brain Surgeon) on columns; neurons are removed greedily one at a time, each the one
+  whose removal raises the error least, and down_proj's remaining columns take the OBS update
+  W <- W - W[:, j] Cinv[j, :] / Cinv[j, j] (ZipLM / SlimGPT style). gate/up lose the same rows.
+  `importance="activation"` ranks by Minitron's mean |h_j| (no update), `"magnitude"` by the weights' norms.
+- attention heads: the same on o_proj's input, 64 columns (a head) at a time, with GQA kept valid: whole KV
+  groups go first (all their query heads, and k/v rows), then the same number of query heads from every
+  remaining group, so the result is again a plain `llama` layout.
+- hidden channels (Minitron's embedding channels): scored by the mean square of every RMSNorm output that
+  reads the residual stream (the inputs of q/k/v, gate/up and the output projection), removed from the
+  embedding, every norm and every linear that reads or writes the residual stream. RMSNorm then normalizes
+  over fewer channels, which no weight update can undo exactly: this step wants healing.
+- layers: block influence (ShortGPT): 1 - mean cosine similarity between a block's input and output hidden
+  states on calibration text; the least influential blocks are removed.
+
+Widths are uniform across layers (the `llama` arch); `round_to` (format-aware pruning) rounds each width down
+to a multiple that keeps every matrix in the target type's blocks, e.g. 256 for K-quants, which also forces the
+attention width (heads x head_dim) to such a multiple.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, NumericsError
+
+IMPORTANCE = ("obs", "activation", "magnitude")
+
+
+@dataclass
+class Plan:
+    """Target shape; None keeps a dimension."""
+    ffn: int | None = None                 # intermediate size
+    n_kv: int | None = None                # KV heads kept
+    q_per_kv: int | None = None            # query heads kept per KV head
+    hidden: int | None = None              # residual-stream width
+    drop_layers: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = []
+        if self.drop_layers:
+            parts.append(f"layers -{len(self.drop_layers)} {sorted(self.drop_layers)}")
+        if self.ffn is not None:
+            parts.append(f"ffn {self.ffn}")
+        if self.n_kv is not None or self.q_per_kv is not None:
+            parts.append(f"heads {self.n_kv}x{self.q_per_kv}")
+        if self.hidden is not None:
+            parts.append(f"hidden {self.hidden}")
+        return ", ".join(parts) or "nothing"
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+def dims(cfg: dict) -> dict:
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    return {"hidden": h, "ffn": cfg["intermediate_size"], "n_head": nh,
+            "n_kv": cfg.get("num_key_value_heads") or nh, "head_dim": cfg.get("head_dim") or h // nh,
+            "n_layer": cfg["num_hidden_layers"], "vocab": cfg["vocab_size"],
+            "tied": bool(cfg.get("tie_word_embeddings", False))}
+
+
+def planned_config(cfg: dict, plan: Plan) -> dict:
+    """The config after `plan` (head_dim written out: it no longer follows from hidden / heads)."""
+    d = dims(cfg)
+    out = dict(cfg)
+    n_kv = plan.n_kv if plan.n_kv is not None else d["n_kv"]
+    q_per = plan.q_per_kv if plan.q_per_kv is not None else d["n_head"] // d["n_kv"]
+    out.update(hidden_size=d["hidden"] if plan.hidden is None else plan.hidden,
+               intermediate_size=d["ffn"] if plan.ffn is None else plan.ffn,
+               num_attention_heads=n_kv * q_per, num_key_value_heads=n_kv, head_dim=d["head_dim"],
+               num_hidden_layers=d["n_layer"] - len(plan.drop_layers))
+    return out
+
+
+def n_params(cfg: dict) -> int:
+    """Parameters of a Llama-family model with this config (tied embedding counted once)."""
+    d = dims(cfg)
+    h, ff, hd = d["hidden"], d["ffn"], d["head_dim"]
+    attn = h * hd * (2 * d["n_head"] + 2 * d["n_kv"])
+    if cfg.get("attention_bias"):
+        attn += hd * (d["n_head"] + 2 * d["n_kv"])
+    layer = attn + 3 * h * ff + 2 * h
+    return d["vocab"] * h * (1 if d["tied"] else 2) + h + d["n_layer"] * layer
+
+
+def plan_for_ratio(cfg: dict, ratio: float, *, method: str = "mlp", round_to: int = 32,
+                   layer_order: list[int] | None = None) -> Plan:
+    """The uniform plan that removes at least `ratio` of all parameters with `method`:
+    - "mlp": MLP neurons only;
+    - "layers": whole layers only (`layer_order`: least influential first);
+    - "width": MLP neurons and attention query heads at the same fraction of each (attention rounded to
+      whole heads per KV group; the MLP takes up what rounding left)."""
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"--ratio must be between 0 and 1 (a fraction of the parameters), got {ratio}")
+    d = dims(cfg)
+    total = n_params(cfg)
+    goal = total * (1.0 - ratio)
+    if method == "layers":
+        if layer_order is None:
+            raise ConfigError("layer pruning needs layer scores (calibration)")
+        for k in range(1, d["n_layer"]):
+            p = Plan(drop_layers=sorted(layer_order[:k]))
+            if n_params(planned_config(cfg, p)) <= goal:
+                return p
+        raise ConfigError(f"removing layers cannot reach {ratio:.0%} fewer parameters while keeping one")
+    plan = Plan()
+    if method == "width":
+        q_per = d["n_head"] // d["n_kv"]
+        frac = ratio * total / (total - d["vocab"] * d["hidden"] * (1 if d["tied"] else 2))
+        keep = max(1, round(q_per * (1 - frac)))
+        if keep < q_per:
+            plan.q_per_kv = keep
+    elif method != "mlp":
+        raise ConfigError(f"unknown structured method {method!r}; choose mlp, width or layers")
+    base = n_params(planned_config(cfg, Plan(q_per_kv=plan.q_per_kv, ffn=0)))
+    per_neuron = 3 * d["hidden"] * d["n_layer"]
+    ffn = int((goal - base) // per_neuron) // round_to * round_to
+    if ffn < round_to:
+        raise ConfigError(f"{method} pruning cannot remove {ratio:.0%} of the parameters: the MLPs would vanish; "
+                          f"use a smaller --ratio or add layer pruning")
+    plan.ffn = min(ffn, d["ffn"] // round_to * round_to)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- scores
+@torch.no_grad()
+def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> list[float]:
+    """Per layer: 1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence)."""
+    layers = model.module.model.layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+
+    def hook(i):
+        def f(_mod, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+            sums[i] += (1.0 - cos).sum()
+        return f
+
+    handles = [l.register_forward_hook(hook(i), with_kwargs=True) for i, l in enumerate(layers)]
+    try:
+        for c in tqdm(chunks, desc="block influence", unit="chunk", disable=not progress, leave=False):
+            model.module(input_ids=c[None], use_cache=False)
+            count += c.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / count).tolist()
+
+
+def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, *, damp: float = 0.01,
+               allowed=None, steps: int = 64) -> tuple[torch.Tensor, list[int]]:
+    """Greedy OBS removal of `n_remove` groups of `group` consecutive input columns of W (rows, cols) given the
+    input second moment C (cols, cols). Returns (W with the removed columns zero and the rest refit by least
+    squares on C, removed group indices in order). At most `steps` rounds: each removes the ceil(n / steps)
+    groups whose removal (judged one at a time) costs least, then updates W and the inverse for all of them at
+    once (exact for the set; only the choice within a round ignores their interaction). `allowed(removed, g)`
+    can veto a group (then one group per round)."""
+    W = W.detach().double().clone()
+    C = C.double()
+    n = C.shape[0]
+    d = torch.diagonal(C)
+    dead = d <= 0
+    scale = float(d[~dead].mean()) if (~dead).any() else 1.0
+    Cd = C + damp * scale * torch.eye(n, dtype=C.dtype)
+    Cd[dead, dead] = 1.0            # never-active inputs: free to remove, nothing to refit
+    Ci = torch.linalg.inv(Cd)
+    G = n // group
+    removed: list[int] = []
+    alive = torch.ones(G, dtype=torch.bool)
+    per_round = 1 if allowed is not None else max(1, math.ceil(n_remove / steps))
+    while len(removed) < n_remove:
+        if group == 1:
+            score = (W * W).sum(0) / torch.diagonal(Ci)
+        else:
+            blocks = Ci.reshape(G, group, G, group)[torch.arange(G), :, torch.arange(G), :]   # (G, g, g)
+            blocks[~alive] = torch.eye(group, dtype=C.dtype)       # removed groups: any invertible block
+            Wg = W.reshape(W.shape[0], G, group).transpose(0, 1)   # (G, rows, g)
+            score = torch.einsum("grk,gkl,grl->g", Wg, torch.linalg.inv(blocks), Wg)
+        score = torch.where(alive, score, torch.full_like(score, math.inf))
+        if allowed is not None:
+            ok = torch.tensor([bool(alive[g]) and allowed(removed, g) for g in range(G)])
+            score = torch.where(ok, score, torch.full_like(score, math.inf))
+        k = min(per_round, n_remove - len(removed))
+        pick = torch.argsort(score)[:k]
+        if not torch.isfinite(score[pick]).all():
+            raise ConfigError("no group left that may be removed")
+        cols = (pick[:, None] * group + torch.arange(group)[None, :]).flatten()
+        B = torch.linalg.inv(Ci[cols][:, cols])
+        W -= W[:, cols] @ B @ Ci[cols, :]
+        Ci -= Ci[:, cols] @ B @ Ci[cols, :]
+        W[:, cols] = 0.0
+        Ci[cols, :] = 0.0
+        Ci[:, cols] = 0.0
+        alive[pick] = False
+        removed += pick.tolist()
+    if not torch.isfinite(W).all():
+        raise NumericsError("structured pruning produced non-finite weights (calibration activations degenerate)")
+    return W, removed
+
+
+def _second_moment(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    if not torch.isfinite(x2).all():
+        raise NumericsError("non-finite calibration activation during structured pruning")
+    return x2.T @ x2 / x2.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- surgery
+def _linear(W: torch.Tensor, b: torch.Tensor | None, like: torch.nn.Linear) -> torch.nn.Linear:
+    out = torch.nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=like.weight.dtype)
+    out.weight.data = W.to(like.weight.dtype).contiguous()
+    if b is not None:
+        out.bias.data = b.to(like.weight.dtype).contiguous()
+    return out.requires_grad_(False)
+
+
+def _rows(lin: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
+    return _linear(lin.weight.data[idx], None if lin.bias is None else lin.bias.data[idx], lin)
+
+
+def _cols(lin: torch.nn.Linear, idx: torch.Tensor, W: torch.Tensor | None = None) -> torch.nn.Linear:
+    W = lin.weight.data if W is None else W
+    return _linear(W[:, idx], None if lin.bias is None else lin.bias.data, lin)
+
+
+def keep_mlp(layer, keep: torch.Tensor, down: torch.Tensor | None = None) -> None:
+    mlp = layer.mlp
+    mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, keep), _rows(mlp.up_proj, keep)
+    mlp.down_proj = _cols(mlp.down_proj, keep, down)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = int(keep.numel())
+
+
+def keep_heads(layer, q_heads: list[int], kv_heads: list[int], head_dim: int, o: torch.Tensor | None = None) -> None:
+    """Keep query heads `q_heads` (sorted, grouped by KV head) and KV heads `kv_heads`."""
+    a = layer.self_attn
+    qi = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in q_heads])
+    ki = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kv_heads])
+    a.q_proj, a.k_proj, a.v_proj = _rows(a.q_proj, qi), _rows(a.k_proj, ki), _rows(a.v_proj, ki)
+    a.o_proj = _cols(a.o_proj, qi, o)
+    a.num_key_value_groups = len(q_heads) // len(kv_heads)
+
+
+def drop_layers(module, drop: list[int]) -> None:
+    keep = [l for i, l in enumerate(module.model.layers) if i not in set(drop)]
+    module.model.layers = torch.nn.ModuleList(keep)
+    for i, l in enumerate(keep):
+        l.self_attn.layer_idx = i
+        if hasattr(l, "layer_idx"):
+            l.layer_idx = i
+
+
+def keep_hidden(module, keep: torch.Tensor) -> None:
+    """Keep residual-stream channels `keep` everywhere (embedding, norms, every linear that reads or writes it)."""
+    m = module.model
+    emb = m.embed_tokens
+    head = module.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = torch.nn.Parameter(emb.weight.data[:, keep].contiguous(), requires_grad=False)
+    emb.embedding_dim = int(keep.numel())
+    norms = [m.norm] + [n for l in m.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+    for n in norms:
+        n.weight = torch.nn.Parameter(n.weight.data[keep].contiguous(), requires_grad=False)
+    for l in m.layers:
+        a, p = l.self_attn, l.mlp
+        a.q_proj, a.k_proj, a.v_proj = (_cols(x, keep) for x in (a.q_proj, a.k_proj, a.v_proj))
+        p.gate_proj, p.up_proj = _cols(p.gate_proj, keep), _cols(p.up_proj, keep)
+        a.o_proj, p.down_proj = _rows(a.o_proj, keep), _rows(p.down_proj, keep)
+    if tied:
+        head.weight = emb.weight                  # the same (pruned) parameter
+    elif head is not None:
+        module.lm_head = _cols(head, keep)
+
+
+def _set_config(module, cfg: dict) -> None:
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers"):
+        setattr(module.config, k, cfg[k])
+    if getattr(module.config, "layer_types", None) is not None:
+        module.config.layer_types = module.config.layer_types[:cfg["num_hidden_layers"]]
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _hidden_scores(model, chunks: torch.Tensor) -> torch.Tensor:
+    """Per residual channel: sum over every RMSNorm output of its mean square (each norm's sum scaled to 1)."""
+    score = torch.zeros(model.config["hidden_size"], dtype=torch.float64)
+    m = model.module.model
+    norms = [n for l in m.layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [m.norm]
+    acc = [torch.zeros_like(score) for _ in norms]
+
+    def hook(i):
+        def f(_mod, _inp, out):
+            acc[i] += out.reshape(-1, out.shape[-1]).double().pow(2).sum(0)
+        return f
+    hs = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
+    try:
+        with torch.no_grad():
+            for c in chunks:
+                model.module(input_ids=c[None], use_cache=False)
+    finally:
+        for h in hs:
+            h.remove()
+    for a in acc:
+        score += a / a.sum().clamp(min=1e-30)
+    return score
+
+
+@torch.no_grad()
+def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importance: str = "obs",
+                     damp: float = 0.01, progress: bool = True):
+    """Apply `plan` to a copy of `model`; returns (the pruned Model, stats). The caller's model is unchanged.
+    Order: layers are dropped first (their scores come from the unpruned model), then hidden channels, then
+    every remaining layer's heads and neurons, sequentially on calibration activations."""
+    if importance not in IMPORTANCE:
+        raise ConfigError(f"unknown importance {importance!r}; choose {', '.join(IMPORTANCE)}")
+    d = dims(model.config)
+    new_cfg = planned_config(model.config, plan)
+    n_kv = plan.n_kv if plan.n_kv is not None else d["n_kv"]
+    q_per0 = d["n_head"] // d["n_kv"]
+    q_per = plan.q_per_kv if plan.q_per_kv is not None else q_per0
+    if not (1 <= n_kv <= d["n_kv"] and 1 <= q_per <= q_per0):
+        raise ConfigError(f"heads {n_kv}x{q_per} is not a subset of the model's {d['n_kv']}x{q_per0}")
+    if plan.ffn is not None and not 1 <= plan.ffn <= d["ffn"]:
+        raise ConfigError(f"ffn {plan.ffn} must be between 1 and {d['ffn']}")
+    if plan.hidden is not None and not 1 <= plan.hidden <= d["hidden"]:
+        raise ConfigError(f"hidden {plan.hidden} must be between 1 and {d['hidden']}")
+    if any(not 0 <= i < d["n_layer"] for i in plan.drop_layers) or len(set(plan.drop_layers)) >= d["n_layer"]:
+        raise ConfigError(f"layers to drop {plan.drop_layers} must be distinct, in 0..{d['n_layer'] - 1}, "
+                          f"and leave one")
+    width = plan.ffn not in (None, d["ffn"]) or n_kv != d["n_kv"] or q_per != q_per0
+    if chunks is None and (plan.hidden not in (None, d["hidden"]) or (width and importance != "magnitude")):
+        raise ConfigError("this plan needs calibration text (chunks)")
+    out = copy.copy(model)
+    out.module = module = copy.deepcopy(model.module)
+    out.config = new_cfg
+    out.history = list(model.history)
+    stats: dict = {"plan": plan.describe(), "params_before": model.n_params(), "importance": importance}
+    if plan.drop_layers:
+        drop_layers(module, plan.drop_layers)
+    if plan.hidden not in (None, d["hidden"]):
+        tmp = copy.copy(out)
+        tmp.config = dict(model.config, num_hidden_layers=d["n_layer"] - len(plan.drop_layers))
+        keep = torch.sort(torch.argsort(_hidden_scores(tmp, chunks), descending=True)[:plan.hidden]).values
+        keep_hidden(module, keep)
+    if width:
+        _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats)
+    _set_config(module, new_cfg)
+    got = out.n_params()
+    if got != n_params(new_cfg):
+        raise NumericsError(f"pruned model has {got} parameters, its config implies {n_params(new_cfg)}")
+    stats["params_after"] = got
+    out.history.append({"step": "prune", **stats})
+    return out, stats
+
+
+def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats) -> None:
+    from ..sequential import _layer_inputs
+    hd, nkv0 = d["head_dim"], d["n_kv"]
+    layers = module.model.layers
+    ffn = plan.ffn if plan.ffn is not None else d["ffn"]
+    do_heads, do_mlp = n_kv != nkv0 or q_per != q_per0, ffn != d["ffn"]
+    x = kw = None
+    if chunks is not None and importance != "magnitude":
+        cache = _layer_inputs(module, chunks)
+        x, kw = torch.cat([c[0] for c in cache]), cache[0][1]
+        del cache
+    keeps = []
+    for layer in tqdm(layers, desc=f"pruning widths ({importance})", unit="layer", disable=not progress,
+                      leave=False):
+        res: dict = {}
+
+        def attn(mod, inputs):
+            W = mod.weight.data
+            if importance == "obs":
+                Wn, gone = _obs_heads(W, _second_moment(inputs[0]), nkv0, q_per0, n_kv, q_per, hd, damp)
+            else:
+                if importance == "activation":
+                    s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0).reshape(-1, hd).norm(dim=1)
+                else:
+                    s = W.double().reshape(W.shape[0], -1, hd).norm(dim=(0, 2))
+                gone = _rank_heads(s, nkv0, q_per0, n_kv, q_per)
+                Wn = W.clone()
+                for h in gone:
+                    Wn[:, h * hd:(h + 1) * hd] = 0
+            mod.weight.data = Wn.to(W.dtype)
+            res["heads"] = sorted(set(range(nkv0 * q_per0)) - set(gone))
+
+        def mlp(mod, inputs):
+            W = mod.weight.data
+            n_rm = W.shape[1] - ffn
+            if importance == "obs":
+                Wn, gone = obs_remove(W, _second_moment(inputs[0]), n_rm, damp=damp)
+            else:
+                if importance == "activation":
+                    s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0)
+                else:   # |down column| x geometric mean of |gate row| and |up row|
+                    g, u = layer.mlp.gate_proj.weight.double(), layer.mlp.up_proj.weight.double()
+                    s = W.double().norm(dim=0) * (g.norm(dim=1) * u.norm(dim=1)).sqrt()
+                gone = torch.argsort(s)[:n_rm].tolist()
+                Wn = W.clone()
+                Wn[:, gone] = 0
+            mod.weight.data = Wn.to(W.dtype)
+            res["ffn"] = torch.tensor(sorted(set(range(W.shape[1])) - set(gone)))
+
+        if x is None:            # magnitude: no activations needed
+            if do_heads:
+                attn(layer.self_attn.o_proj, (None,))
+            if do_mlp:
+                mlp(layer.mlp.down_proj, (None,))
+        else:
+            hs = []
+            if do_heads:
+                hs.append(layer.self_attn.o_proj.register_forward_pre_hook(attn))
+            if do_mlp:
+                hs.append(layer.mlp.down_proj.register_forward_pre_hook(mlp))
+            try:
+                y = layer(x, **kw)
+                x = y[0] if isinstance(y, tuple) else y
+            finally:
+                for h in hs:
+                    h.remove()
+        keeps.append(res)
+    stats["kept"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()} for r in keeps]
+    for layer, res in zip(layers, keeps):
+        if "heads" in res:
+            heads = res["heads"]
+            keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, layer.self_attn.o_proj.weight.data)
+        if "ffn" in res:
+            keep_mlp(layer, res["ffn"], layer.mlp.down_proj.weight.data)
+
+
+def _head_constraint(nkv0: int, q_per0: int, n_kv: int, q_per: int):
+    """allowed(removed, head) for greedy head removal that ends in n_kv groups of q_per query heads: whole
+    groups are removed first (a group is 'chosen' when one of its heads goes while groups must still go),
+    then q_per0 - q_per heads from each kept group."""
+    def allowed(removed: list[int], h: int) -> bool:
+        g = h // q_per0
+        by_group = [sum(1 for r in removed if r // q_per0 == k) for k in range(nkv0)]
+        dying = [k for k in range(nkv0) if by_group[k] > q_per0 - q_per]   # past the per-group quota
+        if len(dying) < nkv0 - n_kv:   # groups still have to go: only a dying group, or start a new one
+            return by_group[g] < q_per0
+        return g in dying and by_group[g] < q_per0 or g not in dying and by_group[g] < q_per0 - q_per
+    return allowed
+
+
+def _obs_heads(W, C, nkv0, q_per0, n_kv, q_per, hd, damp):
+    n_rm = nkv0 * q_per0 - n_kv * q_per
+    return obs_remove(W, C, n_rm, group=hd, damp=damp, allowed=_head_constraint(nkv0, q_per0, n_kv, q_per))
+
+
+def _rank_heads(score: torch.Tensor, nkv0, q_per0, n_kv, q_per) -> list[int]:
+    allowed = _head_constraint(nkv0, q_per0, n_kv, q_per)
+    gone: list[int] = []
+    for _ in range(nkv0 * q_per0 - n_kv * q_per):
+        h = min((h for h in range(nkv0 * q_per0) if h not in gone and allowed(gone, h)), key=lambda h: score[h])
+        gone.append(h)
+    return gone
