@@ -54,7 +54,8 @@ class Plan:
         if self.ffn is not None:
             parts.append(f"ffn {self.ffn}")
         if self.n_kv is not None or self.q_per_kv is not None:
-            parts.append(f"heads {self.n_kv}x{self.q_per_kv}")
+            parts.append(f"heads {'all' if self.n_kv is None else self.n_kv} KV x "
+                         f"{'all' if self.q_per_kv is None else self.q_per_kv} q")
         if self.hidden is not None:
             parts.append(f"hidden {self.hidden}")
         return ", ".join(parts) or "nothing"

@@ -1,0 +1,111 @@
+"""slimlm prune end to end on a tiny model: HF folder output that transformers reloads, GGUF output that llama.cpp
+runs, weight pruning with the asked pattern, the model-level Wanda/SparseGPT driver, clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimlm.cli import main
+
+
+def test_prune_to_hf_folder_reloads_in_transformers(tiny_hf, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", str(tiny_hf("LlamaForCausalLM")), "-o", str(out), "--ffn", "64", "--heads", "1x2",
+                 "--calib-chunks", "2", "--ctx", "64", "--chunks", "2", "--no-speed"]) == 0
+    text = capsys.readouterr().out
+    assert "KL divergence" in text and str(out) in text
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.intermediate_size == 64 and m.config.num_attention_heads == 2
+    assert m.config.num_key_value_heads == 1
+    rep = json.loads((tmp_path / "pruned.report.json").read_text())
+    step = rep["steps"][0]
+    assert step["step"] == "structured pruning" and step["params_after"] == m.num_parameters()
+    assert np.isfinite(rep["evaluation"]["kld"])
+    # a second run without --overwrite is refused, the folder untouched
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["-q", "prune", str(tiny_hf("LlamaForCausalLM")), "-o", str(out), "--ffn", "64", "--no-eval"]) == 2
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_weight_pruning_cli_writes_the_nm_pattern(tiny_hf, tmp_path, llama_cpp_available):
+    from slimlm.gguf.reader import read_gguf
+    out = tmp_path / "w.gguf"
+    assert main(["-q", "prune", str(tiny_hf("LlamaForCausalLM")), "-o", str(out), "--method", "sparsegpt",
+                 "--sparsity", "2:4", "--type", "F32", "--calib-chunks", "2", "--ctx", "64", "--chunks", "1",
+                 "--no-speed"]) == 0
+    import gguf
+    r = gguf.GGUFReader(str(out))
+    checked = 0
+    for t in r.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            W = np.asarray(t.data).reshape(-1, 4)
+            assert ((W == 0).sum(1) >= 2).all(), t.name
+            checked += 1
+        elif len(t.shape) == 2:
+            assert (np.asarray(t.data) != 0).mean() > 0.99          # embedding / output stay dense
+    assert checked == 14 and read_gguf(out).get("llama.block_count") == 2
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_first_linear_is_pruned_on_its_real_input(tiny_hf, method):
+    """Layer 0's q_proj sees input_layernorm(embeddings): the driver's result equals the kernel applied to it."""
+    from slimlm import load
+    from slimlm.prune.weights import prune_weights_model, sparsegpt, wanda_mask
+    from slimlm.quant.gptq import hessian
+    m = load(tiny_hf("LlamaForCausalLM"), progress=False)
+    chunks = torch.randint(3, m.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    p, st = prune_weights_model(m, chunks, method, 0.5, progress=False)
+    assert st["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    l0 = m.module.model.layers[0]
+    with torch.no_grad():
+        x = l0.input_layernorm(m.module.model.embed_tokens(chunks))
+    W = l0.self_attn.q_proj.weight.data
+    H = hessian(x)
+    want = W.masked_fill(wanda_mask(W, torch.diagonal(H), 0.5), 0.0) if method == "wanda" else sparsegpt(W, H, 0.5).W
+    assert torch.allclose(p.module.model.layers[0].self_attn.q_proj.weight, want.float(), atol=1e-5)
+    assert torch.equal(m.module.model.layers[0].self_attn.q_proj.weight, W)         # the input model is unchanged
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "wanda"], "--sparsity"),
+    (["--ratio", "0.3", "--sparsity", "0.5"], "--sparsity is for weight pruning"),
+    (["--method", "magnitude", "--sparsity", "3:2"], "N:M"),
+    (["--ratio", "2"], "--ratio"),
+    ([], "--ratio"),
+    (["--heads", "two"], "KVxQ"),
+])
+def test_bad_prune_arguments_are_one_clear_line(tmp_path, capsys, args, msg):
+    assert main(["-q", "prune", str(tmp_path / "nothing"), "-o", str(tmp_path / "o.gguf"), *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.slow
+def test_format_aware_hidden_512_is_all_k_quants_in_llama_cpp(smollm2, tmp_path, llama_cpp_available):
+    """Acceptance c: SmolLM2 hidden 576 -> 512 format-aware, then Q4_K_M: every 2-D weight a K-quant, runs."""
+    from slimlm import export_gguf
+    from slimlm.eval.runtime import LlamaCppRunner
+    from slimlm.gguf.reader import read_gguf
+    from slimlm.prune.command import PruneConfig, make_plan
+    from slimlm.prune.structured import prune_structured
+    plan = make_plan(smollm2, PruneConfig(hidden=512, format_aware=True, type="Q4_K_M"), None)
+    assert (plan.hidden, plan.n_kv, plan.q_per_kv) == (512, 2, 2)       # 4 heads x 64 = 256
+    chunks = torch.randint(3, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    p, _ = prune_structured(smollm2, chunks, plan, importance="activation", progress=False)
+    out = tmp_path / "h512.gguf"
+    rec = export_gguf(p, out, "Q4_K_M", progress=False)
+    assert not rec.fallbacks
+    two_d = [t for t in read_gguf(out).tensors if len(t.shape) == 2]
+    assert two_d and all(t.ggml_type.name.endswith("_K") for t in two_d), \
+        [(t.name, t.ggml_type.name) for t in two_d if not t.ggml_type.name.endswith("_K")]
+    r = LlamaCppRunner(out, 128, logits_all=False)
+    try:
+        text = r.generate("The capital of France is", 8)
+    finally:
+        r.close()
+    assert isinstance(text, str) and text.strip()
