@@ -37,6 +37,37 @@ _GLOBAL_NAMES = {
 # HF checkpoint entries that are buffers, not weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# config.json key of a model whose layers differ in width (slimlm's structured pruning): per-layer lists
+# {"intermediate_size": [...], "num_attention_heads": [...], "num_key_value_heads": [...]}; the top-level
+# fields then hold the largest width. transformers ignores the key (and cannot build such a model alone:
+# slimlm.load does, by shrinking each layer of the widest model before loading the weights). In a GGUF the
+# model becomes llama.cpp's `deci` architecture, whose per-layer arrays carry the same numbers.
+PER_LAYER = "slimlm_per_layer"
+PER_LAYER_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def layer_dims(cfg: dict, i: int) -> tuple[int, int, int]:
+    """(intermediate size, query heads, KV heads) of layer i."""
+    per = cfg.get(PER_LAYER) or {}
+    nh = cfg["num_attention_heads"]
+    top = (cfg["intermediate_size"], nh, cfg.get("num_key_value_heads") or nh)
+    return tuple(int(per[k][i]) if k in per else v for k, v in zip(PER_LAYER_FIELDS, top))
+
+
+def gguf_arch(spec: "ArchSpec", cfg: dict) -> str:
+    """llama.cpp's architecture name for this model: `deci` for a Llama-family model whose layers differ."""
+    if cfg.get(PER_LAYER):
+        if spec.gguf_arch != "llama":
+            raise InvalidModelError(f"per-layer widths are supported for Llama-family models only, not "
+                                    f"{spec.hf_arch}")
+        return "deci"
+    return spec.gguf_arch
+
+
+def _layer_of(hf_name: str) -> int | None:
+    parts = hf_name.split(".", 3)
+    return int(parts[2]) if len(parts) == 4 and parts[:2] == ["model", "layers"] else None
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -70,23 +101,21 @@ class ArchSpec:
     def expected_shapes(self, cfg: dict) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape implied by config.json (used to check a checkpoint before loading)."""
         h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-        nh = cfg["num_attention_heads"]
-        nkv = cfg.get("num_key_value_heads") or nh
-        hd = cfg.get("head_dim") or h // nh
-        ff = cfg["intermediate_size"]
-        per_layer = {
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (nh * hd, h), "self_attn.k_proj.weight": (nkv * hd, h),
-            "self_attn.v_proj.weight": (nkv * hd, h), "self_attn.o_proj.weight": (h, nh * hd),
-            "self_attn.q_proj.bias": (nh * hd,), "self_attn.k_proj.bias": (nkv * hd,),
-            "self_attn.v_proj.bias": (nkv * hd,),
-            "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-            "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff),
-        }
+        hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
         out = {"model.embed_tokens.weight": (V, h), "model.norm.weight": (h,)}
         if not cfg.get("tie_word_embeddings", False):
             out["lm_head.weight"] = (V, h)
         for i in range(L):
+            ff, nh, nkv = layer_dims(cfg, i)
+            per_layer = {
+                "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                "self_attn.q_proj.weight": (nh * hd, h), "self_attn.k_proj.weight": (nkv * hd, h),
+                "self_attn.v_proj.weight": (nkv * hd, h), "self_attn.o_proj.weight": (h, nh * hd),
+                "self_attn.q_proj.bias": (nh * hd,), "self_attn.k_proj.bias": (nkv * hd,),
+                "self_attn.v_proj.bias": (nkv * hd,),
+                "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+                "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff),
+            }
             for s in self.layer_suffixes():
                 out[f"model.layers.{i}.{s}"] = per_layer[s]
         return out
@@ -100,8 +129,10 @@ class ArchSpec:
         """Apply llama.cpp's q/k row permutation where this family needs it (exact reindexing)."""
         if not self.permute_qk:
             return W
-        nh = cfg["num_attention_heads"]
-        nkv = cfg.get("num_key_value_heads") or nh
+        i = _layer_of(hf_name)
+        if i is None:
+            return W
+        _, nh, nkv = layer_dims(cfg, i)
         if hf_name.endswith("self_attn.q_proj.weight"):
             return _permute_rows(W, nh)
         if hf_name.endswith("self_attn.k_proj.weight"):

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-aware", action="store_true", help="round every width (hidden, MLP, attention = "
                    "heads x head_dim) to a multiple of --type's block size (256 for K-quants), so every tensor "
                    "takes the requested type with no fallback; attention heads are cut to fit where needed")
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "global", "sensitivity"],
+                   help="MLP widths: uniform across layers (default; llama arch); global: per layer, the cheapest "
+                   "neurons across all layers by OBS error relative to each layer's residual stream; sensitivity: "
+                   "per layer from the measured KLD of pruning that layer alone at 25/50/75%% (as slimlm "
+                   "sensitivity). Per-layer widths export as llama.cpp's deci arch; their HF folder loads with "
+                   "slimlm.load")
     p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="HF folder output precision (default float32)")
@@ -156,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-chunks", type=int, default=16, metavar="N", help="calibration chunks (default 16)")
     p.add_argument("--no-eval", action="store_true", help="write without evaluating")
     _add_eval_args(p)
+
+    p = sub.add_parser("sensitivity", help="per-layer KLD when only that layer is pruned or quantized; heatmap",
+                       description="For every decoder layer, measure the KL divergence to the original when only "
+                       "that layer is changed: its MLP pruned at each --ratios (OBS choice and refit, as slimlm "
+                       "prune), k query heads removed from every KV group, the whole layer skipped, and each of its "
+                       "tensors quantized alone to each --types. Prints the table, writes OUT.png (heatmap) and "
+                       "OUT.json (per layer and per tensor). Each cell is a real forward from that layer's cached "
+                       "input on one chunk of --text.")
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="heatmap PNG (OUT.json beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.png / OUT.json if they exist")
+    p.add_argument("--ratios", default="0.25,0.5,0.75", metavar="R,R", help="MLP fractions removed (default "
+                   "0.25,0.5,0.75)")
+    p.add_argument("--types", default="Q8_0,Q4_0", metavar="T,T", help="block types for the quantization columns "
+                   "(default Q8_0,Q4_0; a tensor whose rows do not fit a type's blocks is skipped)")
+    p.add_argument("--calib", metavar="FILE", help="calibration text for the OBS choice (default: bundled)")
+    p.add_argument("--calib-chunks", type=int, default=8, metavar="N", help="calibration chunks (default 8)")
+    p.add_argument("--text", metavar="FILE", help="text the KLD is measured on (default: the bundled held-out "
+                   "text); its first chunk of --ctx tokens")
+    p.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
 
     p = sub.add_parser("inspect", help="metadata, per-tensor types and bits/weight of a GGUF file")
     p.add_argument("file", help=".gguf file")
@@ -282,12 +308,50 @@ def cmd_prune(a) -> int:
         raise ConfigError(f"--drop-layers {a.drop_layers!r}: give comma-separated layer indices") from None
     cfg = PruneConfig(ratio=a.ratio, method=a.method, importance=a.importance, sparsity=a.sparsity,
                       hidden=a.hidden, ffn=a.ffn, heads=a.heads, drop_layers=drop, format_aware=a.format_aware,
+                      allocate=a.allocate,
                       type=a.type, hf_dtype=a.hf_dtype, calib=a.calib, calib_chunks=a.calib_chunks, n_ctx=a.ctx,
                       text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval)
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                 command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))
     print(f"report: {rep.written[1]} (and .report.json)")
+    return 0
+
+
+def cmd_sensitivity(a) -> int:
+    import json
+
+    from .calib import calibration_chunks, read_text, tokenize
+    from .errors import ConfigError
+    from .eval.metrics import make_chunks
+    from .io import atomic_write_bytes, check_output_path
+    from .model import load
+    from .prune.sensitivity import heatmap, measure
+    try:
+        ratios = tuple(float(v) for v in a.ratios.split(","))
+    except ValueError:
+        raise ConfigError(f"--ratios {a.ratios!r}: give comma-separated fractions, e.g. 0.25,0.5") from None
+    types = tuple(v.strip().upper() for v in a.types.split(",") if v.strip())
+    out = check_output_path(a.output, overwrite=a.overwrite)
+    js = out.with_suffix(".json")
+    check_output_path(js, overwrite=a.overwrite)
+    m = load(a.model, progress=not a.quiet)
+    calib, prov = calibration_chunks(m, a.calib, n_ctx=a.ctx, max_chunks=a.calib_chunks)
+    text, source = read_text(a.text, "eval")
+    ev = make_chunks(tokenize(m.tokenizer, text, source).tokens, a.ctx, m.bos_token_id if m.add_bos else None, 1)
+    if ev.shape[0] < 1:
+        raise ConfigError(f"--text has fewer than {a.ctx} tokens")
+    t = measure(m, calib, ev[0], ratios=ratios, types=types, progress=not a.quiet)
+    t.update(calibration=prov, text=source, model=str(m.source))
+    cols = t["columns"]
+    print("| layer | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for i, row in enumerate(t["layers"]):
+        print(f"| {i} | " + " | ".join(f"{row[c]:.4g}" for c in cols) + " |")
+    heatmap(t, out, f"{Path(str(m.source)).name}: KLD when only one layer changes ({t['eval_tokens']} tokens)")
+    atomic_write_bytes(js, json.dumps({k: v for k, v in t.items() if k != "mlp_order"}, indent=1).encode(),
+                       overwrite=True)
+    print(f"KLD on {t['eval_tokens']} tokens of {source}; OBS choice from {prov}")
+    print(f"wrote {out} and {js}")
     return 0
 
 
@@ -312,6 +376,7 @@ def cmd_generate(a) -> int:
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
             "kmeans": cmd_kmeans, "prune": cmd_prune,
+            "sensitivity": cmd_sensitivity,
             "generate": cmd_generate}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import GGUF_ARCHS, ArchSpec, get_arch
+from .arch import GGUF_ARCHS, PER_LAYER, ArchSpec, get_arch
 from .errors import InvalidModelError, MissingDependencyError, NumericsError
 from .gguf.reader import GGUFFile, read_gguf
 from .hf import check_hf_dir
@@ -93,15 +93,43 @@ def _quiet_transformers():
 
 
 def _load_hf(d: Path) -> Model:
-    cfg, spec, _ = check_hf_dir(d)
+    cfg, spec, files = check_hf_dir(d)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
-    module = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
-                                                  dtype=torch.float32)
+    if cfg.get(PER_LAYER):
+        module = _load_per_layer(d, cfg, files)
+    else:
+        module = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
+                                                      dtype=torch.float32)
     _frozen(module)
     check_finite(module)
     return Model(module, tok, spec, module.config.to_dict(), source=d)
+
+
+def _load_per_layer(d: Path, cfg: dict, files: list[Path]) -> torch.nn.Module:
+    """A model whose layers differ in width (slimlm's per-layer config key, see arch.PER_LAYER): built at the
+    widest config, each layer shrunk to its widths, then the safetensors weights loaded (shapes were checked
+    against the per-layer config before)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .prune.structured import shape_layers
+    config = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shape_layers(module, cfg)
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if tied:
+        module.tie_weights()
+    missing = [k for k in missing if not (tied and k == "lm_head.weight") and not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise InvalidModelError(f"{d}: weights do not match the per-layer config (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+    return module
 
 
 def _load_gguf(p: Path, *, progress: bool) -> Model:

@@ -10,7 +10,7 @@ import pytest
 from slimlm.cli import build_parser, main
 
 
-@pytest.mark.parametrize("cmd", ["compress", "eval", "inspect", "generate", "prune", "imatrix", "kmeans"])
+@pytest.mark.parametrize("cmd", ["compress", "eval", "inspect", "generate", "prune", "imatrix", "kmeans", "sensitivity"])
 def test_help_is_complete(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -109,3 +109,26 @@ def test_format_aware_hidden_512_is_all_k_quants_in_llama_cpp(smollm2, tmp_path,
     finally:
         r.close()
     assert isinstance(text, str) and text.strip()
+
+
+def test_sensitivity_cli_writes_table_heatmap_and_json(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "sens.png"
+    assert main(["-q", "sensitivity", str(tiny_hf("LlamaForCausalLM")), "-o", str(out), "--ratios", "0.5",
+                 "--types", "Q8_0", "--calib-chunks", "2", "--ctx", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "| layer | mlp 50% | heads -1/2 | layer | Q8_0 |" in text
+    t = json.loads(out.with_suffix(".json").read_text())
+    assert len(t["layers"]) == 2 and all(r["layer"] > 0 for r in t["layers"])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prune_allocate_sensitivity_writes_deci(tiny_hf, tmp_path, llama_cpp_available):
+    from slimlm.gguf.reader import read_gguf
+    out = tmp_path / "s.gguf"
+    assert main(["-q", "prune", str(tiny_hf("LlamaForCausalLM", num_hidden_layers=3)), "-o", str(out), "--ffn",
+                 "64", "--allocate", "sensitivity", "--type", "F32", "--calib-chunks", "3", "--ctx", "64",
+                 "--chunks", "1", "--no-speed"]) == 0
+    g = read_gguf(out)
+    ffn = list(g.get(f"{g.architecture}.feed_forward_length")) if g.architecture == "deci" else \
+        [g.get("llama.feed_forward_length")] * 3
+    assert sum(96 - f for f in ffn) == 3 * 32

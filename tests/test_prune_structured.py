@@ -149,3 +149,64 @@ def test_bad_plans_are_refused_before_work(tiny_hf):
         plan_for_ratio(m.config, 1.5)
     with pytest.raises(ConfigError):
         prune_structured(m, None, Plan(ffn=32), importance="obs", progress=False)
+
+
+def test_per_layer_widths_export_as_deci_and_reload(tiny_hf, tmp_path, llama_cpp_available):
+    """Globally allocated MLP widths differ per layer: the GGUF is llama.cpp's deci arch with per-layer arrays and
+    its logits follow torch's; the HF folder (per-layer config key) reloads through slimlm.load identically."""
+    from slimlm import export_gguf, load
+    from slimlm.arch import PER_LAYER
+    from slimlm.eval.runtime import LlamaCppRunner
+    from slimlm.gguf.reader import read_gguf
+    from slimlm.hfout import save_hf
+    from slimlm.prune.structured import allocate_ffn
+    m = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    c = _chunks(m, 2, 32)
+    widths = allocate_ffn(m, c, 3 * 40, round_to=8, progress=False)
+    assert sum(96 - w for w in widths) == 120 and all(w % 8 == 0 and w >= 24 for w in widths)
+    if len(set(widths)) == 1:           # make sure the test covers differing widths
+        widths = [widths[0] - 8, widths[1], widths[2] + 8]
+    p, st = prune_structured(m, c, Plan(ffn_per_layer=widths, q_per_kv=1), progress=False)
+    assert p.config[PER_LAYER]["intermediate_size"] == widths and p.n_params() == n_params(p.config)
+    out = tmp_path / "deci.gguf"
+    export_gguf(p, out, "F32", progress=False)
+    g = read_gguf(out)
+    assert g.architecture == "deci" and list(g.get("deci.feed_forward_length")) == widths
+    assert list(g.get("deci.attention.head_count")) == [2, 2, 2]
+    x = _chunks(m, 1, 24, seed=3)[0]
+    r = LlamaCppRunner(out, 64)
+    try:
+        got = r.logits(x)
+    finally:
+        r.close()
+    want = p.logits(x[None])[0]
+    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), float((got - want).abs().max())
+    d = save_hf(p, tmp_path / "hf")
+    back = load(d, progress=False)
+    assert back.config[PER_LAYER]["intermediate_size"] == widths
+    assert torch.allclose(back.logits(x[None]), want, atol=1e-6)
+
+
+def test_sensitivity_measures_real_forwards_and_drives_allocation(tiny_hf, tmp_path):
+    """Each cell is the KLD of an actual forward: the 'layer' column equals a full forward without that layer;
+    more neurons removed costs more; the allocation from the table removes exactly what was asked."""
+    from slimlm import load
+    from slimlm.prune.sensitivity import allocate_from, heatmap, measure
+    m = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    c = _chunks(m, 2, 32)
+    ev = _chunks(m, 1, 32, seed=9)[0]
+    t = measure(m, c, ev, ratios=(0.25, 0.75), round_to=8, types=("Q8_0",), progress=False)
+    assert t["columns"] == ["mlp 25%", "mlp 75%", "heads -1/2", "layer", "Q8_0"]
+    ref = torch.log_softmax(m.logits(ev[None])[0].double(), -1)
+    for i, row in enumerate(t["layers"]):
+        full = copy.deepcopy(m.module)
+        full.model.layers = torch.nn.ModuleList([l for j, l in enumerate(full.model.layers) if j != i])
+        with torch.no_grad():
+            q = torch.log_softmax(full(input_ids=ev[None], use_cache=False).logits[0].double(), -1)
+        want = float((ref.exp() * (ref - q)).sum(-1).mean())
+        assert row["layer"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+        assert 0 < row["mlp 25%"] < row["mlp 75%"] and 0 <= row["Q8_0"] < row["mlp 25%"]
+    widths = allocate_from(t, 96, 3 * 24, 8)
+    assert sum(96 - w for w in widths) == 72 and all(w % 8 == 0 for w in widths)
+    heatmap(t, tmp_path / "h.png", "tiny")
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

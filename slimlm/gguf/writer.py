@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import llama3_rope_factors, rope_parameters
+from ..arch import PER_LAYER, gguf_arch, layer_dims, llama3_rope_factors, rope_parameters
 from ..errors import ConfigError, NumericsError, OutputError
 from ..formats import BY_GGML_TYPE, QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
@@ -130,14 +130,21 @@ def _add_hparams(w: gguf.GGUFWriter, model) -> None:
     w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
     w.add_embedding_length(h)
     w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(nh)
-    w.add_head_count_kv(cfg.get("num_key_value_heads") or nh)
+    per = cfg.get(PER_LAYER)
+    if per:       # deci: per-layer arrays
+        dims = [layer_dims(cfg, i) for i in range(cfg["num_hidden_layers"])]
+        w.add_feed_forward_length([d[0] for d in dims])
+        w.add_head_count([d[1] for d in dims])
+        w.add_head_count_kv([d[2] for d in dims])
+    else:
+        w.add_feed_forward_length(cfg["intermediate_size"])
+        w.add_head_count(nh)
+        w.add_head_count_kv(cfg.get("num_key_value_heads") or nh)
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     rp = rope_parameters(cfg)
     w.add_rope_freq_base(float(rp["rope_theta"]))
     w.add_rope_dimension_count(hd)
-    if hd != h // nh or spec.qk_norm:
+    if hd != h // nh or spec.qk_norm or per:
         w.add_key_length(hd)
         w.add_value_length(hd)
     if rp.get("rope_type") == "linear":
@@ -201,7 +208,7 @@ def file_bytes(model, tensor_bytes: dict[str, int], type: str = "Q8_0", *, imatr
     preset = get_preset(type)
     tensors = _gguf_tensors(model)
     with tempfile.TemporaryDirectory() as d:
-        w = Writer(Path(d) / "h.gguf", model.spec.gguf_arch)
+        w = Writer(Path(d) / "h.gguf", gguf_arch(model.spec, model.config))
         _metadata(w, model, preset, imatrix, pre_tokenizer)
         for name, _hf, W in tensors:
             w.add_tensor_info(name, tuple(W.shape), np.dtype(np.float32), tensor_bytes[name])
@@ -239,7 +246,7 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
     ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
     records = []
     with atomic_output(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
-        w = Writer(tmp, model.spec.gguf_arch)
+        w = Writer(tmp, gguf_arch(model.spec, model.config))
         _metadata(w, model, preset, imatrix, pre_tokenizer)
         for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {preset.name}", unit="tensor",
                                           disable=not progress, leave=False):

@@ -12,6 +12,7 @@ from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
 
 STRUCTURED = ("mlp", "width", "layers")
+ALLOCATE = ("uniform", "global", "sensitivity")
 METHODS = STRUCTURED + WEIGHT_METHODS
 DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons
 
@@ -27,6 +28,7 @@ class PruneConfig:
     heads: str | None = None           # "KVxQ": KV heads kept x query heads per KV head
     drop_layers: tuple[int, ...] = ()
     format_aware: bool = False         # round every width to the output type's block size
+    allocate: str = "uniform"          # MLP widths: uniform (llama) or global (per layer by OBS cost: deci)
     type: str = "Q8_0"                 # GGUF output type
     hf_dtype: str = "float32"          # HF output precision
     calib: str | None = None
@@ -59,6 +61,11 @@ class PruneConfig:
                 raise ConfigError(f"--ratio must be between 0 and 1, got {self.ratio}")
         if self.heads is not None:
             self.parsed_heads()
+        if self.allocate not in ALLOCATE:
+            raise ConfigError(f"--allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
+        if self.allocate != "uniform" and (self.method not in ("mlp", "width") or self.drop_layers):
+            raise ConfigError(f"--allocate {self.allocate} sets per-layer MLP widths: use it with --method mlp or width, "
+                              "without --drop-layers")
         for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks)):
             if v is not None and v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
@@ -160,7 +167,7 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     from ..io import check_output_path
     from ..model import load
     from ..report import Report
-    from .structured import block_influence, prune_structured
+    from .structured import allocate_ffn, block_influence, prune_structured
     from .weights import prune_weights_model
     gguf_out = str(out).endswith(".gguf")
     if gguf_out:
@@ -187,6 +194,21 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
             bi = block_influence(m, chunks[:4], progress=progress)
             order = sorted(range(len(bi)), key=lambda i: bi[i])
         plan = make_plan(m, config, order)
+        if config.allocate != "uniform" and plan.ffn is not None:
+            ff, n_layer = dims(m.config)["ffn"], dims(m.config)["n_layer"]
+            n_rm, mult = (ff - plan.ffn) * n_layer, round_multiple(config)
+            if config.allocate == "global":
+                plan.ffn_per_layer = allocate_ffn(m, chunks, n_rm, round_to=mult, progress=progress)
+            else:
+                from .sensitivity import allocate_from, measure
+                if chunks.shape[0] < 2:
+                    raise ConfigError("--allocate sensitivity needs at least 2 calibration chunks")
+                say("measuring each layer's MLP sensitivity (KLD on a held-out calibration chunk) ...")
+                table = measure(m, chunks[:-1], chunks[-1], round_to=mult, mlp_only=True, progress=progress)
+                plan.ffn_per_layer = allocate_from(table, ff, n_rm, mult)
+            plan.ffn = None
+            if len(set(plan.ffn_per_layer)) == 1:
+                plan.ffn, plan.ffn_per_layer = plan.ffn_per_layer[0], None
         say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
         pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
         step = {"step": "structured pruning", "source": prov, **st,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..arch import PER_LAYER, layer_dims
 from ..errors import ConfigError, NumericsError
 
 IMPORTANCE = ("obs", "activation", "magnitude")
@@ -46,12 +47,16 @@ class Plan:
     q_per_kv: int | None = None            # query heads kept per KV head
     hidden: int | None = None              # residual-stream width
     drop_layers: list[int] = field(default_factory=list)
+    ffn_per_layer: list[int] | None = None # per remaining layer (llama.cpp's `deci` arch); overrides ffn
 
     def describe(self) -> str:
         parts = []
         if self.drop_layers:
             parts.append(f"layers -{len(self.drop_layers)} {sorted(self.drop_layers)}")
-        if self.ffn is not None:
+        if self.ffn_per_layer is not None:
+            parts.append(f"ffn per layer {min(self.ffn_per_layer)}..{max(self.ffn_per_layer)} "
+                         f"(mean {sum(self.ffn_per_layer) / len(self.ffn_per_layer):.0f})")
+        elif self.ffn is not None:
             parts.append(f"ffn {self.ffn}")
         if self.n_kv is not None or self.q_per_kv is not None:
             parts.append(f"heads {'all' if self.n_kv is None else self.n_kv} KV x "
@@ -80,18 +85,29 @@ def planned_config(cfg: dict, plan: Plan) -> dict:
                intermediate_size=d["ffn"] if plan.ffn is None else plan.ffn,
                num_attention_heads=n_kv * q_per, num_key_value_heads=n_kv, head_dim=d["head_dim"],
                num_hidden_layers=d["n_layer"] - len(plan.drop_layers))
+    out.pop(PER_LAYER, None)
+    if plan.ffn_per_layer is not None:
+        if len(plan.ffn_per_layer) != out["num_hidden_layers"]:
+            raise ConfigError(f"{len(plan.ffn_per_layer)} per-layer widths for {out['num_hidden_layers']} layers")
+        if len(set(plan.ffn_per_layer)) == 1:
+            out["intermediate_size"] = plan.ffn_per_layer[0]
+        else:
+            out["intermediate_size"] = max(plan.ffn_per_layer)
+            out[PER_LAYER] = {"intermediate_size": [int(v) for v in plan.ffn_per_layer]}
     return out
 
 
 def n_params(cfg: dict) -> int:
     """Parameters of a Llama-family model with this config (tied embedding counted once)."""
     d = dims(cfg)
-    h, ff, hd = d["hidden"], d["ffn"], d["head_dim"]
-    attn = h * hd * (2 * d["n_head"] + 2 * d["n_kv"])
-    if cfg.get("attention_bias"):
-        attn += hd * (d["n_head"] + 2 * d["n_kv"])
-    layer = attn + 3 * h * ff + 2 * h
-    return d["vocab"] * h * (1 if d["tied"] else 2) + h + d["n_layer"] * layer
+    h, hd = d["hidden"], d["head_dim"]
+    total = d["vocab"] * h * (1 if d["tied"] else 2) + h
+    for i in range(d["n_layer"]):
+        ff, nh, nkv = layer_dims(cfg, i)
+        total += h * hd * (2 * nh + 2 * nkv) + 3 * h * ff + 2 * h
+        if cfg.get("attention_bias"):
+            total += hd * (nh + 2 * nkv)
+    return total
 
 
 def plan_for_ratio(cfg: dict, ratio: float, *, method: str = "mlp", round_to: int = 32,
@@ -161,13 +177,15 @@ def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> li
 
 
 def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, *, damp: float = 0.01,
-               allowed=None, steps: int = 64) -> tuple[torch.Tensor, list[int]]:
+               allowed=None, steps: int = 64, per_round: int | None = None,
+               trace: list | None = None) -> tuple[torch.Tensor, list[int]]:
     """Greedy OBS removal of `n_remove` groups of `group` consecutive input columns of W (rows, cols) given the
     input second moment C (cols, cols). Returns (W with the removed columns zero and the rest refit by least
     squares on C, removed group indices in order). At most `steps` rounds: each removes the ceil(n / steps)
     groups whose removal (judged one at a time) costs least, then updates W and the inverse for all of them at
     once (exact for the set; only the choice within a round ignores their interaction). `allowed(removed, g)`
-    can veto a group (then one group per round)."""
+    can veto a group (then one group per round). `per_round` fixes the groups per round; `trace` receives
+    (groups removed so far, output error added by the round) after every round."""
     W = W.detach().double().clone()
     C = C.double()
     n = C.shape[0]
@@ -180,7 +198,8 @@ def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, 
     G = n // group
     removed: list[int] = []
     alive = torch.ones(G, dtype=torch.bool)
-    per_round = 1 if allowed is not None else max(1, math.ceil(n_remove / steps))
+    if per_round is None:
+        per_round = 1 if allowed is not None else max(1, math.ceil(n_remove / steps))
     while len(removed) < n_remove:
         if group == 1:
             score = (W * W).sum(0) / torch.diagonal(Ci)
@@ -199,6 +218,8 @@ def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, 
             raise ConfigError("no group left that may be removed")
         cols = (pick[:, None] * group + torch.arange(group)[None, :]).flatten()
         B = torch.linalg.inv(Ci[cols][:, cols])
+        if trace is not None:    # output error the round adds: tr(W_S B W_S^T)
+            trace.append((len(removed) + k, float(torch.einsum("rk,kl,rl->", W[:, cols], B, W[:, cols]))))
         W -= W[:, cols] @ B @ Ci[cols, :]
         Ci -= Ci[:, cols] @ B @ Ci[cols, :]
         W[:, cols] = 0.0
@@ -209,6 +230,64 @@ def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, 
     if not torch.isfinite(W).all():
         raise NumericsError("structured pruning produced non-finite weights (calibration activations degenerate)")
     return W, removed
+
+
+@torch.no_grad()
+def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 32, max_frac: float = 0.75,
+                 damp: float = 0.01, progress: bool = True) -> list[int]:
+    """Per-layer MLP widths that remove `n_remove` neurons in all (each layer's a multiple of `round_to`, at most
+    `max_frac` of a layer): every layer's OBS removal curve is measured on the unpruned model in rounds of
+    `round_to` neurons, each round's output error divided by the mean square of the residual stream that the
+    layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
+    layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style)."""
+    layers = model.module.model.layers
+    ff = dims(model.config)["ffn"]
+    n_layers = len(layers)
+    C = [None] * n_layers
+    resid = torch.zeros(n_layers, dtype=torch.float64)
+    count = [0]
+
+    def pre(i):
+        def f(_mod, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            c = (x.T @ x).double()
+            C[i] = c if C[i] is None else C[i] + c
+        return f
+
+    def post(i):
+        def f(_mod, _args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            resid[i] += y.double().pow(2).mean(-1).sum()
+        return f
+    hs = [l.mlp.down_proj.register_forward_pre_hook(pre(i)) for i, l in enumerate(layers)]
+    hs += [l.register_forward_hook(post(i)) for i, l in enumerate(layers)]
+    try:
+        for c in tqdm(chunks, desc="MLP curves: activations", unit="chunk", disable=not progress, leave=False):
+            model.module(input_ids=c[None], use_cache=False)
+            count[0] += c.numel()
+    finally:
+        for h in hs:
+            h.remove()
+    resid /= count[0]
+    n_max = int(ff * max_frac) // round_to * round_to
+    rounds = []
+    for i, l in enumerate(tqdm(layers, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False)):
+        trace: list = []
+        obs_remove(l.mlp.down_proj.weight.data, C[i] / count[0], n_max, per_round=round_to, damp=damp, trace=trace)
+        worst = 0.0
+        for r, (_, err) in enumerate(trace):
+            worst = max(worst, err / round_to / float(resid[i]))
+            rounds.append((worst, i, r))
+    removed = [0] * n_layers
+    total = 0
+    for _, i, _ in sorted(rounds):
+        if total >= n_remove:
+            break
+        removed[i] += round_to
+        total += round_to
+    if total < n_remove:
+        raise ConfigError(f"cannot remove {n_remove} MLP neurons with at most {max_frac:.0%} of each layer")
+    return [ff - r for r in removed]
 
 
 def _second_moment(x: torch.Tensor) -> torch.Tensor:
@@ -289,8 +368,24 @@ def _set_config(module, cfg: dict) -> None:
     for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "num_hidden_layers"):
         setattr(module.config, k, cfg[k])
+    if cfg.get(PER_LAYER):
+        setattr(module.config, PER_LAYER, cfg[PER_LAYER])
+    elif hasattr(module.config, PER_LAYER):
+        delattr(module.config, PER_LAYER)
     if getattr(module.config, "layer_types", None) is not None:
         module.config.layer_types = module.config.layer_types[:cfg["num_hidden_layers"]]
+
+
+def shape_layers(module, cfg: dict) -> None:
+    """Shrink each layer of a model built at the widest config to its own widths (the per-layer config key),
+    so that a per-layer checkpoint's weights load into it."""
+    hd = dims(cfg)["head_dim"]
+    for i, layer in enumerate(module.model.layers):
+        ff, nh, nkv = layer_dims(cfg, i)
+        if ff != layer.mlp.down_proj.in_features:
+            keep_mlp(layer, torch.arange(ff))
+        if nh * hd != layer.self_attn.o_proj.in_features or nkv * hd != layer.self_attn.k_proj.out_features:
+            keep_heads(layer, list(range(nh)), list(range(nkv)), hd)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -340,7 +435,12 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
     if any(not 0 <= i < d["n_layer"] for i in plan.drop_layers) or len(set(plan.drop_layers)) >= d["n_layer"]:
         raise ConfigError(f"layers to drop {plan.drop_layers} must be distinct, in 0..{d['n_layer'] - 1}, "
                           f"and leave one")
-    width = plan.ffn not in (None, d["ffn"]) or n_kv != d["n_kv"] or q_per != q_per0
+    if model.config.get(PER_LAYER):
+        raise ConfigError("this model already has per-layer widths; prune the original instead")
+    if plan.ffn_per_layer is not None and not all(1 <= f <= d["ffn"] for f in plan.ffn_per_layer):
+        raise ConfigError(f"per-layer ffn widths must be between 1 and {d['ffn']}")
+    width = plan.ffn not in (None, d["ffn"]) or n_kv != d["n_kv"] or q_per != q_per0 or \
+        (plan.ffn_per_layer is not None and any(f != d["ffn"] for f in plan.ffn_per_layer))
     if chunks is None and (plan.hidden not in (None, d["hidden"]) or (width and importance != "magnitude")):
         raise ConfigError("this plan needs calibration text (chunks)")
     out = copy.copy(model)
@@ -370,17 +470,18 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     from ..sequential import _layer_inputs
     hd, nkv0 = d["head_dim"], d["n_kv"]
     layers = module.model.layers
-    ffn = plan.ffn if plan.ffn is not None else d["ffn"]
-    do_heads, do_mlp = n_kv != nkv0 or q_per != q_per0, ffn != d["ffn"]
+    ffns = plan.ffn_per_layer or [plan.ffn if plan.ffn is not None else d["ffn"]] * len(layers)
+    do_heads = n_kv != nkv0 or q_per != q_per0
     x = kw = None
     if chunks is not None and importance != "magnitude":
         cache = _layer_inputs(module, chunks)
         x, kw = torch.cat([c[0] for c in cache]), cache[0][1]
         del cache
     keeps = []
-    for layer in tqdm(layers, desc=f"pruning widths ({importance})", unit="layer", disable=not progress,
-                      leave=False):
+    for layer, ffn in zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
+                               disable=not progress, leave=False), ffns):
         res: dict = {}
+        do_mlp = ffn != d["ffn"]
 
         def attn(mod, inputs):
             W = mod.weight.data

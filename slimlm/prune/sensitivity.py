@@ -1,0 +1,213 @@
+"""Measured sensitivity: the KL divergence to the original when only one part of the model is pruned or
+quantized, per layer (and per tensor for quantization). `slimlm sensitivity` prints it and draws a heatmap;
+`--allocate sensitivity` turns the MLP columns into per-layer widths.
+
+Every number is a real forward pass: the hidden states entering each decoder layer are cached once for the
+evaluation chunk, and each variant runs from its layer's cached input to the logits. MLP variants remove the
+neurons OBS chooses (the same greedy order and least-squares refit as `prune`, from the unpruned model's
+activations on calibration text), heads variants remove query heads from every KV group (OBS on o_proj),
+"layer" skips the whole block; quantization variants encode one tensor with a block type (slimlm's encoders)
+and decode it back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .structured import _obs_heads, dims, obs_remove
+
+RATIOS = (0.25, 0.5, 0.75)
+
+
+class _Runner:
+    """Reference log-probabilities and per-layer cached inputs of one chunk; kld() of a changed model."""
+
+    def __init__(self, module, chunk: torch.Tensor):
+        self.module, self.layers, self.ins = module, module.model.layers, []
+
+        def catch(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.ins.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        hs = [l.register_forward_pre_hook(catch, with_kwargs=True) for l in self.layers]
+        try:
+            ref = torch.log_softmax(module(input_ids=chunk[None], use_cache=False).logits[0].double(), -1)
+        finally:
+            for h in hs:
+                h.remove()
+        self.p_ref = ref.exp()
+        self.neg_entropy = float((self.p_ref * ref).sum(-1).mean())
+
+    def kld(self, start: int, skip: bool = False) -> float:
+        """KLD when the model runs from layer `start`'s cached input (skipping that layer with `skip`)."""
+        x, kw = self.ins[start]
+        for layer in self.layers[start + (1 if skip else 0):]:
+            y = layer(x, **kw)
+            x = y[0] if isinstance(y, tuple) else y
+        logits = self.module.lm_head(self.module.model.norm(x))
+        return max(0.0, self.neg_entropy - float((self.p_ref * torch.log_softmax(logits[0].double(), -1)).sum(-1)
+                                                  .mean()))
+
+
+def _moments(module, chunks: torch.Tensor, progress: bool) -> tuple[list, list, int]:
+    layers = module.model.layers
+    C_down, C_o = [None] * len(layers), [None] * len(layers)
+    count = [0]
+
+    def acc(store, i):
+        def f(_mod, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            c = (x.T @ x).double()
+            store[i] = c if store[i] is None else store[i] + c
+        return f
+    hs = [l.mlp.down_proj.register_forward_pre_hook(acc(C_down, i)) for i, l in enumerate(layers)]
+    hs += [l.self_attn.o_proj.register_forward_pre_hook(acc(C_o, i)) for i, l in enumerate(layers)]
+    try:
+        for c in tqdm(chunks, desc="calibration activations", unit="chunk", disable=not progress, leave=False):
+            module(input_ids=c[None], use_cache=False)
+            count[0] += c.numel()
+    finally:
+        for h in hs:
+            h.remove()
+    return C_down, C_o, count[0]
+
+
+def _swap(lin: torch.nn.Linear, W: torch.Tensor, run):
+    keep = lin.weight.data
+    lin.weight.data = W.to(keep.dtype)
+    try:
+        return run()
+    finally:
+        lin.weight.data = keep
+
+
+@torch.no_grad()
+def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, round_to: int = 32,
+            types: tuple[str, ...] = (), mlp_only: bool = False, damp: float = 0.01, progress: bool = True) -> dict:
+    """{"columns": [...], "layers": [{column: KLD}], "tensors": {gguf name: {type: KLD}}, "mlp_order": [...]}.
+    MLP columns "mlp R" (R of the layer's neurons removed, rounded to `round_to`), heads columns "heads -k/g"
+    (k query heads of every KV group of g), "layer" (block skipped), and per type T "T" (the layer's tensors
+    each at T alone, KLDs summed; per tensor in "tensors")."""
+    from ..formats import get_format
+    from ..gguf.writer import encode
+    import gguf
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise ConfigError(f"ratios must be in (0, 1), got {ratios}")
+    for t in types:
+        get_format(t)
+    module, spec, cfg = model.module, model.spec, model.config
+    d = dims(cfg)
+    q0 = d["n_head"] // d["n_kv"]
+    C_down, C_o, n = _moments(module, calib, progress)
+    run = _Runner(module, chunk)
+    columns = [f"mlp {r:.0%}" for r in ratios]
+    if not mlp_only:
+        columns += [f"heads -{k}/{q0}" for k in range(1, q0)] + ["layer"] + list(types)
+    rows, tensors, orders = [], {}, []
+    for i, layer in enumerate(tqdm(run.layers, desc="sensitivity", unit="layer", disable=not progress,
+                                   leave=False)):
+        row = {}
+        down = layer.mlp.down_proj
+        W = down.weight.data.double()
+        n_max = max(int(round(max(ratios) * d["ffn"] / round_to)) * round_to, round_to)
+        _, order = obs_remove(W, C_down[i] / n, min(n_max, d["ffn"] - round_to), per_round=round_to, damp=damp)
+        orders.append(order)
+        Ci = torch.linalg.inv(C_down[i] / n + damp * float(torch.diagonal(C_down[i] / n).mean()) *
+                              torch.eye(d["ffn"], dtype=torch.float64))
+        for r in ratios:
+            k = min(max(int(round(r * d["ffn"] / round_to)) * round_to, round_to), len(order))
+            S = torch.tensor(order[:k])
+            Wr = W - W[:, S] @ torch.linalg.solve(Ci[S][:, S], Ci[S, :])     # least-squares refit for the set
+            Wr[:, S] = 0.0
+            row[f"mlp {r:.0%}"] = _swap(down, Wr, lambda: run.kld(i))
+        if mlp_only:
+            rows.append(row)
+            continue
+        o = layer.self_attn.o_proj
+        for k in range(1, q0):
+            Wo, _ = _obs_heads(o.weight.data, C_o[i] / n, d["n_kv"], q0, d["n_kv"], q0 - k, d["head_dim"], damp)
+            row[f"heads -{k}/{q0}"] = _swap(o, Wo, lambda: run.kld(i))
+        row["layer"] = run.kld(i, skip=True)
+        for t in types:
+            fmt = get_format(t)
+            total = 0.0
+            for name, lin in layer.named_modules():
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                g = spec.hf_to_gguf(f"model.layers.{i}.{name}.weight")
+                if not fmt.fits(lin.weight.shape[1]):
+                    continue
+                raw = encode(lin.weight.data.float().numpy(), fmt, g)
+                Wq = torch.from_numpy(gguf.quants.dequantize(raw, fmt.ggml_type).reshape(lin.weight.shape).copy())
+                v = _swap(lin, Wq, lambda: run.kld(i))
+                tensors.setdefault(g, {})[t] = v
+                total += v
+            row[t] = total
+        rows.append(row)
+    return {"columns": columns, "layers": rows, "tensors": tensors, "mlp_order": orders, "ratios": list(ratios),
+            "round_to": round_to, "calib_tokens": n, "eval_tokens": int(chunk.numel())}
+
+
+def allocate_from(table: dict, ffn: int, n_remove: int, round_to: int) -> list[int]:
+    """Per-layer MLP widths removing `n_remove` neurons in all, from measured KLD at each ratio: each layer's
+    curve (0 at 0 removed) is interpolated linearly per `round_to` neurons, made non-decreasing in marginal
+    cost, and the cheapest steps across layers are taken."""
+    curves = []
+    ratios = table["ratios"]
+    for row in table["layers"]:
+        xs = [0] + [min(max(int(round(r * ffn / round_to)) * round_to, round_to), ffn - round_to) for r in ratios]
+        ys = [0.0] + [row[f"mlp {r:.0%}"] for r in ratios]
+        costs = []
+        for step in range(round_to, xs[-1] + 1, round_to):
+            j = next(j for j in range(1, len(xs)) if xs[j] >= step)
+            slope = (ys[j] - ys[j - 1]) / max(xs[j] - xs[j - 1], 1)
+            costs.append(max(slope, 0.0))
+        curves.append(costs)
+    return greedy_widths(curves, ffn, n_remove, round_to)
+
+
+def greedy_widths(curves: list[list[float]], ffn: int, n_remove: int, round_to: int) -> list[int]:
+    """curves[layer][step]: marginal cost of removing the step-th group of `round_to` neurons of a layer.
+    Costs are made non-decreasing along each layer (so a layer's steps are taken in order), then the cheapest
+    steps over all layers are taken until `n_remove` neurons are removed."""
+    steps = []
+    for i, costs in enumerate(curves):
+        worst = 0.0
+        for s, c in enumerate(costs):
+            worst = max(worst, c if math.isfinite(c) else math.inf)
+            steps.append((worst, i, s))
+    removed, total = [0] * len(curves), 0
+    for _, i, _ in sorted(steps):
+        if total >= n_remove:
+            break
+        removed[i] += round_to
+        total += round_to
+    if total < n_remove:
+        raise ConfigError(f"cannot remove {n_remove} MLP neurons within the measured range of each layer")
+    return [ffn - r for r in removed]
+
+
+def heatmap(table: dict, out, title: str) -> None:
+    """PNG: layers x variants, color = log10 KLD."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..io import atomic_output
+    cols = table["columns"]
+    M = np.array([[max(r[c], 1e-6) for c in cols] for r in table["layers"]])
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.28 * len(M) + 1.5))
+    im = ax.imshow(np.log10(M), aspect="auto", cmap="magma_r")
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right")
+    ax.set_yticks(range(len(M)), [str(i) for i in range(len(M))])
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="log10 KL divergence to the original")
+    fig.tight_layout()
+    with atomic_output(out, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
