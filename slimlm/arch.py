@@ -51,10 +51,10 @@ def layer_dims(cfg: dict, i: int) -> tuple[int, int, int]:
     per = cfg.get(PER_LAYER) or {}
     nh = cfg["num_attention_heads"]
     top = (cfg["intermediate_size"], nh, cfg.get("num_key_value_heads") or nh)
-    return tuple(int(per[k][i]) if k in per else v for k, v in zip(PER_LAYER_FIELDS, top))
+    return tuple(int(per[k][i]) if k in per else v for k, v in zip(PER_LAYER_FIELDS, top, strict=True))
 
 
-def gguf_arch(spec: "ArchSpec", cfg: dict) -> str:
+def gguf_arch(spec: ArchSpec, cfg: dict) -> str:
     """llama.cpp's architecture name for this model: `deci` for a Llama-family model whose layers differ."""
     if cfg.get(PER_LAYER):
         if spec.gguf_arch != "llama":

@@ -3,13 +3,19 @@ masked full-size model exactly, and pruned models (layers, heads, neurons, hidde
 from __future__ import annotations
 
 import copy
-import itertools
 
 import pytest
 import torch
 
-from slimlm.prune.structured import (Plan, _rank_heads, n_params, obs_remove, plan_for_ratio, planned_config,
-                                     prune_structured)
+from slimlm.prune.structured import (
+    Plan,
+    _rank_heads,
+    n_params,
+    obs_remove,
+    plan_for_ratio,
+    planned_config,
+    prune_structured,
+)
 
 
 def _data(n=400, cols=24, rows=8, seed=0):
@@ -69,6 +75,19 @@ def test_n_params_and_plan_for_ratio(tiny_hf, tie):
     assert lp.drop_layers == [1]
 
 
+def _follows_in_llama_cpp(path, model, x):
+    """llama.cpp's logits of the GGUF at `path` equal the torch model's on tokens x; returns torch's."""
+    from slimlm.eval.runtime import LlamaCppRunner
+    r = LlamaCppRunner(path, 64)
+    try:
+        got = r.logits(x)
+    finally:
+        r.close()
+    want = model.logits(x[None])[0]
+    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), float((got - want).abs().max())
+    return want
+
+
 def _chunks(m, n=2, ctx=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, m.config["vocab_size"], (n, ctx), generator=g)
@@ -85,7 +104,7 @@ def test_physical_pruning_equals_the_masked_full_model(tiny_hf, importance):
     assert p.config["intermediate_size"] == 40 and p.config["num_attention_heads"] == 1
     assert p.module.config.num_key_value_heads == 1 and p.n_params() == n_params(p.config)
     full = copy.deepcopy(m.module)
-    for lf, lp, kept in zip(full.model.layers, p.module.model.layers, st["kept"]):
+    for lf, lp, kept in zip(full.model.layers, p.module.model.layers, st["kept"], strict=True):
         qi = torch.cat([torch.arange(h * 16, h * 16 + 16) for h in kept["heads"]])
         o = torch.zeros_like(lf.self_attn.o_proj.weight)
         o[:, qi] = lp.self_attn.o_proj.weight
@@ -117,7 +136,6 @@ def test_obs_beats_activation_on_calibration_error(tiny_hf):
 def test_pruned_gguf_runs_in_llama_cpp_like_torch(tiny_hf, tmp_path, tie, llama_cpp_available):
     """Layers, heads, neurons and hidden channels removed at once: llama.cpp's logits follow torch's."""
     from slimlm import export_gguf, load
-    from slimlm.eval.runtime import LlamaCppRunner
     from slimlm.gguf.reader import read_gguf
     m = load(tiny_hf("LlamaForCausalLM", tie=tie), progress=False)
     plan = Plan(ffn=64, n_kv=1, q_per_kv=2, hidden=48, drop_layers=[0])
@@ -129,13 +147,7 @@ def test_pruned_gguf_runs_in_llama_cpp_like_torch(tiny_hf, tmp_path, tie, llama_
     assert g.get("llama.feed_forward_length") == 64 and g.get("llama.attention.head_count") == 2
     assert g.get("llama.attention.head_count_kv") == 1
     x = _chunks(m, 1, 24, seed=3)[0]
-    r = LlamaCppRunner(out, 64)
-    try:
-        got = r.logits(x)
-    finally:
-        r.close()
-    want = p.logits(x[None])[0]
-    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), float((got - want).abs().max())
+    _follows_in_llama_cpp(out, p, x)
 
 
 def test_bad_plans_are_refused_before_work(tiny_hf):
@@ -156,7 +168,6 @@ def test_per_layer_widths_export_as_deci_and_reload(tiny_hf, tmp_path, llama_cpp
     its logits follow torch's; the HF folder (per-layer config key) reloads through slimlm.load identically."""
     from slimlm import export_gguf, load
     from slimlm.arch import PER_LAYER
-    from slimlm.eval.runtime import LlamaCppRunner
     from slimlm.gguf.reader import read_gguf
     from slimlm.hfout import save_hf
     from slimlm.prune.structured import allocate_ffn
@@ -174,13 +185,7 @@ def test_per_layer_widths_export_as_deci_and_reload(tiny_hf, tmp_path, llama_cpp
     assert g.architecture == "deci" and list(g.get("deci.feed_forward_length")) == widths
     assert list(g.get("deci.attention.head_count")) == [2, 2, 2]
     x = _chunks(m, 1, 24, seed=3)[0]
-    r = LlamaCppRunner(out, 64)
-    try:
-        got = r.logits(x)
-    finally:
-        r.close()
-    want = p.logits(x[None])[0]
-    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), float((got - want).abs().max())
+    want = _follows_in_llama_cpp(out, p, x)
     d = save_hf(p, tmp_path / "hf")
     back = load(d, progress=False)
     assert back.config[PER_LAYER]["intermediate_size"] == widths

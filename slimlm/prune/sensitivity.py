@@ -11,13 +11,11 @@ and decode it back.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .structured import _obs_heads, dims, obs_remove
+from .structured import _obs_heads, dims, greedy_widths, obs_remove
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -91,9 +89,10 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
     MLP columns "mlp R" (R of the layer's neurons removed, rounded to `round_to`), heads columns "heads -k/g"
     (k query heads of every KV group of g), "layer" (block skipped), and per type T "T" (the layer's tensors
     each at T alone, KLDs summed; per tensor in "tensors")."""
+    import gguf
+
     from ..formats import get_format
     from ..gguf.writer import encode
-    import gguf
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise ConfigError(f"ratios must be in (0, 1), got {ratios}")
     for t in types:
@@ -122,14 +121,14 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
             S = torch.tensor(order[:k])
             Wr = W - W[:, S] @ torch.linalg.solve(Ci[S][:, S], Ci[S, :])     # least-squares refit for the set
             Wr[:, S] = 0.0
-            row[f"mlp {r:.0%}"] = _swap(down, Wr, lambda: run.kld(i))
+            row[f"mlp {r:.0%}"] = _swap(down, Wr, lambda i=i: run.kld(i))
         if mlp_only:
             rows.append(row)
             continue
         o = layer.self_attn.o_proj
         for k in range(1, q0):
             Wo, _ = _obs_heads(o.weight.data, C_o[i] / n, d["n_kv"], q0, d["n_kv"], q0 - k, d["head_dim"], damp)
-            row[f"heads -{k}/{q0}"] = _swap(o, Wo, lambda: run.kld(i))
+            row[f"heads -{k}/{q0}"] = _swap(o, Wo, lambda i=i: run.kld(i))
         row["layer"] = run.kld(i, skip=True)
         for t in types:
             fmt = get_format(t)
@@ -142,7 +141,7 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
                     continue
                 raw = encode(lin.weight.data.float().numpy(), fmt, g)
                 Wq = torch.from_numpy(gguf.quants.dequantize(raw, fmt.ggml_type).reshape(lin.weight.shape).copy())
-                v = _swap(lin, Wq, lambda: run.kld(i))
+                v = _swap(lin, Wq, lambda i=i: run.kld(i))
                 tensors.setdefault(g, {})[t] = v
                 total += v
             row[t] = total
@@ -167,27 +166,6 @@ def allocate_from(table: dict, ffn: int, n_remove: int, round_to: int) -> list[i
             costs.append(max(slope, 0.0))
         curves.append(costs)
     return greedy_widths(curves, ffn, n_remove, round_to)
-
-
-def greedy_widths(curves: list[list[float]], ffn: int, n_remove: int, round_to: int) -> list[int]:
-    """curves[layer][step]: marginal cost of removing the step-th group of `round_to` neurons of a layer.
-    Costs are made non-decreasing along each layer (so a layer's steps are taken in order), then the cheapest
-    steps over all layers are taken until `n_remove` neurons are removed."""
-    steps = []
-    for i, costs in enumerate(curves):
-        worst = 0.0
-        for s, c in enumerate(costs):
-            worst = max(worst, c if math.isfinite(c) else math.inf)
-            steps.append((worst, i, s))
-    removed, total = [0] * len(curves), 0
-    for _, i, _ in sorted(steps):
-        if total >= n_remove:
-            break
-        removed[i] += round_to
-        total += round_to
-    if total < n_remove:
-        raise ConfigError(f"cannot remove {n_remove} MLP neurons within the measured range of each layer")
-    return [ffn - r for r in removed]
 
 
 def heatmap(table: dict, out, title: str) -> None:

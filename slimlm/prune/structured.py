@@ -270,24 +270,33 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
             h.remove()
     resid /= count[0]
     n_max = int(ff * max_frac) // round_to * round_to
-    rounds = []
+    curves = []
     for i, l in enumerate(tqdm(layers, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False)):
         trace: list = []
         obs_remove(l.mlp.down_proj.weight.data, C[i] / count[0], n_max, per_round=round_to, damp=damp, trace=trace)
+        curves.append([err / round_to / float(resid[i]) for _, err in trace])
+    return greedy_widths(curves, ff, n_remove, round_to)
+
+
+def greedy_widths(curves: list[list[float]], ffn: int, n_remove: int, round_to: int) -> list[int]:
+    """curves[layer][step]: marginal cost of removing the step-th group of `round_to` neurons of a layer.
+    Costs are made non-decreasing along each layer (so a layer's steps are taken in order), then the cheapest
+    steps over all layers are taken until `n_remove` neurons are removed."""
+    steps = []
+    for i, costs in enumerate(curves):
         worst = 0.0
-        for r, (_, err) in enumerate(trace):
-            worst = max(worst, err / round_to / float(resid[i]))
-            rounds.append((worst, i, r))
-    removed = [0] * n_layers
-    total = 0
-    for _, i, _ in sorted(rounds):
+        for s, c in enumerate(costs):
+            worst = max(worst, c if math.isfinite(c) else math.inf)
+            steps.append((worst, i, s))
+    removed, total = [0] * len(curves), 0
+    for _, i, _ in sorted(steps):
         if total >= n_remove:
             break
         removed[i] += round_to
         total += round_to
     if total < n_remove:
-        raise ConfigError(f"cannot remove {n_remove} MLP neurons with at most {max_frac:.0%} of each layer")
-    return [ff - r for r in removed]
+        raise ConfigError(f"cannot remove {n_remove} MLP neurons within the range allowed per layer")
+    return [ffn - r for r in removed]
 
 
 def _second_moment(x: torch.Tensor) -> torch.Tensor:
@@ -479,11 +488,11 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
         del cache
     keeps = []
     for layer, ffn in zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
-                               disable=not progress, leave=False), ffns):
+                               disable=not progress, leave=False), ffns, strict=True):
         res: dict = {}
         do_mlp = ffn != d["ffn"]
 
-        def attn(mod, inputs):
+        def attn(mod, inputs, res=res):
             W = mod.weight.data
             if importance == "obs":
                 Wn, gone = _obs_heads(W, _second_moment(inputs[0]), nkv0, q_per0, n_kv, q_per, hd, damp)
@@ -499,7 +508,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
             mod.weight.data = Wn.to(W.dtype)
             res["heads"] = sorted(set(range(nkv0 * q_per0)) - set(gone))
 
-        def mlp(mod, inputs):
+        def mlp(mod, inputs, layer=layer, res=res, ffn=ffn):
             W = mod.weight.data
             n_rm = W.shape[1] - ffn
             if importance == "obs":
@@ -535,7 +544,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
                     h.remove()
         keeps.append(res)
     stats["kept"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()} for r in keeps]
-    for layer, res in zip(layers, keeps):
+    for layer, res in zip(layers, keeps, strict=True):
         if "heads" in res:
             heads = res["heads"]
             keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, layer.self_attn.o_proj.weight.data)

@@ -177,7 +177,7 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
                                        leave=False)):
             shared: dict = {}
 
-            def hook(name):
+            def hook(name, i=i, shared=shared):
                 def f(mod, inputs):
                     key = input_key(inputs[0])
                     if key not in shared:       # holding the input keeps its memory from being reused
