@@ -14,7 +14,7 @@ Rows:
   most favourable choice we know for llama.cpp; llama-quantize itself leaves the choice to the user) and,
   also, the last layers before the final one (the common manual choice);
 - format-aware hidden 576 -> 512 at Q4_K_M: every 2-D weight must be a K-quant.
-Speed: llama.cpp prompt and generation tokens/s, median of --repeats runs, files measured round-robin.
+Speed: llama.cpp prompt and generation tokens/s, median of --repeats runs, files in shuffled round-robin order.
 
 Checks: (a) Wanda and SparseGPT KLD < magnitude at 50% and 2:4; (b) slimlm's default structured method at
 --ratio: >= 1.25x generation tokens/s of the unpruned Q8_0, KLD below llama.cpp's layer pruning at the same or
@@ -35,12 +35,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from foundation import RESULTS, add_common_args, reference_model  # noqa: E402
 
+DEFAULT = "slimlm mlp (obs, global widths: deci) = default"
+
 
 def speeds(paths: dict, prompt, repeats: int, n_gen: int) -> dict:
+    import random
+
     from slimlm.eval.runtime import LlamaCppRunner
     runs = {n: [] for n in paths}
+    rng = random.Random(0)
     for _ in range(repeats):
-        for n, p in paths.items():
+        order = list(paths.items())
+        rng.shuffle(order)                     # no file always first (or last) in a round
+        for n, p in order:
             r = LlamaCppRunner(p, 512, logits_all=False)
             try:
                 runs[n].append(r.speed(prompt, n_gen))
@@ -55,7 +62,8 @@ def main() -> int:
     add_common_args(ap, eval_chunks=8)
     ap.set_defaults(calib_chunks=16)
     ap.add_argument("--ratio", type=float, default=0.25, help="structured: fraction of parameters removed")
-    ap.add_argument("--repeats", type=int, default=5, help="speed runs per file (median)")
+    ap.add_argument("--repeats", type=int, default=7, help="speed runs per file (median)")
+    ap.add_argument("--n-gen", type=int, default=128, help="generated tokens per speed run")
     ap.add_argument("--skip-weight", action="store_true", help="skip the weight-pruning rows")
     a = ap.parse_args()
 
@@ -64,7 +72,7 @@ def main() -> int:
     from slimlm.eval import evaluate_many
     from slimlm.eval.runtime import LlamaCppRunner, llama_cpp_quantize
     from slimlm.gguf.reader import read_gguf
-    from slimlm.prune.command import PruneConfig, make_plan
+    from slimlm.prune.command import PruneConfig, allocate_widths, make_plan
     from slimlm.prune.structured import Plan, block_influence, n_params, planned_config, prune_structured
     from slimlm.prune.weights import parse_sparsity, prune_weights_model
 
@@ -94,16 +102,22 @@ def main() -> int:
     bi = block_influence(ref, chunks[:4], progress=False)
     order = sorted(range(len(bi)), key=lambda i: bi[i])
     structured = {}
-    for label, method, imp in (("slimlm mlp (obs, default)", "mlp", "obs"), ("slimlm mlp (activation)", "mlp",
-                               "activation"), ("slimlm width (obs)", "width", "obs"),
-                               ("slimlm layers (block influence)", "layers", "obs")):
-        plan = make_plan(ref, PruneConfig(ratio=a.ratio, method=method, importance=imp), order)
-        print(f"{label}: {plan.describe()} ...", flush=True)
+    for label, method, imp, alloc in (
+            (DEFAULT, "mlp", "obs", "global"), ("slimlm mlp (obs, uniform widths)", "mlp", "obs", "uniform"),
+            ("slimlm mlp (activation, uniform)", "mlp", "activation", "uniform"),
+            ("slimlm width (obs, uniform)", "width", "obs", "uniform"),
+            ("slimlm layers (block influence)", "layers", "obs", "uniform")):
+        cfg = PruneConfig(ratio=a.ratio, method=method, importance=imp, allocate=alloc)
         t0 = time.perf_counter()
+        plan = make_plan(ref, cfg, order)
+        if cfg.allocation != "uniform":
+            allocate_widths(ref, chunks, plan, cfg, print, True)
+        print(f"{label}: {plan.describe()} ...", flush=True)
         m, st = prune_structured(ref, chunks, plan, importance=imp, progress=True)
         add(label, m, "Q8_0", time.perf_counter() - t0, "structured")
-        structured[label] = plan.describe()
-    removed_ours = 1 - rows["slimlm mlp (obs, default)"]["params"] / total
+        structured[label] = {"plan": plan.describe(), "ffn_per_layer": plan.ffn_per_layer,
+                             "arch": "deci" if plan.ffn_per_layer else "llama"}
+    removed_ours = 1 - rows[DEFAULT]["params"] / total
     k = next(k for k in range(1, len(bi)) if
              1 - n_params(planned_config(ref.config, Plan(drop_layers=list(range(k))))) / total >= removed_ours)
     f32 = RESULTS / "slimlm-F32.gguf"
@@ -135,17 +149,25 @@ def main() -> int:
     finally:
         r.close()
 
+    arch_b = read_gguf(rows[DEFAULT]["path"]).architecture
+    r = LlamaCppRunner(rows[DEFAULT]["path"], 256, logits_all=False)
+    try:
+        sample_b = r.generate("The history of the city", 16)
+    finally:
+        r.close()
+
     names = list(rows)
     res = evaluate_many([rows[n]["path"] for n in names], ref, text_path=a.text, n_ctx=512, max_chunks=a.chunks,
                         speed=False, progress=True)
     sp = speeds({n: rows[n]["path"] for n in names if rows[n]["group"] in ("base", "structured", "format-aware")},
-                chunks[0][:128], a.repeats, 64)
+                chunks[0][:128], a.repeats, a.n_gen)
     r0 = res[0]
     print(f"\nmodel: {ref_path.name} ({total / 1e6:.2f}M params), reference in torch f32 (PPL {r0['ref_ppl']:.4f})")
     print(f"calibration: {prov}")
     print(f"text: {r0['text']}; {r0['n_chunks']} chunks x {r0['n_ctx']} tokens, {r0['n_scored_tokens']} scored")
-    print(f"speed: llama.cpp, 128-token prompt + 64 generated tokens, median of {a.repeats} runs, "
-          f"{LlamaCppRunner.__name__} threads = torch threads")
+    import torch
+    print(f"speed: llama.cpp, 128-token prompt + {a.n_gen} generated tokens (greedy), median of {a.repeats} runs in "
+          f"shuffled round-robin order, {torch.get_num_threads()} threads")
     base_tps = sp["unpruned"]["gen_tps"]
     print("\n| model | type | params (M) | removed | MiB | PPL | KLD | top-1 | prompt tok/s | gen tok/s | "
           "gen x unpruned | prune s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -171,9 +193,12 @@ def main() -> int:
             for meth in ("wanda", "sparsegpt"):
                 kl = table[f"{meth} {pattern}"]["kld"]
                 checks.append((kl < mag, f"(a) {meth} {pattern} KLD {kl:.4f} < magnitude {mag:.4f}"))
-    ours = table["slimlm mlp (obs, default)"]
+    ours = table[DEFAULT]
     lc = table[f"llama.cpp prune_layers {k} (slimlm's block-influence choice)"]
     lc_last = table[f"llama.cpp prune_layers {k} (last before the final)"]
+    checks.append((arch_b == ("deci" if structured[DEFAULT]["ffn_per_layer"] else "llama") and bool(sample_b.strip()),
+                   f"(b) slimlm default loads in llama.cpp as {arch_b} (per-layer widths: "
+                   f"{structured[DEFAULT]['ffn_per_layer']}) and generates: {sample_b!r}"))
     checks.append((1 - ours["params"] / total >= a.ratio,
                    f"(b) slimlm default removes {1 - ours['params'] / total:.1%} >= {a.ratio:.0%} of parameters"))
     checks.append((ours["gen_tps"] / base_tps >= 1.25,

@@ -14,7 +14,8 @@ from .weights import WEIGHT_METHODS, parse_sparsity
 STRUCTURED = ("mlp", "width", "layers")
 ALLOCATE = ("uniform", "global", "sensitivity")
 METHODS = STRUCTURED + WEIGHT_METHODS
-DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons
+DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons, widths
+                             # allocated per layer (global OBS ranking)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class PruneConfig:
     heads: str | None = None           # "KVxQ": KV heads kept x query heads per KV head
     drop_layers: tuple[int, ...] = ()
     format_aware: bool = False         # round every width to the output type's block size
-    allocate: str = "uniform"          # MLP widths: uniform (llama) or global (per layer by OBS cost: deci)
+    allocate: str | None = None        # MLP widths: uniform (llama), global (per layer by OBS cost: deci) or
+                                       # sensitivity (measured KLD); None: global for mlp/width, else uniform
     type: str = "Q8_0"                 # GGUF output type
     hf_dtype: str = "float32"          # HF output precision
     calib: str | None = None
@@ -61,11 +63,17 @@ class PruneConfig:
                 raise ConfigError(f"--ratio must be between 0 and 1, got {self.ratio}")
         if self.heads is not None:
             self.parsed_heads()
-        if self.allocate not in ALLOCATE:
+        if self.allocate is not None and self.allocate not in ALLOCATE:
             raise ConfigError(f"--allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
-        if self.allocate != "uniform" and (self.method not in ("mlp", "width") or self.drop_layers):
-            raise ConfigError(f"--allocate {self.allocate} sets per-layer MLP widths: use it with --method mlp or width, "
-                              "without --drop-layers")
+        if self.allocate not in (None, "uniform") and self.method not in ("mlp", "width"):
+            raise ConfigError(f"--allocate {self.allocate} sets per-layer MLP widths: use it with --method mlp or "
+                              f"width")
+
+    @property
+    def allocation(self) -> str:
+        if self.allocate is not None:
+            return self.allocate
+        return "global" if self.method in ("mlp", "width") else "uniform"
         for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks)):
             if v is not None and v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
@@ -157,6 +165,28 @@ def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan
     return base
 
 
+def allocate_widths(m, chunks, plan: Plan, config: PruneConfig, say, progress: bool) -> None:
+    """Replace the plan's uniform MLP width by per-layer widths removing the same number of neurons."""
+    from .structured import allocate_ffn
+    d = dims(m.config)
+    kept = [i for i in range(d["n_layer"]) if i not in plan.drop_layers]
+    n_rm, mult = (d["ffn"] - plan.ffn) * len(kept), round_multiple(config)
+    if config.allocation == "global":
+        say("measuring every layer's MLP pruning curve (OBS) ...")
+        plan.ffn_per_layer = allocate_ffn(m, chunks, n_rm, round_to=mult, layers=kept, progress=progress)
+    else:
+        from .sensitivity import allocate_from, measure
+        if chunks.shape[0] < 2:
+            raise ConfigError("--allocate sensitivity needs at least 2 calibration chunks")
+        say("measuring each layer's MLP sensitivity (KLD on a held-out calibration chunk) ...")
+        table = measure(m, chunks[:-1], chunks[-1], round_to=mult, mlp_only=True, progress=progress)
+        table["layers"] = [table["layers"][i] for i in kept]
+        plan.ffn_per_layer = allocate_from(table, d["ffn"], n_rm, mult)
+    plan.ffn = None
+    if len(set(plan.ffn_per_layer)) == 1:
+        plan.ffn, plan.ffn_per_layer = plan.ffn_per_layer[0], None
+
+
 def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
           command: str = ""):
     """Prune `model` (path or None for the default) and write `out` (.gguf: a GGUF of config.type; otherwise an
@@ -167,9 +197,12 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     from ..io import check_output_path
     from ..model import load
     from ..report import Report
-    from .structured import allocate_ffn, block_influence, prune_structured
+    from .structured import block_influence, prune_structured
     from .weights import prune_weights_model
     gguf_out = str(out).endswith(".gguf")
+    if not gguf_out and config.allocate is None and config.method in STRUCTURED:
+        import dataclasses      # an HF folder that transformers loads alone needs uniform widths
+        config = dataclasses.replace(config, allocate="uniform")
     if gguf_out:
         out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -194,21 +227,8 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
             bi = block_influence(m, chunks[:4], progress=progress)
             order = sorted(range(len(bi)), key=lambda i: bi[i])
         plan = make_plan(m, config, order)
-        if config.allocate != "uniform" and plan.ffn is not None:
-            ff, n_layer = dims(m.config)["ffn"], dims(m.config)["n_layer"]
-            n_rm, mult = (ff - plan.ffn) * n_layer, round_multiple(config)
-            if config.allocate == "global":
-                plan.ffn_per_layer = allocate_ffn(m, chunks, n_rm, round_to=mult, progress=progress)
-            else:
-                from .sensitivity import allocate_from, measure
-                if chunks.shape[0] < 2:
-                    raise ConfigError("--allocate sensitivity needs at least 2 calibration chunks")
-                say("measuring each layer's MLP sensitivity (KLD on a held-out calibration chunk) ...")
-                table = measure(m, chunks[:-1], chunks[-1], round_to=mult, mlp_only=True, progress=progress)
-                plan.ffn_per_layer = allocate_from(table, ff, n_rm, mult)
-            plan.ffn = None
-            if len(set(plan.ffn_per_layer)) == 1:
-                plan.ffn, plan.ffn_per_layer = plan.ffn_per_layer[0], None
+        if config.allocation != "uniform" and plan.ffn is not None:
+            allocate_widths(m, chunks, plan, config, say, progress)
         say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
         pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
         step = {"step": "structured pruning", "source": prov, **st,

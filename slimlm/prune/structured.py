@@ -234,15 +234,17 @@ def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, 
 
 @torch.no_grad()
 def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 32, max_frac: float = 0.75,
-                 damp: float = 0.01, progress: bool = True) -> list[int]:
+                 layers: list[int] | None = None, damp: float = 0.01, progress: bool = True) -> list[int]:
     """Per-layer MLP widths that remove `n_remove` neurons in all (each layer's a multiple of `round_to`, at most
     `max_frac` of a layer): every layer's OBS removal curve is measured on the unpruned model in rounds of
     `round_to` neurons, each round's output error divided by the mean square of the residual stream that the
     layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
-    layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style)."""
-    layers = model.module.model.layers
+    layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style). `layers`:
+    only these layers (by index; the others are to be dropped) get widths, in that order."""
+    which = list(range(len(model.module.model.layers))) if layers is None else list(layers)
+    all_layers = model.module.model.layers
     ff = dims(model.config)["ffn"]
-    n_layers = len(layers)
+    n_layers = len(all_layers)
     C = [None] * n_layers
     resid = torch.zeros(n_layers, dtype=torch.float64)
     count = [0]
@@ -259,8 +261,8 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
             y = out[0] if isinstance(out, tuple) else out
             resid[i] += y.double().pow(2).mean(-1).sum()
         return f
-    hs = [l.mlp.down_proj.register_forward_pre_hook(pre(i)) for i, l in enumerate(layers)]
-    hs += [l.register_forward_hook(post(i)) for i, l in enumerate(layers)]
+    hs = [all_layers[i].mlp.down_proj.register_forward_pre_hook(pre(i)) for i in which]
+    hs += [all_layers[i].register_forward_hook(post(i)) for i in which]
     try:
         for c in tqdm(chunks, desc="MLP curves: activations", unit="chunk", disable=not progress, leave=False):
             model.module(input_ids=c[None], use_cache=False)
@@ -271,9 +273,10 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     resid /= count[0]
     n_max = int(ff * max_frac) // round_to * round_to
     curves = []
-    for i, l in enumerate(tqdm(layers, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False)):
+    for i in tqdm(which, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False):
         trace: list = []
-        obs_remove(l.mlp.down_proj.weight.data, C[i] / count[0], n_max, per_round=round_to, damp=damp, trace=trace)
+        obs_remove(all_layers[i].mlp.down_proj.weight.data, C[i] / count[0], n_max, per_round=round_to, damp=damp,
+                   trace=trace)
         curves.append([err / round_to / float(resid[i]) for _, err in trace])
     return greedy_widths(curves, ff, n_remove, round_to)
 
