@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "table for this model and text exists (cache: $SLIMLM_CACHE or ~/.cache/slimlm)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
                    "whose pre-tokenizer slimlm cannot identify (by default such a model is refused)")
+    p.add_argument("--prune", type=float, metavar="R", help="structured pruning first (as slimlm prune --ratio R): "
+                   "remove R of all parameters, then quantize the pruned model (calibration, imatrix and GPTQ "
+                   "on the pruned model; evaluation against the unpruned original)")
+    p.add_argument("--prune-method", default="mlp", choices=["mlp", "width", "layers"],
+                   help="with --prune: what is removed (default mlp; see slimlm prune --help)")
+    p.add_argument("--prune-allocate", choices=["uniform", "global", "sensitivity"], help="with --prune: MLP "
+                   "widths per layer (default global for mlp/width: llama.cpp's deci arch) or uniform (llama)")
+    p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
+                   "block size so that no tensor falls back to another type")
     _add_eval_args(p)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement, size and speed",
@@ -214,7 +223,8 @@ def cmd_compress(a) -> int:
                          act_order=a.act_order, target_size=a.target_size, bpw=a.bpw,
                          calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
-                         measure_effects=a.measure_effects)
+                         measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
+                         prune_allocate=a.prune_allocate, format_aware=a.format_aware)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

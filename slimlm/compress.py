@@ -47,6 +47,10 @@ class CompressConfig:
     sensitivity_chunks: int = 8       # calibration chunks the sensitivity measurement uses
     cache: bool = True                # reuse a cached sensitivity table for the same model and text
     measure_effects: bool = False     # budget: measure each tensor's KLD alone with its written weights
+    prune: float | None = None        # structured pruning first: fraction of all parameters removed
+    prune_method: str = "mlp"         # mlp | width | layers (slimlm prune --method)
+    prune_allocate: str | None = None # uniform | global | sensitivity (default: global for mlp/width)
+    format_aware: bool = False        # pruned widths rounded to the type's block size
 
     def __post_init__(self):
         get_preset(self.type)
@@ -69,10 +73,26 @@ class CompressConfig:
             parse_size(self.target_size)
         if self.bpw is not None and not 2.0 <= self.bpw <= 16.0:
             raise ConfigError(f"--bpw must be between 2 and 16, got {self.bpw}")
+        if self.prune is not None:
+            from .prune.command import STRUCTURED
+            if self.prune_method not in STRUCTURED:
+                raise ConfigError(f"--prune-method must be one of {', '.join(STRUCTURED)}, got {self.prune_method!r}")
+            self.prune_config()                       # validates ratio and allocation
+            if self.imatrix:
+                raise ConfigError("--imatrix was computed for the unpruned model; with --prune use --calib "
+                                  "(the matrix is then computed on the pruned model)")
+        elif self.format_aware:
+            raise ConfigError("--format-aware rounds pruned widths: give --prune R too")
         for flag, v in (("--gptq-chunks", self.gptq_chunks), ("--sensitivity-chunks", self.sensitivity_chunks),
                         ("--calib-chunks", self.calib_chunks)):
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
+
+    def prune_config(self):
+        from .prune.command import PruneConfig
+        return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate,
+                           format_aware=self.format_aware, type=self.type if not self.budgeted else "Q8_0",
+                           calib=self.calib, calib_chunks=self.calib_chunks, n_ctx=self.n_ctx)
 
     @property
     def budgeted(self) -> bool:
@@ -99,9 +119,14 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         imatrix = ImportanceMatrix.load(config.imatrix)
         steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
     chunks = prov = None
-    if config.calib or config.method != "rtn" or config.budgeted:
+    if config.calib or config.method != "rtn" or config.budgeted or config.prune is not None:
         chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                           n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
+    original = m
+    if config.prune is not None:
+        from .prune.command import structured_prune
+        m, st = structured_prune(m, chunks, config.prune_config(), say, progress)
+        steps.append({"step": "structured pruning", "source": prov, **st})
     if config.calib and imatrix is None:
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
@@ -136,7 +161,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")
-        ev = evaluate(out, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
+        ev = evaluate(out, original, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
                       speed=config.speed, progress=progress)
     rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {label} "
                                     f"--method {config.method}",

@@ -132,3 +132,19 @@ def test_prune_allocate_sensitivity_writes_deci(tiny_hf, tmp_path, llama_cpp_ava
     ffn = list(g.get(f"{g.architecture}.feed_forward_length")) if g.architecture == "deci" else \
         [g.get("llama.feed_forward_length")] * 3
     assert sum(96 - f for f in ffn) == 3 * 32
+
+
+def test_compress_prunes_then_quantizes_and_evaluates_against_the_original(tiny_hf, tmp_path, llama_cpp_available):
+    from slimlm.gguf.reader import read_gguf
+    out = tmp_path / "c.gguf"
+    assert main(["-q", "compress", str(tiny_hf("LlamaForCausalLM")), "-o", str(out), "--prune", "0.003",
+                 "--method", "gptq", "--type", "Q8_0", "--calib-chunks", "2", "--ctx", "64", "--chunks", "1",
+                 "--no-speed"]) == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    st = rep["steps"][0]
+    assert st["step"] == "structured pruning" and st["removed_fraction"] >= 0.003
+    assert rep["export"]["n_params"] == st["params_after"] < st["params_before"]
+    assert rep["evaluation"]["ref"]["n_params"] == st["params_before"]       # scored against the unpruned model
+    assert read_gguf(out).architecture == st["arch"]
+    assert main(["-q", "compress", str(tiny_hf("LlamaForCausalLM")), "-o", str(tmp_path / "x.gguf"), "--prune",
+                 "0.1", "--imatrix", str(out)]) == 2

@@ -187,6 +187,25 @@ def allocate_widths(m, chunks, plan: Plan, config: PruneConfig, say, progress: b
         plan.ffn, plan.ffn_per_layer = plan.ffn_per_layer[0], None
 
 
+def structured_prune(m, chunks, config: PruneConfig, say, progress: bool):
+    """Plan (widths for --ratio, per-layer allocation) and apply structured pruning; (pruned model, stats)."""
+    from .structured import block_influence, prune_structured
+    order = None
+    if config.method == "layers":
+        bi = block_influence(m, chunks[:4], progress=progress)
+        order = sorted(range(len(bi)), key=lambda i: bi[i])
+    plan = make_plan(m, config, order)
+    if config.allocation != "uniform" and plan.ffn is not None:
+        allocate_widths(m, chunks, plan, config, say, progress)
+    say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
+    pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
+    st["removed_fraction"] = 1 - st["params_after"] / st["params_before"]
+    st["arch"] = "deci" if plan.ffn_per_layer else "llama"
+    say(f"parameters {st['params_before'] / 1e6:.2f}M -> {st['params_after'] / 1e6:.2f}M "
+        f"({st['removed_fraction']:.1%} removed)")
+    return pruned, st
+
+
 def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
           command: str = ""):
     """Prune `model` (path or None for the default) and write `out` (.gguf: a GGUF of config.type; otherwise an
@@ -197,11 +216,10 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     from ..io import check_output_path
     from ..model import load
     from ..report import Report
-    from .structured import block_influence, prune_structured
     from .weights import prune_weights_model
     gguf_out = str(out).endswith(".gguf")
     if not gguf_out and config.allocate is None and config.method in STRUCTURED:
-        import dataclasses      # an HF folder that transformers loads alone needs uniform widths
+        import dataclasses  # an HF folder that transformers loads alone needs uniform widths
         config = dataclasses.replace(config, allocate="uniform")
     if gguf_out:
         out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
@@ -222,19 +240,8 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
             f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")
     else:
-        order = None
-        if config.method == "layers":
-            bi = block_influence(m, chunks[:4], progress=progress)
-            order = sorted(range(len(bi)), key=lambda i: bi[i])
-        plan = make_plan(m, config, order)
-        if config.allocation != "uniform" and plan.ffn is not None:
-            allocate_widths(m, chunks, plan, config, say, progress)
-        say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
-        pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
-        step = {"step": "structured pruning", "source": prov, **st,
-                "removed_fraction": 1 - st["params_after"] / st["params_before"]}
-        say(f"parameters {st['params_before'] / 1e6:.2f}M -> {st['params_after'] / 1e6:.2f}M "
-            f"({step['removed_fraction']:.1%} removed)")
+        pruned, st = structured_prune(m, chunks, config, say, progress)
+        step = {"step": "structured pruning", "source": prov, **st}
     step["seconds"] = time.perf_counter() - t0
     if gguf_out:
         from ..gguf.writer import export_gguf
