@@ -158,14 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-aware", action="store_true", help="round every width (hidden, MLP, attention = "
                    "heads x head_dim) to a multiple of --type's block size (256 for K-quants), so every tensor "
                    "takes the requested type with no fallback; attention heads are cut to fit where needed")
-    p.add_argument("--allocate", choices=["uniform", "global", "sensitivity"],
+    p.add_argument("--allocate", choices=["uniform", "global", "sensitivity", "owl"],
                    help="MLP widths: global (default for mlp/width into a GGUF; best measured): per layer, the cheapest "
                    "neurons across all layers by OBS error relative to each layer's residual stream; uniform: the "
                    "same width everywhere (llama arch; default for layers and for an HF folder, which transformers then "
                    "loads alone); sensitivity: "
                    "per layer from the measured KLD of pruning that layer alone at 25/50/75%% (as slimlm "
                    "sensitivity). Per-layer widths export as llama.cpp's deci arch; their HF folder loads with "
-                   "slimlm.load")
+                   "slimlm.load. Weight pruning: uniform (default) or owl: per-layer sparsity by outlier ratio "
+                   "(OWL; layers with more large |W|*|X| scores pruned less, +-0.08 around --sparsity)")
     p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="HF folder output precision (default float32)")

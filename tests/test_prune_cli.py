@@ -148,3 +148,20 @@ def test_compress_prunes_then_quantizes_and_evaluates_against_the_original(tiny_
     assert read_gguf(out).architecture == st["arch"]
     assert main(["-q", "compress", str(tiny_hf("LlamaForCausalLM")), "-o", str(tmp_path / "x.gguf"), "--prune",
                  "0.1", "--imatrix", str(out)]) == 2
+
+
+def test_owl_prunes_outlier_heavy_layers_less_at_the_same_total(tiny_hf):
+    from slimlm import load
+    from slimlm.prune.weights import owl_sparsities, prune_weights_model
+    m = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    with torch.no_grad():                       # give layer 1 large outliers
+        W = m.module.model.layers[1].mlp.gate_proj.weight
+        W[:, :8] *= 10.0
+    chunks = torch.randint(3, m.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    sp = owl_sparsities(m, chunks, 0.5, progress=False)
+    assert sp[1] == pytest.approx(min(sp)) and max(sp) - min(sp) == pytest.approx(0.16)
+    assert sum(sp) / 3 == pytest.approx(0.5)
+    p, st = prune_weights_model(m, chunks, "wanda", 0.5, owl=True, progress=False)
+    for layer, s in zip(p.module.model.layers, sp, strict=True):
+        z = (layer.mlp.up_proj.weight == 0).float().mean()
+        assert float(z) == pytest.approx(s, abs=0.02)

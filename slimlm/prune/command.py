@@ -12,7 +12,7 @@ from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
 
 STRUCTURED = ("mlp", "width", "layers")
-ALLOCATE = ("uniform", "global", "sensitivity")
+ALLOCATE = ("uniform", "global", "sensitivity", "owl")
 METHODS = STRUCTURED + WEIGHT_METHODS
 DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons, widths
                              # allocated per layer (global OBS ranking)
@@ -65,7 +65,10 @@ class PruneConfig:
             self.parsed_heads()
         if self.allocate is not None and self.allocate not in ALLOCATE:
             raise ConfigError(f"--allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
-        if self.allocate not in (None, "uniform") and self.method not in ("mlp", "width"):
+        if self.allocate == "owl" and self.method not in WEIGHT_METHODS:
+            raise ConfigError("--allocate owl sets per-layer weight sparsity: use it with magnitude, wanda or "
+                              "sparsegpt")
+        if self.allocate in ("global", "sensitivity") and self.method not in ("mlp", "width"):
             raise ConfigError(f"--allocate {self.allocate} sets per-layer MLP widths: use it with --method mlp or "
                               f"width")
 
@@ -235,7 +238,8 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     if config.method in WEIGHT_METHODS:
         sp, nm = parse_sparsity(config.sparsity)
         say(f"{config.method} weight pruning at {config.sparsity} ...")
-        pruned, st = prune_weights_model(m, chunks, config.method, sp, nm, progress=progress)
+        pruned, st = prune_weights_model(m, chunks, config.method, sp, nm, owl=config.allocate == "owl",
+                                         progress=progress)
         step = {"step": "weight pruning", "source": prov, **st}
         say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
             f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")

@@ -133,13 +133,38 @@ def parse_sparsity(text: str) -> tuple[float | None, tuple[int, int] | None]:
 
 
 @torch.no_grad()
+def owl_sparsities(model, chunks: torch.Tensor, sparsity: float, *, lam: float = 0.08, m: float = 5.0,
+                   progress: bool = True) -> list[float]:
+    """OWL (Yin et al., 2023): per-layer sparsity from each decoder layer's outlier ratio, the fraction of its
+    Wanda scores |W_ij| ||X_j|| (all its linears together, dense model) above `m` x their mean. The ratios are
+    scaled to [0, 2 lam], centred, and layers with more outliers are pruned less: s_l = s - (r_l - mean r)."""
+    from ..sequential import block_linears, collect_imatrix
+    im = collect_imatrix(model, chunks, progress=progress)
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    for name, lin in block_linears(model).items():
+        x2 = torch.from_numpy(im.sums[name]).float()
+        score = lin.weight.detach().abs().float() * x2.clamp(min=0).sqrt()[None, :]
+        per_layer.setdefault(int(name.split(".")[1]), []).append(score.flatten())
+    ratios = []
+    for i in sorted(per_layer):
+        a = torch.cat(per_layer[i])
+        ratios.append(float((a > m * a.mean()).float().mean()))
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = float(r.max() - r.min())
+    r = (r - r.min()) * (2 * lam / span) if span > 0 else torch.zeros_like(r)
+    out = (sparsity - (r - r.mean())).clamp(0.0, 0.99)
+    return out.tolist()
+
+
 def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsity: float | None = None,
-                        nm: tuple[int, int] | None = None, *, damp: float = 0.01, progress: bool = True):
+                        nm: tuple[int, int] | None = None, *, owl: bool = False, damp: float = 0.01,
+                        progress: bool = True):
     """Weight-prune every linear of the decoder layers of a copy of `model` (embedding and output projection
     are left dense, as in the Wanda and SparseGPT papers). Wanda and SparseGPT run one decoder layer at a
     time on calibration chunks that went through the already-pruned earlier layers, and inside a layer in
     forward order, each linear seeing the pruned earlier linears' outputs (pre-hooks, as GPTQ's driver);
-    q/k/v and gate/up share one input statistic. Returns (the pruned Model, stats with the achieved sparsity)."""
+    q/k/v and gate/up share one input statistic. `owl`: per-layer sparsities by outlier ratio (unstructured
+    only). Returns (the pruned Model, stats with the achieved sparsity)."""
     import copy
     import time
 
@@ -150,8 +175,12 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
     if method not in WEIGHT_METHODS:
         raise ConfigError(f"unknown weight-pruning method {method!r}; choose {', '.join(WEIGHT_METHODS)}")
     _check(sparsity, nm)
-    if method != "magnitude" and chunks is None:
-        raise ConfigError(f"{method} needs calibration text")
+    if (method != "magnitude" or owl) and chunks is None:
+        raise ConfigError(f"{method}{' with OWL' if owl else ''} needs calibration text")
+    if owl and nm is not None:
+        raise ConfigError("OWL allocates unstructured sparsity per layer; N:M patterns are the same everywhere")
+    n_layer = len(model.module.model.layers)
+    per_layer = owl_sparsities(model, chunks, sparsity, progress=progress) if owl else [sparsity] * n_layer
     t0 = time.perf_counter()
     out = copy.copy(model)
     out.module = module = copy.deepcopy(model.module)
@@ -164,10 +193,10 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
 
     layers = module.model.layers
     if method == "magnitude":
-        for layer in layers:
+        for layer, sp in zip(layers, per_layer, strict=True):
             for mod in layer.modules():
                 if isinstance(mod, torch.nn.Linear):
-                    mask = magnitude_mask(mod.weight.data, sparsity, nm)
+                    mask = magnitude_mask(mod.weight.data, sp if nm is None else None, nm)
                     apply(mod, mod.weight.data.masked_fill(mask, 0.0), mask)
     else:
         cache = _layer_inputs(module, chunks)
@@ -177,7 +206,9 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
                                        leave=False)):
             shared: dict = {}
 
-            def hook(name, i=i, shared=shared):
+            sp = per_layer[i] if nm is None else None
+
+            def hook(name, i=i, shared=shared, sp=sp):
                 def f(mod, inputs):
                     key = input_key(inputs[0])
                     if key not in shared:       # holding the input keeps its memory from being reused
@@ -185,10 +216,10 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
                     H = shared[key][1]
                     W = mod.weight.data.float()
                     if method == "wanda":
-                        mask = wanda_mask(W, torch.diagonal(H), sparsity, nm)
+                        mask = wanda_mask(W, torch.diagonal(H), sp, nm)
                         apply(mod, W.masked_fill(mask, 0.0), mask)
                     else:
-                        r = sparsegpt(W, H, sparsity, nm, damp=damp)
+                        r = sparsegpt(W, H, sp, nm, damp=damp)
                         counts["damp"] = max(counts["damp"], r.damp)
                         apply(mod, r.W, r.mask)
                 return f
@@ -205,6 +236,8 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
     stats = {"method": method, "pattern": f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%}",
              "sparsity": counts["removed"] / max(counts["total"], 1), "pruned_weights": counts["removed"],
              "seconds": time.perf_counter() - t0}
+    if owl:
+        stats["owl_sparsities"] = [round(v, 4) for v in per_layer]
     if method == "sparsegpt":
         stats["max_damp"] = counts["damp"]
     out.history = list(model.history) + [{"step": "weight pruning", **stats}]
