@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "activations (down_proj refit by least squares); width: MLP neurons and query heads at the "
                    "same fraction; layers: whole layers by block influence (ShortGPT); magnitude/wanda/"
                    "sparsegpt: weight pruning to --sparsity")
-    p.add_argument("--importance", default="obs", choices=["obs", "activation", "magnitude"],
+    p.add_argument("--importance", default="obs", choices=["obs", "activation", "taylor", "magnitude"],
                    help="structured: how neurons/heads are ranked: obs (least-squares error with refit of the "
                    "next matrix; default), activation (Minitron's mean |activation|), magnitude (weight norms)")
     p.add_argument("--sparsity", metavar="S", help="weight pruning: 0.5, 50%% (per layer) or N:M such as 2:4")

@@ -93,7 +93,7 @@ def _chunks(m, n=2, ctx=32, seed=0):
     return torch.randint(3, m.config["vocab_size"], (n, ctx), generator=g)
 
 
-@pytest.mark.parametrize("importance", ["obs", "activation", "magnitude"])
+@pytest.mark.parametrize("importance", ["obs", "activation", "taylor", "magnitude"])
 def test_physical_pruning_equals_the_masked_full_model(tiny_hf, importance):
     """Removing rows/columns/heads gives exactly the function of the full-size model whose removed o_proj and
     down_proj input columns are zero (and the rest as pruning refit them): the surgery, GQA mapping included."""
@@ -117,6 +117,29 @@ def test_physical_pruning_equals_the_masked_full_model(tiny_hf, importance):
         a = full(input_ids=x, use_cache=False).logits
     assert torch.allclose(p.logits(x), a, atol=1e-5, rtol=1e-5)
     assert torch.equal(m.logits(x), load(tiny_hf("LlamaForCausalLM"), progress=False).logits(x))  # input untouched
+
+
+def test_taylor_scores_match_a_finite_difference(tiny_hf):
+    """The Taylor score of a neuron is |dL/d(scale of that neuron)| at 1: check against central differences."""
+    from slimlm import load
+    from slimlm.prune.structured import _taylor_scores
+    m = load(tiny_hf("LlamaForCausalLM"), progress=False)
+    m.module.double()                           # finite differences need float64
+    c = _chunks(m, 1, 32)
+    ffn_scores, _ = _taylor_scores(m.module, c, 16, False)[1]
+    down = m.module.model.layers[1].mlp.down_proj
+    W0 = down.weight.data.clone()
+
+    def loss(j, eps):
+        down.weight.data = W0.clone()
+        down.weight.data[:, j] *= 1 + eps
+        with torch.no_grad():            # the LM loss in float64 (transformers computes it in float32)
+            logits = m.module(input_ids=c, use_cache=False).logits[0, :-1].double()
+            return float(torch.nn.functional.cross_entropy(logits, c[0, 1:]))
+    for j in (0, 7, 50):
+        fd = (loss(j, 1e-2) - loss(j, -1e-2)) / 2e-2      # RMSNorm runs in float32: no smaller step
+        assert float(ffn_scores[j]) == pytest.approx(abs(fd), rel=1e-2)
+    down.weight.data = W0
 
 
 def test_obs_beats_activation_on_calibration_error(tiny_hf):

@@ -9,7 +9,9 @@ went through the pruned earlier layers ("sequential", as SparseGPT/GPTQ do):
   that of OBS (Optimal Brain Surgeon) on columns; neurons are removed greedily one at a time, each the one
   whose removal raises the error least, and down_proj's remaining columns take the OBS update
   W <- W - W[:, j] Cinv[j, :] / Cinv[j, j] (ZipLM / SlimGPT style). gate/up lose the same rows.
-  `importance="activation"` ranks by Minitron's mean |h_j| (no update), `"magnitude"` by the weights' norms.
+  `importance="activation"` ranks by Minitron's mean |h_j| (no update), `"taylor"` by the first-order Taylor
+  estimate of the loss change |sum_t h_j dL/dh_j| (LM loss on the calibration text, per chunk, averaged; no
+  update), `"magnitude"` by the weights' norms.
 - attention heads: the same on o_proj's input, 64 columns (a head) at a time, with GQA kept valid: whole KV
   groups go first (all their query heads, and k/v rows), then the same number of query heads from every
   remaining group, so the result is again a plain `llama` layout.
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 from ..arch import PER_LAYER, layer_dims
 from ..errors import ConfigError, NumericsError
 
-IMPORTANCE = ("obs", "activation", "magnitude")
+IMPORTANCE = ("obs", "activation", "taylor", "magnitude")
 
 
 @dataclass
@@ -478,6 +480,40 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
     return out, stats
 
 
+def _taylor_scores(module, chunks: torch.Tensor, hd: int, progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: (|sum_t h_j dL/dh_j| per MLP neuron, the same summed over each head's o_proj inputs), the LM loss
+    of the calibration chunks, averaged over chunks. Gradients flow from the input embeddings; weights stay
+    frozen (no parameter gradients are kept)."""
+    layers = module.model.layers
+    acts: list = [None] * (2 * len(layers))
+    sums = [torch.zeros(l.mlp.down_proj.in_features, dtype=torch.float64) for l in layers] + \
+        [torch.zeros(l.self_attn.o_proj.in_features, dtype=torch.float64) for l in layers]
+
+    def keep(k):
+        def f(_mod, inputs):
+            inputs[0].retain_grad()
+            acts[k] = inputs[0]
+        return f
+    hs = [l.mlp.down_proj.register_forward_pre_hook(keep(i)) for i, l in enumerate(layers)]
+    hs += [l.self_attn.o_proj.register_forward_pre_hook(keep(len(layers) + i)) for i, l in enumerate(layers)]
+    try:
+        for c in tqdm(chunks, desc="Taylor scores", unit="chunk", disable=not progress, leave=False):
+            with torch.enable_grad():
+                emb = module.model.embed_tokens(c[None]).detach().requires_grad_(True)
+                out = module(inputs_embeds=emb, labels=c[None], use_cache=False)
+                out.loss.backward()
+            for k, a in enumerate(acts):
+                sums[k] += (a.detach() * a.grad).reshape(-1, a.shape[-1]).sum(0).abs().double()
+            for k in range(len(acts)):
+                acts[k] = None
+    finally:
+        for h in hs:
+            h.remove()
+    n = max(len(chunks), 1)
+    L = len(layers)
+    return [(sums[i] / n, (sums[L + i] / n).reshape(-1, hd).sum(1)) for i in range(L)]
+
+
 def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats) -> None:
     from ..sequential import _layer_inputs
     hd, nkv0 = d["head_dim"], d["n_kv"]
@@ -485,23 +521,26 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     ffns = plan.ffn_per_layer or [plan.ffn if plan.ffn is not None else d["ffn"]] * len(layers)
     do_heads = n_kv != nkv0 or q_per != q_per0
     x = kw = None
-    if chunks is not None and importance != "magnitude":
+    taylor = _taylor_scores(module, chunks, hd, progress) if importance == "taylor" else None
+    if chunks is not None and importance not in ("magnitude", "taylor"):
         cache = _layer_inputs(module, chunks)
         x, kw = torch.cat([c[0] for c in cache]), cache[0][1]
         del cache
     keeps = []
-    for layer, ffn in zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
-                               disable=not progress, leave=False), ffns, strict=True):
+    for li, (layer, ffn) in enumerate(zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
+                                               disable=not progress, leave=False), ffns, strict=True)):
         res: dict = {}
         do_mlp = ffn != d["ffn"]
 
-        def attn(mod, inputs, res=res):
+        def attn(mod, inputs, res=res, li=li):
             W = mod.weight.data
             if importance == "obs":
                 Wn, gone = _obs_heads(W, _second_moment(inputs[0]), nkv0, q_per0, n_kv, q_per, hd, damp)
             else:
                 if importance == "activation":
                     s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0).reshape(-1, hd).norm(dim=1)
+                elif importance == "taylor":
+                    s = taylor[li][1]
                 else:
                     s = W.double().reshape(W.shape[0], -1, hd).norm(dim=(0, 2))
                 gone = _rank_heads(s, nkv0, q_per0, n_kv, q_per)
@@ -511,7 +550,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
             mod.weight.data = Wn.to(W.dtype)
             res["heads"] = sorted(set(range(nkv0 * q_per0)) - set(gone))
 
-        def mlp(mod, inputs, layer=layer, res=res, ffn=ffn):
+        def mlp(mod, inputs, layer=layer, res=res, ffn=ffn, li=li):
             W = mod.weight.data
             n_rm = W.shape[1] - ffn
             if importance == "obs":
@@ -519,6 +558,8 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
             else:
                 if importance == "activation":
                     s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0)
+                elif importance == "taylor":
+                    s = taylor[li][0]
                 else:   # |down column| x geometric mean of |gate row| and |up row|
                     g, u = layer.mlp.gate_proj.weight.double(), layer.mlp.up_proj.weight.double()
                     s = W.double().norm(dim=0) * (g.norm(dim=1) * u.norm(dim=1)).sqrt()
@@ -528,7 +569,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
             mod.weight.data = Wn.to(W.dtype)
             res["ffn"] = torch.tensor(sorted(set(range(W.shape[1])) - set(gone)))
 
-        if x is None:            # magnitude: no activations needed
+        if x is None:            # magnitude, taylor: scores known, no activations needed
             if do_heads:
                 attn(layer.self_attn.o_proj, (None,))
             if do_mlp:
