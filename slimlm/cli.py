@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=float, metavar="R", help="structured pruning first (as slimlm prune --ratio R): "
                    "remove R of all parameters, then quantize the pruned model (calibration, imatrix and GPTQ "
                    "on the pruned model; evaluation against the unpruned original)")
-    p.add_argument("--prune-method", default="mlp", choices=["mlp", "width", "layers"],
+    p.add_argument("--prune-method", default="mlp", choices=["mlp", "width", "layers", "mlp+layers"],
                    help="with --prune: what is removed (default mlp; see slimlm prune --help)")
     p.add_argument("--prune-allocate", choices=["uniform", "global", "sensitivity"], help="with --prune: MLP "
                    "widths per layer (default global for mlp/width: llama.cpp's deci arch) or uniform (llama)")
@@ -141,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--ratio", type=float, metavar="R", help="structured: fraction of ALL parameters to remove "
                    "(embedding included), e.g. 0.25")
-    p.add_argument("--method", default="mlp", choices=["mlp", "width", "layers", "magnitude", "wanda", "sparsegpt"],
+    p.add_argument("--method", default="mlp", choices=["mlp", "width", "layers", "mlp+layers", "magnitude", "wanda",
+                                                       "sparsegpt"],
                    help="mlp (default, best measured): MLP neurons chosen and compensated by OBS on calibration "
                    "activations (down_proj refit by least squares); width: MLP neurons and query heads at the "
-                   "same fraction; layers: whole layers by block influence (ShortGPT); magnitude/wanda/"
+                   "same fraction; layers: whole layers by block influence (ShortGPT); mlp+layers: about half of R "
+                   "from the least influential layers, the rest from MLP neurons (faster in llama.cpp at the same "
+                   "size, less accurate); magnitude/wanda/"
                    "sparsegpt: weight pruning to --sparsity")
     p.add_argument("--importance", default="obs", choices=["obs", "activation", "taylor", "magnitude"],
                    help="structured: how neurons/heads are ranked: obs (least-squares error with refit of the "

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
 
-STRUCTURED = ("mlp", "width", "layers")
+STRUCTURED = ("mlp", "width", "layers", "mlp+layers")
 ALLOCATE = ("uniform", "global", "sensitivity", "owl")
 METHODS = STRUCTURED + WEIGHT_METHODS
 DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons, widths
@@ -68,7 +68,7 @@ class PruneConfig:
         if self.allocate == "owl" and self.method not in WEIGHT_METHODS:
             raise ConfigError("--allocate owl sets per-layer weight sparsity: use it with magnitude, wanda or "
                               "sparsegpt")
-        if self.allocate in ("global", "sensitivity") and self.method not in ("mlp", "width"):
+        if self.allocate in ("global", "sensitivity") and self.method not in ("mlp", "width", "mlp+layers"):
             raise ConfigError(f"--allocate {self.allocate} sets per-layer MLP widths: use it with --method mlp or "
                               f"width")
 
@@ -76,7 +76,7 @@ class PruneConfig:
     def allocation(self) -> str:
         if self.allocate is not None:
             return self.allocate
-        return "global" if self.method in ("mlp", "width") else "uniform"
+        return "global" if self.method in ("mlp", "width", "mlp+layers") else "uniform"
         for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks)):
             if v is not None and v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
@@ -190,13 +190,30 @@ def allocate_widths(m, chunks, plan: Plan, config: PruneConfig, say, progress: b
         plan.ffn, plan.ffn_per_layer = plan.ffn_per_layer[0], None
 
 
+def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
+    """mlp+layers: about half of --ratio from whole layers (least block influence first, rounded down), the
+    rest from MLP neurons. Dropping layers also drops llama.cpp's per-layer work, so at the same parameter count
+    it runs faster than neurons alone (and is less accurate: bench/prune.py)."""
+    import dataclasses
+
+    from .structured import Plan, n_params, planned_config
+    if config.ratio is None or config.drop_layers:
+        return dataclasses.replace(config, method="mlp")
+    total = n_params(m.config)
+    per_layer = total - n_params(planned_config(m.config, Plan(drop_layers=[0])))
+    k = int(0.5 * config.ratio * total / per_layer)
+    return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
+
+
 def structured_prune(m, chunks, config: PruneConfig, say, progress: bool):
     """Plan (widths for --ratio, per-layer allocation) and apply structured pruning; (pruned model, stats)."""
     from .structured import block_influence, prune_structured
     order = None
-    if config.method == "layers":
+    if config.method in ("layers", "mlp+layers"):
         bi = block_influence(m, chunks[:4], progress=progress)
         order = sorted(range(len(bi)), key=lambda i: bi[i])
+    if config.method == "mlp+layers":
+        config = _split_layers(m, config, order)
     plan = make_plan(m, config, order)
     if config.allocation != "uniform" and plan.ffn is not None:
         allocate_widths(m, chunks, plan, config, say, progress)
