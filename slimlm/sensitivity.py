@@ -203,6 +203,39 @@ def sensitivity_table(model, chunks: torch.Tensor, *, candidates=CANDIDATES, imp
     return table, info
 
 
+class LayerReplay:
+    """One chunk through the model once: the reference log-probabilities and every decoder layer's input
+    (hidden states and keyword arguments) are kept, so that `kld(i)` re-runs only layers i.. after a change
+    to layer i (or to a later one) and gives the KL divergence to the reference."""
+
+    def __init__(self, module, chunk: torch.Tensor):
+        self.module, self.layers, self.ins = module, module.model.layers, []
+
+        def catch(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.ins.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        hs = [layer.register_forward_pre_hook(catch, with_kwargs=True) for layer in self.layers]
+        try:
+            ref = torch.log_softmax(module(input_ids=chunk[None], use_cache=False).logits[0].double(), -1)
+        finally:
+            for h in hs:
+                h.remove()
+        self.p_ref = ref.exp()
+        self.neg_entropy = float((self.p_ref * ref).sum(-1).mean())
+
+    def kld_of(self, logits: torch.Tensor) -> float:
+        return self.neg_entropy - float((self.p_ref * torch.log_softmax(logits[0].double(), -1)).sum(-1).mean())
+
+    def kld(self, start: int, skip: bool = False) -> float:
+        """KLD when the model runs from layer `start`'s cached input (skipping that layer with `skip`)."""
+        x, kw = self.ins[start]
+        for layer in self.layers[start + (1 if skip else 0):]:
+            y = layer(x, **kw)
+            x = y[0] if isinstance(y, tuple) else y
+        return self.kld_of(self.module.lm_head(self.module.model.norm(x)))
+
+
 @torch.no_grad()
 def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor], *,
                     progress: bool = True) -> dict[str, float]:
@@ -210,25 +243,7 @@ def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor]
     weight in GGUF layout, e.g. decoded from a written file), on one calibration chunk. A decoder layer's
     tensor is measured from that layer's cached input onward; the embedding with a full forward."""
     module, spec, cfg = model.module, model.spec, model.config
-    layers = module.model.layers
-    ins: list[tuple] = []
-
-    def catch(_mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        ins.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-
-    hs = [layer.register_forward_pre_hook(catch, with_kwargs=True) for layer in layers]
-    try:
-        ref = torch.log_softmax(module(input_ids=chunk[None], use_cache=False).logits[0].double(), -1)
-    finally:
-        for h in hs:
-            h.remove()
-
-    p_ref = ref.exp()
-    neg_entropy = float((p_ref * ref).sum(-1).mean())
-
-    def kld(logits):
-        return neg_entropy - float((p_ref * torch.log_softmax(logits[0].double(), -1)).sum(-1).mean())
+    replay = LayerReplay(module, chunk)
 
     params = dict(module.named_parameters(remove_duplicate=False))
     hf_of = {spec.hf_to_gguf(n): n for n in params if n.endswith(".weight")}
@@ -246,14 +261,9 @@ def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor]
         p.data.copy_(W)
         try:
             if hf.startswith("model.layers."):
-                i = int(hf.split(".")[2])
-                x, kw = ins[i]
-                for layer in layers[i:]:
-                    y = layer(x, **kw)
-                    x = y[0] if isinstance(y, tuple) else y
-                out[name] = kld(module.lm_head(module.model.norm(x)))
+                out[name] = replay.kld(int(hf.split(".")[2]))
             else:
-                out[name] = kld(module(input_ids=chunk[None], use_cache=False).logits)
+                out[name] = replay.kld_of(module(input_ids=chunk[None], use_cache=False).logits)
         finally:
             p.data.copy_(keep)
     return out

@@ -15,62 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .structured import _obs_heads, dims, greedy_widths, obs_remove
+from ..sensitivity import LayerReplay
+from .structured import _obs_heads, dims, greedy_widths, input_moments, obs_remove
 
 RATIOS = (0.25, 0.5, 0.75)
-
-
-class _Runner:
-    """Reference log-probabilities and per-layer cached inputs of one chunk; kld() of a changed model."""
-
-    def __init__(self, module, chunk: torch.Tensor):
-        self.module, self.layers, self.ins = module, module.model.layers, []
-
-        def catch(_mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            self.ins.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-
-        hs = [l.register_forward_pre_hook(catch, with_kwargs=True) for l in self.layers]
-        try:
-            ref = torch.log_softmax(module(input_ids=chunk[None], use_cache=False).logits[0].double(), -1)
-        finally:
-            for h in hs:
-                h.remove()
-        self.p_ref = ref.exp()
-        self.neg_entropy = float((self.p_ref * ref).sum(-1).mean())
-
-    def kld(self, start: int, skip: bool = False) -> float:
-        """KLD when the model runs from layer `start`'s cached input (skipping that layer with `skip`)."""
-        x, kw = self.ins[start]
-        for layer in self.layers[start + (1 if skip else 0):]:
-            y = layer(x, **kw)
-            x = y[0] if isinstance(y, tuple) else y
-        logits = self.module.lm_head(self.module.model.norm(x))
-        return max(0.0, self.neg_entropy - float((self.p_ref * torch.log_softmax(logits[0].double(), -1)).sum(-1)
-                                                  .mean()))
-
-
-def _moments(module, chunks: torch.Tensor, progress: bool) -> tuple[list, list, int]:
-    layers = module.model.layers
-    C_down, C_o = [None] * len(layers), [None] * len(layers)
-    count = [0]
-
-    def acc(store, i):
-        def f(_mod, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            c = (x.T @ x).double()
-            store[i] = c if store[i] is None else store[i] + c
-        return f
-    hs = [l.mlp.down_proj.register_forward_pre_hook(acc(C_down, i)) for i, l in enumerate(layers)]
-    hs += [l.self_attn.o_proj.register_forward_pre_hook(acc(C_o, i)) for i, l in enumerate(layers)]
-    try:
-        for c in tqdm(chunks, desc="calibration activations", unit="chunk", disable=not progress, leave=False):
-            module(input_ids=c[None], use_cache=False)
-            count[0] += c.numel()
-    finally:
-        for h in hs:
-            h.remove()
-    return C_down, C_o, count[0]
 
 
 def _swap(lin: torch.nn.Linear, W: torch.Tensor, run):
@@ -100,13 +48,19 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
     module, spec, cfg = model.module, model.spec, model.config
     d = dims(cfg)
     q0 = d["n_head"] // d["n_kv"]
-    C_down, C_o, n = _moments(module, calib, progress)
-    run = _Runner(module, chunk)
+    layers = module.model.layers
+    sums, n = input_moments(module, calib, [l.mlp.down_proj for l in layers] + [l.self_attn.o_proj for l in layers],
+                            "calibration activations", progress)
+    C_down, C_o = sums[:len(layers)], sums[len(layers):]
+    replay = LayerReplay(module, chunk)
+
+    def kld(i: int, skip: bool = False) -> float:
+        return max(0.0, replay.kld(i, skip))
     columns = [f"mlp {r:.0%}" for r in ratios]
     if not mlp_only:
         columns += [f"heads -{k}/{q0}" for k in range(1, q0)] + ["layer"] + list(types)
     rows, tensors, orders = [], {}, []
-    for i, layer in enumerate(tqdm(run.layers, desc="sensitivity", unit="layer", disable=not progress,
+    for i, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer", disable=not progress,
                                    leave=False)):
         row = {}
         down = layer.mlp.down_proj
@@ -121,15 +75,15 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
             S = torch.tensor(order[:k])
             Wr = W - W[:, S] @ torch.linalg.solve(Ci[S][:, S], Ci[S, :])     # least-squares refit for the set
             Wr[:, S] = 0.0
-            row[f"mlp {r:.0%}"] = _swap(down, Wr, lambda i=i: run.kld(i))
+            row[f"mlp {r:.0%}"] = _swap(down, Wr, lambda i=i: kld(i))
         if mlp_only:
             rows.append(row)
             continue
         o = layer.self_attn.o_proj
         for k in range(1, q0):
             Wo, _ = _obs_heads(o.weight.data, C_o[i] / n, d["n_kv"], q0, d["n_kv"], q0 - k, d["head_dim"], damp)
-            row[f"heads -{k}/{q0}"] = _swap(o, Wo, lambda i=i: run.kld(i))
-        row["layer"] = run.kld(i, skip=True)
+            row[f"heads -{k}/{q0}"] = _swap(o, Wo, lambda i=i: kld(i))
+        row["layer"] = kld(i, skip=True)
         for t in types:
             fmt = get_format(t)
             total = 0.0
@@ -141,7 +95,7 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
                     continue
                 raw = encode(lin.weight.data.float().numpy(), fmt, g)
                 Wq = torch.from_numpy(gguf.quants.dequantize(raw, fmt.ggml_type).reshape(lin.weight.shape).copy())
-                v = _swap(lin, Wq, lambda i=i: run.kld(i))
+                v = _swap(lin, Wq, lambda i=i: kld(i))
                 tensors.setdefault(g, {})[t] = v
                 total += v
             row[t] = total

@@ -2,13 +2,14 @@
 hidden channels and whole layers. Zeroed weights make a GGUF neither smaller nor faster; removed rows,
 columns, heads and layers do.
 
-How widths are pruned (`prune_widths`), one decoder layer at a time on calibration activations that already
+How widths are pruned (`prune_structured`), one decoder layer at a time on calibration activations that already
 went through the pruned earlier layers ("sequential", as SparseGPT/GPTQ do):
 - MLP neurons: the intermediate activations h = act(gate x) * up x feed down_proj. With C = h^T h / n, the
   output error of dropping a set S of down_proj's input columns and refitting the rest by least squares is
-  that of OBS (Optimal Brain Surgeon) on columns; neurons are removed greedily one at a time, each the one
-  whose removal raises the error least, and down_proj's remaining columns take the OBS update
-  W <- W - W[:, j] Cinv[j, :] / Cinv[j, j] (ZipLM / SlimGPT style). gate/up lose the same rows.
+  that of OBS (Optimal Brain Surgeon) on columns; neurons are removed greedily in rounds (those whose removal
+  raises the error least), and down_proj's remaining columns take the OBS update
+  W <- W - W[:, S] Cinv[S, S]^-1 Cinv[S, :] (ZipLM / SlimGPT style). gate/up lose the same rows. C is the
+  input Hessian GPTQ uses (2/n X^T X: OBS is invariant to its scale).
   `importance="activation"` ranks by Minitron's mean |h_j| (no update), `"taylor"` by the first-order Taylor
   estimate of the loss change |sum_t h_j dL/dh_j| (LM loss on the calibration text, per chunk, averaged; no
   update), `"magnitude"` by the weights' norms.
@@ -22,8 +23,9 @@ went through the pruned earlier layers ("sequential", as SparseGPT/GPTQ do):
 - layers: block influence (ShortGPT): 1 - mean cosine similarity between a block's input and output hidden
   states on calibration text; the least influential blocks are removed.
 
-Widths are uniform across layers (the `llama` arch); `round_to` (format-aware pruning) rounds each width down
-to a multiple that keeps every matrix in the target type's blocks, e.g. 256 for K-quants, which also forces the
+Widths are uniform across layers (the `llama` arch) or, for MLPs, per layer (`Plan.ffn_per_layer`, chosen by
+`allocate_ffn`; llama.cpp's `deci` arch); `round_to` (format-aware pruning) rounds each width down to a
+multiple that keeps every matrix in the target type's blocks, e.g. 256 for K-quants, which also forces the
 attention width (heads x head_dim) to such a multiple.
 """
 from __future__ import annotations
@@ -243,43 +245,31 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
     layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style). `layers`:
     only these layers (by index; the others are to be dropped) get widths, in that order."""
-    which = list(range(len(model.module.model.layers))) if layers is None else list(layers)
     all_layers = model.module.model.layers
+    which = list(range(len(all_layers))) if layers is None else list(layers)
     ff = dims(model.config)["ffn"]
-    n_layers = len(all_layers)
-    C = [None] * n_layers
-    resid = torch.zeros(n_layers, dtype=torch.float64)
-    count = [0]
-
-    def pre(i):
-        def f(_mod, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            c = (x.T @ x).double()
-            C[i] = c if C[i] is None else C[i] + c
-        return f
+    resid = {i: torch.zeros((), dtype=torch.float64) for i in which}
 
     def post(i):
         def f(_mod, _args, out):
             y = out[0] if isinstance(out, tuple) else out
             resid[i] += y.double().pow(2).mean(-1).sum()
         return f
-    hs = [all_layers[i].mlp.down_proj.register_forward_pre_hook(pre(i)) for i in which]
-    hs += [all_layers[i].register_forward_hook(post(i)) for i in which]
+    hs = [all_layers[i].register_forward_hook(post(i)) for i in which]
     try:
-        for c in tqdm(chunks, desc="MLP curves: activations", unit="chunk", disable=not progress, leave=False):
-            model.module(input_ids=c[None], use_cache=False)
-            count[0] += c.numel()
+        sums, count = input_moments(model.module, chunks, [all_layers[i].mlp.down_proj for i in which],
+                                    "MLP curves: activations", progress)
     finally:
         for h in hs:
             h.remove()
-    resid /= count[0]
+    C = dict(zip(which, sums, strict=True))
     n_max = int(ff * max_frac) // round_to * round_to
     curves = []
     for i in tqdm(which, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False):
         trace: list = []
-        obs_remove(all_layers[i].mlp.down_proj.weight.data, C[i] / count[0], n_max, per_round=round_to, damp=damp,
+        obs_remove(all_layers[i].mlp.down_proj.weight.data, C[i] / count, n_max, per_round=round_to, damp=damp,
                    trace=trace)
-        curves.append([err / round_to / float(resid[i]) for _, err in trace])
+        curves.append([err / round_to / float(resid[i] / count) for _, err in trace])
     return greedy_widths(curves, ff, n_remove, round_to)
 
 
@@ -304,11 +294,28 @@ def greedy_widths(curves: list[list[float]], ffn: int, n_remove: int, round_to: 
     return [ffn - r for r in removed]
 
 
-def _second_moment(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).double()
-    if not torch.isfinite(x2).all():
-        raise NumericsError("non-finite calibration activation during structured pruning")
-    return x2.T @ x2 / x2.shape[0]
+def input_moments(module, chunks: torch.Tensor, linears: list, desc: str,
+                  progress: bool) -> tuple[list[torch.Tensor], int]:
+    """Run the calibration chunks through `module` once; returns, per linear in `linears`, the sum over all
+    tokens of x x^T of its input (float32 products, accumulated in float64), and the token count."""
+    sums: list = [None] * len(linears)
+
+    def acc(k):
+        def f(_mod, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            c = (x.T @ x).double()
+            sums[k] = c if sums[k] is None else sums[k] + c
+        return f
+    hs = [lin.register_forward_pre_hook(acc(k)) for k, lin in enumerate(linears)]
+    count = 0
+    try:
+        for c in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
+            module(input_ids=c[None], use_cache=False)
+            count += c.numel()
+    finally:
+        for h in hs:
+            h.remove()
+    return sums, count
 
 
 # ---------------------------------------------------------------------------------------------- surgery
@@ -515,7 +522,7 @@ def _taylor_scores(module, chunks: torch.Tensor, hd: int, progress: bool) -> lis
 
 
 def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats) -> None:
-    from ..sequential import _layer_inputs
+    from ..sequential import _checked_hessian, _layer_inputs
     hd, nkv0 = d["head_dim"], d["n_kv"]
     layers = module.model.layers
     ffns = plan.ffn_per_layer or [plan.ffn if plan.ffn is not None else d["ffn"]] * len(layers)
@@ -535,7 +542,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
         def attn(mod, inputs, res=res, li=li):
             W = mod.weight.data
             if importance == "obs":
-                Wn, gone = _obs_heads(W, _second_moment(inputs[0]), nkv0, q_per0, n_kv, q_per, hd, damp)
+                Wn, gone = _obs_heads(W, _checked_hessian(inputs[0], "o_proj"), nkv0, q_per0, n_kv, q_per, hd, damp)
             else:
                 if importance == "activation":
                     s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0).reshape(-1, hd).norm(dim=1)
@@ -554,7 +561,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
             W = mod.weight.data
             n_rm = W.shape[1] - ffn
             if importance == "obs":
-                Wn, gone = obs_remove(W, _second_moment(inputs[0]), n_rm, damp=damp)
+                Wn, gone = obs_remove(W, _checked_hessian(inputs[0], "down_proj"), n_rm, damp=damp)
             else:
                 if importance == "activation":
                     s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0)
