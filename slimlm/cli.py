@@ -85,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=float, metavar="R", help="structured pruning first (as slimlm prune --ratio R): "
                    "remove R of all parameters, then quantize the pruned model (calibration, imatrix and GPTQ "
                    "on the pruned model; evaluation against the unpruned original)")
-    p.add_argument("--prune-method", default="mlp", choices=["mlp", "width", "layers", "mlp+layers"],
-                   help="with --prune: what is removed (default mlp; see slimlm prune --help)")
+    p.add_argument("--prune-method", default="mlp+layers", choices=["mlp", "width", "layers", "mlp+layers"],
+                   help="with --prune: what is removed (default mlp+layers; see slimlm prune --help)")
     p.add_argument("--prune-allocate", choices=["uniform", "global", "sensitivity"], help="with --prune: MLP "
-                   "widths per layer (default global for mlp/width: llama.cpp's deci arch) or uniform (llama)")
+                   "widths per layer (default global: llama.cpp's deci arch) or uniform (llama)")
     p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
                    "block size so that no tensor falls back to another type")
     _add_eval_args(p)
@@ -141,14 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--ratio", type=float, metavar="R", help="structured: fraction of ALL parameters to remove "
                    "(embedding included), e.g. 0.25")
-    p.add_argument("--method", default="mlp", choices=["mlp", "width", "layers", "mlp+layers", "magnitude", "wanda",
-                                                       "sparsegpt"],
-                   help="mlp (default, best measured): MLP neurons chosen and compensated by OBS on calibration "
-                   "activations (down_proj refit by least squares); width: MLP neurons and query heads at the "
-                   "same fraction; layers: whole layers by block influence (ShortGPT); mlp+layers: about half of R "
-                   "from the least influential layers, the rest from MLP neurons (faster in llama.cpp at the same "
-                   "size, less accurate); magnitude/wanda/"
-                   "sparsegpt: weight pruning to --sparsity")
+    p.add_argument("--method", default="mlp+layers", choices=["mlp", "width", "layers", "mlp+layers", "magnitude",
+                                                              "wanda", "sparsegpt"],
+                   help="mlp+layers (default: the fastest in llama.cpp at a KLD close to the most accurate): "
+                   "--layer-share of R from the least influential whole layers (block influence), the rest from "
+                   "MLP neurons; mlp (most accurate, slower): MLP neurons only, chosen and compensated by OBS on "
+                   "calibration activations (down_proj refit by least squares); width: MLP neurons and query heads "
+                   "at the same fraction; layers: whole layers only (ShortGPT); magnitude/wanda/sparsegpt: weight "
+                   "pruning to --sparsity")
+    p.add_argument("--layer-share", type=float, default=0.6, metavar="F", help="mlp+layers: the share of R "
+                   "removed as whole layers (default 0.6; more is faster and, past a point, less accurate)")
     p.add_argument("--importance", default="obs", choices=["obs", "activation", "taylor", "magnitude"],
                    help="structured: how neurons/heads are ranked: obs (least-squares error with refit of the "
                    "next matrix; default), activation (Minitron's mean |activation|), magnitude (weight norms)")
@@ -162,14 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "heads x head_dim) to a multiple of --type's block size (256 for K-quants), so every tensor "
                    "takes the requested type with no fallback; attention heads are cut to fit where needed")
     p.add_argument("--allocate", choices=["uniform", "global", "sensitivity", "owl"],
-                   help="MLP widths: global (default for mlp/width into a GGUF; best measured): per layer, the cheapest "
+                   help="MLP widths: global (default for mlp+layers, mlp and width into a GGUF; best measured): per layer, the cheapest "
                    "neurons across all layers by OBS error relative to each layer's residual stream; uniform: the "
                    "same width everywhere (llama arch; default for layers and for an HF folder, which transformers then "
                    "loads alone); sensitivity: "
                    "per layer from the measured KLD of pruning that layer alone at 25/50/75%% (as slimlm "
                    "sensitivity). Per-layer widths export as llama.cpp's deci arch; their HF folder loads with "
-                   "slimlm.load. Weight pruning: uniform (default) or owl: per-layer sparsity by outlier ratio "
-                   "(OWL; layers with more large |W|*|X| scores pruned less, +-0.08 around --sparsity)")
+                   "slimlm.load. Weight pruning: uniform (default), owl: per-layer sparsity by outlier ratio "
+                   "(OWL; layers with more large |W|*|X| scores pruned less, +-0.08 around --sparsity), or "
+                   "sensitivity: per-layer sparsity within +-0.08 from the measured KLD of pruning each layer alone "
+                   "(the mean stays --sparsity)")
     p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="HF folder output precision (default float32)")
@@ -324,7 +328,7 @@ def cmd_prune(a) -> int:
         raise ConfigError(f"--drop-layers {a.drop_layers!r}: give comma-separated layer indices") from None
     cfg = PruneConfig(ratio=a.ratio, method=a.method, importance=a.importance, sparsity=a.sparsity,
                       hidden=a.hidden, ffn=a.ffn, heads=a.heads, drop_layers=drop, format_aware=a.format_aware,
-                      allocate=a.allocate,
+                      allocate=a.allocate, layer_share=a.layer_share,
                       type=a.type, hf_dtype=a.hf_dtype, calib=a.calib, calib_chunks=a.calib_chunks, n_ctx=a.ctx,
                       text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval)
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,

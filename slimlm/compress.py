@@ -48,7 +48,7 @@ class CompressConfig:
     cache: bool = True                # reuse a cached sensitivity table for the same model and text
     measure_effects: bool = False     # budget: measure each tensor's KLD alone with its written weights
     prune: float | None = None        # structured pruning first: fraction of all parameters removed
-    prune_method: str = "mlp"         # mlp | width | layers (slimlm prune --method)
+    prune_method: str = "mlp+layers"  # mlp+layers | mlp | width | layers (slimlm prune --method)
     prune_allocate: str | None = None # uniform | global | sensitivity (default: global for mlp/width)
     format_aware: bool = False        # pruned widths rounded to the type's block size
 

@@ -165,3 +165,61 @@ def test_owl_prunes_outlier_heavy_layers_less_at_the_same_total(tiny_hf):
     for layer, s in zip(p.module.model.layers, sp, strict=True):
         z = (layer.mlp.up_proj.weight == 0).float().mean()
         assert float(z) == pytest.approx(s, abs=0.02)
+
+
+def test_default_method_drops_the_least_influential_layers_then_neurons(tiny_hf, tmp_path, llama_cpp_available):
+    """The default structured method (mlp+layers): --layer-share of the ratio as whole layers, lowest block
+    influence first, the rest MLP neurons with per-layer widths; the GGUF runs in llama.cpp."""
+    from slimlm import load
+    from slimlm.calib import calibration_chunks
+    from slimlm.gguf.reader import read_gguf
+    from slimlm.prune.structured import Plan, block_influence, n_params, planned_config
+    src = tiny_hf("LlamaForCausalLM", tie=True, num_hidden_layers=6)
+    m = load(src, progress=False)
+    total = n_params(m.config)
+    per_layer = total - n_params(planned_config(m.config, Plan(drop_layers=[0])))
+    ratio = 1.6 / 0.6 * per_layer / total          # the default share 0.6 of it: 1.6 layers -> 2 whole layers
+    out = tmp_path / "d.gguf"
+    assert main(["-q", "prune", str(src), "-o", str(out), "--ratio", f"{ratio:.6f}", "--type", "F32",
+                 "--calib-chunks", "4", "--ctx", "64", "--chunks", "1", "--no-speed"]) == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    st = rep["steps"][0]
+    assert st["removed_fraction"] >= ratio - 1e-6
+    chunks, _ = calibration_chunks(m, None, n_ctx=64, max_chunks=4)
+    bi = block_influence(m, chunks[:4], progress=False)
+    least = sorted(sorted(range(6), key=lambda i: bi[i])[:2])
+    assert f"layers -2 {least}" in st["plan"]
+    g = read_gguf(out)
+    assert g.get(f"{g.architecture}.block_count") == 4
+    assert rep["evaluation"]["kld"] > 0 and np.isfinite(rep["evaluation"]["kld"])   # llama.cpp ran it
+    assert main(["-q", "prune", str(src), "-o", str(tmp_path / "x.gguf"), "--ratio", "0.1", "--layer-share",
+                 "1.5"]) == 2
+
+
+def test_sensitivity_allocation_of_weight_sparsity_spares_the_sensitive_layer(tiny_hf, tmp_path):
+    from slimlm import load
+    from slimlm.prune.sensitivity import weight_sparsities
+    from slimlm.prune.weights import prune_weights_model
+    m = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    with torch.no_grad():                       # layer 1 writes 8x more into the residual stream
+        m.module.model.layers[1].mlp.down_proj.weight *= 8.0
+        m.module.model.layers[1].self_attn.o_proj.weight *= 8.0
+    chunks = torch.randint(3, m.config["vocab_size"], (3, 32), generator=torch.Generator().manual_seed(0))
+    r = weight_sparsities(m, chunks[:2], chunks[2], "wanda", 0.5, progress=False)
+    sp = r["sparsities"]
+    assert r["kld"][1][0] < r["kld"][1][1] < r["kld"][1][2]  # measured: more sparsity, more divergence
+    assert sp[1] == pytest.approx(0.42) and sum(sp) / 3 == pytest.approx(0.5)
+    assert all(0.42 - 1e-9 <= s <= 0.58 + 1e-9 for s in sp)
+    p, st = prune_weights_model(m, chunks, "wanda", 0.5, sparsities=sp, progress=False)
+    for layer, s in zip(p.module.model.layers, sp, strict=True):
+        assert float((layer.mlp.up_proj.weight == 0).float().mean()) == pytest.approx(s, abs=0.02)
+    assert st["layer_sparsities"] == [round(s, 4) for s in sp]
+    # the CLI path, and the N:M refusal
+    out = tmp_path / "s"
+    assert main(["-q", "prune", str(tiny_hf("LlamaForCausalLM", num_hidden_layers=3)), "-o", str(out), "--method",
+                 "sparsegpt", "--sparsity", "50%", "--allocate", "sensitivity", "--calib-chunks", "3", "--ctx", "32",
+                 "--no-eval"]) == 0
+    rep = json.loads((tmp_path / "s.report.json").read_text())
+    assert sum(rep["steps"][0]["layer_sparsities"]) / 3 == pytest.approx(0.5)
+    assert main(["-q", "prune", "-o", str(tmp_path / "x"), "--method", "wanda", "--sparsity", "2:4", "--allocate",
+                 "sensitivity"]) == 2

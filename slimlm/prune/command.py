@@ -14,8 +14,11 @@ from .weights import WEIGHT_METHODS, parse_sparsity
 STRUCTURED = ("mlp", "width", "layers", "mlp+layers")
 ALLOCATE = ("uniform", "global", "sensitivity", "owl")
 METHODS = STRUCTURED + WEIGHT_METHODS
-DEFAULT_METHOD = "mlp"       # measured best at 25% on SmolLM2 (bench/prune.py): OBS-refit MLP neurons, widths
-                             # allocated per layer (global OBS ranking)
+DEFAULT_METHOD = "mlp+layers"  # measured on SmolLM2 at 25% (bench/prune.py): the least influential layers plus
+                                # OBS-refit MLP neurons with per-layer widths: faster in llama.cpp than neurons
+                                # alone (per-layer work goes too) at a KLD close to theirs
+LAYER_SHARE = 0.6               # mlp+layers: share of --ratio taken as whole layers (bench/prune.py: 4, 6, 8
+                                # layers of SmolLM2 at 25%: KLD 1.15, 1.08, 1.25; generation 1.25x, 1.36x, 1.33x)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class PruneConfig:
     ffn: int | None = None
     heads: str | None = None           # "KVxQ": KV heads kept x query heads per KV head
     drop_layers: tuple[int, ...] = ()
+    layer_share: float = LAYER_SHARE   # mlp+layers: share of --ratio removed as whole layers
     format_aware: bool = False         # round every width to the output type's block size
     allocate: str | None = None        # MLP widths: uniform (llama), global (per layer by OBS cost: deci) or
                                        # sensitivity (measured KLD); None: global for mlp/width, else uniform
@@ -63,14 +67,20 @@ class PruneConfig:
                 raise ConfigError(f"--ratio must be between 0 and 1, got {self.ratio}")
         if self.heads is not None:
             self.parsed_heads()
+        if not 0.0 <= self.layer_share <= 1.0:
+            raise ConfigError(f"--layer-share must be between 0 and 1, got {self.layer_share}")
         if self.allocate is not None and self.allocate not in ALLOCATE:
             raise ConfigError(f"--allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
         if self.allocate == "owl" and self.method not in WEIGHT_METHODS:
             raise ConfigError("--allocate owl sets per-layer weight sparsity: use it with magnitude, wanda or "
                               "sparsegpt")
-        if self.allocate in ("global", "sensitivity") and self.method not in ("mlp", "width", "mlp+layers"):
-            raise ConfigError(f"--allocate {self.allocate} sets per-layer MLP widths: use it with --method mlp or "
-                              f"width")
+        if self.allocate == "global" and self.method not in ("mlp", "width", "mlp+layers"):
+            raise ConfigError("--allocate global sets per-layer MLP widths: use it with --method mlp+layers, mlp "
+                              "or width (weight pruning: --allocate owl or sensitivity)")
+        if self.allocate in ("owl", "sensitivity") and self.method in WEIGHT_METHODS and \
+                parse_sparsity(self.sparsity)[1] is not None:
+            raise ConfigError(f"--allocate {self.allocate} sets unstructured sparsity per layer; an N:M pattern "
+                              f"({self.sparsity}) is the same in every layer")
 
     @property
     def allocation(self) -> str:
@@ -191,9 +201,9 @@ def allocate_widths(m, chunks, plan: Plan, config: PruneConfig, say, progress: b
 
 
 def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
-    """mlp+layers: about half of --ratio from whole layers (least block influence first, rounded down), the
-    rest from MLP neurons. Dropping layers also drops llama.cpp's per-layer work, so at the same parameter count
-    it runs faster than neurons alone (and is less accurate: bench/prune.py)."""
+    """mlp+layers: --layer-share of --ratio from whole layers (least block influence first; the nearest whole
+    number of layers), the rest from MLP neurons. Dropping layers also drops llama.cpp's per-layer work, so at the
+    same parameter count it runs faster than neurons alone (bench/prune.py)."""
     import dataclasses
 
     from .structured import Plan, n_params, planned_config
@@ -201,7 +211,7 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
         return dataclasses.replace(config, method="mlp")
     total = n_params(m.config)
     per_layer = total - n_params(planned_config(m.config, Plan(drop_layers=[0])))
-    k = int(0.5 * config.ratio * total / per_layer)
+    k = min(round(config.layer_share * config.ratio * total / per_layer), len(order) - 1)
     return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
 
 
@@ -255,8 +265,15 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     if config.method in WEIGHT_METHODS:
         sp, nm = parse_sparsity(config.sparsity)
         say(f"{config.method} weight pruning at {config.sparsity} ...")
+        per = None
+        if config.allocate == "sensitivity":
+            from .sensitivity import weight_sparsities
+            if chunks.shape[0] < 2:
+                raise ConfigError("--allocate sensitivity needs at least 2 calibration chunks")
+            say("measuring each layer's sensitivity to weight pruning (KLD on a held-out calibration chunk) ...")
+            per = weight_sparsities(m, chunks[:-1], chunks[-1], config.method, sp, progress=progress)["sparsities"]
         pruned, st = prune_weights_model(m, chunks, config.method, sp, nm, owl=config.allocate == "owl",
-                                         progress=progress)
+                                         sparsities=per, progress=progress)
         step = {"step": "weight pruning", "source": prov, **st}
         say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
             f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")

@@ -143,3 +143,57 @@ def heatmap(table: dict, out, title: str) -> None:
     with atomic_output(out, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _input_of(name: str) -> str:
+    """Linears of a decoder layer that read the same tensor share one input statistic."""
+    if name.endswith(("q_proj", "k_proj", "v_proj")):
+        return "attention input"
+    return "mlp input" if name.endswith(("gate_proj", "up_proj")) else name
+
+
+@torch.no_grad()
+def weight_sparsities(model, calib: torch.Tensor, chunk: torch.Tensor, method: str, sparsity: float, *,
+                      lam: float = 0.08, step: float = 0.01, damp: float = 0.01, progress: bool = True) -> dict:
+    """Per-layer unstructured sparsities from measured sensitivity: each decoder layer alone is weight-pruned by
+    `method` at sparsity - lam, sparsity and sparsity + lam (its linears pruned on the unpruned model's
+    calibration inputs) and the KL divergence on `chunk` measured from that layer on; each layer's curve is
+    interpolated per `step`, made convex, and the cheapest steps across layers raise the sparsities from
+    sparsity - lam until their mean is `sparsity` (decoder layers have equal parameter counts in this family).
+    Returns {"sparsities": [...], "levels": [...], "kld": [[per level] per layer]}."""
+    from .weights import prune_linear
+    if not (lam < sparsity < 1.0 - lam):
+        raise ConfigError(f"sensitivity allocation varies sparsity by +-{lam}: give a sparsity between {lam} and "
+                          f"{1 - lam}, got {sparsity}")
+    layers = model.module.model.layers
+    lins = [{n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)} for layer in layers]
+    readers = {}                                     # (layer, input) -> the first linear reading it
+    for i, per in enumerate(lins):
+        for n, m in per.items():
+            readers.setdefault((i, _input_of(n)), m)
+    H = {}
+    if method != "magnitude":
+        sums, count = input_moments(model.module, calib, list(readers.values()), "sensitivity: activations",
+                                    progress)
+        H = {k: 2.0 * v / count for k, v in zip(readers, sums, strict=True)}
+    replay = LayerReplay(model.module, chunk)
+    levels = [sparsity - lam, sparsity, sparsity + lam]
+    kld = []
+    for i, per in enumerate(tqdm(lins, desc="sensitivity", unit="layer", disable=not progress, leave=False)):
+        row = []
+        keep = {n: m.weight.data for n, m in per.items()}
+        for s in levels:
+            try:
+                for n, m in per.items():
+                    W, _, _ = prune_linear(method, keep[n], H.get((i, _input_of(n))), s, None, damp)
+                    m.weight.data = W.to(keep[n].dtype)
+                row.append(max(0.0, replay.kld(i)))
+            finally:
+                for n, m in per.items():
+                    m.weight.data = keep[n]
+        kld.append(row)
+    n_steps = 2 * round(lam / step)
+    half = n_steps // 2
+    curves = [[(r[1] - r[0]) / half] * half + [(r[2] - r[1]) / half] * half for r in kld]
+    left = greedy_widths(curves, n_steps, len(layers) * half, 1)          # steps not taken, per layer
+    return {"sparsities": [levels[0] + (n_steps - t) * step for t in left], "levels": levels, "kld": kld}

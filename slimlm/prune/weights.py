@@ -156,9 +156,24 @@ def owl_sparsities(model, chunks: torch.Tensor, sparsity: float, *, lam: float =
     return out.tolist()
 
 
+def prune_linear(method: str, W: torch.Tensor, H: torch.Tensor | None, sparsity: float | None,
+                 nm: tuple[int, int] | None, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One linear's weight pruned by `method` given its input Hessian H (2/n X^T X; unused by magnitude):
+    (new weight, mask of removed weights, SparseGPT's dampening or 0)."""
+    W = W.float()
+    if method == "magnitude":
+        mask = magnitude_mask(W, sparsity, nm)
+    elif method == "wanda":
+        mask = wanda_mask(W, torch.diagonal(H), sparsity, nm)
+    else:
+        r = sparsegpt(W, H, sparsity, nm, damp=damp)
+        return r.W, r.mask, r.damp
+    return W.masked_fill(mask, 0.0), mask, 0.0
+
+
 def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsity: float | None = None,
-                        nm: tuple[int, int] | None = None, *, owl: bool = False, damp: float = 0.01,
-                        progress: bool = True):
+                        nm: tuple[int, int] | None = None, *, owl: bool = False,
+                        sparsities: list[float] | None = None, damp: float = 0.01, progress: bool = True):
     """Weight-prune every linear of the decoder layers of a copy of `model` (embedding and output projection
     are left dense, as in the Wanda and SparseGPT papers). Wanda and SparseGPT run one decoder layer at a
     time on calibration chunks that went through the already-pruned earlier layers, and inside a layer in
@@ -180,7 +195,10 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
     if owl and nm is not None:
         raise ConfigError("OWL allocates unstructured sparsity per layer; N:M patterns are the same everywhere")
     n_layer = len(model.module.model.layers)
-    per_layer = owl_sparsities(model, chunks, sparsity, progress=progress) if owl else [sparsity] * n_layer
+    if sparsities is not None and (nm is not None or owl or len(sparsities) != n_layer):
+        raise ConfigError("per-layer sparsities: unstructured only, one per decoder layer, not with OWL")
+    per_layer = list(sparsities) if sparsities is not None else \
+        owl_sparsities(model, chunks, sparsity, progress=progress) if owl else [sparsity] * n_layer
     t0 = time.perf_counter()
     out = copy.copy(model)
     out.module = module = copy.deepcopy(model.module)
@@ -213,15 +231,9 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
                     key = input_key(inputs[0])
                     if key not in shared:       # holding the input keeps its memory from being reused
                         shared[key] = (inputs[0], _checked_hessian(inputs[0], f"layer {i} {name}"))
-                    H = shared[key][1]
-                    W = mod.weight.data.float()
-                    if method == "wanda":
-                        mask = wanda_mask(W, torch.diagonal(H), sp, nm)
-                        apply(mod, W.masked_fill(mask, 0.0), mask)
-                    else:
-                        r = sparsegpt(W, H, sp, nm, damp=damp)
-                        counts["damp"] = max(counts["damp"], r.damp)
-                        apply(mod, r.W, r.mask)
+                    W_new, mask, used = prune_linear(method, mod.weight.data, shared[key][1], sp, nm, damp)
+                    counts["damp"] = max(counts["damp"], used)
+                    apply(mod, W_new, mask)
                 return f
 
             hs = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
@@ -236,8 +248,8 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
     stats = {"method": method, "pattern": f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%}",
              "sparsity": counts["removed"] / max(counts["total"], 1), "pruned_weights": counts["removed"],
              "seconds": time.perf_counter() - t0}
-    if owl:
-        stats["owl_sparsities"] = [round(v, 4) for v in per_layer]
+    if owl or sparsities is not None:
+        stats["layer_sparsities"] = [round(v, 4) for v in per_layer]
     if method == "sparsegpt":
         stats["max_damp"] = counts["damp"]
     out.history = list(model.history) + [{"step": "weight pruning", **stats}]
