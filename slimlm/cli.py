@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=float, metavar="R", help="structured pruning first (as slimlm prune --ratio R): "
                    "remove R of all parameters, then quantize the pruned model (calibration, imatrix and GPTQ "
                    "on the pruned model; evaluation against the unpruned original)")
-    p.add_argument("--prune-method", default="mlp+layers", choices=["mlp", "width", "layers", "mlp+layers"],
+    p.add_argument("--prune-method", default="mlp+layers", choices=["mlp+layers", "mlp", "width", "layers"],
                    help="with --prune: what is removed (default mlp+layers; see slimlm prune --help)")
     p.add_argument("--prune-allocate", choices=["uniform", "global", "sensitivity"], help="with --prune: MLP "
                    "widths per layer (default global: llama.cpp's deci arch) or uniform (llama)")
@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--ratio", type=float, metavar="R", help="structured: fraction of ALL parameters to remove "
                    "(embedding included), e.g. 0.25")
-    p.add_argument("--method", default="mlp+layers", choices=["mlp", "width", "layers", "mlp+layers", "magnitude",
+    p.add_argument("--method", default="mlp+layers", choices=["mlp+layers", "mlp", "width", "layers", "magnitude",
                                                               "wanda", "sparsegpt"],
-                   help="mlp+layers (default: the fastest in llama.cpp at a KLD close to the most accurate): "
+                   help="mlp+layers (default: faster in llama.cpp than neurons alone, at a KLD close to theirs): "
                    "--layer-share of R from the least influential whole layers (block influence), the rest from "
                    "MLP neurons; mlp (most accurate, slower): MLP neurons only, chosen and compensated by OBS on "
                    "calibration activations (down_proj refit by least squares); width: MLP neurons and query heads "
