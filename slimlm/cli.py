@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "heads x head_dim) to a multiple of --type's block size (256 for K-quants), so every tensor "
                    "takes the requested type with no fallback; attention heads are cut to fit where needed")
     p.add_argument("--allocate", choices=["uniform", "global", "sensitivity", "owl"],
-                   help="MLP widths: global (default for mlp+layers, mlp and width into a GGUF; best measured): per layer, the cheapest "
-                   "neurons across all layers by OBS error relative to each layer's residual stream; uniform: the "
+                   help="MLP widths: global (default for mlp+layers, mlp and width into a GGUF; best measured): "
+                   "per layer, the cheapest neurons across all layers by OBS error relative to each layer's residual stream; uniform: the "
                    "same width everywhere (llama arch; default for layers and for an HF folder, which transformers then "
                    "loads alone); sensitivity: "
                    "per layer from the measured KLD of pruning that layer alone at 25/50/75%% (as slimlm "

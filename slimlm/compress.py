@@ -49,7 +49,7 @@ class CompressConfig:
     measure_effects: bool = False     # budget: measure each tensor's KLD alone with its written weights
     prune: float | None = None        # structured pruning first: fraction of all parameters removed
     prune_method: str = "mlp+layers"  # mlp+layers | mlp | width | layers (slimlm prune --method)
-    prune_allocate: str | None = None # uniform | global | sensitivity (default: global for mlp/width)
+    prune_allocate: str | None = None # uniform | global | sensitivity (default: global; slimlm prune)
     format_aware: bool = False        # pruned widths rounded to the type's block size
 
     def __post_init__(self):

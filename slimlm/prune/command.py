@@ -34,7 +34,7 @@ class PruneConfig:
     layer_share: float = LAYER_SHARE   # mlp+layers: share of --ratio removed as whole layers
     format_aware: bool = False         # round every width to the output type's block size
     allocate: str | None = None        # MLP widths: uniform (llama), global (per layer by OBS cost: deci) or
-                                       # sensitivity (measured KLD); None: global for mlp/width, else uniform
+                                       # sensitivity (measured KLD); None: global for mlp+layers/mlp/width, else uniform
     type: str = "Q8_0"                 # GGUF output type
     hf_dtype: str = "float32"          # HF output precision
     calib: str | None = None

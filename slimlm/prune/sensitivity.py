@@ -21,13 +21,16 @@ from .structured import _obs_heads, dims, greedy_widths, input_moments, obs_remo
 RATIOS = (0.25, 0.5, 0.75)
 
 
-def _swap(lin: torch.nn.Linear, W: torch.Tensor, run):
-    keep = lin.weight.data
-    lin.weight.data = W.to(keep.dtype)
+def _swap(weights: dict, run):
+    """run() with each linear of `weights` ({linear: weight}) holding that weight; the old ones restored after."""
+    keep = {lin: lin.weight.data for lin in weights}
     try:
+        for lin, W in weights.items():
+            lin.weight.data = W.to(keep[lin].dtype)
         return run()
     finally:
-        lin.weight.data = keep
+        for lin, W in keep.items():
+            lin.weight.data = W
 
 
 @torch.no_grad()
@@ -75,14 +78,14 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
             S = torch.tensor(order[:k])
             Wr = W - W[:, S] @ torch.linalg.solve(Ci[S][:, S], Ci[S, :])     # least-squares refit for the set
             Wr[:, S] = 0.0
-            row[f"mlp {r:.0%}"] = _swap(down, Wr, lambda i=i: kld(i))
+            row[f"mlp {r:.0%}"] = _swap({down: Wr}, lambda i=i: kld(i))
         if mlp_only:
             rows.append(row)
             continue
         o = layer.self_attn.o_proj
         for k in range(1, q0):
             Wo, _ = _obs_heads(o.weight.data, C_o[i] / n, d["n_kv"], q0, d["n_kv"], q0 - k, d["head_dim"], damp)
-            row[f"heads -{k}/{q0}"] = _swap(o, Wo, lambda i=i: kld(i))
+            row[f"heads -{k}/{q0}"] = _swap({o: Wo}, lambda i=i: kld(i))
         row["layer"] = kld(i, skip=True)
         for t in types:
             fmt = get_format(t)
@@ -95,7 +98,7 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
                     continue
                 raw = encode(lin.weight.data.float().numpy(), fmt, g)
                 Wq = torch.from_numpy(gguf.quants.dequantize(raw, fmt.ggml_type).reshape(lin.weight.shape).copy())
-                v = _swap(lin, Wq, lambda i=i: kld(i))
+                v = _swap({lin: Wq}, lambda i=i: kld(i))
                 tensors.setdefault(g, {})[t] = v
                 total += v
             row[t] = total
@@ -146,10 +149,10 @@ def heatmap(table: dict, out, title: str) -> None:
 
 
 def _input_of(name: str) -> str:
-    """Linears of a decoder layer that read the same tensor share one input statistic."""
-    if name.endswith(("q_proj", "k_proj", "v_proj")):
-        return "attention input"
-    return "mlp input" if name.endswith(("gate_proj", "up_proj")) else name
+    """Linears of a decoder layer that read the same tensor (sequential.AWQ_GROUPS: q/k/v, gate/up) share one
+    input statistic: the group's first name; any other linear its own."""
+    from ..sequential import AWQ_GROUPS
+    return next((names[0] for names, _ in AWQ_GROUPS if name in names), name)
 
 
 @torch.no_grad()
@@ -181,16 +184,10 @@ def weight_sparsities(model, calib: torch.Tensor, chunk: torch.Tensor, method: s
     kld = []
     for i, per in enumerate(tqdm(lins, desc="sensitivity", unit="layer", disable=not progress, leave=False)):
         row = []
-        keep = {n: m.weight.data for n, m in per.items()}
         for s in levels:
-            try:
-                for n, m in per.items():
-                    W, _, _ = prune_linear(method, keep[n], H.get((i, _input_of(n))), s, None, damp)
-                    m.weight.data = W.to(keep[n].dtype)
-                row.append(max(0.0, replay.kld(i)))
-            finally:
-                for n, m in per.items():
-                    m.weight.data = keep[n]
+            pruned = {m: prune_linear(method, m.weight.data, H.get((i, _input_of(n))), s, None, damp)[0]
+                      for n, m in per.items()}
+            row.append(_swap(pruned, lambda i=i: max(0.0, replay.kld(i))))
         kld.append(row)
     n_steps = 2 * round(lam / step)
     half = n_steps // 2
