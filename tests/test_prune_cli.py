@@ -223,3 +223,6 @@ def test_sensitivity_allocation_of_weight_sparsity_spares_the_sensitive_layer(ti
     assert sum(rep["steps"][0]["layer_sparsities"]) / 3 == pytest.approx(0.5)
     assert main(["-q", "prune", "-o", str(tmp_path / "x"), "--method", "wanda", "--sparsity", "2:4", "--allocate",
                  "sensitivity"]) == 2
+    assert main(["-q", "prune", "-o", str(tmp_path / "x"), "--method", "wanda", "--sparsity", "5%", "--allocate",
+                 "sensitivity"]) == 2       # refused before any model is loaded
+    assert not (tmp_path / "x").exists()

@@ -81,6 +81,11 @@ class PruneConfig:
                 parse_sparsity(self.sparsity)[1] is not None:
             raise ConfigError(f"--allocate {self.allocate} sets unstructured sparsity per layer; an N:M pattern "
                               f"({self.sparsity}) is the same in every layer")
+        if self.allocate == "sensitivity" and self.method in WEIGHT_METHODS:
+            from .sensitivity import WEIGHT_SPAN
+            if not WEIGHT_SPAN < parse_sparsity(self.sparsity)[0] < 1.0 - WEIGHT_SPAN:
+                raise ConfigError(f"--allocate sensitivity varies each layer's sparsity by +-{WEIGHT_SPAN}: give a "
+                                  f"--sparsity between {WEIGHT_SPAN} and {1 - WEIGHT_SPAN:g}")
 
     @property
     def allocation(self) -> str:

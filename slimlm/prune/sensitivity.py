@@ -19,6 +19,7 @@ from ..sensitivity import LayerReplay
 from .structured import _obs_heads, dims, greedy_widths, input_moments, obs_remove
 
 RATIOS = (0.25, 0.5, 0.75)
+WEIGHT_SPAN = 0.08          # weight_sparsities: each layer's sparsity within +- this of the asked one
 
 
 def _swap(weights: dict, run):
@@ -157,7 +158,7 @@ def _input_of(name: str) -> str:
 
 @torch.no_grad()
 def weight_sparsities(model, calib: torch.Tensor, chunk: torch.Tensor, method: str, sparsity: float, *,
-                      lam: float = 0.08, step: float = 0.01, damp: float = 0.01, progress: bool = True) -> dict:
+                      lam: float = WEIGHT_SPAN, step: float = 0.01, damp: float = 0.01, progress: bool = True) -> dict:
     """Per-layer unstructured sparsities from measured sensitivity: each decoder layer alone is weight-pruned by
     `method` at sparsity - lam, sparsity and sparsity + lam (its linears pruned on the unpruned model's
     calibration inputs) and the KL divergence on `chunk` measured from that layer on; each layer's curve is
