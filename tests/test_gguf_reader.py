@@ -64,6 +64,9 @@ BAD = {
     "offset past end": build_gguf([ARCH], [tensor_info("a", [32], 0, 2**40)], bytes(128)),
     "wrapping offset": build_gguf([ARCH], [tensor_info("a", [32], 0, 2**64 - 64)], bytes(128)),
     "truncated data": build_gguf([ARCH], [tensor_info("a", [32, 2], 0, 0)], F32_2x32[:100]),
+    "bool value 2": build_gguf([gstr("b") + struct.pack("<IB", 7, 2)], [], b""),
+    "bool value 255": build_gguf([gstr("b") + struct.pack("<IB", 7, 255)], [], b""),
+    "bool array item 2": build_gguf([gstr("b") + struct.pack("<IIQ", 9, 7, 3) + bytes([0, 1, 2])], [], b""),
 }
 
 
@@ -75,6 +78,20 @@ def test_bad_gguf_is_rejected_quickly(tmp_path, case):
         read_gguf(p)
     assert time.perf_counter() - t0 < 2.0
     assert str(p) in str(e.value)
+
+
+def test_bool_values_0_and_1_parse_as_bools(tmp_path):
+    kvs = [gstr("t") + struct.pack("<IB", 7, 1), gstr("f") + struct.pack("<IB", 7, 0),
+           gstr("a") + struct.pack("<IIQ", 9, 7, 3) + bytes([1, 0, 1])]
+    g = read_gguf(_write(tmp_path, build_gguf(kvs, [], b"")))
+    assert g.get("t") is True and g.get("f") is False
+    assert g.get("a").dtype == bool and g.get("a").tolist() == [True, False, True]
+
+
+def test_bool_error_names_key_value_and_offset(tmp_path):
+    p = _write(tmp_path, BAD["bool array item 2"])
+    with pytest.raises(InvalidGGUFError, match=r"array 'b' item 2 is a BOOL of value 2 \(expected 0 or 1\).*byte offset"):
+        read_gguf(p)
 
 
 def test_every_truncation_of_a_valid_file_is_a_clean_error(tmp_path):

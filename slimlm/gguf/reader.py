@@ -30,7 +30,7 @@ DEFAULT_ALIGNMENT = 32
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<B", GGUFValueType.UINT64: "<Q",
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _NP = {
@@ -163,7 +163,10 @@ def _read_value(c: _Cursor, vtype: int, key: str) -> Field:
     if vt in _SCALAR:
         v = c.scalar(_SCALAR[vt], f"value of {key!r}")
         if vt == GGUFValueType.BOOL:
-            pass
+            if v > 1:  # ggml's gguf reader refuses these too; a bool byte is 0 or 1
+                c.pos -= 1
+                raise c.fail(f"key {key!r} is a BOOL of value {v} (expected 0 or 1)")
+            v = bool(v)
         return Field(vt, v)
     # array
     itype_raw = c.scalar("<I", f"array type of {key!r}")
@@ -182,9 +185,14 @@ def _read_value(c: _Cursor, vtype: int, key: str) -> Field:
         items = c.strings(n, repr(key))
         return Field(vt, items, it)
     if it == GGUFValueType.BOOL:
-        arr = np.frombuffer(c.buf, dtype=np.uint8, count=n, offset=c.pos).astype(bool)
+        raw = np.frombuffer(c.buf, dtype=np.uint8, count=n, offset=c.pos)
+        bad = np.flatnonzero(raw > 1)
+        if bad.size:
+            i = int(bad[0])
+            c.pos += i
+            raise c.fail(f"array {key!r} item {i} is a BOOL of value {int(raw[i])} (expected 0 or 1)")
         c.pos += n
-        return Field(vt, arr, it)
+        return Field(vt, raw.astype(bool), it)
     dt = np.dtype(_NP[it])
     arr = np.frombuffer(c.buf, dtype=dt, count=n, offset=c.pos).copy()
     c.pos += n * dt.itemsize
