@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimlm.errors import ConfigError
 from slimlm.prune.weights import magnitude_mask, sparsegpt, wanda_mask
 from slimlm.quant.gptq import hessian
 
@@ -58,10 +59,21 @@ def test_masks_have_the_asked_pattern_and_agree_with_brute_force():
     mm = magnitude_mask(W, sparsity=0.5)
     assert int(mm.sum()) == W.numel() // 2 and float(W.abs()[mm].max()) <= float(W.abs()[~mm].min())
     assert torch.all(magnitude_mask(W, nm=(4, 8)).reshape(16, -1, 8).sum(-1) == 4)
-    with pytest.raises(ValueError, match="either a sparsity"):
+    with pytest.raises(ConfigError, match="either a sparsity"):
         magnitude_mask(W)
-    with pytest.raises(ValueError, match="N:M"):
+    with pytest.raises(ConfigError, match="N:M"):
         wanda_mask(W, sq, nm=(4, 4))
+    with pytest.raises(ConfigError, match="64 inputs do not split into groups of 5"):
+        wanda_mask(W, sq, nm=(2, 5))
+
+
+def test_nm_group_that_does_not_divide_the_block_is_pruned():
+    """2:3 on 96 inputs: SparseGPT's default block of 128 is no multiple of 3; blocks of whole groups are used."""
+    W, X = _layer(3, cols=96)
+    r = sparsegpt(W, hessian(X), nm=(2, 3))
+    assert (r.mask.reshape(16, -1, 3).sum(-1) == 2).all() and (r.W[r.mask] == 0).all()
+    with pytest.raises(ConfigError, match="96 inputs do not split into groups of 5"):
+        sparsegpt(W, hessian(X), nm=(2, 5))
 
 
 @pytest.mark.parametrize("pattern", [dict(sparsity=0.5), dict(nm=(2, 4))])

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..arch import layer_dims
 from ..errors import ConfigError
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
@@ -46,8 +47,21 @@ class PruneConfig:
     evaluate: bool = True
 
     def __post_init__(self):
+        """Every check that needs no model, so a bad value is refused before anything is loaded."""
         from ..presets import get_preset
         get_preset(self.type)
+        for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks),
+                        ("--chunks", self.max_chunks)):
+            if v is not None and v < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {v}")
+        if self.n_ctx < 4:
+            raise ConfigError(f"--ctx must be >= 4 tokens, got {self.n_ctx}")
+        for flag, v in (("--text", self.text), ("--calib", None if self.calib == "default" else self.calib)):
+            if v is not None and not Path(v).is_file():
+                raise ConfigError(f"{flag} {v}: no such file")
+        if any(i < 0 for i in self.drop_layers) or len(set(self.drop_layers)) != len(self.drop_layers):
+            raise ConfigError(f"--drop-layers {','.join(map(str, self.drop_layers))}: give distinct layer "
+                              f"indices >= 0")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.importance not in IMPORTANCE:
@@ -58,6 +72,8 @@ class PruneConfig:
             if self.ratio is not None or self.explicit:
                 raise ConfigError("--ratio/--hidden/--ffn/--heads/--drop-layers are for structured methods")
             parse_sparsity(self.sparsity)
+            if self.format_aware:
+                raise ConfigError("--format-aware rounds structured widths; weight pruning keeps every shape")
         else:
             if self.sparsity is not None:
                 raise ConfigError(f"--sparsity is for weight pruning ({', '.join(WEIGHT_METHODS)})")
@@ -81,6 +97,8 @@ class PruneConfig:
                 parse_sparsity(self.sparsity)[1] is not None:
             raise ConfigError(f"--allocate {self.allocate} sets unstructured sparsity per layer; an N:M pattern "
                               f"({self.sparsity}) is the same in every layer")
+        if self.allocate == "sensitivity" and self.calib_chunks < 2:
+            raise ConfigError("--allocate sensitivity holds out one calibration chunk: give --calib-chunks 2 or more")
         if self.allocate == "sensitivity" and self.method in WEIGHT_METHODS:
             from .sensitivity import WEIGHT_SPAN
             if not WEIGHT_SPAN < parse_sparsity(self.sparsity)[0] < 1.0 - WEIGHT_SPAN:
@@ -92,12 +110,30 @@ class PruneConfig:
         if self.allocate is not None:
             return self.allocate
         return "global" if self.method in ("mlp", "width", "mlp+layers") else "uniform"
-        for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks)):
-            if v is not None and v < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {v}")
-        for flag, v in (("--text", self.text), ("--calib", None if self.calib == "default" else self.calib)):
-            if v is not None and not Path(v).is_file():
-                raise ConfigError(f"{flag} {v}: no such file")
+
+    def check_model(self, cfg: dict) -> None:
+        """The checks that need the model's shapes (its config), run right after loading, before calibration."""
+        d = dims(cfg)
+        bad = [i for i in self.drop_layers if i >= d["n_layer"]]
+        if bad:
+            raise ConfigError(f"--drop-layers {','.join(map(str, bad))}: the model has layers 0..{d['n_layer'] - 1}")
+        if len(self.drop_layers) >= d["n_layer"]:
+            raise ConfigError(f"--drop-layers removes all {d['n_layer']} layers; keep at least one")
+        for flag, v, top in (("--ffn", self.ffn, d["ffn"]), ("--hidden", self.hidden, d["hidden"])):
+            if v is not None and v > top:
+                raise ConfigError(f"{flag} {v}: the model has {top}; give at most {top}")
+        if self.heads is not None:
+            kv, q = self.parsed_heads()
+            q0 = d["n_head"] // d["n_kv"]
+            if kv > d["n_kv"] or q > q0:
+                raise ConfigError(f"--heads {self.heads}: the model has {d['n_kv']} KV heads x {q0} query heads "
+                                  f"per KV head; give at most {d['n_kv']}x{q0}")
+        if self.method in WEIGHT_METHODS:
+            nm = parse_sparsity(self.sparsity)[1]
+            widths = {d["hidden"], d["n_head"] * d["head_dim"]} | {layer_dims(cfg, i)[0] for i in range(d["n_layer"])}
+            if nm is not None and any(w % nm[1] for w in widths):
+                raise ConfigError(f"--sparsity {self.sparsity}: the model's linears have {sorted(widths)} inputs, "
+                                  f"which do not all split into groups of {nm[1]}")
 
     @property
     def explicit(self) -> bool:
@@ -261,6 +297,7 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
+    config.check_model(m.config)
     if not gguf_out:
         from ..hfout import check_folder
         check_folder(m, out, overwrite=overwrite)

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 
 def _nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Remove the n smallest scores of every group of m consecutive inputs in each row."""
     rows, cols = score.shape
     if cols % m:
-        raise ValueError(f"{cols} inputs do not split into groups of {m}")
+        raise ConfigError(f"N:M {n}:{m}: {cols} inputs do not split into groups of {m}")
     g = score.reshape(rows, cols // m, m)
     idx = g.argsort(dim=-1, stable=True)[..., :n]
     mask = torch.zeros_like(g, dtype=torch.bool)
@@ -35,11 +37,11 @@ def _nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def _check(sparsity: float | None, nm: tuple[int, int] | None) -> None:
     if (sparsity is None) == (nm is None):
-        raise ValueError("give either a sparsity or an N:M pattern")
+        raise ConfigError("give either a sparsity or an N:M pattern")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     if nm is not None and not 0 < nm[0] < nm[1]:
-        raise ValueError(f"N:M needs 0 < N < M, got {nm[0]}:{nm[1]}")
+        raise ConfigError(f"N:M needs 0 < N < M, got {nm[0]}:{nm[1]}")
 
 
 def magnitude_mask(W: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None):
@@ -80,8 +82,10 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     from ..quant.gptq import factor
     _check(sparsity, nm)
     rows, cols = W.shape
-    if nm is not None and (cols % nm[1] or block % nm[1]):
-        raise ValueError(f"{cols} inputs / block {block} do not split into groups of {nm[1]}")
+    if nm is not None:
+        if cols % nm[1]:
+            raise ConfigError(f"N:M {nm[0]}:{nm[1]}: {cols} inputs do not split into groups of {nm[1]}")
+        block = max(nm[1], block // nm[1] * nm[1])        # a block holds whole groups
     U, used = factor(H, 1, damp=damp)        # unit 1, no reordering: U is upper Cholesky of the inverse
     U = U.to(dtype)
     W = W.detach().to(dtype).clone()
@@ -118,7 +122,6 @@ WEIGHT_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def parse_sparsity(text: str) -> tuple[float | None, tuple[int, int] | None]:
     """'0.5' or '50%' -> (0.5, None); '2:4' -> (None, (2, 4))."""
-    from ..errors import ConfigError
     t = str(text).strip()
     try:
         if ":" in t:
@@ -128,7 +131,7 @@ def parse_sparsity(text: str) -> tuple[float | None, tuple[int, int] | None]:
         v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
         _check(v, None)
         return v, None
-    except ValueError as e:
+    except (ValueError, ConfigError) as e:
         raise ConfigError(f"sparsity {text!r}: give a fraction (0.5), a percentage (50%) or N:M (2:4); {e}") from None
 
 
@@ -185,7 +188,6 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
 
     from tqdm.auto import tqdm
 
-    from ..errors import ConfigError
     from ..sequential import _checked_hessian, _layer_inputs, input_key
     if method not in WEIGHT_METHODS:
         raise ConfigError(f"unknown weight-pruning method {method!r}; choose {', '.join(WEIGHT_METHODS)}")
