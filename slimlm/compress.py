@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .eval import evaluate
 from .gguf.writer import export_gguf, plan_model
 from .io import check_output_path
-from .mixed import parse_size
+from .mixed import check_reachable, parse_size
 from .model import load
 from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
@@ -109,15 +109,25 @@ def source_bytes(path: Path | None) -> int | None:
 
 def compress(model: str | Path | None, out: str | Path, config: CompressConfig = CompressConfig(), *,
              overwrite: bool = False, progress: bool = True, command: str = "") -> Report:
-    """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`."""
+    """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`.
+
+    A size budget is checked against the smallest size the model's shapes can reach before the model is
+    loaded (from its headers: tensor data only), and exactly (header included) right after loading, before
+    any calibration."""
+    from .source import source_info
     out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
-    m = load(model, progress=progress)
+    info = source_info(model)
     imatrix, steps = None, []
     if config.imatrix:
         imatrix = ImportanceMatrix.load(config.imatrix)
         steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
+    if config.budgeted and config.prune is None:
+        check_reachable(info.shapes, target=_target(config), bpw=config.bpw, what=str(info.path))
+    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
+    m = load(model, progress=progress)
+    if config.budgeted and config.prune is None:
+        check_budget(m, config, imatrix)
     chunks = prov = None
     if config.calib or config.method != "rtn" or config.budgeted or config.prune is not None:
         chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
@@ -127,6 +137,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         from .prune.command import structured_prune
         m, st = structured_prune(m, chunks, config.prune_config(), say, progress)
         steps.append({"step": "structured pruning", "source": prov, **st})
+        if config.budgeted:
+            check_budget(m, config, imatrix)
     if config.calib and imatrix is None:
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
@@ -170,6 +182,20 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                  source_bytes=source_bytes(m.source))
     rep.write(out)
     return rep
+
+
+def _target(config: CompressConfig) -> int | None:
+    return parse_size(config.target_size) if config.target_size is not None else None
+
+
+def check_budget(m, config: CompressConfig, imatrix) -> None:
+    """Refuse a --target-size/--bpw below the smallest file this (loaded, maybe pruned) model can reach,
+    exactly (header and alignment included), before any calibration or sensitivity work."""
+    from .gguf.writer import _gguf_tensors, file_bytes
+    tensors = _gguf_tensors(m)
+    header = file_bytes(m, {n: 0 for n, _, _ in tensors}, imatrix=imatrix, pre_tokenizer=config.pre_tokenizer)
+    check_reachable({n: tuple(W.shape) for n, _, W in tensors}, target=_target(config), bpw=config.bpw,
+                    header=header, what=str(m.source or "the model"))
 
 
 # the preset whose label a mixed file carries: the one whose main type holds most of its weights

@@ -7,9 +7,14 @@ the type minimizing loss + lambda * bytes, lambda found by bisection to fit the 
 tensor's lower convex hull) and then spends what is left greedily on the upgrades with the best loss
 reduction per byte that still fit. The budget is a whole-file size (`--target-size`, measured exactly with
 the file's header and alignment) or bits per weight over all parameters (`--bpw`, as llama.cpp reports it).
+
+The smallest reachable size follows from the shapes alone (`smallest_bytes`: every 2-D tensor at its smallest
+candidate type that fits its rows, everything else F32), so an impossible budget is refused before any
+calibration (`check_reachable`).
 """
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import ConfigError
@@ -28,6 +33,50 @@ def parse_size(text: str) -> int:
     if n <= 0:
         raise ConfigError(f"--target-size {text!r} must be positive")
     return n
+
+
+def smallest_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """name -> the fewest bytes a budget can give the tensor: a 2-D tensor its smallest candidate type whose
+    blocks fit its row length (F16 when none does), any other tensor F32 (norms are never quantized)."""
+    from .formats import get_format
+    from .sensitivity import CANDIDATES
+    out = {}
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if len(shape) == 2:
+            fits = [f.nbytes(tuple(shape)) for f in map(get_format, CANDIDATES) if f.fits(shape[1])]
+            out[name] = min(fits) if fits else 2 * n
+        else:
+            out[name] = 4 * n
+    return out
+
+
+def check_reachable(shapes: dict[str, tuple[int, ...]], *, target: int | None = None, bpw: float | None = None,
+                    header: int | None = None, what: str = "this model") -> None:
+    """ConfigError when the budget is below the smallest size `shapes` can reach. `header`: the exact bytes of
+    the file's header and metadata (padded), when known; without it only the tensor data is counted (a lower
+    bound, checked before the model is loaded)."""
+    small = smallest_bytes(shapes)
+    quant = sum(_pad(b) for n, b in small.items() if len(shapes[n]) == 2)
+    fixed = sum(b for n, b in small.items() if len(shapes[n]) != 2)
+    n_params = sum(b // 4 for n, b in small.items() if len(shapes[n]) != 2)
+    n_params += sum(int(shapes[n][0]) * int(shapes[n][1]) for n in small if len(shapes[n]) == 2)
+    rule = "every 2-D tensor at its smallest type that fits its rows, the rest F32"
+    if bpw is not None:
+        least = 8 * (quant + fixed) / max(n_params, 1)
+        if int(bpw * n_params / 8) - fixed < quant:
+            raise ConfigError(f"--bpw {bpw:g} is below the smallest {what} can reach: {least:.4f} bits/weight "
+                              f"({rule}); give --bpw {math.ceil(least * 1000) / 1000:.3f} or more")
+    if target is not None:
+        data = quant + sum(_pad(b) for n, b in small.items() if len(shapes[n]) != 2)
+        least = data + (header or 0)
+        if target < least:
+            size = (f"{least} bytes ({least / 2**20:.2f} MiB)" if header is not None else
+                    f"more than {least} bytes ({least / 2**20:.2f} MiB: its tensors alone, before the header)")
+            raise ConfigError(f"--target-size {target} bytes is below the smallest file {what} can reach: {size} "
+                              f"({rule})")
 
 
 def _pad(n: int, align: int = 32) -> int:

@@ -146,9 +146,8 @@ def predict(model, stats: FisherStats, *, candidates=CANDIDATES, importance=None
         Wt = W.float()
         imp = importance(name) if importance is not None else None
         row = {}
-        for f in fmts:
-            if not f.fits(Wn.shape[1]):
-                continue
+        # a row length no block type fits stays F16 (as the writer's last fallback): still a choice to price
+        for f in [f for f in fmts if f.fits(Wn.shape[1])] or [get_format("F16")]:
             D = Wt - torch.from_numpy(dequantize(encode(Wn, f, name, imp), f.ggml_type).reshape(Wn.shape))
             loss = 0.0
             for Am, gsq in terms.get(name, []):

@@ -147,3 +147,54 @@ def test_budget_config_is_checked_before_loading():
         CompressConfig(bpw=1.0)
     with pytest.raises(ConfigError, match="--target-size"):
         CompressConfig(target_size="seventy")
+
+
+def test_impossible_budget_is_refused_from_the_shapes_before_any_calibration(tiny, tmp_path, monkeypatch):
+    """--target-size 1KB and --bpw 2.5: refused before the model is even loaded, naming the smallest reachable
+    size (every 2-D tensor at its smallest candidate that fits its rows, the rest F32), computed here
+    independently. Right after loading the check is exact (header included): one byte under the smallest
+    file is refused, the smallest file itself goes on to calibration."""
+    import importlib
+    import re
+
+    import gguf
+
+    from slimlm.gguf.writer import _gguf_tensors, file_bytes
+    from slimlm.sensitivity import CANDIDATES
+    C = importlib.import_module("slimlm.compress")      # the module (slimlm.compress is also the function)
+
+    def never(*a, **k):
+        raise AssertionError("calibration ran before the budget was checked")
+    monkeypatch.setattr(C, "calibration_chunks", never)
+    real_load = C.load
+    monkeypatch.setattr(C, "load", lambda *a, **k: never())
+    tensors = _gguf_tensors(tiny)
+    small, fixed, n = {}, 0, 0
+    for name, _, W in tensors:
+        n += W.numel()
+        if W.ndim == 2:
+            sizes = [W.numel() // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]
+                     * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1]
+                     for t in CANDIDATES if W.shape[1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0]
+            small[name] = (min(sizes) + 31) // 32 * 32
+        else:
+            fixed += 4 * W.numel()
+    data = sum(small.values()) + sum((4 * W.numel() + 31) // 32 * 32 for _, _, W in tensors if W.ndim != 2)
+    cfg = dict(n_ctx=64, evaluate=False)
+    with pytest.raises(ConfigError, match="--target-size") as e:
+        C.compress(tiny.source, tmp_path / "a.gguf", C.CompressConfig(target_size="1KB", **cfg), progress=False)
+    assert f"more than {data} bytes" in str(e.value)
+    with pytest.raises(ConfigError, match="--bpw 2.5 is below") as e:
+        C.compress(tiny.source, tmp_path / "a.gguf", C.CompressConfig(bpw=2.5, **cfg), progress=False)
+    least = float(re.search(r"reach: ([0-9.]+) bits/weight", str(e.value))[1])
+    assert least == pytest.approx(8 * (sum(small.values()) + fixed) / n, abs=1e-4)
+    monkeypatch.setattr(C, "load", real_load)
+    exact = file_bytes(tiny, {name: small.get(name, 4 * W.numel()) for name, _, W in tensors})
+    assert exact > data
+    with pytest.raises(ConfigError, match=f"smallest file .*: {exact} bytes"):
+        C.compress(tiny.source, tmp_path / "a.gguf", C.CompressConfig(target_size=str(exact - 1), **cfg),
+                   progress=False)
+    with pytest.raises(AssertionError, match="calibration ran"):        # the smallest file itself is reachable
+        C.compress(tiny.source, tmp_path / "a.gguf", C.CompressConfig(target_size=str(exact), **cfg),
+                   progress=False)
+    assert not (tmp_path / "a.gguf").exists()
