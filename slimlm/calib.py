@@ -30,22 +30,31 @@ def default_text(split: str = "eval") -> tuple[str, str]:
     return text, DEFAULT_SOURCE.format(v=v, split=split, op="==" if split == "eval" else "!=")
 
 
-def read_text(path: str | Path | None, split: str = "eval") -> tuple[str, str]:
-    """A user's text file (UTF-8), or the default text. Returns (text, provenance)."""
+def read_text(path: str | Path | None, split: str = "eval", flag: str = "text file") -> tuple[str, str]:
+    """A user's text file (UTF-8, not blank), or the default text. Returns (text, provenance). `flag` names
+    the option the path came from in the error messages."""
     if path is None:
         return default_text(split)
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as e:
-        raise ConfigError(f"cannot read text file {p}: {e.strerror}") from None
+        raise ConfigError(f"{flag} {p}: cannot read it ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"text file {p} is not UTF-8 (byte {e.start}): {e.reason}") from None
+        raise ConfigError(f"{flag} {p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not text.strip():
-        raise ConfigError(f"text file {p} is empty")
+        raise ConfigError(f"{flag} {p} is empty")
+    if "\0" in text:
+        raise ConfigError(f"{flag} {p} holds NUL bytes: a binary file, not text")
     return text, f"{p} (sha256 {hashlib.sha256(raw).hexdigest()[:12]}, {len(text)} characters)"
+
+
+def check_text_file(path: str | Path | None, flag: str) -> None:
+    """Refuse a missing, unreadable, non-UTF-8, binary or empty text file before any model is loaded."""
+    if path is not None:
+        read_text(path, flag=flag)
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,22 @@ def tokenize(tokenizer, text: str, source: str) -> TokenText:
     return TokenText(torch.tensor(ids, dtype=torch.long), source, type(tokenizer).__name__)
 
 
+def check_eval_text(model, path: str | Path | None, n_ctx: int) -> None:
+    """The evaluation text (--text, or the bundled one) holds at least one chunk of n_ctx tokens of this
+    model's tokenizer: checked before the work whose result it would evaluate."""
+    from .eval.metrics import make_chunks
+    text, source = read_text(path, "eval", "--text")
+    make_chunks(tokenize(model.tokenizer, text, source).tokens, n_ctx, None, 1,
+                what=f"--text {path}" if path is not None else "the evaluation text")
+
+
 def calibration_chunks(model, text_path: str | Path | None = None, *, n_ctx: int = 512,
-                       max_chunks: int | None = 32) -> tuple[torch.Tensor, str]:
+                       max_chunks: int | None = 32, flag: str = "--calib") -> tuple[torch.Tensor, str]:
     """(n_chunks, n_ctx) calibration token chunks (BOS first when the model adds BOS, as llama-imatrix does)
     from a text file or the bundled calibration split, with their provenance."""
     from .eval.metrics import make_chunks
-    text, source = read_text(text_path, "calib")
+    text, source = read_text(text_path, "calib", flag)
     tt = tokenize(model.tokenizer, text, source)
-    chunks = make_chunks(tt.tokens, n_ctx, model.bos_token_id if model.add_bos else None, max_chunks)
+    chunks = make_chunks(tt.tokens, n_ctx, model.bos_token_id if model.add_bos else None, max_chunks,
+                         what=flag if text_path is not None else "the bundled calibration text")
     return chunks, f"{source}; {chunks.shape[0]} chunks x {n_ctx} tokens"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -223,6 +224,31 @@ def _eval_kwargs(a) -> dict:
                 progress=not a.quiet)
 
 
+def _inputs(*paths) -> list[str]:
+    return [p for p in paths if p and p != "default"]
+
+
+def _check_args(a, *, models: tuple = (), text: str | None = None, calib: str | None = None,
+                chunks: str | None = None, calib_chunks: bool = False) -> None:
+    """The checks every command shares, before any model is loaded: --ctx, the chunk counts (`chunks`: how
+    --chunks may be, "all" when 0 means all of the text, "count" when it must be >= 1), the text files, and
+    the headers of `models` (strict folder/GGUF checks, --ctx within the context; None: the default model)."""
+    from .calib import check_text_file
+    from .errors import ConfigError
+    from .source import check_ctx, check_ctx_value, source_info
+    check_ctx_value(a.ctx)
+    if chunks == "all" and a.chunks < 0:
+        raise ConfigError(f"--chunks must be >= 0 (0 = all of the text), got {a.chunks}")
+    if chunks == "count" and a.chunks < 1:
+        raise ConfigError(f"--chunks must be >= 1, got {a.chunks}")
+    if calib_chunks and a.calib_chunks < 1:
+        raise ConfigError(f"--calib-chunks must be >= 1, got {a.calib_chunks}")
+    check_text_file(text, "--text")
+    check_text_file(None if calib == "default" else calib, "--calib")
+    for model in models:
+        check_ctx(a.ctx, source_info(model))
+
+
 def cmd_compress(a) -> int:
     from .compress import CompressConfig, compress
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
@@ -253,7 +279,16 @@ def _eval_side(path: str | None):
 
 def cmd_eval(a) -> int:
     from .eval import evaluate
-    from .io import atomic_write_bytes
+    from .gguf.reader import read_gguf
+    from .io import atomic_write_bytes, check_output_path
+    _check_args(a, text=a.text, chunks="all")
+    if a.json:
+        check_output_path(a.json, overwrite=True, inputs=_inputs(a.file, a.ref, a.text))
+    for side in (a.file, a.ref):       # strict checks (and --ctx) before loading either side
+        if side is not None and Path(side).is_dir():
+            _check_args(a, models=(side,))
+        elif side is not None:
+            read_gguf(side)
     r = evaluate(_eval_side(a.file), _eval_side(a.ref), **_eval_kwargs(a))
     m = r["model"]
     print(f"{a.file}: {m['n_params'] / 1e6:.1f}M params, {m['bits_per_weight']:.3f} bits/weight"
@@ -278,7 +313,8 @@ def cmd_imatrix(a) -> int:
     from .io import check_output_path
     from .model import load
     from .sequential import collect_imatrix
-    check_output_path(a.output, overwrite=a.overwrite, inputs=[a.model] if a.model else [])
+    check_output_path(a.output, overwrite=a.overwrite, inputs=_inputs(a.model, a.calib))
+    _check_args(a, models=(a.model,), calib=a.calib, chunks="count")
     m = load(a.model, progress=not a.quiet)
     chunks, prov = calibration_chunks(m, a.calib, n_ctx=a.ctx, max_chunks=a.chunks)
     im = collect_imatrix(m, chunks, dataset=prov, progress=not a.quiet)
@@ -289,16 +325,25 @@ def cmd_imatrix(a) -> int:
 
 def cmd_kmeans(a) -> int:
     from .codebook import kmeans_model, load_kmeans, save_kmeans
-    from .errors import ConfigError
+    from .errors import ConfigError, OutputError
     from .model import load
     if not 1 <= a.bits <= 8:
         raise ConfigError(f"--bits must be 1..8, got {a.bits}")
     out = Path(a.output)
     if a.model and Path(a.model).resolve() == out.resolve():
         raise ConfigError(f"{out} is the model's own folder; give another output folder")
+    if not out.parent.is_dir():
+        raise OutputError(f"output folder {out.parent} does not exist; create it first")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} is a file; give a folder for the k-means model")
     if out.exists() and not a.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace its files")
+    _check_args(a, models=(a.model,) if a.calib or not a.no_eval else (), text=a.text, calib=a.calib,
+                chunks="all", calib_chunks=True)
     m = load(a.model, progress=not a.quiet)
+    if not a.no_eval:
+        from .calib import check_eval_text
+        check_eval_text(m, a.text, a.ctx)
     im = None
     if a.calib:
         from .calib import calibration_chunks
@@ -344,23 +389,28 @@ def cmd_sensitivity(a) -> int:
     from .calib import calibration_chunks, read_text, tokenize
     from .errors import ConfigError
     from .eval.metrics import make_chunks
+    from .formats import get_format
     from .io import atomic_write_bytes, check_output_path
     from .model import load
     from .prune.sensitivity import heatmap, measure
     try:
-        ratios = tuple(float(v) for v in a.ratios.split(","))
+        ratios = tuple(float(v) for v in a.ratios.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"--ratios {a.ratios!r}: give comma-separated fractions, e.g. 0.25,0.5") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):                   # NaN fails too
+        raise ConfigError(f"--ratios {a.ratios!r}: give fractions between 0 and 1, e.g. 0.25,0.5")
     types = tuple(v.strip().upper() for v in a.types.split(",") if v.strip())
-    out = check_output_path(a.output, overwrite=a.overwrite)
+    for t in types:
+        get_format(t)
+    out = check_output_path(a.output, overwrite=a.overwrite, inputs=_inputs(a.model, a.calib, a.text))
     js = out.with_suffix(".json")
-    check_output_path(js, overwrite=a.overwrite)
+    check_output_path(js, overwrite=a.overwrite, inputs=_inputs(a.model, a.calib, a.text))
+    _check_args(a, models=(a.model,), text=a.text, calib=a.calib, calib_chunks=True)
     m = load(a.model, progress=not a.quiet)
     calib, prov = calibration_chunks(m, a.calib, n_ctx=a.ctx, max_chunks=a.calib_chunks)
-    text, source = read_text(a.text, "eval")
-    ev = make_chunks(tokenize(m.tokenizer, text, source).tokens, a.ctx, m.bos_token_id if m.add_bos else None, 1)
-    if ev.shape[0] < 1:
-        raise ConfigError(f"--text has fewer than {a.ctx} tokens")
+    text, source = read_text(a.text, "eval", "--text")
+    ev = make_chunks(tokenize(m.tokenizer, text, source).tokens, a.ctx, m.bos_token_id if m.add_bos else None, 1,
+                     what=f"--text {a.text}" if a.text else "the evaluation text")
     t = measure(m, calib, ev[0], ratios=ratios, types=types, progress=not a.quiet)
     t.update(calibration=prov, text=source, model=str(m.source))
     cols = t["columns"]
@@ -383,9 +433,28 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    import math
+
+    from .errors import ConfigError
     from .eval.runtime import LlamaCppRunner
     from .gguf.reader import read_gguf
-    read_gguf(a.file)  # strict validation before llama.cpp parses it
+    from .source import MAX_CTX
+    if not a.prompt:
+        raise ConfigError("-p/--prompt is empty; give the text to continue")
+    if not 16 <= a.ctx <= MAX_CTX:
+        raise ConfigError(f"--ctx must be a number of tokens from 16 to {MAX_CTX}, got {a.ctx}")
+    if not 1 <= a.max_tokens <= a.ctx:
+        raise ConfigError(f"-n/--max-tokens must be from 1 to --ctx ({a.ctx}), got {a.max_tokens}")
+    if not (math.isfinite(a.temp) and a.temp >= 0):
+        raise ConfigError(f"--temp must be a finite number >= 0, got {a.temp}")
+    if not 0 <= a.seed < 2**32 - 1:
+        raise ConfigError(f"--seed must be from 0 to {2**32 - 2}, got {a.seed}")
+    g = read_gguf(a.file)  # strict validation before llama.cpp parses it
+    arch = g.get("general.architecture")
+    limit = g.get(f"{arch}.context_length") if isinstance(arch, str) else None
+    if isinstance(limit, int) and 0 < limit < a.ctx:
+        raise ConfigError(f"--ctx {a.ctx} is beyond the context length of {a.file} ({limit} tokens); give a "
+                          f"smaller --ctx")
     r = LlamaCppRunner(a.file, a.ctx, logits_all=False)
     try:
         print(r.generate(a.prompt, a.max_tokens, chat=a.chat, temperature=a.temp, seed=a.seed))
@@ -404,8 +473,18 @@ def _on_sigterm(signum, frame):
     raise SystemExit(143)
 
 
+def _no_progress_bars() -> None:
+    """-q: also silence the Hugging Face libraries' own bars ("Loading weights"), which ignore slimlm's flag."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"          # read when huggingface_hub is imported
+    if "transformers" in sys.modules:                          # already imported (in-process callers)
+        from transformers.utils import logging as tlog
+        tlog.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.quiet:
+        _no_progress_bars()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[a.cmd](a)

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .calib import calibration_chunks
+from .calib import calibration_chunks, check_eval_text
 from .errors import ConfigError
 from .eval import evaluate
 from .gguf.writer import export_gguf, plan_model
@@ -53,16 +53,26 @@ class CompressConfig:
     format_aware: bool = False        # pruned widths rounded to the type's block size
 
     def __post_init__(self):
+        from .calib import check_text_file
+        from .source import check_ctx_value
         get_preset(self.type)
-        if self.n_ctx < 16 or self.n_ctx % 2:
-            raise ConfigError(f"--ctx must be an even number >= 16, got {self.n_ctx}")
+        check_ctx_value(self.n_ctx)
         if self.max_chunks is not None and self.max_chunks < 1:
-            raise ConfigError(f"--chunks must be >= 1, got {self.max_chunks}")
-        for flag, v in (("--text", self.text), ("--imatrix", self.imatrix)):
-            if v is not None and not Path(v).is_file():
-                raise ConfigError(f"{flag} {v}: no such file")
-        if self.calib not in (None, "default") and not Path(self.calib).is_file():
-            raise ConfigError(f"--calib {self.calib}: no such file")
+            raise ConfigError(f"--chunks must be >= 0 (0 = all), got {self.max_chunks}")
+        if self.imatrix is not None and not Path(self.imatrix).is_file():
+            raise ConfigError(f"--imatrix {self.imatrix}: no such file")
+        check_text_file(self.text, "--text")
+        check_text_file(None if self.calib == "default" else self.calib, "--calib")
+        if self.pre_tokenizer is not None:
+            from .gguf.vocab import KNOWN_PRE_TOKENIZERS
+            if self.pre_tokenizer not in KNOWN_PRE_TOKENIZERS:
+                raise ConfigError(f"--pre-tokenizer {self.pre_tokenizer!r} is not one llama.cpp knows; known: "
+                                  f"{', '.join(KNOWN_PRE_TOKENIZERS)}")
+        if self.act_order and "gptq" not in self.method:
+            raise ConfigError("--act-order orders GPTQ's blocks: give --method gptq or awq+gptq")
+        if self.measure_effects and not self.budgeted:
+            raise ConfigError("--measure-effects measures a size budget's per-tensor choices: give --target-size "
+                              "or --bpw")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method != "rtn" and get_preset(self.type).default in ("f32", "f16", "bf16") and not self.budgeted:
@@ -73,6 +83,8 @@ class CompressConfig:
             parse_size(self.target_size)
         if self.bpw is not None and not 2.0 <= self.bpw <= 16.0:
             raise ConfigError(f"--bpw must be between 2 and 16, got {self.bpw}")
+        if self.prune is not None and not 0 < self.prune < 1:      # also NaN
+            raise ConfigError(f"--prune must be a fraction between 0 and 1, got {self.prune}")
         if self.prune is not None:
             from .prune.command import STRUCTURED
             if self.prune_method not in STRUCTURED:
@@ -98,6 +110,11 @@ class CompressConfig:
     def budgeted(self) -> bool:
         return self.target_size is not None or self.bpw is not None
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the job runs calibration text (and so uses --ctx even without evaluation)."""
+        return bool(self.calib) or self.method != "rtn" or self.budgeted or self.prune is not None
+
 
 def source_bytes(path: Path | None) -> int | None:
     """Bytes of a source GGUF file, or of an HF folder's safetensors files."""
@@ -111,25 +128,33 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
              overwrite: bool = False, progress: bool = True, command: str = "") -> Report:
     """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`.
 
-    A size budget is checked against the smallest size the model's shapes can reach before the model is
-    loaded (from its headers: tensor data only), and exactly (header included) right after loading, before
-    any calibration."""
-    from .source import source_info
-    out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
+    Everything that can be checked without the weights is checked first (the output against every input,
+    the model's headers, --ctx against its context, the importance matrix's values, a size budget against
+    the smallest size the shapes can reach); what needs the loaded model right after loading, before any
+    calibration."""
+    from .source import check_ctx, source_info
+    inputs = [p for p in (model, config.imatrix, config.text, config.calib) if p and p != "default"]
+    out = check_output_path(out, overwrite=overwrite, inputs=inputs)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     info = source_info(model)
+    if config.evaluate or config.calibrated:
+        check_ctx(config.n_ctx, info)
     imatrix, steps = None, []
     if config.imatrix:
-        imatrix = ImportanceMatrix.load(config.imatrix)
+        imatrix = _load_imatrix(config.imatrix)
         steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
     if config.budgeted and config.prune is None:
         check_reachable(info.shapes, target=_target(config), bpw=config.bpw, what=str(info.path))
     say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
+    if imatrix is not None:
+        _check_imatrix_fits(m, imatrix, config.imatrix)
+    if config.evaluate:
+        check_eval_text(m, config.text, config.n_ctx)
     if config.budgeted and config.prune is None:
         check_budget(m, config, imatrix)
     chunks = prov = None
-    if config.calib or config.method != "rtn" or config.budgeted or config.prune is not None:
+    if config.calibrated:
         chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                           n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
     original = m
@@ -186,6 +211,33 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
 
 def _target(config: CompressConfig) -> int | None:
     return parse_size(config.target_size) if config.target_size is not None else None
+
+
+def _load_imatrix(path: str) -> ImportanceMatrix:
+    """The --imatrix file, with every value finite and non-negative (a mean of squares)."""
+    import numpy as np
+    im = ImportanceMatrix.load(path)
+    if not im.sums:
+        raise ConfigError(f"--imatrix {path}: the file holds no importance entries")
+    for name, v in im.sums.items():
+        if not np.isfinite(v).all() or (v < 0).any():
+            raise ConfigError(f"--imatrix {path}: entry {name} holds NaN, Inf or negative values; an importance "
+                              f"matrix holds means of squares")
+    return im
+
+
+def _check_imatrix_fits(m, imatrix: ImportanceMatrix, path: str) -> None:
+    """Every entry naming one of the model's tensors has one value per input column; at least one does."""
+    from .gguf.writer import _gguf_tensors
+    cols = {n: W.shape[-1] for n, _, W in _gguf_tensors(m) if W.ndim == 2}
+    hits = [n for n in imatrix.sums if n in cols]
+    if not hits:
+        raise ConfigError(f"--imatrix {path}: none of its {len(imatrix.sums)} entries names a tensor of this model "
+                          f"(e.g. {next(iter(imatrix.sums))!r}); it was computed for another model")
+    for n in hits:
+        if imatrix.sums[n].shape != (cols[n],):
+            raise ConfigError(f"--imatrix {path}: entry {n} has {imatrix.sums[n].size} values but the model's "
+                              f"tensor has rows of {cols[n]}; it was computed for another model")
 
 
 def check_budget(m, config: CompressConfig, imatrix) -> None:

@@ -91,6 +91,19 @@ def test_singular_hessian_raises_dampening_and_bad_shapes_are_refused():
         gptq(W, hessian(X), unit=48, fit=_fit)
 
 
+def test_non_finite_or_hopeless_hessian_is_a_numerics_error():
+    """A NaN in the calibration activations, or a Hessian no dampening repairs, is slimlm's NumericsError (one
+    `error:` line in the CLI), not a plain ValueError traceback."""
+    from slimlm.errors import NumericsError
+    W = torch.randn(4, 64, dtype=torch.float64)
+    H = hessian(torch.randn(128, 64, dtype=torch.float64))
+    H[3, 5] = float("nan")
+    with pytest.raises(NumericsError, match="NaN/Inf"):
+        gptq(W, H, unit=32, fit=_fit)
+    with pytest.raises(NumericsError, match="stays singular"):
+        gptq(W, -torch.eye(64, dtype=torch.float64), unit=32, fit=_fit, max_tries=2)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q3_K", "Q4_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q6_K", "Q8_0", "Q2_K"])
 def test_gptq_onto_gguf_grid_decodes_exactly_and_beats_the_encoder(qtype):
     import gguf

@@ -32,6 +32,17 @@ def model_size_info(model) -> dict:
     return {"file_bytes": None, "n_params": n, "bits_per_weight": 32.0}
 
 
+def _context_length(x) -> int | None:
+    """The training context of a Model (config) or a GGUF path (metadata), None when it does not say."""
+    if isinstance(x, (str, Path)):
+        g = read_gguf(x)
+        arch = g.get("general.architecture")
+        v = g.get(f"{arch}.context_length") if isinstance(arch, str) else None
+    else:
+        v = x.config.get("max_position_embeddings")
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
 def _side(x, n_ctx: int):
     """(runner, size info, bos id or None, tokenizer-or-None) for a Model or a GGUF path."""
     if isinstance(x, (str, Path)):
@@ -68,11 +79,19 @@ def evaluate_many(models: list, ref=None, *, text: str | None = None, text_path:
                   progress: bool = True) -> list[dict]:
     """Evaluate several models against one reference in one pass (reference logits computed once)."""
     if n_ctx < 16 or n_ctx % 2:
-        raise ConfigError(f"n_ctx must be an even number >= 16, got {n_ctx}")
+        raise ConfigError(f"--ctx must be an even number >= 16, got {n_ctx}")
+    if max_chunks is not None and max_chunks < 1:
+        raise ConfigError(f"--chunks must be >= 1 (or 0 for all), got {max_chunks}")
     if text is None:
-        text, source = read_text(text_path, "eval")
+        text, source = read_text(text_path, "eval", "--text")
     else:
         source = "text given in memory"
+    for m in models + ([ref] if ref is not None else []):      # before any runtime allocates a KV cache
+        limit = _context_length(m)
+        if limit is not None and n_ctx > limit:
+            where = m if isinstance(m, (str, Path)) else (m.source or "the model")
+            raise ConfigError(f"--ctx {n_ctx} is beyond the context length of {where} ({limit} tokens); give a "
+                              f"smaller --ctx")
     sides = []
     try:
         for m in models + ([ref] if ref is not None else []):
@@ -84,7 +103,8 @@ def evaluate_many(models: list, ref=None, *, text: str | None = None, text_path:
                 raise ConfigError(f"vocab sizes differ ({r.n_vocab} vs {runners[-1].n_vocab}); the models "
                                   f"cannot be compared token by token")
         tt = _tokens(text, source, [s[3] for s in reversed(sides)], runners)
-        chunks = make_chunks(tt.tokens, n_ctx, sides[-1][2], max_chunks)
+        chunks = make_chunks(tt.tokens, n_ctx, sides[-1][2], max_chunks,
+                             what=f"--text {text_path}" if text_path is not None else "the evaluation text")
         scores, (pos, tgt) = [Scores() for _ in models], scored_slice(n_ctx)
         t0 = time.perf_counter()
         for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress, leave=False):

@@ -22,15 +22,19 @@ import torch
 from ..errors import ConfigError
 
 
-def make_chunks(tokens: torch.Tensor, n_ctx: int, bos_id: int | None, max_chunks: int | None) -> torch.Tensor:
-    """(n,) tokens -> (n_chunks, n_ctx); BOS replaces each chunk's first token when bos_id is given."""
+def make_chunks(tokens: torch.Tensor, n_ctx: int, bos_id: int | None, max_chunks: int | None,
+                what: str = "the text") -> torch.Tensor:
+    """(n,) tokens -> (n_chunks, n_ctx); BOS replaces each chunk's first token when bos_id is given.
+    `what` names the text in the error when it holds less than one chunk."""
     if n_ctx < 4:
         raise ConfigError(f"n_ctx must be >= 4, got {n_ctx}")
+    if max_chunks is not None and max_chunks < 1:
+        raise ConfigError(f"the number of chunks must be >= 1 (or all), got {max_chunks}")
     n = tokens.numel() // n_ctx
     if max_chunks is not None:
         n = min(n, max_chunks)
     if n < 1:
-        raise ConfigError(f"the text has {tokens.numel()} tokens, fewer than one chunk of {n_ctx}; "
+        raise ConfigError(f"{what} has {tokens.numel()} tokens, fewer than one chunk of {n_ctx}; "
                           f"give a longer text or a smaller --ctx")
     chunks = tokens[: n * n_ctx].reshape(n, n_ctx).clone()
     if bos_id is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import MissingDependencyError
+from ..errors import ConfigError, InvalidModelError, MissingDependencyError
 
 
 def _llama_cpp():
@@ -92,10 +92,14 @@ class LlamaCppRunner:
     def __init__(self, path: str | Path, n_ctx: int, *, logits_all: bool = True):
         lc = _llama_cpp()
         self._lc = lc
-        with _quiet_fd2():
-            self.llm = lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                                n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                                verbose=False)
+        try:
+            with _quiet_fd2():
+                self.llm = lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                                    n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                                    verbose=False)
+        except (ValueError, RuntimeError) as e:      # llama-cpp-python's "Failed to load model from file"
+            raise InvalidModelError(f"{path}: llama.cpp cannot load this file ({e}); is it a model GGUF of an "
+                                    f"architecture llama.cpp supports?") from None
         self.n_ctx = n_ctx
 
     @property
@@ -127,6 +131,15 @@ class LlamaCppRunner:
 
     def generate(self, prompt: str, max_tokens: int, *, chat: bool = False, temperature: float = 0.0,
                  seed: int = 0) -> str:
+        try:
+            return self._generate(prompt, max_tokens, chat, temperature, seed)
+        except ValueError as e:
+            if "exceed context window" in str(e):      # llama-cpp-python's check of the prompt's length
+                raise ConfigError(f"the prompt does not fit the context: {e}; give a larger --ctx or a shorter "
+                                  f"prompt") from None
+            raise
+
+    def _generate(self, prompt: str, max_tokens: int, chat: bool, temperature: float, seed: int) -> str:
         if chat:
             out = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
                                                   temperature=temperature, seed=seed)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ..errors import NumericsError
+
 
 @dataclass
 class UnitGrid:
@@ -73,8 +75,8 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[tor
             if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
                 return U, damp
         damp = damp * 10 if damp > 0 else 1e-6
-    raise ValueError(f"the Hessian stays singular with dampening up to {damp / 10:g} x mean(diag H); the "
-                     f"calibration inputs are degenerate for this layer")
+    raise NumericsError(f"the Hessian stays singular with dampening up to {damp / 10:g} x mean(diag H); the "
+                        f"calibration inputs are degenerate for this layer")
 
 
 _SUB = 32      # columns per compiled sub-block: the per-column update stays this narrow, the rest is BLAS
@@ -181,6 +183,9 @@ def factor(H: torch.Tensor, unit: int, *, act_order: bool = False, damp: float =
     """The upper Cholesky factor of the dampened inverse Hessian in the solver's column order, and the
     dampening used: computed once for weights that share H (q/k/v, gate/up)."""
     H = H.detach().double().clone()
+    if not bool(torch.isfinite(H).all()):
+        raise NumericsError("the Hessian holds NaN/Inf: the calibration activations reaching this layer are not "
+                            "finite (a weight or an earlier layer overflows)")
     _, perm, dead = _order(H, unit, act_order)
     H[dead, dead] = 1      # no input, no coupling: such a column is rounded plainly, its weights are kept
     p = torch.from_numpy(perm)
