@@ -39,6 +39,7 @@ class PruneConfig:
     type: str = "Q8_0"                 # GGUF output type
     hf_dtype: str = "float32"          # HF output precision
     calib: str | None = None
+    pre_tokenizer: str | None = None   # llama.cpp's pre-tokenizer name for an HF tokenizer it cannot identify
     calib_chunks: int = 16
     n_ctx: int = 512
     text: str | None = None
@@ -59,6 +60,11 @@ class PruneConfig:
         for flag, v in (("--text", self.text), ("--calib", None if self.calib == "default" else self.calib)):
             if v is not None and not Path(v).is_file():
                 raise ConfigError(f"{flag} {v}: no such file")
+        if self.pre_tokenizer is not None:
+            from ..gguf.vocab import KNOWN_PRE_TOKENIZERS
+            if self.pre_tokenizer not in KNOWN_PRE_TOKENIZERS:
+                raise ConfigError(f"--pre-tokenizer {self.pre_tokenizer!r} is not one llama.cpp knows; known: "
+                                  f"{', '.join(KNOWN_PRE_TOKENIZERS)}")
         if any(i < 0 for i in self.drop_layers) or len(set(self.drop_layers)) != len(self.drop_layers):
             raise ConfigError(f"--drop-layers {','.join(map(str, self.drop_layers))}: give distinct layer "
                               f"indices >= 0")
@@ -111,9 +117,16 @@ class PruneConfig:
             return self.allocate
         return "global" if self.method in ("mlp", "width", "mlp+layers") else "uniform"
 
-    def check_model(self, cfg: dict) -> None:
+    def check_model(self, cfg: dict, gguf_out: bool = True) -> None:
         """The checks that need the model's shapes (its config), run right after loading, before calibration."""
         d = dims(cfg)
+        if gguf_out and (self.heads is not None or self.hidden is not None) and self.method in STRUCTURED:
+            kv, q = self.parsed_heads() if self.heads is not None else (None, None)
+            check_gguf_plan(cfg, Plan(hidden=self.hidden, n_kv=kv, q_per_kv=q), "--heads/--hidden")
+        if self.allocate in ("global", "sensitivity") and self.method in STRUCTURED and not per_layer_ok(cfg):
+            raise ConfigError(f"--allocate {self.allocate} gives per-layer MLP widths, which llama.cpp runs as its "
+                              f"deci arch for Llama-family models only; {cfg['architectures'][0]} takes "
+                              f"--allocate uniform")
         bad = [i for i in self.drop_layers if i >= d["n_layer"]]
         if bad:
             raise ConfigError(f"--drop-layers {','.join(map(str, bad))}: the model has layers 0..{d['n_layer'] - 1}")
@@ -135,6 +148,14 @@ class PruneConfig:
                 raise ConfigError(f"--sparsity {self.sparsity}: the model's linears have {sorted(widths)} inputs, "
                                   f"which do not all split into groups of {nm[1]}")
 
+    def for_model(self, cfg: dict) -> PruneConfig:
+        """This config with the default allocation resolved for the model's family: per-layer MLP widths
+        (global) for the Llama family, uniform widths for families llama.cpp has no per-layer variant of."""
+        import dataclasses
+        if self.allocate is None and self.method in STRUCTURED and not per_layer_ok(cfg):
+            return dataclasses.replace(self, allocate="uniform")
+        return self
+
     @property
     def explicit(self) -> bool:
         return any(v is not None for v in (self.hidden, self.ffn, self.heads)) or bool(self.drop_layers)
@@ -148,6 +169,34 @@ class PruneConfig:
         except ValueError:
             raise ConfigError(f"--heads {self.heads!r}: give KVxQ, e.g. 2x2 (KV heads kept x query heads "
                               f"per KV head)") from None
+
+
+# llama.cpp archs whose loader sizes the query projection n_embd x n_embd (not n_embd x n_head * head_dim):
+# qwen2 (llama-model.cpp, LLM_ARCH_QWEN2). Family knowledge that belongs in arch.ArchSpec; kept here until then.
+ATTN_WIDTH_IS_HIDDEN = ("qwen2",)
+
+
+def check_gguf_plan(cfg: dict, plan: Plan, what: str = "this plan") -> None:
+    """Refuse a plan whose GGUF llama.cpp cannot load: for the archs in ATTN_WIDTH_IS_HIDDEN the query heads x
+    head_dim must stay equal to the hidden size."""
+    from ..arch import ARCHS
+    from .structured import planned_config
+    spec = ARCHS.get((cfg.get("architectures") or [None])[0])
+    if spec is None or spec.gguf_arch not in ATTN_WIDTH_IS_HIDDEN:
+        return
+    new = planned_config(cfg, plan)
+    nh, hd, h = new["num_attention_heads"], new["head_dim"], new["hidden_size"]
+    if nh * hd != h:
+        raise ConfigError(f"{what}: llama.cpp's {spec.gguf_arch} arch needs query heads x head_dim = hidden size, "
+                          f"this gives {nh} x {hd} = {nh * hd} for hidden {h}; keep every query head (no --heads, "
+                          f"no --method width) or write an HF folder")
+
+
+def per_layer_ok(cfg: dict) -> bool:
+    """Whether the model's family can take per-layer MLP widths (llama.cpp's deci arch: Llama family only)."""
+    from ..arch import ARCHS
+    spec = ARCHS.get((cfg.get("architectures") or [None])[0])
+    return spec is not None and spec.gguf_arch == "llama"
 
 
 def round_multiple(config: PruneConfig) -> int:
@@ -256,9 +305,12 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
     return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
 
 
-def structured_prune(m, chunks, config: PruneConfig, say, progress: bool):
-    """Plan (widths for --ratio, per-layer allocation) and apply structured pruning; (pruned model, stats)."""
+def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_out: bool = True):
+    """Plan (widths for --ratio, per-layer allocation) and apply structured pruning; (pruned model, stats).
+    `gguf_out`: the result is written as a GGUF (the plan must be one llama.cpp loads)."""
     from .structured import block_influence, prune_structured
+    config.check_model(m.config, gguf_out)
+    config = config.for_model(m.config)
     order = None
     if config.method in ("layers", "mlp+layers"):
         bi = block_influence(m, chunks[:4], progress=progress)
@@ -266,6 +318,8 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool):
     if config.method == "mlp+layers":
         config = _split_layers(m, config, order)
     plan = make_plan(m, config, order)
+    if gguf_out:
+        check_gguf_plan(m.config, plan)
     if config.allocation != "uniform" and plan.ffn is not None:
         allocate_widths(m, chunks, plan, config, say, progress)
     say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
@@ -297,7 +351,10 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
-    config.check_model(m.config)
+    config.check_model(m.config, gguf_out)
+    if gguf_out and m.gguf is None:      # an HF tokenizer llama.cpp must know: refused now, not after the work
+        from ..gguf.vocab import pre_tokenizer_name
+        pre_tokenizer_name(m.tokenizer, str(m.source), config.pre_tokenizer)
     if not gguf_out:
         from ..hfout import check_folder
         check_folder(m, out, overwrite=overwrite)
@@ -320,13 +377,14 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
             f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")
     else:
-        pruned, st = structured_prune(m, chunks, config, say, progress)
+        pruned, st = structured_prune(m, chunks, config, say, progress, gguf_out)
         step = {"step": "structured pruning", "source": prov, **st}
     step["seconds"] = time.perf_counter() - t0
     if gguf_out:
         from ..gguf.writer import export_gguf
         say(f"writing {out} ({config.type}) ...")
-        rec = export_gguf(pruned, out, config.type, overwrite=overwrite, progress=progress).to_dict()
+        rec = export_gguf(pruned, out, config.type, overwrite=overwrite, progress=progress,
+                          pre_tokenizer=config.pre_tokenizer).to_dict()
         target = out
     else:
         from ..hfout import save_hf

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import PER_LAYER, layer_dims
-from ..errors import ConfigError, NumericsError
+from ..arch import ARCHS, PER_LAYER, layer_dims
+from ..errors import ConfigError, InvalidModelError, NumericsError
 
 IMPORTANCE = ("obs", "activation", "taylor", "magnitude")
 
@@ -102,16 +102,13 @@ def planned_config(cfg: dict, plan: Plan) -> dict:
 
 
 def n_params(cfg: dict) -> int:
-    """Parameters of a Llama-family model with this config (tied embedding counted once)."""
-    d = dims(cfg)
-    h, hd = d["hidden"], d["head_dim"]
-    total = d["vocab"] * h * (1 if d["tied"] else 2) + h
-    for i in range(d["n_layer"]):
-        ff, nh, nkv = layer_dims(cfg, i)
-        total += h * hd * (2 * nh + 2 * nkv) + 3 * h * ff + 2 * h
-        if cfg.get("attention_bias"):
-            total += hd * (nh + 2 * nkv)
-    return total
+    """Parameters of a model with this config (tied embedding counted once): the sum over the tensors its family
+    has (arch.ArchSpec.expected_shapes, the shapes the loader checks), so q/k/v biases (Qwen2) and q/k norms
+    (Qwen3) count."""
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch not in ARCHS:
+        raise InvalidModelError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
+    return sum(math.prod(shape) for shape in ARCHS[arch].expected_shapes(cfg).values())
 
 
 def plan_for_ratio(cfg: dict, ratio: float, *, method: str = "mlp", round_to: int = 32,
