@@ -1,55 +1,78 @@
-"""Writing an HF model folder: `model.safetensors`, `config.json` and the tokenizer files, each through a temp
-file, fsync and rename (RELIABILITY's write protocol). `save_hf` writes a model transformers loads again;
-`write_hf_folder` is the shared part (the k-means writer uses it with its own tensors)."""
+"""Writing an HF model folder: `model.safetensors`, `config.json` and the tokenizer files, all into one temp
+folder beside the output, fsynced, checked, then renamed into place (io.atomic_folder). A reader, or the next
+run after a kill or a full disk, sees the old folder, none, or the complete new one: never a folder with the
+weights but no config. `save_hf` writes a model transformers loads again; `write_hf_folder` is the shared part
+(the k-means writer uses it with its own tensors)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, InvalidModelError
-from .io import atomic_output
+from .errors import ConfigError, InvalidModelError, OutputError
+from .io import atomic_folder, check_output_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_folder(model, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Before heavy work: `out` is not the model's folder, not a file, empty or --overwrite, and writable."""
     out = Path(out)
     if model.source is not None and Path(model.source).resolve() == out.resolve():
         raise ConfigError(f"{out} is the model's own folder; give another output folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; give a folder for an HF model")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace its files")
-    return out
+        raise ConfigError(f"{out} exists; pass --overwrite to replace its files (atomically)")
+    return check_output_folder(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' Rust writer reports a failed write (disk full) as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        msg = str(e)
+        if "I/O error" not in msg:
+            raise InvalidModelError(f"cannot write the tensors as safetensors: {msg}") from None
+        code = re.search(r"os error (\d+)", msg)
+        if code is None:
+            raise OSError(None, msg.split("I/O error: ")[-1]) from None
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def write_hf_folder(model, out: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
-                    metadata: dict | None = None, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
+                    metadata: dict | None = None, overwrite: bool = False,
+                    check: Callable[[Path], object] | None = None) -> Path:
+    """Write the folder atomically. `check(temp_folder)` validates the complete folder before it is renamed."""
     out = check_folder(model, out, overwrite=overwrite)
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidModelError(f"{name} has non-finite values at its stored precision; refusing to write it")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / "model.safetensors", overwrite=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    with atomic_output(out / "config.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(config, indent=1, default=str))
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as d:    # each file: temp, fsync, rename
-        for f in model.tokenizer.save_pretrained(d):
-            f = Path(f)
-            if f.is_file():
-                with atomic_output(out / f.name, overwrite=True) as tmp:
-                    shutil.copyfile(f, tmp)
+    with atomic_folder(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
+        _save_safetensors(tensors, tmp / "model.safetensors", {"format": "pt", **(metadata or {})})
+        with open(tmp / "config.json", "w") as f:
+            f.write(json.dumps(config, indent=1, default=str))
+        model.tokenizer.save_pretrained(tmp)
+        if check is not None:
+            try:
+                check(tmp)
+            except InvalidModelError as e:
+                raise OutputError(f"the folder written for {out} does not check out, nothing was written under "
+                                  f"that name: {e}") from None
     return out
 
 
 def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """The model as an HF folder (safetensors at `dtype`, tied output projection stored once)."""
+    """The model as an HF folder (safetensors at `dtype`, tied output projection stored once), checked with
+    the same strict checks a source folder gets before it is renamed into place."""
+    from .hf import check_hf_dir
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tied = bool(model.config.get("tie_word_embeddings", False))
@@ -58,4 +81,4 @@ def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool =
     cfg = model.module.config.to_dict()
     cfg["torch_dtype"] = dtype
     cfg.pop("quantization_config", None)
-    return write_hf_folder(model, out, tensors, cfg, overwrite=overwrite)
+    return write_hf_folder(model, out, tensors, cfg, overwrite=overwrite, check=check_hf_dir)

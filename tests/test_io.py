@@ -14,7 +14,7 @@ import pytest
 from slimlm.errors import OutputError
 from slimlm.gguf.reader import read_gguf
 from slimlm.gguf.writer import check_tensor_finite
-from slimlm.io import atomic_output, atomic_write_bytes, output_lock
+from slimlm.io import atomic_folder, atomic_output, atomic_write_bytes, output_lock
 
 
 def _temps(folder: Path) -> list[Path]:
@@ -40,16 +40,21 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_missing_or_readonly_folder(tmp_path):
+    """Writability is tried, not asked: a user without write permission is refused up front; root, whom the kernel
+    lets write there, writes (read-only mounts and injected EACCES/EROFS: test_faults.py)."""
     with pytest.raises(OutputError, match="does not exist"):
         atomic_write_bytes(tmp_path / "nope" / "o.bin", b"x")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that ignores permissions")
-        with pytest.raises(OutputError, match="not writable"):
+        if os.geteuid() != 0:
+            with pytest.raises(OutputError, match="not writable"):
+                atomic_write_bytes(ro / "o.bin", b"x")
+            assert list(ro.iterdir()) == []
+        else:
             atomic_write_bytes(ro / "o.bin", b"x")
+            assert (ro / "o.bin").read_bytes() == b"x" and _temps(ro) == []
     finally:
         ro.chmod(0o700)
 
@@ -77,6 +82,36 @@ def test_stale_temp_from_dead_process_is_cleaned(tmp_path):
     alive.write_bytes(b"x")
     atomic_write_bytes(out, b"ok")
     assert not stale.exists() and alive.exists() and out.read_bytes() == b"ok"
+
+
+def test_atomic_folder_is_all_or_nothing(tmp_path):
+    """A folder output appears whole: an exception after some files leaves no folder; --overwrite replaces the
+    whole folder (a file only the old one had is gone); without it, a non-empty folder is refused."""
+    out = tmp_path / "hf"
+    with pytest.raises(RuntimeError), atomic_folder(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w")
+        raise RuntimeError("killed before config.json")
+    assert not out.exists() and _temps(tmp_path) == []
+    with atomic_folder(out) as tmp:
+        (tmp / "a").write_bytes(b"1")
+        (tmp / "old-only").write_bytes(b"1")
+    with pytest.raises(OutputError, match="--overwrite"), atomic_folder(out):
+        pass
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "a").write_bytes(b"2")
+    assert sorted(p.name for p in out.iterdir()) == ["a"] and (out / "a").read_bytes() == b"2"
+    assert _temps(tmp_path) == []
+
+
+def test_stale_temp_folder_from_dead_process_is_cleaned(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_path / f".hf.tmp-{p.pid}-deadbeef"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    with atomic_folder(tmp_path / "hf") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and (tmp_path / "hf" / "config.json").exists() and _temps(tmp_path) == []
 
 
 _EXPORT_LOOP = """

@@ -89,6 +89,22 @@ class Writer(gguf.GGUFWriter):
             return super()._pack_val(val, vtype, add_vtype, sub_type)  # gguf-py raises the range error
         return head + arr.astype(_BULK[ltype]).tobytes()
 
+    def write_tensors_to_file(self, *, progress: bool = False) -> None:
+        """gguf-py's loop (same bytes), writing through the file object: numpy's `tofile` reports a full disk as
+        "N requested and M written" without the errno, this write raises OSError(ENOSPC) like every other."""
+        if self.temp_file is not None or len(self.fout or ()) != 1:
+            return super().write_tensors_to_file(progress=progress)
+        self.write_ti_data_to_file()
+        fout = self.fout[0]
+        self.write_padding(fout, fout.tell())
+        for ti in self.tensors[0].values():
+            assert ti.tensor is not None and ti.tensor.nbytes == ti.nbytes
+            if ti.nbytes:
+                fout.write(memoryview(np.ascontiguousarray(ti.tensor)).cast("B"))
+            self.write_padding(fout, ti.nbytes)
+            ti.tensor = None
+        self.state = gguf.gguf_writer.WriterState.WEIGHTS
+
 
 def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
     """(gguf name, hf name, tensor in llama.cpp layout) in the source's order when it was a GGUF."""
@@ -243,7 +259,8 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
         if not f.is_float and W.ndim and not f.fits(W.shape[-1]):
             raise ConfigError(f"{n}: rows of {W.shape[-1]} do not fit {f.name}'s blocks of {f.block_size}")
     plan = [(n, hf, W, *planned[n]) for n, hf, W in tensors]
-    ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan) + (64 << 20))
+    # obviously short: not even the tensor data fits (a shortage within the header is caught at the write)
+    ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan))
     records = []
     with atomic_output(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
         w = Writer(tmp, gguf_arch(model.spec, model.config))
