@@ -148,3 +148,22 @@ def test_prune_every_family_to_hf_folder_loads_back(tiny_hf, tmp_path, arch):
     assert torch.allclose(back.logits(x), p.logits(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=x).logits, p.logits(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,suffix", [("Qwen3ForCausalLM", ".gguf"), ("LlamaForCausalLM", ".gguf"),
+                                         ("Qwen2ForCausalLM", "")])
+def test_report_names_the_architecture_of_the_written_file(tiny_hf, tmp_path, arch, suffix):
+    """The report's architecture is read back from the output: a GGUF's general.architecture, an HF folder's
+    config.json architectures (not a label guessed from the plan)."""
+    from slimlm.gguf.reader import read_gguf
+    out = tmp_path / f"p{suffix}"
+    assert main(["-q", "prune", str(tiny_hf(arch, num_hidden_layers=4)), "-o", str(out), "--ffn", "64",
+                 "--type", "F32", "--calib-chunks", "2", "--ctx", "32", "--no-eval"]) == 0
+    rep = json.loads(out.with_name(out.name.removesuffix(".gguf") + ".report.json").read_text())
+    st = rep["steps"][0]
+    if suffix:
+        g = read_gguf(out)
+        assert st["arch"] == g.architecture == ("deci" if "ffn per layer" in st["plan"] else load(
+            tiny_hf(arch, num_hidden_layers=4), progress=False).spec.gguf_arch)
+    else:
+        assert st["arch"] == json.loads((out / "config.json").read_text())["architectures"][0] == arch

@@ -325,10 +325,23 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
     say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
     pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
     st["removed_fraction"] = 1 - st["params_after"] / st["params_before"]
-    st["arch"] = "deci" if plan.ffn_per_layer else "llama"
+    from ..arch import gguf_arch
+    st["arch"] = gguf_arch(m.spec, pruned.config)   # what the GGUF writer will name it; prune() reads it back
     say(f"parameters {st['params_before'] / 1e6:.2f}M -> {st['params_after'] / 1e6:.2f}M "
         f"({st['removed_fraction']:.1%} removed)")
     return pruned, st
+
+
+def written_arch(out: str | Path) -> str:
+    """The architecture the written output states: a GGUF's general.architecture (llama.cpp's name, `deci` for
+    per-layer widths), an HF folder's config.json architectures[0]."""
+    out = Path(out)
+    if out.suffix == ".gguf":
+        from ..gguf.reader import read_gguf
+        return read_gguf(out).architecture
+    from ..hf import load_json
+    archs = load_json(out / "config.json").get("architectures") or ["?"]
+    return str(archs[0])
 
 
 def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
@@ -396,6 +409,7 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         rec = {"path": str(out), "type": config.hf_dtype, "n_params": n, "file_bytes": size, "tensor_bytes": size,
                "bits_per_weight": 8 * size / n, "seconds": time.perf_counter() - t, "tensors": [], "fallbacks": []}
         target = load(out, progress=False)                 # reloaded by transformers: the check that it loads
+    step["arch"] = written_arch(out)
     ev = None
     if config.evaluate:
         say("evaluating against the original ...")
