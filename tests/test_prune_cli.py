@@ -122,16 +122,36 @@ def test_sensitivity_cli_writes_table_heatmap_and_json(tiny_hf, tmp_path, capsys
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def _with_quiet_mlp(src, dst, layer: int, scale: float):
+    """A copy of the HF folder `src` whose layer `layer` MLP writes `scale` times less into the residual stream
+    (down_proj scaled): removing its neurons costs little, so an allocation by cost must cut it the most."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    w = load_file(dst / "model.safetensors")
+    w[f"model.layers.{layer}.mlp.down_proj.weight"] *= scale
+    save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def test_prune_allocate_sensitivity_writes_deci(tiny_hf, tmp_path, llama_cpp_available):
+    """Layer 1's MLP barely matters: the measured-sensitivity allocation removes the most neurons there (64, the
+    most it allows in a layer) and the rest elsewhere, so the widths differ and the GGUF is llama.cpp's deci arch
+    with per-layer arrays; llama.cpp runs it (the evaluation)."""
     from slimlm.gguf.reader import read_gguf
+    src = _with_quiet_mlp(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), tmp_path / "src", 1, 0.02)
     out = tmp_path / "s.gguf"
-    assert main(["-q", "prune", str(tiny_hf("LlamaForCausalLM", num_hidden_layers=3)), "-o", str(out), "--ffn",
-                 "64", "--allocate", "sensitivity", "--type", "F32", "--calib-chunks", "3", "--ctx", "64",
-                 "--chunks", "1", "--no-speed"]) == 0
+    assert main(["-q", "prune", str(src), "-o", str(out), "--ffn", "64", "--allocate", "sensitivity", "--type",
+                 "F32", "--calib-chunks", "3", "--ctx", "64", "--chunks", "1", "--no-speed"]) == 0
     g = read_gguf(out)
-    ffn = list(g.get(f"{g.architecture}.feed_forward_length")) if g.architecture == "deci" else \
-        [g.get("llama.feed_forward_length")] * 3
-    assert sum(96 - f for f in ffn) == 3 * 32
+    assert g.get("general.architecture") == "deci"
+    ffn = [int(v) for v in g.get("deci.feed_forward_length")]
+    assert len(ffn) == 3 and sum(96 - f for f in ffn) == 3 * 32
+    assert ffn[1] == 32 < min(ffn[0], ffn[2])
+    assert [int(v) for v in g.get("deci.attention.head_count")] == [4, 4, 4]
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert rep["steps"][0]["arch"] == "deci" and np.isfinite(rep["evaluation"]["kld"])
 
 
 def test_compress_prunes_then_quantizes_and_evaluates_against_the_original(tiny_hf, tmp_path, llama_cpp_available):
