@@ -4,7 +4,9 @@ Folder layout: the HF `config.json` and tokenizer files, `model.safetensors` in 
 decoder layers is stored as `NAME.codebook` (rows, 2^bits) float16 and `NAME.packed` (rows, ceil(cols*bits/8))
 uint8 (see quant/kmeans.py), every other tensor as float16, and the header's metadata
 {"format": "slimlm-kmeans", "bits": ..., "version": "1"}. transformers cannot load it alone (no codebook
-support); `load_kmeans` builds the model from the config and puts `KMeansLinear` modules in place.
+support); `load_kmeans` checks the folder as strictly as `hf.check_hf_dir` checks an HF folder (config,
+safetensors header against the bytes, every tensor's shape and dtype against the config, tokenizer), then
+builds the model from the config and puts `KMeansLinear` modules in place.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InvalidModelError
+from .errors import InvalidModelError, UnsafeModelError
 from .quant.kmeans import KMeansLinear, kmeans_rows, pack
 
 FORMAT = "slimlm-kmeans"
@@ -47,30 +49,96 @@ def save_kmeans(model, out: str | Path, codebooks: dict, bits: int, *, overwrite
                            metadata={"format": FORMAT, "bits": str(bits), "version": "1"})
 
 
+def _header_metadata(st: Path) -> dict:
+    """The `__metadata__` of a safetensors file whose header `hf.read_safetensors_header` has validated."""
+    import struct
+
+    from .hf import parse_json
+    with open(st, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = parse_json(f.read(n), f"{st} header").get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidModelError(f"{st}: header __metadata__ must map names to strings")
+    return meta
+
+
+def check_kmeans_dir(d: Path) -> tuple[dict, object, int, dict]:
+    """The strict checks of `hf.check_hf_dir` for a k-means folder, whose decoder-layer linears are stored as
+    NAME.codebook (rows, 2^bits) float and NAME.packed (rows, ceil(cols*bits/8)) uint8: config.json (strict
+    JSON, no remote code, a supported architecture), the safetensors header against the file's bytes, every
+    tensor's name, shape and dtype against the config, the tokenizer files. Returns (config, arch spec, bits,
+    safetensors entries). Reads no tensor data."""
+    from .arch import get_arch
+    from .hf import FLOAT_DTYPES, check_tokenizer_files, load_json, read_safetensors_header
+    if not d.is_dir():
+        raise InvalidModelError(f"{d}: not a folder")
+    cfg_path, st = d / "config.json", d / "model.safetensors"
+    if not cfg_path.is_file() or not st.is_file():
+        raise InvalidModelError(f"{d}: not a k-means model folder (model.safetensors and config.json needed)")
+    cfg = load_json(cfg_path)
+    for p in (cfg_path, d / "tokenizer_config.json"):
+        if p.is_file() and "auto_map" in load_json(p):
+            raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm never "
+                                   f"runs remote code")
+    spec = get_arch(cfg, str(cfg_path))
+    entries = read_safetensors_header(st)
+    meta = _header_metadata(st)
+    if meta.get("format") != FORMAT:
+        raise InvalidModelError(f"{st}: not written by slimlm kmeans (metadata format {meta.get('format')!r})")
+    bits = meta.get("bits", "")
+    if not bits.isdigit() or not 1 <= int(bits) <= 8:
+        raise InvalidModelError(f"{st}: metadata bits {bits!r} is not a number from 1 to 8")
+    bits = int(bits)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    seen = set()
+
+    def need(name: str, shape: tuple, dtypes: tuple) -> None:
+        e = entries.get(name)
+        if e is None:
+            raise InvalidModelError(f"{st}: tensor {name!r} is missing (expected by {cfg_path})")
+        if e.shape != tuple(shape) or e.dtype not in dtypes:
+            raise InvalidModelError(f"{st}: tensor {name!r} is {e.dtype} {list(e.shape)}; {cfg_path} and "
+                                    f"{bits}-bit codebooks imply {'/'.join(dtypes)} {list(shape)}")
+        seen.add(name)
+    for name, shape in spec.expected_shapes(cfg).items():
+        base = name[:-len(".weight")]
+        if name.startswith("model.layers.") and len(shape) == 2 and f"{base}.codebook" in entries:
+            need(f"{base}.codebook", (shape[0], 1 << bits), FLOAT_DTYPES)
+            need(f"{base}.packed", (shape[0], -(-shape[1] * bits // 8)), ("U8",))
+        elif not (tied and name == "lm_head.weight"):
+            need(name, shape, FLOAT_DTYPES)
+    extra = sorted(n for n in entries if n not in seen and not spec.is_ignored(n))
+    if extra:
+        raise InvalidModelError(f"{st}: unexpected tensor {extra[0]!r} for {spec.hf_arch} with {bits}-bit "
+                                f"codebooks (config and checkpoint disagree)")
+    check_tokenizer_files(d, cfg["vocab_size"])
+    return cfg, spec, bits, entries
+
+
 def load_kmeans(path: str | Path):
-    """A `Model` whose decoder-layer linears are KMeansLinear modules decoded from the folder's codebooks."""
+    """A `Model` whose decoder-layer linears are KMeansLinear modules decoded from the folder's codebooks.
+    The folder goes through `check_kmeans_dir` (strict) before any tensor data is read."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import get_arch
     from .model import Model, _frozen, _quiet_transformers
     d = Path(path)
+    cfg_dict, spec, bits, _ = check_kmeans_dir(d)
     st = d / "model.safetensors"
-    if not st.is_file() or not (d / "config.json").is_file():
-        raise InvalidModelError(f"{d}: not a k-means model folder (model.safetensors and config.json needed)")
     with safe_open(str(st), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise InvalidModelError(f"{st}: not written by slimlm kmeans (metadata format {meta.get('format')!r})")
-        bits = int(meta["bits"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            idx = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+            raise InvalidModelError(f"{st}: tensor {k} has a non-finite value at index {idx}")
     _quiet_transformers()
-    cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    try:
+        cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidModelError(f"{d / 'config.json'}: transformers cannot read it ({e})") from None
     module = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain = {k: v.float() for k, v in tensors.items() if not k.endswith((".codebook", ".packed"))}
-    missing, unexpected = module.load_state_dict(plain, strict=False)
-    if unexpected:
-        raise InvalidModelError(f"{st}: unexpected tensors {unexpected[:3]}")
+    module.load_state_dict(plain, strict=False)            # names and shapes were checked above
     coded = {k[:-len(".codebook")] for k in tensors if k.endswith(".codebook")}
     for name in coded:
         parent, _, child = name.rpartition(".")
@@ -80,10 +148,6 @@ def load_kmeans(path: str | Path):
                                           old.in_features, None if old.bias is None else old.bias.data))
     if cfg.tie_word_embeddings:
         module.tie_weights()
-    left = [k for k in missing if not any(k.startswith(n) for n in coded)
-            and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if left:
-        raise InvalidModelError(f"{st}: missing tensors {left[:3]}")
     _frozen(module)
     tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
-    return Model(module, tok, get_arch(cfg.to_dict(), str(d / "config.json")), cfg.to_dict(), source=d)
+    return Model(module, tok, spec, cfg.to_dict(), source=d)

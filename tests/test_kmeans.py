@@ -74,3 +74,77 @@ def test_saved_kmeans_model_loads_and_runs(tiny_hf, tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(InvalidModelError):
         load_kmeans(tmp_path / "bad")
+
+
+@pytest.fixture(scope="module")
+def km_folder(tiny_hf, tmp_path_factory):
+    from slimlm import load
+    from slimlm.codebook import kmeans_model, save_kmeans
+    m = load(tiny_hf("LlamaForCausalLM"), progress=False)
+    out = tmp_path_factory.mktemp("km") / "km"
+    save_kmeans(m, out, kmeans_model(m, 3, progress=False), 3)
+    return out
+
+
+def _resave(d, edit, metadata=None):
+    """Rewrite d/model.safetensors with `edit(tensors)` applied and the given header metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    st = d / "model.safetensors"
+    with safe_open(str(st), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(st), metadata=meta if metadata is None else metadata)
+
+
+def _shrink(t, name):
+    t[name] = t[name][:-1].contiguous()
+
+
+BAD_KMEANS = {
+    "header length beyond the file": lambda d: (d / "model.safetensors").write_bytes(
+        (2**40).to_bytes(8, "little") + (d / "model.safetensors").read_bytes()[8:]),
+    "header cut": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:200]),
+    "data truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-64]),
+    "config.json missing": lambda d: (d / "config.json").unlink(),
+    "config.json not JSON": lambda d: (d / "config.json").write_text("{"),
+    "config.json remote code": lambda d: (d / "config.json").write_text(
+        (d / "config.json").read_text()[:-2] + ', "auto_map": {"AutoModelForCausalLM": "x.Y"}}'),
+    "config.json other architecture": lambda d: (d / "config.json").write_text(
+        (d / "config.json").read_text().replace("LlamaForCausalLM", "GPT2LMHeadModel")),
+    "tokenizer.json missing": lambda d: (d / "tokenizer.json").unlink(),
+    "bits not a number": lambda d: _resave(d, lambda t: None, {"format": "slimlm-kmeans", "bits": "x"}),
+    "bits out of range": lambda d: _resave(d, lambda t: None, {"format": "slimlm-kmeans", "bits": "12"}),
+    "no metadata": lambda d: _resave(d, lambda t: None, {}),
+    "codebook rows": lambda d: _resave(d, lambda t: _shrink(t, "model.layers.0.mlp.up_proj.codebook")),
+    "codebook size": lambda d: _resave(d, lambda t: t.update({"model.layers.0.mlp.up_proj.codebook":
+                                                             t["model.layers.0.mlp.up_proj.codebook"][:, :4].contiguous()})),
+    "packed width": lambda d: _resave(d, lambda t: t.update({"model.layers.0.mlp.up_proj.packed":
+                                                            t["model.layers.0.mlp.up_proj.packed"][:, :5].contiguous()})),
+    "packed dtype": lambda d: _resave(d, lambda t: t.update({"model.layers.0.mlp.up_proj.packed":
+                                                            t["model.layers.0.mlp.up_proj.packed"].float()})),
+    "codebook without packed": lambda d: _resave(d, lambda t: t.pop("model.layers.1.self_attn.o_proj.packed")),
+    "plain tensor shape": lambda d: _resave(d, lambda t: _shrink(t, "model.embed_tokens.weight")),
+    "plain tensor missing": lambda d: _resave(d, lambda t: t.pop("model.norm.weight")),
+    "unexpected tensor": lambda d: _resave(d, lambda t: t.update({"model.extra.weight": torch.zeros(3)})),
+    "NaN in a codebook": lambda d: _resave(d, lambda t: t["model.layers.0.mlp.up_proj.codebook"].__setitem__(
+        (0, 0), float("nan"))),
+}
+
+
+@pytest.mark.parametrize("defect", list(BAD_KMEANS))
+def test_load_kmeans_refuses_a_bad_folder_with_slimlm_errors(defect, km_folder, tmp_path):
+    """load_kmeans goes through the strict folder and safetensors checks (hf.py): every defect is an
+    InvalidModelError naming the file, never a library exception (or a SIGBUS from a truncated mmap)."""
+    import shutil
+
+    from slimlm.codebook import load_kmeans
+    from slimlm.errors import InvalidModelError
+    d = tmp_path / "km"
+    shutil.copytree(km_folder, d)
+    load_kmeans(d)                               # the copy itself loads
+    BAD_KMEANS[defect](d)
+    with pytest.raises(InvalidModelError) as e:
+        load_kmeans(d)
+    assert str(d) in str(e.value)
