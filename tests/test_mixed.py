@@ -198,3 +198,33 @@ def test_impossible_budget_is_refused_from_the_shapes_before_any_calibration(tin
         C.compress(tiny.source, tmp_path / "a.gguf", C.CompressConfig(target_size=str(exact), **cfg),
                    progress=False)
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_sensitivity_cache_key_covers_every_weight_and_the_config(tiny):
+    """The cache key hashes every byte of every weight (it used to sample every (rows/64)-th row, so a model
+    changed elsewhere reused a stale table) and the config: one changed weight in a row the old sampling
+    skipped, or a changed hyper-parameter, gives another key; restoring it gives the old key back."""
+    from slimlm.sensitivity import CANDIDATES, cache_key
+    chunks = torch.arange(64).reshape(2, 32)
+    key = cache_key(tiny, chunks, CANDIDATES, 0, "")
+    W = tiny.module.model.embed_tokens.weight
+    assert W.shape[0] // 64 > 1                       # row 1 is one the sampling skipped
+    old = float(W[1, 3])
+    with torch.no_grad():
+        W[1, 3] = old + 1e-3
+    try:
+        assert cache_key(tiny, chunks, CANDIDATES, 0, "") != key
+    finally:
+        with torch.no_grad():
+            W[1, 3] = old
+    assert cache_key(tiny, chunks, CANDIDATES, 0, "") == key
+    eps = tiny.config["rms_norm_eps"]
+    tiny.config["rms_norm_eps"] = eps * 2
+    try:
+        assert cache_key(tiny, chunks, CANDIDATES, 0, "") != key
+    finally:
+        tiny.config["rms_norm_eps"] = eps
+    assert cache_key(tiny, chunks, CANDIDATES, 1, "") != key                 # settings: seed, candidates,
+    assert cache_key(tiny, chunks, CANDIDATES[:3], 0, "") != key             # importance and text
+    assert cache_key(tiny, chunks, CANDIDATES, 0, "im") != key
+    assert cache_key(tiny, chunks + 1, CANDIDATES, 0, "") != key
