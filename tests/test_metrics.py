@@ -54,3 +54,33 @@ def test_default_texts_are_disjoint_and_deterministic():
     assert ev == default_text("eval")[0]
     from pydoc_data.topics import topics
     assert all((topics[k] in ev) != (topics[k] in ca) for k in topics)  # each topic in exactly one split
+
+
+def test_eval_reports_the_bits_per_weight_measured_on_disk(tiny_hf, tmp_path, capsys):
+    """`slimlm eval` of HF folders reports the bytes of the parameters as stored (16 for a float16 folder, 32
+    for float32, the folder's safetensors size), not a constant 32; a model that no longer matches its folder
+    reports its in-memory dtypes and no file size."""
+    import json
+
+    from slimlm import load
+    from slimlm.cli import main
+    from slimlm.eval import model_size_info
+    from slimlm.hfout import save_hf
+    src = tiny_hf("LlamaForCausalLM")
+    m = load(src, progress=False)
+    f16 = save_hf(m, tmp_path / "f16", dtype="float16")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    j = tmp_path / "r.json"
+    assert main(["-q", "eval", str(f16), "--ref", str(src), "--text", str(text), "--ctx", "64", "--chunks", "1",
+                 "--no-speed", "--json", str(j)]) == 0
+    r = json.loads(j.read_text())
+    assert r["model"]["bits_per_weight"] == 16.0 and r["ref"]["bits_per_weight"] == 32.0
+    assert r["model"]["file_bytes"] == (f16 / "model.safetensors").stat().st_size
+    assert r["model"]["n_params"] == r["ref"]["n_params"] == m.n_params()
+    assert "16.000 bits/weight" in capsys.readouterr().out
+    assert model_size_info(load(save_hf(m, tmp_path / "bf16", dtype="bfloat16")))["bits_per_weight"] == 16.0
+    changed = load(f16, progress=False)
+    changed.module.model.layers = changed.module.model.layers[:1]      # no longer the folder's model
+    info = model_size_info(changed)
+    assert info["file_bytes"] is None and info["bits_per_weight"] == 32.0 and info["n_params"] < m.n_params()

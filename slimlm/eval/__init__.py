@@ -5,6 +5,7 @@ chunking and scoring is llama.cpp's (see `metrics.py`).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -28,8 +29,57 @@ def gguf_size_info(path: str | Path) -> dict:
 
 
 def model_size_info(model) -> dict:
-    n = model.n_params()
-    return {"file_bytes": None, "n_params": n, "bits_per_weight": 32.0}
+    """Size of a model run in torch, as measured: when its source (HF folder or GGUF) still holds exactly its
+    tensors, the bytes they take there (a float16 folder: 16 bits/weight; a k-means folder: codebooks and
+    packed indices) and the source's file bytes; otherwise the bytes of its tensors in memory, no file."""
+    n = _represented_params(model)
+    stored = _stored_bytes(model, n)
+    if stored is not None:
+        file_bytes, data, where = stored
+    else:
+        seen, data = set(), 0
+        for t in model.module.state_dict().values():
+            if t.data_ptr() not in seen:                    # tied weights once
+                seen.add(t.data_ptr())
+                data += t.numel() * t.element_size()
+        file_bytes, where = None, "in memory"
+    return {"file_bytes": file_bytes, "n_params": n, "bits_per_weight": 8 * data / max(n, 1), "size_of": where}
+
+
+def _represented_params(model) -> int:
+    """Parameters, counting a codebook linear (quant.kmeans.KMeansLinear) as the weights it decodes to."""
+    from ..quant.kmeans import KMeansLinear
+    coded = [m for m in model.module.modules() if isinstance(m, KMeansLinear)]
+    return model.n_params() + sum(m.out_features * m.in_features for m in coded)
+
+
+def _stored_bytes(model, n: int) -> tuple[int, int, str] | None:
+    """(file bytes, tensor data bytes, where) of the model's source when it holds exactly the model's tensors."""
+    src = Path(model.source) if model.source is not None else None
+    if src is None:
+        return None
+    if model.gguf is not None and src.is_file():
+        ts = [t for t in model.gguf.tensors if t.name != "rope_freqs.weight"]
+        if sum(t.n_elements for t in ts) != n:
+            return None
+        return model.gguf.file_size, sum(t.nbytes for t in ts), f"{src.name} (GGUF)"
+    if not src.is_dir():
+        return None
+    from ..hf import read_safetensors_header
+    files = sorted(src.glob("*.safetensors"))
+    entries = {}
+    for f in files:
+        entries.update(read_safetensors_header(f))
+    tied = bool(model.config.get("tie_word_embeddings", False))
+    state = {k: tuple(v.shape) for k, v in model.module.state_dict().items()
+             if not model.spec.is_ignored(k) and not (tied and k == "lm_head.weight")}
+    stored = {k: e for k, e in entries.items() if not model.spec.is_ignored(k)}
+    if not files or set(stored) != set(state) or any(stored[k].shape != s for k, s in state.items()):
+        return None
+    from ..hf import DTYPE_SIZES
+    data = sum(math.prod(e.shape) * DTYPE_SIZES[e.dtype] for e in stored.values())
+    dtypes = "/".join(sorted({e.dtype for e in stored.values()}))
+    return sum(f.stat().st_size for f in files), data, f"{src.name} (safetensors, {dtypes})"
 
 
 def _context_length(x) -> int | None:
