@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "widths per layer (default global: llama.cpp's deci arch) or uniform (llama)")
     p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
                    "block size so that no tensor falls back to another type")
+    p.add_argument("--compare", metavar="TYPE", nargs="?", const="same", help="also make llama.cpp's own "
+                   "quantization of the same model (F32 GGUF -> llama_model_quantize, with the importance matrix "
+                   "of the same calibration text when slimlm uses one) at TYPE (default: --type), write it as "
+                   "OUT.llama-cpp.gguf, evaluate both on the same tokens and print slimlm / llama.cpp ratios")
     _add_eval_args(p)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement, size and speed",
@@ -258,7 +262,7 @@ def cmd_compress(a) -> int:
                          calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
-                         prune_allocate=a.prune_allocate, format_aware=a.format_aware)
+                         prune_allocate=a.prune_allocate, format_aware=a.format_aware, compare=a.compare)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]))
     print("\n".join(rep.summary_lines()))

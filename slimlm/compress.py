@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .calib import calibration_chunks, check_eval_text
 from .errors import ConfigError
-from .eval import evaluate
+from .eval import evaluate_many
 from .gguf.writer import export_gguf, plan_model
 from .io import check_output_path
 from .mixed import check_reachable, parse_size
@@ -51,6 +51,8 @@ class CompressConfig:
     prune_method: str = "mlp+layers"  # mlp+layers | mlp | width | layers (slimlm prune --method)
     prune_allocate: str | None = None # uniform | global | sensitivity (default: global; slimlm prune)
     format_aware: bool = False        # pruned widths rounded to the type's block size
+    compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
+                                      # and evaluate both on the same tokens (slimlm.baseline)
 
     def __post_init__(self):
         from .calib import check_text_file
@@ -95,6 +97,8 @@ class CompressConfig:
                                   "(the matrix is then computed on the pruned model)")
         elif self.format_aware:
             raise ConfigError("--format-aware rounds pruned widths: give --prune R too")
+        if self.compare is not None:
+            self.compare_type()
         for flag, v in (("--gptq-chunks", self.gptq_chunks), ("--sensitivity-chunks", self.sensitivity_chunks),
                         ("--calib-chunks", self.calib_chunks)):
             if v < 1:
@@ -105,6 +109,18 @@ class CompressConfig:
         return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate,
                            format_aware=self.format_aware, type=self.type if not self.budgeted else "Q8_0",
                            calib=self.calib, calib_chunks=self.calib_chunks, n_ctx=self.n_ctx)
+
+    def compare_type(self) -> str:
+        """The llama.cpp preset of --compare (validated: no budget without an explicit one, evaluation on)."""
+        from .baseline import check_compare_type
+        if not self.evaluate:
+            raise ConfigError("--compare evaluates both files: drop --no-eval")
+        if self.compare == "same":
+            if self.budgeted:
+                raise ConfigError("with --target-size/--bpw name the llama.cpp preset to compare against, "
+                                  "e.g. --compare Q4_K_M")
+            return check_compare_type(self.type)
+        return check_compare_type(self.compare)
 
     @property
     def budgeted(self) -> bool:
@@ -135,6 +151,9 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     from .source import check_ctx, source_info
     inputs = [p for p in (model, config.imatrix, config.text, config.calib) if p and p != "default"]
     out = check_output_path(out, overwrite=overwrite, inputs=inputs)
+    if config.compare is not None:
+        from .baseline import baseline_path
+        check_output_path(baseline_path(out), overwrite=overwrite, inputs=[model] if model else [])
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     info = source_info(model)
     if config.evaluate or config.calibrated:
@@ -168,6 +187,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
         steps.append({"step": "imatrix", "source": prov, "tensors": len(imatrix.sums)})
+    original_imatrix = imatrix if config.prune is None else None  # AWQ rescales `imatrix` below
     encoded, label, overrides = None, config.type, None
     if config.budgeted:
         say("measuring each tensor's sensitivity to each block type ...")
@@ -195,18 +215,39 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     if config.measure_effects and overrides:
         say("measuring each tensor's effect alone (one calibration chunk) ...")
         _measure(m, out, chunks[0], steps, progress)
+    files, baseline = [out], None
+    if config.compare is not None:
+        baseline = _llama_cpp_baseline(original, out, config, original_imatrix, chunks,
+                                       prov, overwrite, say, progress)
+        files.append(Path(baseline["path"]))
     ev = None
     if config.evaluate:
         say("evaluating the GGUF in llama.cpp against the original in torch ...")
-        ev = evaluate(out, original, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
-                      speed=config.speed, progress=progress)
+        evs = evaluate_many(files, original, text_path=config.text, n_ctx=config.n_ctx,
+                            max_chunks=config.max_chunks, speed=config.speed, progress=progress)
+        ev = evs[0]
+        if baseline is not None:
+            baseline["evaluation"] = evs[1]
     rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {label} "
                                     f"--method {config.method}",
                  source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
                  steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
-                 source_bytes=source_bytes(m.source))
+                 source_bytes=source_bytes(m.source), baseline=baseline)
     rep.write(out)
     return rep
+
+
+def _llama_cpp_baseline(original, out, config: CompressConfig, imatrix, chunks, prov, overwrite: bool, say,
+                        progress: bool) -> dict:
+    """llama.cpp's own quantization of the original (slimlm.baseline), with an importance matrix of the same
+    calibration text whenever slimlm used calibration text (computed on the original when slimlm's was not)."""
+    from .baseline import quantize_with_llama_cpp
+    if imatrix is None and chunks is not None:
+        say("computing the importance matrix of the original for llama.cpp's quantizer ...")
+        imatrix = collect_imatrix(original, chunks, dataset=prov, progress=progress)
+    ctype = config.compare_type()
+    say(f"llama.cpp's own {ctype} of the same model (llama_model_quantize) ...")
+    return quantize_with_llama_cpp(original, out, ctype, imatrix=imatrix, overwrite=overwrite, progress=progress)
 
 
 def _target(config: CompressConfig) -> int | None:

@@ -37,6 +37,7 @@ class Report:
     evaluation: dict | None            # evaluate() result (model = the GGUF in llama.cpp, ref = original)
     steps: list[dict] = field(default_factory=list)
     source_bytes: int | None = None    # the source file(s) on disk, for comparison
+    baseline: dict | None = None       # compress --compare: llama.cpp's own file and its evaluation (baseline.py)
     versions: dict = field(default_factory=versions)
 
     # ---- headline ------------------------------------------------------------------------------------
@@ -63,6 +64,9 @@ class Report:
             lines.append(f"  llama.cpp     {h['prompt_tps']:.1f} prompt tok/s, {h['gen_tps']:.1f} generation tok/s")
         for f in self.export.get("fallbacks", []):
             lines.append(f"  fallback      {f}")
+        if self.baseline and self.baseline.get("evaluation") and self.evaluation:
+            from .baseline import comparison_lines
+            lines += comparison_lines(self.evaluation, self.baseline["evaluation"], self.baseline)
         return lines
 
     # ---- serialisation -------------------------------------------------------------------------------
@@ -90,6 +94,24 @@ class Report:
             md += ["", f"Evaluated on {e['n_scored_tokens']} scored tokens ({e['n_chunks']} chunks of "
                        f"{e['n_ctx']}, second half of each scored, llama.cpp's perplexity method) of "
                        f"{e['text']}; both models saw the same token ids."]
+        b = (self.baseline or {}).get("evaluation")
+        if b and e:
+            bm = b["model"]
+            md += ["", f"## Against llama.cpp's own {self.baseline['type']}", "",
+                   f"`{self.baseline['path']}`: the same original written as F32 and quantized by llama.cpp's "
+                   f"`llama_model_quantize` ({'with' if self.baseline['imatrix'] else 'without'} the importance "
+                   f"matrix of the same calibration text), evaluated on the same token ids in the same run.", "",
+                   "| metric | slimlm | llama.cpp | slimlm / llama.cpp |", "|---|---|---|---|",
+                   f"| size on disk | {_mib(h['file_bytes'])} | {_mib(bm['file_bytes'])} | "
+                   f"{h['file_bytes'] / bm['file_bytes']:.3f} |",
+                   f"| bits/weight | {h['bits_per_weight']:.3f} | {bm['bits_per_weight']:.3f} | |",
+                   f"| perplexity | {e['ppl']:.4f} | {b['ppl']:.4f} | {e['ppl'] / b['ppl']:.3f} |",
+                   f"| KL divergence | {e['kld']:.6f} | {b['kld']:.6f} | "
+                   f"{e['kld'] / b['kld'] if b['kld'] > 0 else float('nan'):.3f} |",
+                   f"| top-1 agreement | {100 * e['top1_agreement']:.2f}% | {100 * b['top1_agreement']:.2f}% | |"]
+            if e["model"].get("speed") and bm.get("speed"):
+                md.append(f"| generation tok/s | {e['model']['speed']['gen_tps']:.1f} | "
+                          f"{bm['speed']['gen_tps']:.1f} | |")
         types = Counter(t["type"] for t in self.export["tensors"])
         md += ["", "## Tensor types", "", "| type | tensors |", "|---|---|"]
         md += [f"| {t} | {n} |" for t, n in sorted(types.items())]

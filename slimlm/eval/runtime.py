@@ -152,6 +152,15 @@ class LlamaCppRunner:
             self.llm.close()
 
 
+def llama_cpp_ftype(ftype: str) -> int:
+    """llama.cpp's file type constant for a preset name such as "Q4_K_M" (refused when this build lacks it)."""
+    lc = _llama_cpp()
+    const = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}" if ftype.upper() not in ("F32",) else "LLAMA_FTYPE_ALL_F32"
+    if not hasattr(lc, const):
+        raise MissingDependencyError(f"llama.cpp has no file type {ftype!r} ({const})")
+    return getattr(lc, const)
+
+
 def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int | None = None,
                        imatrix=None, prune_layers: list[int] | None = None) -> float:
     """llama.cpp's own quantizer (`llama_model_quantize`, as llama-quantize runs it): the baseline every
@@ -162,11 +171,8 @@ def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads:
 
     from ..io import atomic_output
     lc = _llama_cpp()
-    const = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}" if ftype.upper() not in ("F32",) else "LLAMA_FTYPE_ALL_F32"
-    if not hasattr(lc, const):
-        raise MissingDependencyError(f"llama.cpp has no file type {ftype!r} ({const})")
     params = lc.llama_model_quantize_default_params()
-    params.ftype = getattr(lc, const)
+    params.ftype = llama_cpp_ftype(ftype)
     params.nthread = threads or torch.get_num_threads()
     keep = []  # the arrays must outlive the call
     if imatrix is not None:

@@ -1,0 +1,74 @@
+"""llama.cpp's own quantization of the same model, made and measured in the same run (`compress --compare`).
+
+Users ship with `convert_hf_to_gguf.py` + `llama-quantize`; that pair is what slimlm has to beat. Here the
+original is written as an F32 GGUF (the converter's role; float32 so that nothing is rounded twice), then
+llama.cpp's `llama_model_quantize` makes the requested preset from it, with the importance matrix of the same
+calibration text when slimlm used one (so llama.cpp gets its strongest setting, not a strawman). Both files are
+then evaluated on the same token ids against the same reference logits (`evaluate_many`, one pass).
+
+The baseline is written beside slimlm's output as `OUT.llama-cpp.gguf`; the F32 intermediate goes to a temp
+file in the same folder (the write protocol of slimlm.io) and is removed afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+from .errors import ConfigError
+from .presets import get_preset
+
+
+def baseline_path(out: str | Path) -> Path:
+    """Where llama.cpp's file for `out` goes: `x.gguf` -> `x.llama-cpp.gguf`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".llama-cpp" + (out.suffix or ".gguf"))
+
+
+def check_compare_type(name: str) -> str:
+    """The llama.cpp preset to compare against, validated before any weight is loaded."""
+    preset = get_preset(name)
+    from .eval.runtime import llama_cpp_ftype
+    llama_cpp_ftype(preset.name)  # refuses a preset this llama.cpp build cannot make
+    return preset.name
+
+
+def quantize_with_llama_cpp(original, out: str | Path, type: str, *, imatrix=None, overwrite: bool = False,
+                            progress: bool = True) -> dict:
+    """llama.cpp's `type` of `original` (a loaded Model), written to baseline_path(out).
+
+    Returns {"path", "type", "imatrix", "quantize_seconds"} for the report."""
+    from .eval.runtime import llama_cpp_quantize
+    from .gguf.writer import export_gguf
+    from .io import check_output_path
+    dst = check_output_path(baseline_path(out), overwrite=overwrite)
+    f32 = dst.parent / f".{dst.stem}.f32.tmp-{os.getpid()}-{secrets.token_hex(4)}.gguf"
+    try:
+        export_gguf(original, f32, "F32", progress=progress)
+        seconds = llama_cpp_quantize(f32, dst, type, imatrix=imatrix)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            f32.unlink()
+    return {"path": str(dst), "type": type, "imatrix": imatrix is not None, "quantize_seconds": seconds}
+
+
+def comparison_lines(ours: dict, theirs: dict, baseline: dict) -> list[str]:
+    """Side-by-side lines for the CLI: llama.cpp's file, then slimlm / llama.cpp ratios (same tokens)."""
+    if not ours or not theirs:
+        raise ConfigError("internal: a comparison needs both evaluations")
+    om, tm = ours["model"], theirs["model"]
+    lines = [f"llama.cpp's own {baseline['type']} of the same model (llama_model_quantize"
+             f"{', same importance matrix' if baseline['imatrix'] else ', no importance matrix'}): "
+             f"{baseline['path']}",
+             f"  size          {tm['file_bytes'] / 2**20:.2f} MiB  ({tm['bits_per_weight']:.3f} bits/weight)",
+             f"  perplexity    {theirs['ppl']:.4f}   KL divergence {theirs['kld']:.6f}   top-1 agreement "
+             f"{100 * theirs['top1_agreement']:.2f}%"]
+    if tm.get("speed"):
+        lines.append(f"  llama.cpp     {tm['speed']['prompt_tps']:.1f} prompt tok/s, "
+                     f"{tm['speed']['gen_tps']:.1f} generation tok/s")
+    kld = ours["kld"] / theirs["kld"] if theirs["kld"] > 0 else float("nan")
+    lines.append(f"slimlm / llama.cpp (same tokens, same run): size {om['file_bytes'] / tm['file_bytes']:.3f}x, "
+                 f"KL divergence {kld:.3f}x, top-1 agreement {100 * ours['top1_agreement']:.2f}% vs "
+                 f"{100 * theirs['top1_agreement']:.2f}%")
+    return lines
