@@ -18,11 +18,17 @@ $(VENV)/.setup-done: pyproject.toml constraints.txt
 	$(PY) -c "from slimlm.quant import warmup; warmup()"
 	touch $@
 
-demo: setup
-	$(VENV)/bin/slimlm compress -o out/smollm2-q8_0.gguf --type Q8_0 --overwrite
+ROOT := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
+# the demo's command line lives in one place (tests/test_demo.py runs this recipe from an empty folder)
+DEMO_ARGS := $(shell cat $(ROOT)demo.args)
 
+demo: setup
+	mkdir -p out
+	$(VENV)/bin/slimlm $(DEMO_ARGS)
+
+# SLIMLM_REQUIRE_DEPS: a test skipped because a dependency that setup installs is missing fails instead
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	SLIMLM_REQUIRE_DEPS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check slimlm tests bench
