@@ -104,3 +104,15 @@ def test_sparsegpt_with_a_group_of_3_runs_through_the_cli(tiny_hf, tmp_path):
                  "sparsegpt", "--sparsity", "2:3", "--calib-chunks", "1", "--ctx", "32", "--no-eval"]) == 0
     st = json.loads((tmp_path / "w.report.json").read_text())["steps"][0]
     assert st["pattern"] == "2:3" and st["sparsity"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("args", [["--hidden", "1"], ["--hidden", "30", "--heads", "2x2"]])
+def test_hf_folder_transformers_would_refuse_is_refused_before_calibration(tiny_hf, tmp_path, capsys, monkeypatch,
+                                                                           args):
+    """An HF folder is only useful if transformers loads it: a hidden size that is no multiple of the query heads
+    is refused right after loading, and no folder is written (it used to be written, then fail to reload)."""
+    monkeypatch.setattr("slimlm.calib.calibration_chunks", _no_calibration)
+    out = tmp_path / "o"
+    line = _run(capsys, [str(tiny_hf("LlamaForCausalLM")), "-o", str(out), *args])
+    assert "transformers" in line and "--hidden" in line and "not a multiple" in line
+    assert not out.exists() and not (tmp_path / "o.report.json").exists()

@@ -192,6 +192,20 @@ def check_gguf_plan(cfg: dict, plan: Plan, what: str = "this plan") -> None:
                           f"no --method width) or write an HF folder")
 
 
+def check_hf_plan(m, plan: Plan, what: str = "this plan") -> None:
+    """Refuse a plan whose HF folder transformers would not load: its config class validates the planned config
+    (e.g. a hidden size that is no multiple of the query heads) before any pruning work or file."""
+    from ..arch import PER_LAYER
+    from .structured import planned_config
+    new = {k: v for k, v in planned_config(m.config, plan).items() if k != PER_LAYER}
+    try:
+        type(m.module.config).from_dict(new)
+    except Exception as e:     # transformers' validators raise ValueError or huggingface_hub's wrapper of one
+        cause = e.__cause__ or e
+        msg = " ".join(str(cause).split())
+        raise ConfigError(f"{what}: transformers would not load the HF folder: {msg}") from None
+
+
 def per_layer_ok(cfg: dict) -> bool:
     """Whether the model's family can take per-layer MLP widths (llama.cpp's deci arch: Llama family only)."""
     from ..arch import ARCHS
@@ -320,6 +334,8 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
     plan = make_plan(m, config, order)
     if gguf_out:
         check_gguf_plan(m.config, plan)
+    else:
+        check_hf_plan(m, plan)
     if config.allocation != "uniform" and plan.ffn is not None:
         allocate_widths(m, chunks, plan, config, say, progress)
     say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
@@ -368,6 +384,9 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     if gguf_out and m.gguf is None:      # an HF tokenizer llama.cpp must know: refused now, not after the work
         from ..gguf.vocab import pre_tokenizer_name
         pre_tokenizer_name(m.tokenizer, str(m.source), config.pre_tokenizer)
+    if not gguf_out and config.method in STRUCTURED and (config.hidden is not None or config.heads is not None):
+        kv, q = config.parsed_heads() if config.heads is not None else (None, None)
+        check_hf_plan(m, Plan(hidden=config.hidden, n_kv=kv, q_per_kv=q), "--hidden/--heads")
     if not gguf_out:
         from ..hfout import check_folder
         check_folder(m, out, overwrite=overwrite)
