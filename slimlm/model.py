@@ -1,9 +1,11 @@
 """The `Model` handle and `load()`: an HF folder (safetensors), a GGUF file, or the embedded default.
 
-Everything is validated before weights are read: GGUF files by slimlm's strict parser, HF folders by
-`hf.check_hf_dir` (pickle-only checkpoints and remote code refused). Weights are then loaded by
-transformers (GGUF through its `gguf_file=` loader, which dequantizes to float and undoes llama.cpp's q/k
-permutation), kept in float32, and checked for NaN/Inf.
+Everything is validated before weights are read: GGUF files by slimlm's strict parser and model-level checks
+(`gguf.checks`: hyper-parameters against tensor shapes and tokenizer), HF folders by `hf.check_hf_dir`
+(pickle-only checkpoints and remote code refused). Weights are then loaded by transformers (GGUF through its
+`gguf_file=` loader, which dequantizes to float and undoes llama.cpp's q/k permutation), kept in float32, and
+checked for NaN/Inf. What the libraries still refuse after slimlm's checks is one InvalidModelError naming the
+file, and weights transformers would fill with random values (missing from the checkpoint) are refused.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .arch import GGUF_ARCHS, PER_LAYER, ArchSpec, get_arch
-from .errors import InvalidModelError, MissingDependencyError, NumericsError
+from .errors import InvalidModelError, MissingDependencyError, NumericsError, SlimlmError
+from .gguf.checks import check_model_gguf
 from .gguf.reader import GGUFFile, read_gguf
 from .hf import check_hf_dir
 
@@ -86,6 +89,19 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True) -> Mod
     raise InvalidModelError(f"{p}: no such file or folder (give an HF model folder or a .gguf file)")
 
 
+@contextlib.contextmanager
+def _library_errors(source: Path):
+    """Last line of defence after slimlm's own checks: an input the libraries still refuse (transformers,
+    tokenizers, safetensors) is reported as one error naming the file, not as their traceback."""
+    try:
+        yield
+    except SlimlmError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exception; transformers ValueError/RuntimeError/...
+        raise InvalidModelError(f"{source}: transformers could not load it ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from e
+
+
 def _quiet_transformers():
     from transformers.utils import logging as tlog
     tlog.set_verbosity_error()
@@ -96,15 +112,30 @@ def _load_hf(d: Path) -> Model:
     cfg, spec, files = check_hf_dir(d)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
-    if cfg.get(PER_LAYER):
-        module = _load_per_layer(d, cfg, files)
-    else:
-        module = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
-                                                      dtype=torch.float32)
+    with _library_errors(d):
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+        if cfg.get(PER_LAYER):
+            module = _load_per_layer(d, cfg, files)
+        else:
+            module, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
+                                                                dtype=torch.float32, output_loading_info=True)
+            _no_missing_weights(d, cfg, info)
     _frozen(module)
     check_finite(module)
     return Model(module, tok, spec, module.config.to_dict(), source=d)
+
+
+def _no_missing_weights(d: Path, cfg: dict, info: dict) -> None:
+    """transformers fills weights its model has but the checkpoint lacks with random values (a warning we
+    silence): refuse instead, e.g. biases that config.json asks for (attention_bias) but no tensor holds."""
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")
+               and not k.endswith("rotary_emb.inv_freq")]
+    bad = missing + [str(k) for k in info.get("mismatched_keys", ())]
+    if bad:
+        raise InvalidModelError(f"{d}: config.json describes a model with weights the checkpoint does not hold "
+                                f"(transformers would fill them with random values): {', '.join(bad[:4])}"
+                                f"{' ...' if len(bad) > 4 else ''}")
 
 
 def _load_per_layer(d: Path, cfg: dict, files: list[Path]) -> torch.nn.Module:
@@ -134,23 +165,12 @@ def _load_per_layer(d: Path, cfg: dict, files: list[Path]) -> torch.nn.Module:
 
 def _load_gguf(p: Path, *, progress: bool) -> Model:
     g = read_gguf(p)
+    check_model_gguf(g)   # hyper-parameters, shapes and tokenizer, before transformers sees the file
     arch = g.architecture
-    if arch not in GGUF_ARCHS:
-        raise InvalidModelError(f"{p}: GGUF architecture {arch!r} is not supported; supported: "
-                                f"{', '.join(GGUF_ARCHS)}")
-    tokens = g.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise InvalidModelError(f"{p}: tokenizer.ggml.tokens is missing; slimlm needs the model's tokenizer")
-    emb = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
-    if emb is None:
-        raise InvalidModelError(f"{p}: tensor token_embd.weight is missing")
-    if len(tokens) > emb.shape[0]:
-        raise InvalidModelError(f"{p}: tokenizer has {len(tokens)} tokens but token_embd.weight has "
-                                f"{emb.shape[0]} rows")
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     sink = io.StringIO()
-    with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext():
+    with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext(), _library_errors(p):
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     _frozen(module)

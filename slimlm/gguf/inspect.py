@@ -29,19 +29,38 @@ def _short(x):
     return x
 
 
-def _plan_notes(g, file_type) -> tuple[str | None, dict[str, str]]:
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127] if c not in (9, 10)} | {10: "\\n", 9: "\\t"}
+_CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x80, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F),
+                                               *range(0x2066, 0x206A)]})
+
+
+def _safe(s: str) -> str:
+    """Metadata and tensor names come from the file: escape control characters (C0, DEL, C1) and bidi
+    overrides, so a crafted name cannot move the cursor, recolour or reorder the terminal that prints it."""
+    return s.translate(_CONTROL)
+
+
+def _int(g, key: str) -> int | None:
+    """An integer scalar metadata value, or None (absent, another type, an array): the file's metadata is
+    described as it is, and llama.cpp's rules are re-planned only from values that make sense."""
+    v = g.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _plan_notes(g, file_type: int | None) -> tuple[str | None, dict[str, str]]:
     """(preset name, tensor -> note) from llama.cpp's rules for the file's preset: why a tensor's type
     differs from the preset's main type (rule or row-length fallback), or that it does not follow them."""
     preset = preset_for_file_type(file_type)
     arch = g.get("general.architecture")
-    n_layer = g.get(f"{arch}.block_count")
-    if preset is None or n_layer is None:
+    n_layer = _int(g, f"{arch}.block_count") if isinstance(arch, str) else None
+    if preset is None or n_layer is None or n_layer < 1:
         return None, {}
-    n_head = int(g.get(f"{arch}.attention.head_count") or 1)
+    n_head = max(_int(g, f"{arch}.attention.head_count") or 1, 1)
+    n_head_kv = _int(g, f"{arch}.attention.head_count_kv") or n_head
     names = {t.name for t in g.tensors}
-    plan = plan_types([(t.name, tuple(t.shape)) for t in g.tensors], preset, n_layer=int(n_layer),
+    plan = plan_types([(t.name, tuple(t.shape)) for t in g.tensors], preset, n_layer=n_layer,
                       tied="output.weight" not in names, arch=arch, n_head=n_head,
-                      n_head_kv=int(g.get(f"{arch}.attention.head_count_kv") or n_head),
+                      n_head_kv=n_head_kv if n_head_kv >= 1 else n_head,
                       has_imatrix=g.get("quantize.imatrix.entries_count") is not None)
     notes = {}
     for t in g.tensors:
@@ -52,11 +71,13 @@ def _plan_notes(g, file_type) -> tuple[str | None, dict[str, str]]:
 
 def describe(path: str | Path) -> dict:
     g = read_gguf(path)
-    ft = g.get("general.file_type")
+    ft = _int(g, "general.file_type")
     try:
-        ft_name = LlamaFileType(int(ft)).name if ft is not None else None
+        ft_name = LlamaFileType(ft).name if ft is not None else None
     except ValueError:
         ft_name = f"unknown ({ft})"
+    if ft is None and "general.file_type" in g.fields:
+        ft_name = f"invalid ({_summarize(g.get('general.file_type'))})"
     preset, notes = _plan_notes(g, ft)
     tensors = [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "bytes": t.nbytes,
                 "bits_per_weight": 8 * t.nbytes / max(t.n_elements, 1), "note": notes.get(t.name, "")}
@@ -94,4 +115,4 @@ def format_description(d: dict) -> str:
     for t in d["tensors"]:
         lines.append(f"  {t['name']:<32} {t['type']:<6} {'x'.join(map(str, t['shape'])):<16} "
                      f"{t['bytes']:>12} {t['bits_per_weight']:>7.3f}  {t['note']}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(_safe(line) for line in lines)
