@@ -13,10 +13,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .arch import ArchSpec, get_arch
+from .arch import ARCHS, PER_LAYER, PER_LAYER_FIELDS, ROPE_TYPES, ArchSpec, get_arch, rope_parameters
 from .errors import InvalidModelError, InvalidSafetensorsError, UnsafeModelError
 
-MAX_HEADER = 100 * 2**20
+MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE)
+MAX_DIM = 2**63 - 1       # a dimension the library can hold (usize; shapes beyond it are its JSON error)
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -78,17 +79,21 @@ def read_safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
         hdr = parse_json(raw, f"{path} header")
     except InvalidModelError as e:
         raise InvalidSafetensorsError(str(e)) from None
-    hdr.pop("__metadata__", None)
+    meta = hdr.pop("__metadata__", None)
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise InvalidSafetensorsError(f"{path}: __metadata__ must map strings to strings, found "
+                                      f"{str(meta)[:100]}")
     data_len = size - 8 - n
     spans, out = [], {}
     for name, e in hdr.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise InvalidSafetensorsError(f"{path}: tensor {name!r} entry is malformed: {str(e)[:100]}")
         dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dt not in DTYPE_SIZES:
+        if not isinstance(dt, str) or dt not in DTYPE_SIZES:
             raise InvalidSafetensorsError(f"{path}: tensor {name!r} has unknown dtype {dt!r}")
         if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
+                or not _product_fits(shape)):
             raise InvalidSafetensorsError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
@@ -114,6 +119,16 @@ def read_safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
     if pos < data_len:
         raise InvalidSafetensorsError(f"{path}: {data_len - pos} trailing bytes after the last tensor")
     return out
+
+
+def _product_fits(shape: list[int]) -> bool:
+    """The element count, multiplied left to right as the safetensors library does, stays below 2^64."""
+    n = 1
+    for s in shape:
+        n *= s
+        if n >= 2**64:
+            return False
+    return True
 
 
 def _shard_files(d: Path) -> list[Path]:
@@ -159,7 +174,7 @@ def check_hf_dir(d: str | Path) -> tuple[dict, ArchSpec, list[Path]]:
         if p.is_file() and "auto_map" in load_json(p):
             raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm "
                                    f"never runs remote code. Use a model with a built-in architecture.")
-    spec = get_arch(cfg, str(cfg_path))
+    spec = check_config(cfg, str(cfg_path))
     files = _shard_files(d)
     entries: dict[str, SafetensorsEntry] = {}
     for f in files:
@@ -172,7 +187,113 @@ def check_hf_dir(d: str | Path) -> tuple[dict, ArchSpec, list[Path]]:
     return cfg, spec, files
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def check_config(cfg: dict, source: str) -> ArchSpec:
+    """config.json's fields that slimlm and transformers read, with their types, before get_arch uses them:
+    a wrong type would otherwise surface as a TypeError deep in transformers, or build another model."""
+    archs = cfg.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise InvalidModelError(f"{source}: 'architectures' must be a list naming the model class, found "
+                                f"{str(archs)[:80]}; supported: {', '.join(ARCHS)}")
+    for k in ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
+        if cfg.get(k) is not None and not _positive_int(cfg[k]):
+            raise InvalidModelError(f"{source}: {k} must be a positive integer, found {str(cfg[k])[:80]}")
+    for k in ("rms_norm_eps", "rope_theta"):
+        if k in cfg and not _positive_number(cfg[k]):
+            raise InvalidModelError(f"{source}: {k} must be a finite positive number, found {str(cfg[k])[:80]}")
+    for k in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if cfg.get(k) is not None and not isinstance(cfg[k], bool):
+            raise InvalidModelError(f"{source}: {k} must be true or false, found {str(cfg[k])[:80]}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise InvalidModelError(f"{source}: hidden_act {str(cfg.get('hidden_act'))[:80]!r} is not supported "
+                                f"(these families use 'silu', the only one llama.cpp runs for them)")
+    for k in ("rope_scaling", "rope_parameters"):
+        if cfg.get(k) is not None and not isinstance(cfg[k], dict):
+            raise InvalidModelError(f"{source}: {k} must be an object, found {str(cfg[k])[:80]}")
+    spec = get_arch(cfg, source)
+    if cfg.get("model_type") != spec.model_type:
+        raise InvalidModelError(f"{source}: model_type {str(cfg.get('model_type'))[:80]!r} does not match "
+                                f"architecture {spec.hf_arch} (expected {spec.model_type!r}; transformers "
+                                f"builds the model from model_type)")
+    if spec.gguf_arch == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise InvalidModelError(f"{source}: attention_bias/mlp_bias are not supported for {spec.hf_arch}")
+    # transformers' Qwen3 default head_dim (128) is no guide, and its Qwen2 rotary code reads a null head_dim
+    if (spec.qk_norm or (spec.qkv_bias and "head_dim" in cfg)) and not _positive_int(cfg.get("head_dim")):
+        raise InvalidModelError(f"{source}: head_dim must be a positive integer for {spec.hf_arch}, found "
+                                f"{str(cfg.get('head_dim'))[:80]}")
+    for k in ("torch_dtype", "dtype"):
+        if cfg.get(k) is not None and cfg[k] not in DTYPE_NAMES:
+            raise InvalidModelError(f"{source}: {k} {str(cfg[k])[:80]!r} is not one of {', '.join(DTYPE_NAMES)}")
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = cfg.get(k)
+        ids = v if isinstance(v, list) and k == "eos_token_id" else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                     and 0 <= i < cfg["vocab_size"] for i in ids):
+            raise InvalidModelError(f"{source}: {k} {str(v)[:80]} is not a token id below vocab_size="
+                                    f"{cfg['vocab_size']}")
+    rps = [rope_parameters({k: v for k, v in cfg.items() if k in (key, "rope_theta")})
+           for key in ("rope_parameters", "rope_scaling") if cfg.get(key)]
+    for rp in rps or [rope_parameters(cfg)]:  # transformers reads both (rope_scaling is the older name)
+        _check_rope(rp, source)
+    if len({rp["rope_type"] for rp in rps}) > 1:
+        raise InvalidModelError(f"{source}: rope_parameters and rope_scaling name different rope types")
+    _check_per_layer(cfg, source)
+    return spec
+
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "auto")
+_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")}
+
+
+def _check_rope(rp: dict, source: str) -> None:
+    t = rp.get("rope_type")
+    if not isinstance(t, str) or t not in ROPE_TYPES:
+        raise InvalidModelError(f"{source}: rope type {str(t)[:80]!r} is not supported yet; supported: "
+                                f"{', '.join(ROPE_TYPES)}")
+    for k in ("rope_theta",) + _ROPE_KEYS.get(t, ()):
+        if not _positive_number(rp.get(k)):
+            raise InvalidModelError(f"{source}: rope {k} must be a finite positive number, found "
+                                    f"{str(rp.get(k))[:80]}")
+    if t == "llama3" and not rp["low_freq_factor"] < rp["high_freq_factor"]:
+        raise InvalidModelError(f"{source}: llama3 rope needs low_freq_factor < high_freq_factor, found "
+                                f"{rp['low_freq_factor']} and {rp['high_freq_factor']}")
+
+
+def _check_per_layer(cfg: dict, source: str) -> None:
+    per = cfg.get(PER_LAYER)
+    if per is None:
+        return
+    n = cfg["num_hidden_layers"]
+    if not isinstance(per, dict) or not set(per) <= set(PER_LAYER_FIELDS):
+        raise InvalidModelError(f"{source}: {PER_LAYER} must be an object with keys among "
+                                f"{', '.join(PER_LAYER_FIELDS)}, found {str(per)[:80]}")
+    for k, v in per.items():
+        if not isinstance(v, list) or len(v) != n or not all(_positive_int(x) for x in v):
+            raise InvalidModelError(f"{source}: {PER_LAYER}.{k} must list {n} positive integers (one per "
+                                    f"layer), found {str(v)[:80]}")
+        top = cfg.get(k) or cfg["num_attention_heads"]  # only num_key_value_heads may be absent
+        if max(v) != top:
+            raise InvalidModelError(f"{source}: {k}={top} must be the largest of {PER_LAYER}.{k} ({max(v)})")
+    heads = per.get("num_attention_heads", [cfg["num_attention_heads"]] * n)
+    kv = per.get("num_key_value_heads", [cfg.get("num_key_value_heads") or cfg["num_attention_heads"]] * n)
+    for i, (q, k) in enumerate(zip(heads, kv, strict=True)):
+        if q % k:
+            raise InvalidModelError(f"{source}: layer {i} has {q} query heads, not a multiple of its {k} KV heads")
+
+
 def _check_shapes(cfg: dict, spec: ArchSpec, entries: dict[str, SafetensorsEntry], cfg_path: Path) -> None:
+    n_layer = cfg["num_hidden_layers"]
+    if n_layer * len(spec.layer_suffixes()) > len(entries):  # bound the loop below by the tensors present
+        raise InvalidModelError(f"{cfg_path}: num_hidden_layers={n_layer} but the checkpoint holds only "
+                                f"{len(entries)} tensors")
     expected = spec.expected_shapes(cfg)
     tied = cfg.get("tie_word_embeddings", False)
     for name, shape in expected.items():
@@ -201,9 +322,11 @@ def check_tokenizer_files(d: Path, vocab_size: int) -> None:
     model = tok.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
         raise InvalidModelError(f"{tj}: no model.vocab mapping")
-    ids = list(model["vocab"].values()) + [a.get("id", -1) for a in tok.get("added_tokens") or []
-                                           if isinstance(a, dict)]
-    if not all(isinstance(i, int) and i >= 0 for i in ids):
+    added = tok.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+        raise InvalidModelError(f"{tj}: added_tokens must be a list of objects")
+    ids = list(model["vocab"].values()) + [a.get("id", -1) for a in added]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise InvalidModelError(f"{tj}: token ids must be non-negative integers")
     top = max(ids, default=-1)
     if top >= vocab_size:

@@ -183,3 +183,97 @@ def test_nan_weight_names_tensor(model_copy):
     from slimlm.errors import NumericsError
     with pytest.raises(NumericsError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(3, 5\)"):
         load(model_copy)
+
+
+# ---- found by the fuzz suite (tests/test_fuzz.py): each was a library traceback or a silently different model
+SAFETENSORS_FUZZ = {
+    "dtype not a string": st_bytes({"a": {"dtype": {"x": 1}, "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+    "__metadata__ not an object": st_bytes({"__metadata__": 5, "a": one()}, bytes(8)),
+    "__metadata__ value not a string": st_bytes({"__metadata__": {"format": 1}, "a": one()}, bytes(8)),
+    "dim beyond 2^63": st_bytes({"a": one(shape=(0, 2**64), offs=(0, 0))}, b""),
+    "dims overflow before a zero": st_bytes({"a": one(shape=(2**40, 2**40, 0), offs=(0, 0))}, b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAFETENSORS_FUZZ))
+def test_safetensors_header_the_library_refuses_is_refused(tmp_path, case):
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(SAFETENSORS_FUZZ[case])
+    with pytest.raises(InvalidSafetensorsError) as e:
+        read_safetensors_header(p)
+    assert str(p) in str(e.value)
+
+
+def test_safetensors_header_limit_is_the_librarys(tmp_path):
+    """100,000,001 header bytes: the safetensors library refuses them; so does slimlm, before reading any."""
+    import tracemalloc
+    p = tmp_path / "model.safetensors"
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", 100_000_001))
+        f.truncate(8 + 100_000_001)  # sparse
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidSafetensorsError, match="header length 100000001"):
+            read_safetensors_header(p)
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+
+
+CONFIG_FUZZ = {
+    "architectures holds a list": (dict(architectures=[["LlamaForCausalLM"]]), "'architectures' must be a list"),
+    "rope_scaling a number": (dict(rope_scaling=5), "rope_scaling must be an object"),
+    "rope_scaling a string": (dict(rope_scaling="linear"), "rope_scaling must be an object"),
+    "linear rope without factor": (dict(rope_scaling={"rope_type": "linear"}), "rope factor must be"),
+    "model_type of another family": (dict(model_type="qwen2"), "model_type 'qwen2' does not match"),
+    "attention_bias without bias tensors": (dict(attention_bias=True), "attention_bias/mlp_bias"),
+    "torch_dtype unknown": (dict(torch_dtype="float8"), "torch_dtype 'float8'"),
+    "pad_token_id beyond the vocabulary": (dict(pad_token_id=49152), "pad_token_id 49152 is not a token id"),
+    "eos_token_id a string": (dict(eos_token_id="x"), "eos_token_id x is not a token id"),
+    "hidden_act other than silu": (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    "rms_norm_eps negative": (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite positive"),
+    "max_position_embeddings zero": (dict(max_position_embeddings=0), "max_position_embeddings must be"),
+    "per-layer widths of another length": (dict(slimlm_per_layer={"intermediate_size": [96]}),
+                                           "must list 2 positive integers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_FUZZ))
+def test_config_values_checked_before_transformers(model_copy, case):
+    change, pattern = CONFIG_FUZZ[case]
+    _edit_json(model_copy / "config.json", lambda c: c.update(change))
+    with pytest.raises(InvalidModelError, match=pattern):
+        load(model_copy)
+
+
+def test_config_layer_count_bounded_by_the_tensors(model_copy):
+    """10^9 layers used to build a 10^10-entry shape table (minutes, gigabytes) before failing."""
+    import time
+    _edit_json(model_copy / "config.json", lambda c: c.update(num_hidden_layers=10**9))
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidModelError, match="num_hidden_layers=1000000000 but the checkpoint holds only"):
+        load(model_copy)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_qwen3_config_needs_head_dim(tiny_hf, tmp_path):
+    d = tmp_path / "q3"
+    shutil.copytree(tiny_hf("Qwen3ForCausalLM"), d)
+    _edit_json(d / "config.json", lambda c: c.pop("head_dim"))
+    with pytest.raises(InvalidModelError, match="head_dim must be a positive integer for Qwen3ForCausalLM"):
+        load(d)
+
+
+@pytest.mark.parametrize("added", [5, [1, 2], "x"])
+def test_tokenizer_added_tokens_not_a_list_of_objects(model_copy, added):
+    _edit_json(model_copy / "tokenizer.json", lambda t: t.update(added_tokens=added))
+    with pytest.raises(InvalidModelError, match="added_tokens must be a list of objects"):
+        load(model_copy)
+
+
+def test_tokenizer_the_library_refuses_is_one_error(model_copy):
+    """Python's json reads NaN; the tokenizers library does not: its plain Exception becomes slimlm's error."""
+    p = model_copy / "tokenizer.json"
+    p.write_text(p.read_text().replace('"version": "1.0"', '"version": "1.0", "extra": NaN', 1))
+    with pytest.raises(InvalidModelError, match="could not load it"):
+        load(model_copy)
