@@ -97,3 +97,94 @@ def test_cli_imatrix_then_compress(tiny_hf, tmp_path):
     out = tmp_path / "o.gguf"
     assert main(["-q", "compress", str(src), "-o", str(out), "--type", "Q4_K_M", "--imatrix", str(im), "--no-eval"]) == 0
     assert out.exists() and out.with_suffix(".report.json").exists()
+
+
+# ---- found by the fuzz suite (tests/test_fuzz.py): each was a traceback or a silently accepted bad matrix ----
+def _imatrix_gguf(tmp_path, edit=None) -> str:
+    from fuzz_gguf import serialize
+    from fuzz_inputs import imatrix_spec
+    spec = imatrix_spec()
+    if edit:
+        edit(spec)
+    p = tmp_path / "im.gguf"
+    p.write_bytes(serialize(spec)[0])
+    return p
+
+
+def _kv(key, vtype, value):
+    def edit(spec):
+        kv = next(k for k in spec.kvs if k.key == key)
+        kv.vtype, kv.value = vtype, value
+    return edit
+
+
+def _tensor_data(name, values):
+    def edit(spec):
+        t = next(t for t in spec.tensors if t.name == name)
+        t.data = np.array(values, dtype="<f4").tobytes()
+    return edit
+
+
+def _sum_shape(spec):
+    t = next(t for t in spec.tensors if t.name == "blk.0.attn_q.weight.in_sum2")
+    t.ne, t.data = [8, 2], bytes(64)
+
+
+IMATRIX_GGUF_BAD = {
+    "chunk_count a string": (_kv("imatrix.chunk_count", gguf.GGUFValueType.STRING, "3"), "chunk_count must be"),
+    "chunk_count an array": (_kv("imatrix.chunk_count", gguf.GGUFValueType.ARRAY,
+                                 (gguf.GGUFValueType.UINT32, [3, 4])), "chunk_count must be"),
+    "chunk_size negative": (_kv("imatrix.chunk_size", gguf.GGUFValueType.INT32, -1), "chunk_size must be"),
+    "datasets numbers": (_kv("imatrix.datasets", gguf.GGUFValueType.ARRAY, (gguf.GGUFValueType.UINT8, [1])),
+                         "datasets must be an array of strings"),
+    "count NaN": (_tensor_data("blk.0.attn_q.weight.counts", [float("nan")]), r"counts value 0 is nan"),
+    "count inf": (_tensor_data("blk.0.attn_q.weight.counts", [float("inf")]), r"counts value 0 is inf"),
+    "sum negative": (_tensor_data("blk.0.attn_q.weight.in_sum2", [1, 2, -3, 4, 5, 6, 7, 8]), r"value 2 is -3"),
+    "sums for two experts, one count": (_sum_shape, "MoE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMATRIX_GGUF_BAD))
+def test_imatrix_gguf_defect_is_one_clear_error(tmp_path, case):
+    from slimlm.errors import InvalidModelError
+    edit, pattern = IMATRIX_GGUF_BAD[case]
+    p = _imatrix_gguf(tmp_path, edit)
+    with pytest.raises(InvalidModelError, match=pattern) as e:
+        ImportanceMatrix.load(p)
+    assert str(p) in str(e.value)
+
+
+def test_imatrix_gguf_seed_loads(tmp_path):
+    im = ImportanceMatrix.load(_imatrix_gguf(tmp_path))
+    assert im.chunk_count == 3 and im.chunk_size == 512 and im.datasets == ["calib.txt"]
+    assert im.counts == {"blk.0.attn_q.weight": 100, "blk.0.ffn_down.weight": 101}
+
+
+def test_imatrix_path_that_is_not_a_file(tmp_path):
+    from slimlm.errors import InvalidModelError
+    for p in (tmp_path, tmp_path / "missing.gguf"):
+        with pytest.raises(InvalidModelError, match="importance matrix file not found"):
+            ImportanceMatrix.load(p)
+
+
+def _legacy(entries, chunks=3) -> bytes:
+    from fuzz_inputs import legacy_imatrix
+    return legacy_imatrix(entries, chunks)[0]
+
+
+LEGACY_BAD = {
+    "duplicate name": (_legacy([(b"a", 1, [1.0]), (b"a", 2, [2.0])]), "'a' appears twice"),
+    "NaN value": (_legacy([(b"a", 1, [1.0, float("nan")])]), "a value 1 is nan"),
+    "negative value": (_legacy([(b"a", 1, [-1.0])]), "a value 0 is -1"),
+    "name not UTF-8": (_legacy([(b"\xff\xfe", 1, [1.0])]), "is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEGACY_BAD))
+def test_legacy_imatrix_defect_is_one_clear_error(tmp_path, case):
+    from slimlm.errors import InvalidModelError
+    data, pattern = LEGACY_BAD[case]
+    p = tmp_path / "im.dat"
+    p.write_bytes(data)
+    with pytest.raises(InvalidModelError, match=pattern):
+        ImportanceMatrix.load(p)

@@ -85,6 +85,8 @@ class ImportanceMatrix:
     @classmethod
     def load(cls, path: str | Path) -> ImportanceMatrix:
         p = Path(path)
+        if not p.is_file():
+            raise InvalidModelError(f"{p}: importance matrix file not found")
         with open(p, "rb") as f:
             magic = f.read(4)
         im = cls._load_gguf(p) if magic == b"GGUF" else cls._load_legacy(p)
@@ -95,10 +97,12 @@ class ImportanceMatrix:
     def _load_gguf(cls, p: Path) -> ImportanceMatrix:
         from ..gguf.reader import read_gguf
         g = read_gguf(p)
-        if g.get("imatrix.chunk_count") is None:
-            raise InvalidModelError(f"{p}: not an imatrix file (no imatrix.chunk_count)")
-        im = cls(datasets=list(g.get("imatrix.datasets") or []), chunk_count=int(g.get("imatrix.chunk_count")),
-                 chunk_size=int(g.get("imatrix.chunk_size") or 0))
+        count, size = _int_key(g, p, "imatrix.chunk_count", True), _int_key(g, p, "imatrix.chunk_size", False)
+        datasets = g.fields.get("imatrix.datasets")
+        if datasets is not None and datasets.item_type != gguf.GGUFValueType.STRING:
+            raise InvalidModelError(f"{p}: imatrix.datasets must be an array of strings, found "
+                                    f"{datasets.type.name}")
+        im = cls(datasets=list(datasets.value) if datasets else [], chunk_count=count, chunk_size=size or 0)
         by_name = {t.name: t for t in g.tensors}
         for tname, t in by_name.items():
             if not tname.endswith(SUM_SUFFIX):
@@ -108,10 +112,11 @@ class ImportanceMatrix:
             if c is None or t.ggml_type != gguf.GGMLQuantizationType.F32 or c.ggml_type != t.ggml_type:
                 raise InvalidModelError(f"{p}: {name} needs F32 {SUM_SUFFIX} and {COUNT_SUFFIX} tensors")
             counts = np.asarray(g.raw(c)).view(np.float32)
-            if counts.size != 1:
-                raise InvalidModelError(f"{p}: {name} has {counts.size} expert counts; MoE imatrix unsupported")
-            im.sums[name] = np.asarray(g.raw(t)).view(np.float32).astype(np.float64)
-            im.counts[name] = round(float(counts[0]))
+            if counts.size != 1 or t.n_elements != t.shape[-1]:
+                raise InvalidModelError(f"{p}: {name} has {counts.size} counts for {SUM_SUFFIX} of shape "
+                                        f"{list(t.shape)}; MoE (per-expert) imatrix files are not supported")
+            im.sums[name] = _checked(p, tname, np.asarray(g.raw(t)).view(np.float32).astype(np.float64))
+            im.counts[name] = round(float(_checked(p, name + COUNT_SUFFIX, counts.astype(np.float64))[0]))
         return im
 
     @classmethod
@@ -137,11 +142,17 @@ class ImportanceMatrix:
             (ln,) = take("<i", f"name length of entry {i}")
             if not 0 < ln <= 4096:
                 raise InvalidModelError(f"{p}: entry {i} name length {ln} is invalid")
-            name = bytes(take(f"<{ln}s", f"name of entry {i}")[0]).decode("utf-8", errors="replace")
+            raw = take(f"<{ln}s", f"name of entry {i}")[0]
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidModelError(f"{p}: entry {i} name {raw[:80]!r} is not UTF-8") from None
+            if name in im.sums:
+                raise InvalidModelError(f"{p}: entry {name!r} appears twice")
             ncall, nval = take("<ii", f"sizes of {name}")
             if nval < 1 or pos + 4 * nval > len(data):
                 raise InvalidModelError(f"{p}: entry {name} claims {nval} values beyond the file")
-            vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64)
+            vals = _checked(p, name, np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64))
             pos += 4 * nval
             # legacy sums hold mean * ncall; keep importance = sums / counts identical
             im.sums[name], im.counts[name] = vals, max(ncall, 0)
@@ -150,3 +161,26 @@ class ImportanceMatrix:
         if pos + 4 <= len(data):
             (im.chunk_count,) = take("<i", "chunk count")
         return im
+
+
+def _int_key(g, p: Path, key: str, required: bool) -> int | None:
+    f = g.fields.get(key)
+    if f is None:
+        if required:
+            raise InvalidModelError(f"{p}: not an imatrix file (no {key})")
+        return None
+    if f.type not in _INT_TYPES or f.value < 0:
+        raise InvalidModelError(f"{p}: {key} must be a non-negative integer, found {f.type.name} {f.value!r}")
+    return int(f.value)
+
+
+_INT_TYPES = {gguf.GGUFValueType[n] for n in ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64",
+                                              "INT64")}
+
+
+def _checked(p: Path, name: str, v: np.ndarray) -> np.ndarray:
+    """Sums of squares and counts are finite and non-negative; anything else would steer the quantizers."""
+    bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+    if bad.size:
+        raise InvalidModelError(f"{p}: {name} value {bad[0]} is {v[bad[0]]} (expected a finite number >= 0)")
+    return v
