@@ -91,7 +91,7 @@ class LlamaCppRunner:
 
     def __init__(self, path: str | Path, n_ctx: int, *, logits_all: bool = True):
         lc = _llama_cpp()
-        self._lc = lc
+        self._lc, self.path = lc, path
         try:
             with _quiet_fd2():
                 self.llm = lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
@@ -141,8 +141,14 @@ class LlamaCppRunner:
 
     def _generate(self, prompt: str, max_tokens: int, chat: bool, temperature: float, seed: int) -> str:
         if chat:
-            out = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                                  temperature=temperature, seed=seed)
+            import jinja2
+            try:  # llama-cpp-python renders the template in jinja2's ImmutableSandboxedEnvironment
+                out = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                                      temperature=temperature, seed=seed)
+            except jinja2.TemplateError as e:  # SecurityError (an injection attempt), syntax and render errors
+                raise InvalidModelError(f"the chat template of {self.path} cannot be rendered in the sandbox "
+                                        f"({type(e).__name__}: {e}); it was not run. Generate without --chat, "
+                                        f"or fix tokenizer.chat_template") from None
             return out["choices"][0]["message"]["content"]
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
         return out["choices"][0]["text"]
