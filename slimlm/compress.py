@@ -208,6 +208,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         if imatrix is not None and scales:
             imatrix = imatrix.scaled(scales)                  # importance of the scaled inputs: / s^2
         steps.append({"step": config.method, "source": prov, **st, "awq_scaled_tensors": len(scales)})
+        for n, why in st["rtn_fallbacks"].items():
+            say(f"warning: {n}: GPTQ fell back to llama.cpp's rounding ({why})")
     say(f"writing {out} ({label}{', mixed' if overrides else ''}) ...")
     rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
                       pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,

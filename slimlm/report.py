@@ -127,6 +127,12 @@ class Report:
                    f"{'' if p.get('measured_dkld') is None else format(p['measured_dkld'], '.3g')} |"
                    for n, p in mixed["predicted"].items()]
             notes = [t for t in notes if not t["note"].startswith("budget:")]
+        for st in self.steps:
+            if st.get("rtn_fallbacks") or st.get("raised_damp"):
+                md += ["", f"{st['step'].upper()}: dampening raised (retries) for "
+                           f"{', '.join(f'`{n}` ({d:g})' for n, d in st['raised_damp'].items()) or 'no tensor'}; "
+                           f"plain rounding instead for "
+                           f"{', '.join(f'`{n}` ({w})' for n, w in st['rtn_fallbacks'].items()) or 'no tensor'}."]
         if notes:
             md += ["", "Tensors not at the requested type:", ""]
             md += [f"- `{t['name']}`: {t['type']} ({t['note']})" for t in notes]

@@ -118,7 +118,8 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     x = torch.cat([c[0] for c in cache])                   # (chunks, n_ctx, hidden): every chunk, one batch
     kw = cache[0][1]                                       # same length and positions for every chunk
     del cache
-    encoded, damps, secs = {}, [], {"hessian": 0.0, "solve": 0.0, "awq": 0.0}
+    encoded, damps, secs = {}, {}, {"hessian": 0.0, "solve": 0.0, "awq": 0.0}
+    rtn_fallbacks: dict[str, str] = {}   # GGUF name -> why GPTQ could not run (RELIABILITY.md 23)
     awq_scales: dict[str, torch.Tensor] = {}
     awq_log: list[dict] = []
     layers = module.model.layers
@@ -190,13 +191,19 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
                     e = shared[key]
                     unit = fmt.block_size
                     if unit not in e["chol"]:
-                        e["chol"][unit] = factor(e["H"], unit, act_order=act_order, damp=damp)
-                    data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], fmt.ggml_type, act_order=act_order,
-                                             chol=e["chol"][unit])
-                    mod.weight.data = Q.to(mod.weight.dtype)
-                    order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)      # llama.cpp's row order
-                    encoded[name] = data[order.numpy()]
-                    damps.append(res.damp)
+                        try:
+                            e["chol"][unit] = factor(e["H"], unit, act_order=act_order, damp=damp)
+                        except NumericsError as err:     # singular after every dampening retry
+                            e["chol"][unit] = err
+                    if isinstance(e["chol"][unit], NumericsError):
+                        rtn_fallbacks[name] = str(e["chol"][unit])   # the writer rounds it as llama.cpp does
+                    else:
+                        data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], fmt.ggml_type,
+                                                 act_order=act_order, chol=e["chol"][unit])
+                        mod.weight.data = Q.to(mod.weight.dtype)
+                        order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)  # llama.cpp's row order
+                        encoded[name] = data[order.numpy()]
+                        damps[name] = res.damp
                     secs["solve"] += time.perf_counter() - t
                 return (x, *inputs[1:]) if x is not inputs[0] else None
             return f
@@ -214,8 +221,11 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress, leave=False)):
         x = run_layer(i, layer, x)
     if gptq and output:
-        _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp)
-    stats = {"tensors": len(encoded), "seconds": time.perf_counter() - t0, "max_damp": max(damps, default=0.0),
+        _gptq_output(module, model, x, types, encoded, damps, rtn_fallbacks, secs, act_order, damp)
+    stats = {"tensors": len(encoded), "seconds": time.perf_counter() - t0,
+             "max_damp": max(damps.values(), default=0.0),
+             "raised_damp": {n: d for n, d in damps.items() if d > damp},     # dampening retries, per tensor
+             "rtn_fallbacks": rtn_fallbacks,
              "act_order": act_order, "calib_tokens": int(chunks.numel()),
              "hessian_seconds": secs["hessian"], "solve_seconds": secs["solve"], "awq_seconds": secs["awq"],
              "awq_groups": awq_log, "awq_scales": awq_scales}
@@ -236,7 +246,7 @@ def _checked_hessian(x: torch.Tensor, where: str) -> torch.Tensor:
     return H
 
 
-def _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp) -> None:
+def _gptq_output(module, model, x, types, encoded, damps, rtn_fallbacks, secs, act_order, damp) -> None:
     import time
 
     from .quant.gptq import gptq_gguf
@@ -249,9 +259,13 @@ def _gptq_output(module, model, x, types, encoded, damps, secs, act_order, damp)
     H = _checked_hessian(module.model.norm(x), "the output projection")
     secs["hessian"] += time.perf_counter() - t
     t = time.perf_counter()
-    data, Q, res = gptq_gguf(head.weight.data.float(), H, types[name][0].ggml_type, act_order=act_order,
-                             damp=damp)
+    try:
+        data, Q, res = gptq_gguf(head.weight.data.float(), H, types[name][0].ggml_type, act_order=act_order,
+                                 damp=damp)
+    except NumericsError as err:                     # singular after every dampening retry: plain rounding
+        rtn_fallbacks[name] = str(err)
+        return
     head.weight.data = Q.to(head.weight.dtype)       # a tied embedding shares this parameter
     encoded[name] = data
-    damps.append(res.damp)
+    damps[name] = res.damp
     secs["solve"] += time.perf_counter() - t

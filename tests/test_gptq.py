@@ -174,3 +174,42 @@ def test_compress_config_checks_the_method():
         CompressConfig(type="Q4_K_M", method="smoothquant")
     with pytest.raises(ConfigError, match="needs a quantized --type"):
         CompressConfig(type="F16", method="gptq")
+
+
+def test_singular_hessian_falls_back_to_rounding_and_is_reported(tiny_hf, tmp_path, monkeypatch):
+    """RELIABILITY.md 23: when a Hessian stays singular after every dampening retry, that tensor is rounded
+    as llama.cpp rounds it (exactly RTN's bytes), the run goes on, and the report names the tensor and why."""
+    import json
+
+    import slimlm.quant.gptq as gq
+    from slimlm.cli import main
+    from slimlm.errors import NumericsError
+    from slimlm.gguf.reader import read_gguf
+
+    src = tiny_hf("LlamaForCausalLM")
+    text = tmp_path / "t.txt"
+    text.write_text("Calibration text about rivers, mountains and the weather in spring. " * 80)
+    real = gq.factor
+
+    def factor(H, unit, **kw):           # the MLP's gate/up input of layer 1 is hopeless
+        if H.shape[0] == 64 and factor.calls == 6:
+            raise NumericsError("the Hessian stays singular with dampening up to 10 x mean(diag H)")
+        factor.calls += 1
+        return real(H, unit, **kw)
+    factor.calls = 0
+    monkeypatch.setattr(gq, "factor", factor)
+    common = ["--type", "Q4_0", "--calib", str(text), "--calib-chunks", "2", "--gptq-chunks", "2", "--ctx", "64",
+              "--no-eval"]
+    assert main(["-q", "compress", str(src), "-o", str(tmp_path / "g.gguf"), "--method", "gptq", *common]) == 0
+    assert main(["-q", "compress", str(src), "-o", str(tmp_path / "r.gguf"), *common]) == 0
+    rep = json.loads((tmp_path / "g.report.json").read_text())
+    fb = next(s for s in rep["steps"] if s["step"] == "gptq")["rtn_fallbacks"]
+    assert sorted(fb) == ["blk.1.ffn_gate.weight", "blk.1.ffn_up.weight"]
+    assert all("singular" in why for why in fb.values())
+    assert "plain rounding instead for `blk.1.ffn_gate.weight`" in (tmp_path / "g.report.md").read_text()
+    g, r = read_gguf(tmp_path / "g.gguf"), read_gguf(tmp_path / "r.gguf")
+    rt = {t.name: t for t in r.tensors}
+    gptqd = [t for t in g.tensors if t.ggml_type.name != "F32" and (t.name.startswith("blk.") or t.name == "output.weight")]
+    assert len(gptqd) == 2 * 7 + 1
+    for t in gptqd:  # exactly the fallen-back tensors carry RTN's bytes, every other one GPTQ's
+        assert np.array_equal(g.raw(t), r.raw(rt[t.name])) == (t.name in fb), t.name
