@@ -241,3 +241,19 @@ def test_sensitivity_measures_real_forwards_and_drives_allocation(tiny_hf, tmp_p
     assert sum(96 - w for w in widths) == 72 and all(w % 8 == 0 for w in widths)
     heatmap(t, tmp_path / "h.png", "tiny")
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_planned_config_keeps_the_layer_types_of_the_kept_layers(tiny_hf):
+    """Dropping layers keeps each remaining layer's attention kind (not the first n of the list), in the config
+    and in the pruned module's config that transformers saves."""
+    from helpers import tiny_config
+
+    from slimlm import load
+    kinds = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    cfg = tiny_config("Qwen2ForCausalLM", 100, num_hidden_layers=4, layer_types=kinds)
+    assert planned_config(cfg, Plan(drop_layers=[0]))["layer_types"] == kinds[1:]
+    m = load(tiny_hf("Qwen2ForCausalLM", num_hidden_layers=4), progress=False)
+    m.module.config.layer_types = list(kinds)
+    m.config["layer_types"] = list(kinds)
+    p, _ = prune_structured(m, None, Plan(drop_layers=[0, 2]), progress=False)
+    assert p.config["layer_types"] == p.module.config.layer_types == ["sliding_attention"] * 2

@@ -90,6 +90,8 @@ def planned_config(cfg: dict, plan: Plan) -> dict:
                num_attention_heads=n_kv * q_per, num_key_value_heads=n_kv, head_dim=d["head_dim"],
                num_hidden_layers=d["n_layer"] - len(plan.drop_layers))
     out.pop(PER_LAYER, None)
+    if isinstance(cfg.get("layer_types"), list):          # per-layer attention kinds: those of the kept layers
+        out["layer_types"] = [t for i, t in enumerate(cfg["layer_types"]) if i not in set(plan.drop_layers)]
     if plan.ffn_per_layer is not None:
         if len(plan.ffn_per_layer) != out["num_hidden_layers"]:
             raise ConfigError(f"{len(plan.ffn_per_layer)} per-layer widths for {out['num_hidden_layers']} layers")
@@ -390,8 +392,8 @@ def _set_config(module, cfg: dict) -> None:
         setattr(module.config, PER_LAYER, cfg[PER_LAYER])
     elif hasattr(module.config, PER_LAYER):
         delattr(module.config, PER_LAYER)
-    if getattr(module.config, "layer_types", None) is not None:
-        module.config.layer_types = module.config.layer_types[:cfg["num_hidden_layers"]]
+    if cfg.get("layer_types") is not None:
+        module.config.layer_types = list(cfg["layer_types"])
 
 
 def shape_layers(module, cfg: dict) -> None:
