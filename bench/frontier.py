@@ -7,7 +7,10 @@ Importance matrix: computed by slimlm on ../shared/data/brown-calib.txt (--calib
 handed to llama.cpp's `llama_model_quantize` and to slimlm alike; slimlm's GPTQ and sensitivity measurement
 use the same calibration text. Evaluation: ../shared/data/brown-eval.txt.
 
-slimlm runs go through `slimlm.compress` (the product path), model loading excluded from the times:
+slimlm runs go through `slimlm.compress` (the product path); a run's time is the whole call: loading the
+reference GGUF, calibration, sensitivity table, quantization and writing (the size-budget runs share one
+sensitivity table through slimlm's cache, $SLIMLM_CACHE: the first measures it unless an earlier run left it
+there, the others read it; each run prints which):
   - `--method gptq` at the Q4_K_M preset (same per-tensor types as llama.cpp's Q4_K_M);
   - `--target-size` equal to the byte size of llama.cpp's Q4_K_M, Q3_K_M and Q5_K_M files (+ imatrix), and
     0.82 x its Q4_0 file, with --method rtn and gptq (and awq+gptq at the two smallest sizes).
@@ -64,12 +67,15 @@ def main() -> int:
         rep = compress(ref_path, out, cfg, overwrite=True, progress=False)
         steps = {s["step"]: s for s in rep.steps}
         g = steps.get(kw.get("method", "rtn"), {})
+        mp = steps.get("mixed precision", {})
+        sens = ("" if not mp else "read from the cache" if "cached" in mp["sensitivity"] else "measured")
         runs.append(dict(name=f"slimlm {tag}", tool="slimlm", method=kw.get("method", "rtn"), path=out,
                          seconds=time.perf_counter() - t0, gptq_seconds=g.get("seconds"),
                          calib_tokens=g.get("calib_tokens"), target=kw.get("target_size"),
-                         predicted_kld=steps.get("mixed precision", {}).get("predicted_kld")))
-        print(f"slimlm {tag}: {runs[-1]['seconds']:.1f}s"
-              + (f" (GPTQ {g['seconds']:.1f}s on {g['calib_tokens']} tokens)" if g else ""), flush=True)
+                         predicted_kld=mp.get("predicted_kld"), sensitivity_table=sens))
+        print(f"slimlm {tag}: {runs[-1]['seconds']:.1f}s (model loading included)"
+              + (f", GPTQ {g['seconds']:.1f}s on {g['calib_tokens']} tokens" if g else "")
+              + (f", sensitivity table {sens}" if sens else ""), flush=True)
 
     ours("gptq-Q4_K_M", type="Q4_K_M", method="gptq")
     budgets = [("Q4_K_M", size["Q4_K_M"]), ("Q3_K_M", size["Q3_K_M"]), ("0.82xQ4_0", int(0.82 * size["Q4_0"]))]
