@@ -9,18 +9,22 @@ Rows:
 - weight pruning (magnitude / Wanda / SparseGPT) at 50% unstructured and 2:4, written as Q8_0 (zeros stay zeros in
   Q8_0; the file does not shrink: llama.cpp has no sparse format); Wanda and SparseGPT at 50% also with per-layer
   sparsity (OWL, measured sensitivity);
-- structured pruning to --ratio fewer parameters at Q8_0: slimlm's methods, and llama.cpp's own layer pruning
+- structured pruning to --ratio fewer parameters at Q8_0: slimlm's methods (mlp+layers at layer shares 0.3, 0.4,
+  0.6 = default and 0.8: 3, 4, 6 and 8 layers of SmolLM2 at --ratio 0.25), and llama.cpp's own layer pruning
   (`prune_layers` in llama_model_quantize's parameters, as `llama-quantize --prune-layers`) removing the layer
   count that takes at least as many parameters, with the layers chosen by slimlm's block-influence ranking (the
   most favourable choice we know for llama.cpp; llama-quantize itself leaves the choice to the user) and,
   also, the last layers before the final one (the common manual choice);
 - format-aware hidden 576 -> 512 at Q4_K_M: every 2-D weight must be a K-quant.
-Speed: llama.cpp prompt and generation tokens/s, median of --repeats runs, files in shuffled round-robin order.
+Speed: llama.cpp prompt and generation tokens/s, median of --repeats runs, files in shuffled round-robin order:
+every structured and format-aware file, and the weight-pruned files in WEIGHT_TIMED (zeros in Q8_0: expected at
+the dense file's speed, measured here rather than assumed).
 
 Checks: (a) Wanda and SparseGPT KLD < magnitude at 50% and 2:4; (b) for slimlm's default structured method
 (mlp+layers) at --ratio: >= 1.25x generation tokens/s of the unpruned Q8_0 (median over rounds of the ratio to
 the unpruned file's run in the same round; quartiles printed), KLD below llama.cpp's layer pruning at the same or
-larger parameter removal; (c) every 2-D weight of the hidden-512 Q4_K_M file is a K-quant, and it generates.
+larger parameter removal; (c) every 2-D weight of the hidden-512 Q4_K_M file is a K-quant, and it generates;
+(d) every weight-pruned file has exactly the unpruned Q8_0 file's size (llama.cpp has no sparse format).
 
     python bench/prune.py [--ratio 0.25] [--chunks 8] [--calib-chunks 16]
 """
@@ -39,6 +43,8 @@ from foundation import RESULTS, add_common_args, reference_model  # noqa: E402
 
 DEFAULT = "slimlm mlp+layers (layer share 0.6, obs, global widths: deci) = default"
 ACCURATE = "slimlm mlp (obs, global widths: deci)"
+LAYER_SHARES = (0.3, 0.4, 0.8)   # mlp+layers rows besides the default 0.6 (how the default share was chosen)
+WEIGHT_TIMED = ("wanda 50%", "sparsegpt 2:4")   # weight-pruned files in the speed rounds (one per pattern)
 
 
 def speeds(paths: dict, prompt, repeats: int, n_gen: int) -> dict:
@@ -121,18 +127,21 @@ def main() -> int:
     bi = block_influence(ref, chunks[:4], progress=False)
     order = sorted(range(len(bi)), key=lambda i: bi[i])
     structured = {}
-    for label, method, imp, alloc in (
-            (DEFAULT, "mlp+layers", "obs", "global"), (ACCURATE, "mlp", "obs", "global"),
-            ("slimlm mlp+layers (layer share 0.3, obs, global widths: deci)", "mlp+layers", "obs", "global"),
-            ("slimlm mlp (obs, uniform widths)", "mlp", "obs", "uniform"),
-            ("slimlm mlp (activation, uniform)", "mlp", "activation", "uniform"),
-            ("slimlm width (obs, uniform)", "width", "obs", "uniform"),
-            ("slimlm layers (block influence)", "layers", "obs", "uniform")):
-        cfg = PruneConfig(ratio=a.ratio, method=method, importance=imp, allocate=alloc,
-                          layer_share=0.3 if "share 0.3" in label else 0.6)
+    variants = [(DEFAULT, "mlp+layers", "obs", "global", 0.6), (ACCURATE, "mlp", "obs", "global", 0.6)]
+    variants += [(f"slimlm mlp+layers (layer share {sh}, obs, global widths: deci)", "mlp+layers", "obs", "global",
+                  sh) for sh in LAYER_SHARES]
+    variants += [("slimlm mlp (obs, uniform widths)", "mlp", "obs", "uniform", 0.6),
+                 ("slimlm mlp (activation, uniform)", "mlp", "activation", "uniform", 0.6),
+                 ("slimlm width (obs, uniform)", "width", "obs", "uniform", 0.6),
+                 ("slimlm layers (block influence)", "layers", "obs", "uniform", 0.6)]
+    for label, method, imp, alloc, share in variants:
+        cfg = PruneConfig(ratio=a.ratio, method=method, importance=imp, allocate=alloc, layer_share=share)
         t0 = time.perf_counter()
         if method == "mlp+layers":
             cfg = _split_layers(ref, cfg, order)
+            if label != DEFAULT:                       # name the layer count the share gives at this --ratio
+                n = len(cfg.drop_layers)
+                label = label.replace(f"share {share},", f"share {share} = {n} layer{'s' * (n != 1)},")
         plan = make_plan(ref, cfg, order)
         if cfg.allocation != "uniform":
             allocate_widths(ref, chunks, plan, cfg, print, True)
@@ -183,7 +192,8 @@ def main() -> int:
     names = list(rows)
     res = evaluate_many([rows[n]["path"] for n in names], ref, text_path=a.text, n_ctx=512, max_chunks=a.chunks,
                         speed=False, progress=True)
-    sp = speeds({n: rows[n]["path"] for n in names if rows[n]["group"] in ("base", "structured", "format-aware")},
+    sp = speeds({n: rows[n]["path"] for n in names
+                 if rows[n]["group"] in ("base", "structured", "format-aware") or n in WEIGHT_TIMED},
                 chunks[0][:128], a.repeats, a.n_gen)
     r0 = res[0]
     print(f"\nmodel: {ref_path.name} ({total / 1e6:.2f}M params), reference in torch f32 (PPL {r0['ref_ppl']:.4f})")
@@ -236,6 +246,14 @@ def main() -> int:
                    f"{ours['params'] / 1e6:.2f}M): best of its two layer choices {best_lc:.4f}"))
     checks.append((not not_k and bool(sample.strip()),
                    f"(c) hidden 512 Q4_K_M: 2-D tensors not K-quant: {not_k or 'none'}; generates: {sample!r}"))
+    if not a.skip_weight:
+        dense = table["unpruned"]["file_bytes"]
+        sizes = {n: t["file_bytes"] for n, t in table.items() if t["group"].startswith("weight")}
+        timed = ", ".join(f"{n} {table[n]['gen_ratio']:.2f}x (quartiles {table[n]['gen_ratio_q1']:.2f}-"
+                          f"{table[n]['gen_ratio_q3']:.2f})" for n in WEIGHT_TIMED)
+        checks.append((set(sizes.values()) == {dense},
+                       f"(d) all {len(sizes)} weight-pruned files are {dense:,} bytes like the unpruned Q8_0: "
+                       f"{'yes' if set(sizes.values()) == {dense} else sizes}; generation x unpruned: {timed}"))
     print()
     for ok, text in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
