@@ -31,6 +31,13 @@ def _drop(spec, key):
     return spec
 
 
+def _ttype(spec, name, ttype):
+    t = next(t for t in spec.tensors if t.name == name)
+    t.ttype = ttype
+    t.data = bytes(t.ne[0] * t.ne[1])  # I8: one byte per element
+    return spec
+
+
 DEFECTS = {
     "block_count disagrees with the tensors": (
         lambda: _set(tiny_model_spec(), "llama.block_count", 2), r"block_count=2 but the file holds only"),
@@ -56,6 +63,10 @@ DEFECTS = {
         r"layer_norm_rms_epsilon must be a finite positive FLOAT32"),
     "token_type shorter than tokens": (
         lambda: _set(tiny_model_spec(), "tokenizer.ggml.token_type", (V.INT32, [1, 1])), r"token_type has 2 items"),
+    "weight of type I8": (lambda: _ttype(tiny_model_spec(), "token_embd.weight", 24),
+                          r"token_embd.weight has type I8, which transformers' GGUF loader cannot read"),
+    "key of another architecture": (lambda: _set(tiny_model_spec("qwen2"), "llama.block_count", 2, V.UINT32),
+                                    r"key 'llama.block_count' belongs to architecture 'llama', not 'qwen2'"),
     "unknown tokenizer model": (
         lambda: _set(tiny_model_spec(), "tokenizer.ggml.model", "bert"), r"tokenizer.ggml.model is 'bert'"),
 }
@@ -78,6 +89,17 @@ def test_valid_tiny_gguf_loads(tmp_path, arch):
     m = load(p, progress=False)
     assert m.spec.gguf_arch == arch and m.config["vocab_size"] == 16
     assert m.logits(m.tokenizer("abc", return_tensors="pt").input_ids).isfinite().all()
+
+
+def test_loadable_types_are_the_ones_gguf_py_dequantizes():
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    from slimlm.gguf.checks import LOADABLE_TYPES
+    for t in LOADABLE_TYPES:
+        block, size = GGML_QUANT_SIZES[t]
+        assert dequantize(np.zeros(size, dtype=np.uint8), t).size == block, t.name
 
 
 def test_default_model_passes_the_checks():

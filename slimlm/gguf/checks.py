@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from gguf import GGUFValueType
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFValueType
 
 from ..arch import GGUF_ARCHS, ArchSpec, get_arch
 from ..errors import InvalidGGUFError
@@ -25,7 +25,16 @@ _FLOATS = (("attention.layer_norm_rms_epsilon", True), ("rope.freq_base", False)
 _TOKEN_IDS = ("bos", "eos", "unknown", "padding", "seperator", "cls", "mask", "eot", "eom")
 # tokenizer.ggml.model values transformers can build a tokenizer from for these architectures
 TOKENIZER_MODELS = ("gpt2", "llama")
-EXTRA_TENSORS = ("rope_freqs.weight",)  # llama3 rope factors: carried by llama.cpp, not a model weight
+EXTRA_TENSORS = ("rope_freqs.weight",)
+# tensor types gguf-py dequantizes (transformers' GGUF loader reads weights through it); I8/I32/F64/Q8_1/...
+# would fail there. tests/test_gguf_checks.py checks each against the installed gguf-py.
+LOADABLE_TYPES = frozenset(GGMLQuantizationType[n] for n in (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+    "MXFP4"))
+# transformers applies a `<prefix>.<key>` of any architecture it knows to the model it builds, whatever the
+# file's architecture (a qwen3 file's `llama.block_count` would set its layer count); llama.cpp ignores them
+OTHER_ARCH_PREFIXES = frozenset(MODEL_ARCH_NAMES.values()) | {"mistral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama3 rope factors: carried by llama.cpp, not a model weight
 MAX_CONTEXT = 1 << 31
 # transformers' Qwen3Config default head_dim: its GGUF loader reads no head size for qwen3 and builds this one
 # (tests/test_fuzz.py checks the value against the installed transformers)
@@ -88,6 +97,11 @@ def check_model_gguf(g: GGUFFile) -> tuple[dict, ArchSpec]:
     if arch == "llama" and g.get("general.name") == "mistral":
         raise InvalidGGUFError(f"{g.path}: general.name is exactly 'mistral': transformers' GGUF loader then "
                                f"builds its 'mistral' model, which it cannot read from a GGUF; rename the model")
+    for key in g.fields:
+        prefix = key.split(".", 1)[0]
+        if prefix != arch and prefix in OTHER_ARCH_PREFIXES:
+            raise InvalidGGUFError(f"{g.path}: key {key!r} belongs to architecture {prefix!r}, not {arch!r} "
+                                   f"(transformers would apply it to the model it builds; llama.cpp ignores it)")
     hp = {k: uint32(g, f"{arch}.{k}", required=True) for k in _REQUIRED_INT}
     hp.update({k: uint32(g, f"{arch}.{k}", required=False) for k in _OPTIONAL_INT})
     if arch != "llama" and hp["attention.head_count_kv"] is None:  # transformers' qwen default is 32, not n_head
@@ -121,7 +135,10 @@ def check_model_gguf(g: GGUFFile) -> tuple[dict, ArchSpec]:
         if t.shape != shape:
             raise InvalidGGUFError(f"{g.path}: tensor {name} has shape {list(t.shape)} but the hyper-parameters "
                                    f"imply {list(shape)}")
-    for name in by_name:
+    for name, t in by_name.items():
+        if t.ggml_type not in LOADABLE_TYPES and name not in EXTRA_TENSORS:
+            raise InvalidGGUFError(f"{g.path}: tensor {name} has type {t.ggml_type.name}, which transformers' "
+                                   f"GGUF loader cannot read (gguf-py does not dequantize it)")
         if name not in expected and name not in EXTRA_TENSORS:
             raise InvalidGGUFError(f"{g.path}: unexpected tensor {name} for {arch} with "
                                    f"{arch}.block_count={n_layer}")
