@@ -42,13 +42,17 @@ def _no_duplicates(pairs):
 
 def load_json(path: Path, *, max_bytes: int = 64 * 2**20) -> dict:
     """Read a JSON object with a size cap; duplicate keys, bad UTF-8 and deep nesting are clear errors."""
+    return parse_json(_read_capped(path, max_bytes), str(path))
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
+        if size > max_bytes:
+            raise InvalidModelError(f"{path}: {size} bytes is larger than the {max_bytes}-byte limit")
+        return path.read_bytes()
     except OSError as e:
         raise InvalidModelError(f"{path}: cannot read ({e.strerror})") from None
-    if size > max_bytes:
-        raise InvalidModelError(f"{path}: {size} bytes is larger than the {max_bytes}-byte limit")
-    return parse_json(path.read_bytes(), str(path))
 
 
 def parse_json(raw: bytes, where: str) -> dict:
@@ -318,11 +322,12 @@ def check_tokenizer_files(d: Path, vocab_size: int) -> None:
     if not tj.is_file():
         raise InvalidModelError(f"{d}: tokenizer.json is missing; slimlm needs the model's own (fast) "
                                 f"tokenizer and never substitutes a default one")
-    tok = load_json(tj, max_bytes=256 * 2**20)
+    raw = _read_capped(tj, 256 * 2**20)
+    tok = parse_json(raw, str(tj))
     model = tok.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
         raise InvalidModelError(f"{tj}: no model.vocab mapping")
-    added = tok.get("added_tokens") or []
+    added = tok.get("added_tokens")
     if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
         raise InvalidModelError(f"{tj}: added_tokens must be a list of objects")
     ids = list(model["vocab"].values()) + [a.get("id", -1) for a in added]
@@ -332,3 +337,12 @@ def check_tokenizer_files(d: Path, vocab_size: int) -> None:
     if top >= vocab_size:
         raise InvalidModelError(f"{tj}: token id {top} does not fit the embedding of {vocab_size} rows "
                                 f"(config.json vocab_size)")
+    # the rest of the format (pre-tokenizer, decoder, merges, strict JSON without NaN) is the tokenizers
+    # library's: ask it now, before any weight is read, rather than fail in transformers later
+    from tokenizers import Tokenizer
+    try:
+        Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # the library raises plain Exception
+        raise InvalidModelError(f"{tj}: the tokenizers library cannot read it "
+                                f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
+                                ) from None

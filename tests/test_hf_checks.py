@@ -264,16 +264,24 @@ def test_qwen3_config_needs_head_dim(tiny_hf, tmp_path):
         load(d)
 
 
-@pytest.mark.parametrize("added", [5, [1, 2], "x"])
+@pytest.mark.parametrize("added", [5, [1, 2], "x", None])
 def test_tokenizer_added_tokens_not_a_list_of_objects(model_copy, added):
     _edit_json(model_copy / "tokenizer.json", lambda t: t.update(added_tokens=added))
     with pytest.raises(InvalidModelError, match="added_tokens must be a list of objects"):
         load(model_copy)
 
 
-def test_tokenizer_the_library_refuses_is_one_error(model_copy):
-    """Python's json reads NaN; the tokenizers library does not: its plain Exception becomes slimlm's error."""
+@pytest.mark.parametrize("change", ["nan", "pre_tokenizer", "merge"])
+def test_tokenizer_the_library_refuses_is_refused_before_weights(model_copy, change):
+    """Python's json reads NaN, slimlm does not check every tokenizer component: the tokenizers library does,
+    in check_hf_dir (its plain Exception used to reach the user from inside transformers)."""
+    from slimlm.hf import check_hf_dir
     p = model_copy / "tokenizer.json"
-    p.write_text(p.read_text().replace('"version": "1.0"', '"version": "1.0", "extra": NaN', 1))
-    with pytest.raises(InvalidModelError, match="could not load it"):
-        load(model_copy)
+    if change == "nan":
+        p.write_text(p.read_text().replace('"version": "1.0"', '"version": "1.0", "extra": NaN', 1))
+    elif change == "pre_tokenizer":
+        _edit_json(p, lambda t: t.update(pre_tokenizer={"type": "NoSuchPreTokenizer"}))
+    else:
+        _edit_json(p, lambda t: t["model"]["merges"].insert(0, "zzzq\u00ff qqqz"))
+    with pytest.raises(InvalidModelError, match="the tokenizers library cannot read it"):
+        check_hf_dir(model_copy)
