@@ -112,8 +112,11 @@ def model_gguf_case(draw, plausible: bool = False) -> tuple[bytes, bool]:
             t.ttype = int(draw(st.sampled_from([1, 30, 24, 26, 8])))  # F16, BF16, I8, I32, Q8_0
             t.data = bytes(fg.tensor_nbytes(t.ne, t.ttype)) if t.ne[0] % 32 == 0 or t.ttype != 8 else t.data
         elif op == "tokens":
-            kv = next(k for k in spec.kvs if k.key == "tokenizer.ggml.tokens")
-            kv.value = (V.STRING, draw(st.sampled_from([[], fh.TOKENS[:8], fh.TOKENS + ["q"], ["a"] * 16,
+            kv = next((k for k in spec.kvs if k.key == "tokenizer.ggml.tokens"), None)
+            if kv is None:
+                kv = KV("tokenizer.ggml.tokens", V.ARRAY, None)
+                spec.kvs.append(kv)
+            kv.vtype, kv.value = V.ARRAY, (V.STRING, draw(st.sampled_from([[], fh.TOKENS[:8], fh.TOKENS + ["q"], ["a"] * 16,
                                                         fh.TOKENS[:13] + ["x", "<s>", "</s>"]])))
     return fg.serialize(spec)[0], n == 0
 
