@@ -116,3 +116,14 @@ def test_hf_folder_transformers_would_refuse_is_refused_before_calibration(tiny_
     line = _run(capsys, [str(tiny_hf("LlamaForCausalLM")), "-o", str(out), *args])
     assert "transformers" in line and "--hidden" in line and "not a multiple" in line
     assert not out.exists() and not (tmp_path / "o.report.json").exists()
+
+
+@pytest.mark.parametrize("allocate", ["global", "sensitivity"])
+def test_per_layer_widths_for_a_qwen_model_are_refused_before_calibration(tiny_hf, tmp_path, capsys, monkeypatch,
+                                                                           allocate):
+    """Per-layer MLP widths are llama.cpp's deci arch, Llama family only: asked for explicitly on Qwen3 they are
+    refused right after loading (the default for Qwen is uniform widths)."""
+    monkeypatch.setattr("slimlm.calib.calibration_chunks", _no_calibration)
+    line = _run(capsys, [str(tiny_hf("Qwen3ForCausalLM")), "-o", str(tmp_path / "o.gguf"), "--ratio", "0.01",
+                         "--allocate", allocate])
+    assert f"--allocate {allocate}" in line and "Qwen3ForCausalLM takes --allocate uniform" in line

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..arch import layer_dims
 from ..errors import ConfigError
+from .checks import check_gguf_plan, check_hf_plan, per_layer_ok, written_arch
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
 
@@ -120,9 +121,6 @@ class PruneConfig:
     def check_model(self, cfg: dict, gguf_out: bool = True) -> None:
         """The checks that need the model's shapes (its config), run right after loading, before calibration."""
         d = dims(cfg)
-        if gguf_out and (self.heads is not None or self.hidden is not None) and self.method in STRUCTURED:
-            kv, q = self.parsed_heads() if self.heads is not None else (None, None)
-            check_gguf_plan(cfg, Plan(hidden=self.hidden, n_kv=kv, q_per_kv=q), "--heads/--hidden")
         if self.allocate in ("global", "sensitivity") and self.method in STRUCTURED and not per_layer_ok(cfg):
             raise ConfigError(f"--allocate {self.allocate} gives per-layer MLP widths, which llama.cpp runs as its "
                               f"deci arch for Llama-family models only; {cfg['architectures'][0]} takes "
@@ -147,6 +145,9 @@ class PruneConfig:
             if nm is not None and any(w % nm[1] for w in widths):
                 raise ConfigError(f"--sparsity {self.sparsity}: the model's linears have {sorted(widths)} inputs, "
                                   f"which do not all split into groups of {nm[1]}")
+        if gguf_out and (self.heads is not None or self.hidden is not None) and self.method in STRUCTURED:
+            kv, q = self.parsed_heads() if self.heads is not None else (None, None)
+            check_gguf_plan(cfg, Plan(hidden=self.hidden, n_kv=kv, q_per_kv=q), "--heads/--hidden")
 
     def for_model(self, cfg: dict) -> PruneConfig:
         """This config with the default allocation resolved for the model's family: per-layer MLP widths
@@ -169,48 +170,6 @@ class PruneConfig:
         except ValueError:
             raise ConfigError(f"--heads {self.heads!r}: give KVxQ, e.g. 2x2 (KV heads kept x query heads "
                               f"per KV head)") from None
-
-
-# llama.cpp archs whose loader sizes the query projection n_embd x n_embd (not n_embd x n_head * head_dim):
-# qwen2 (llama-model.cpp, LLM_ARCH_QWEN2). Family knowledge that belongs in arch.ArchSpec; kept here until then.
-ATTN_WIDTH_IS_HIDDEN = ("qwen2",)
-
-
-def check_gguf_plan(cfg: dict, plan: Plan, what: str = "this plan") -> None:
-    """Refuse a plan whose GGUF llama.cpp cannot load: for the archs in ATTN_WIDTH_IS_HIDDEN the query heads x
-    head_dim must stay equal to the hidden size."""
-    from ..arch import ARCHS
-    from .structured import planned_config
-    spec = ARCHS.get((cfg.get("architectures") or [None])[0])
-    if spec is None or spec.gguf_arch not in ATTN_WIDTH_IS_HIDDEN:
-        return
-    new = planned_config(cfg, plan)
-    nh, hd, h = new["num_attention_heads"], new["head_dim"], new["hidden_size"]
-    if nh * hd != h:
-        raise ConfigError(f"{what}: llama.cpp's {spec.gguf_arch} arch needs query heads x head_dim = hidden size, "
-                          f"this gives {nh} x {hd} = {nh * hd} for hidden {h}; keep every query head (no --heads, "
-                          f"no --method width) or write an HF folder")
-
-
-def check_hf_plan(m, plan: Plan, what: str = "this plan") -> None:
-    """Refuse a plan whose HF folder transformers would not load: its config class validates the planned config
-    (e.g. a hidden size that is no multiple of the query heads) before any pruning work or file."""
-    from ..arch import PER_LAYER
-    from .structured import planned_config
-    new = {k: v for k, v in planned_config(m.config, plan).items() if k != PER_LAYER}
-    try:
-        type(m.module.config).from_dict(new)
-    except Exception as e:     # transformers' validators raise ValueError or huggingface_hub's wrapper of one
-        cause = e.__cause__ or e
-        msg = " ".join(str(cause).split())
-        raise ConfigError(f"{what}: transformers would not load the HF folder: {msg}") from None
-
-
-def per_layer_ok(cfg: dict) -> bool:
-    """Whether the model's family can take per-layer MLP widths (llama.cpp's deci arch: Llama family only)."""
-    from ..arch import ARCHS
-    spec = ARCHS.get((cfg.get("architectures") or [None])[0])
-    return spec is not None and spec.gguf_arch == "llama"
 
 
 def round_multiple(config: PruneConfig) -> int:
@@ -346,18 +305,6 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
     say(f"parameters {st['params_before'] / 1e6:.2f}M -> {st['params_after'] / 1e6:.2f}M "
         f"({st['removed_fraction']:.1%} removed)")
     return pruned, st
-
-
-def written_arch(out: str | Path) -> str:
-    """The architecture the written output states: a GGUF's general.architecture (llama.cpp's name, `deci` for
-    per-layer widths), an HF folder's config.json architectures[0]."""
-    out = Path(out)
-    if out.suffix == ".gguf":
-        from ..gguf.reader import read_gguf
-        return read_gguf(out).architecture
-    from ..hf import load_json
-    archs = load_json(out / "config.json").get("architectures") or ["?"]
-    return str(archs[0])
 
 
 def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
