@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sensitivity: per-layer sparsity within +-0.08 from the measured KLD of pruning each layer alone "
                    "(the mean stays --sparsity)")
     p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
+    p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
+                   "whose pre-tokenizer slimlm cannot identify (by default such a model is refused for a GGUF)")
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="HF folder output precision (default float32)")
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the bundled calibration split)")
@@ -378,7 +380,8 @@ def cmd_prune(a) -> int:
     cfg = PruneConfig(ratio=a.ratio, method=a.method, importance=a.importance, sparsity=a.sparsity,
                       hidden=a.hidden, ffn=a.ffn, heads=a.heads, drop_layers=drop, format_aware=a.format_aware,
                       allocate=a.allocate, layer_share=a.layer_share,
-                      type=a.type, hf_dtype=a.hf_dtype, calib=a.calib, calib_chunks=a.calib_chunks, n_ctx=a.ctx,
+                      type=a.type, pre_tokenizer=a.pre_tokenizer, hf_dtype=a.hf_dtype, calib=a.calib,
+                      calib_chunks=a.calib_chunks, n_ctx=a.ctx,
                       text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval)
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                 command="slimlm " + shlex.join(sys.argv[1:]))

@@ -214,6 +214,9 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
                       pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,
                       types=overrides)
+    if config.prune is not None:                      # what the file states, not what the plan predicted
+        from .prune.checks import written_arch
+        next(s for s in steps if s["step"] == "structured pruning")["arch"] = written_arch(out)
     if config.measure_effects and overrides:
         say("measuring each tensor's effect alone (one calibration chunk) ...")
         _measure(m, out, chunks[0], steps, progress)

@@ -48,22 +48,13 @@ def _no_calibration(*_a, **_k):
 def _prune_with_pre_tokenizer(argv: list[str], monkeypatch, capsys) -> None:
     """The tiny Qwen2 model's tokenizer (transformers' Qwen2 tokenizer class over SmolLM2's vocabulary) has a
     check-text hash llama.cpp does not know. `slimlm prune` refuses it right after loading, before calibration;
-    with the pre-tokenizer named (`slimlm compress --pre-tokenizer`; PruneConfig.pre_tokenizer, which the prune
-    command line does not pass yet) the same run goes through the same function the command line calls."""
-    from slimlm import cli
-    from slimlm.prune import command
+    with `--pre-tokenizer qwen2` the same run goes through."""
     with monkeypatch.context() as mp:
         mp.setattr("slimlm.calib.calibration_chunks", _no_calibration)
         assert main(["-q", "prune", *argv]) == 2
     err = capsys.readouterr().err
     assert "pre-tokenizer is not one llama.cpp knows" in err and "Traceback" not in err
-    real = command.PruneConfig
-
-    def named(**kw):
-        return real(**kw, pre_tokenizer="qwen2")
-    with monkeypatch.context() as mp:
-        mp.setattr(command, "PruneConfig", named)
-        assert cli.cmd_prune(cli.build_parser().parse_args(["-q", "prune", *argv])) == 0
+    assert main(["-q", "prune", *argv, "--pre-tokenizer", "qwen2"]) == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
