@@ -33,7 +33,11 @@ class _TimeUp(Exception):
 
 def run_kind(kind: str, strategy, target, runner, seconds: float, seed_value: int) -> tuple[Counter, list]:
     """Cases of one kind until `seconds` pass; returns (counts, results)."""
+    import warnings
+
     from fuzz_targets import UNTRACED
+    from hypothesis.errors import HypothesisWarning
+    warnings.simplefilter("ignore", HypothesisWarning)  # the time-box ends hypothesis with an exception
     counts, results = Counter(), []
     end = time.monotonic() + seconds
     attempt = 0

@@ -268,6 +268,27 @@ def quiet():
 
 
 @contextlib.contextmanager
+def quiet_fds():
+    """Also silence file descriptors 1 and 2: the tokenizers library (Rust) prints warnings about odd
+    tokenizer files straight to them, past Python's sys.stdout."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        with quiet() as streams:
+            yield streams
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def chdir(d: Path):
     """contextlib.chdir (Python 3.11+) for 3.10."""
     old = os.getcwd()

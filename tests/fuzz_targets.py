@@ -67,7 +67,7 @@ def t_model_load(case, d: Path) -> None:
     from slimlm import load
     data, valid = case
     p = fi.write_file(d, "m.gguf", data)
-    with fi.quiet():
+    with fi.quiet_fds():
         m = expect_valid(load, p, progress=False) if valid else load(p, progress=False)
     assert m.logits(m.tokenizer("abc", return_tensors="pt").input_ids).isfinite().all()
 
@@ -87,7 +87,8 @@ def t_safetensors(case, d: Path) -> None:
 
 
 def t_hf_folder(files: dict[str, bytes], d: Path) -> None:
-    check_hf_dir(fi.write_files(d, files))
+    with fi.quiet_fds():  # check_hf_dir asks the tokenizers library, which may print warnings
+        check_hf_dir(fi.write_files(d, files))
 
 
 def with_config(cfg: dict) -> dict[str, bytes]:
@@ -101,7 +102,7 @@ def with_config(cfg: dict) -> dict[str, bytes]:
 def t_hf_load(files: dict[str, bytes], d: Path) -> None:
     """A full slimlm.load of a folder: what the strict checks accept, transformers and tokenizers must load."""
     from slimlm import load
-    with fi.quiet():
+    with fi.quiet_fds():
         m = load(fi.write_files(d, files))
     assert m.logits(m.tokenizer("abc", return_tensors="pt").input_ids).isfinite().all()
 
