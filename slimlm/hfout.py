@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,10 +46,32 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def check_written(d: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer_files: list[str]) -> None:
+    """Read back what was written before it is renamed into place: the safetensors header strictly (offsets,
+    sizes against the file: a short write shows) with every tensor's name, dtype and shape; config.json as
+    written; the tokenizer files present and non-empty."""
+    from .hf import parse_json, read_safetensors_header
+    st = d / "model.safetensors"
+    got = read_safetensors_header(st)
+    want = {n: (_ST_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in tensors.items()}
+    if {n: (e.dtype, e.shape) for n, e in got.items()} != want:
+        raise InvalidModelError(f"{st}: the tensors read back differ from those written")
+    if parse_json((d / "config.json").read_bytes(), str(d / "config.json")) != json.loads(
+            json.dumps(config, default=str)):
+        raise InvalidModelError(f"{d / 'config.json'}: reads back differently")
+    for f in tokenizer_files:
+        if not (d / f).is_file() or (d / f).stat().st_size == 0:
+            raise InvalidModelError(f"{d / f}: tokenizer file missing or empty")
+
+
 def write_hf_folder(model, out: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
-                    metadata: dict | None = None, overwrite: bool = False,
-                    check: Callable[[Path], object] | None = None) -> Path:
-    """Write the folder atomically. `check(temp_folder)` validates the complete folder before it is renamed."""
+                    metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the folder atomically; what was written is read back (check_written) before the rename."""
     out = check_folder(model, out, overwrite=overwrite)
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -59,20 +80,17 @@ def write_hf_folder(model, out: str | Path, tensors: dict[str, torch.Tensor], co
         _save_safetensors(tensors, tmp / "model.safetensors", {"format": "pt", **(metadata or {})})
         with open(tmp / "config.json", "w") as f:
             f.write(json.dumps(config, indent=1, default=str))
-        model.tokenizer.save_pretrained(tmp)
-        if check is not None:
-            try:
-                check(tmp)
-            except InvalidModelError as e:
-                raise OutputError(f"the folder written for {out} does not check out, nothing was written under "
-                                  f"that name: {e}") from None
+        written = [Path(f).name for f in model.tokenizer.save_pretrained(tmp) if Path(f).is_file()]
+        try:
+            check_written(tmp, tensors, config, written)
+        except InvalidModelError as e:
+            raise OutputError(f"the folder written for {out} does not read back, nothing was written under "
+                              f"that name: {e}") from None
     return out
 
 
 def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """The model as an HF folder (safetensors at `dtype`, tied output projection stored once), checked with
-    the same strict checks a source folder gets before it is renamed into place."""
-    from .hf import check_hf_dir
+    """The model as an HF folder (safetensors at `dtype`, tied output projection stored once)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tied = bool(model.config.get("tie_word_embeddings", False))
@@ -81,4 +99,4 @@ def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool =
     cfg = model.module.config.to_dict()
     cfg["torch_dtype"] = dtype
     cfg.pop("quantization_config", None)
-    return write_hf_folder(model, out, tensors, cfg, overwrite=overwrite, check=check_hf_dir)
+    return write_hf_folder(model, out, tensors, cfg, overwrite=overwrite)

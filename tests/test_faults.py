@@ -192,6 +192,21 @@ def test_prune_hf_folder_fsync_of_folder_fails_after_rename(src, calib, tmp_path
     assert leftovers(tmp_path) == []
 
 
+def test_hf_folder_short_write_is_caught_before_the_rename(src, tmp_path, monkeypatch):
+    """A write that 'succeeded' but left the file short (a lying disk, a truncation) is read back and refused."""
+    import slimlm.hfout as hfout
+    from slimlm import load
+    real = hfout._save_safetensors
+
+    def short(tensors, path, metadata):
+        real(tensors, path, metadata)
+        os.truncate(path, path.stat().st_size - 100)
+    monkeypatch.setattr(hfout, "_save_safetensors", short)
+    with pytest.raises(OutputError, match="does not read back.*truncated"):
+        hfout.save_hf(load(src, progress=False), tmp_path / "hf")
+    _nothing_written(tmp_path, "hf")
+
+
 # ---- reports and JSON (atomic_write_bytes) ---------------------------------------------------------------
 @pytest.mark.parametrize("fault", ["write", "close", "fsync"])
 def test_atomic_write_bytes_faults(tmp_path, monkeypatch, fault):
