@@ -35,13 +35,6 @@ def file_size_limit(n: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def set_file_size_limit(n: int):
-    """A preexec_fn for subprocess: that child's writes past byte `n` fail with EFBIG."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (n, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return limit
-
-
 class FailingFile(io.BufferedWriter):
     """A real file (numpy's tofile writes through its descriptor) whose write raises ENOSPC once the file would
     pass `limit` bytes (the bytes that fit are written first, as a short write does), or whose close does."""
