@@ -247,7 +247,7 @@ def _cli_outcome(code, err: str) -> None:
     assert "Traceback" not in err, err
     if code == 0:
         return
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = [ln for ln in err.split("\n") if ln.strip()]  # a \r inside an echoed argument is not a new line
     assert code == 2 and lines and (lines[-1].startswith("error: ") or lines[-1].startswith("slimlm")), \
         f"exit {code}, stderr {err[-500:]!r}"
     raise CliRefused(lines[-1])
