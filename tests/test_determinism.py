@@ -7,8 +7,8 @@ GPTQ, a --target-size budget (measured twice, and once from the cached sensitivi
 
 Thread count: the same commands at 1 and 2 threads (torch and numba) must write the same bytes too. Measured
 beyond this test (issue 12): identical at 1, 2 and 4 threads on random models of hidden 256 (4 layers) and of
-SmolLM2-135M's shapes (hidden 576, 2 layers) for RTN+imatrix, GPTQ, --bpw and prune; no step splits a float
-reduction by thread (encoders and GPTQ work per row; torch's matmuls keep each dot product in one thread).
+SmolLM2-135M's shapes (hidden 576, 2 layers) for RTN+imatrix, GPTQ, --bpw and prune (numba's parallel loops
+run over independent rows; torch's CPU kernels gave the same floats at every thread count tried).
 """
 from __future__ import annotations
 
