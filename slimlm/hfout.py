@@ -18,16 +18,17 @@ from .io import atomic_folder, check_output_folder
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def check_folder(model, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Before heavy work: `out` is not the model's folder, not a file, empty or --overwrite, and writable."""
+def check_folder(source: str | Path | None, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Before loading or any heavy work: `out` is not the model's (`source`) folder, not a file, empty or
+    --overwrite, and writable."""
     out = Path(out)
-    if model.source is not None and Path(model.source).resolve() == out.resolve():
+    if source is not None and Path(source).resolve() == out.resolve():
         raise ConfigError(f"{out} is the model's own folder; give another output folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; give a folder for an HF model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace its files (atomically)")
-    return check_output_folder(out, overwrite=overwrite, inputs=[model.source] if model.source else [])
+    return check_output_folder(out, overwrite=overwrite, inputs=[source] if source else [])
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -72,7 +73,7 @@ def check_written(d: Path, tensors: dict[str, torch.Tensor], config: dict, token
 def write_hf_folder(model, out: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
                     metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write the folder atomically; what was written is read back (check_written) before the rename."""
-    out = check_folder(model, out, overwrite=overwrite)
+    out = check_folder(model.source, out, overwrite=overwrite)
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidModelError(f"{name} has non-finite values at its stored precision; refusing to write it")

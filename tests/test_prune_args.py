@@ -127,3 +127,23 @@ def test_per_layer_widths_for_a_qwen_model_are_refused_before_calibration(tiny_h
     line = _run(capsys, [str(tiny_hf("Qwen3ForCausalLM")), "-o", str(tmp_path / "o.gguf"), "--ratio", "0.01",
                          "--allocate", allocate])
     assert f"--allocate {allocate}" in line and "Qwen3ForCausalLM takes --allocate uniform" in line
+
+
+@pytest.mark.parametrize("case", ["non-empty", "a file", "the model's own folder"])
+def test_hf_output_folder_is_refused_before_loading(tiny_hf, tmp_path, capsys, monkeypatch, case):
+    """An HF-folder output that cannot be written is refused before the model is loaded (was: after)."""
+    monkeypatch.setattr("slimlm.model.load", _no_load)
+    monkeypatch.setattr("slimlm.prune.command.load", _no_load, raising=False)
+    src = tiny_hf("LlamaForCausalLM")
+    out = tmp_path / "out"
+    if case == "non-empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("keep")
+    elif case == "a file":
+        out.write_text("keep")
+    else:
+        out = src
+    msg = _run(capsys, [str(src), "-o", str(out), "--ratio", "0.2"])
+    assert {"non-empty": "--overwrite", "a file": "is a file", "the model's own folder": "own folder"}[case] in msg
+    if case != "the model's own folder":
+        assert (out / "keep.txt" if case == "non-empty" else out).read_text() == "keep"

@@ -324,6 +324,9 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         config = dataclasses.replace(config, allocate="uniform")
     if gguf_out:
         out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
+    else:                                # refused before loading: a read-only, non-empty or input folder
+        from ..hfout import check_folder
+        check_folder(model, out, overwrite=overwrite)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
@@ -334,9 +337,6 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     if not gguf_out and config.method in STRUCTURED and (config.hidden is not None or config.heads is not None):
         kv, q = config.parsed_heads() if config.heads is not None else (None, None)
         check_hf_plan(m, Plan(hidden=config.hidden, n_kv=kv, q_per_kv=q), "--hidden/--heads")
-    if not gguf_out:
-        from ..hfout import check_folder
-        check_folder(m, out, overwrite=overwrite)
     chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                       n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
     t0 = time.perf_counter()
