@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InvalidModelError, UnsafeModelError
+from .errors import InvalidModelError
 from .quant.kmeans import KMeansLinear, kmeans_rows, pack
 
 FORMAT = "slimlm-kmeans"
@@ -68,20 +68,27 @@ def check_kmeans_dir(d: Path) -> tuple[dict, object, int, dict]:
     JSON, no remote code, a supported architecture), the safetensors header against the file's bytes, every
     tensor's name, shape and dtype against the config, the tokenizer files. Returns (config, arch spec, bits,
     safetensors entries). Reads no tensor data."""
-    from .arch import get_arch
-    from .hf import FLOAT_DTYPES, check_tokenizer_files, load_json, read_safetensors_header
+    from .hf import (
+        FLOAT_DTYPES,
+        check_config,
+        check_tokenizer_files,
+        load_json,
+        read_safetensors_header,
+        refuse_remote_code,
+    )
     if not d.is_dir():
         raise InvalidModelError(f"{d}: not a folder")
     cfg_path, st = d / "config.json", d / "model.safetensors"
     if not cfg_path.is_file() or not st.is_file():
         raise InvalidModelError(f"{d}: not a k-means model folder (model.safetensors and config.json needed)")
     cfg = load_json(cfg_path)
-    for p in (cfg_path, d / "tokenizer_config.json"):
-        if p.is_file() and "auto_map" in load_json(p):
-            raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm never "
-                                   f"runs remote code")
-    spec = get_arch(cfg, str(cfg_path))
+    refuse_remote_code(d)
+    spec = check_config(cfg, str(cfg_path))     # field types, model_type, rope and token ids, as load() does
     entries = read_safetensors_header(st)
+    n_layer = cfg["num_hidden_layers"]
+    if n_layer * len(spec.layer_suffixes()) > len(entries):   # bounds expected_shapes by the tensors present
+        raise InvalidModelError(f"{cfg_path}: num_hidden_layers={n_layer} but {st} holds only {len(entries)} "
+                                f"tensors")
     meta = _header_metadata(st)
     if meta.get("format") != FORMAT:
         raise InvalidModelError(f"{st}: not written by slimlm kmeans (metadata format {meta.get('format')!r})")

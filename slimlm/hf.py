@@ -165,6 +165,14 @@ def _shard_files(d: Path) -> list[Path]:
     raise InvalidModelError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
+def refuse_remote_code(d: Path) -> None:
+    """`auto_map` in config.json or tokenizer_config.json asks for the folder's own Python code: refused."""
+    for p in (d / "config.json", d / "tokenizer_config.json"):
+        if p.is_file() and "auto_map" in load_json(p):
+            raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm "
+                                   f"never runs remote code. Use a model with a built-in architecture.")
+
+
 def check_hf_dir(d: str | Path) -> tuple[dict, ArchSpec, list[Path]]:
     """Validate an HF model folder; return (config, arch spec, safetensors files). Reads no weights."""
     d = Path(d)
@@ -174,10 +182,7 @@ def check_hf_dir(d: str | Path) -> tuple[dict, ArchSpec, list[Path]]:
     if not cfg_path.is_file():
         raise InvalidModelError(f"{d}: config.json is missing")
     cfg = load_json(cfg_path)
-    for p in (cfg_path, d / "tokenizer_config.json"):
-        if p.is_file() and "auto_map" in load_json(p):
-            raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm "
-                                   f"never runs remote code. Use a model with a built-in architecture.")
+    refuse_remote_code(d)
     spec = check_config(cfg, str(cfg_path))
     files = _shard_files(d)
     entries: dict[str, SafetensorsEntry] = {}

@@ -41,12 +41,10 @@ def source_info(path: str | os.PathLike | None) -> SourceInfo:
                   if not spec.is_ignored(n) and not (tied and n == "lm_head.weight")}
         ctx = cfg.get("max_position_embeddings")
     elif p.is_file():
-        from .arch import GGUF_ARCHS
+        from .gguf.checks import check_model_gguf
         from .gguf.reader import read_gguf
         g = read_gguf(p)
-        if g.architecture not in GGUF_ARCHS:
-            raise InvalidModelError(f"{p}: GGUF architecture {g.architecture!r} is not supported; supported: "
-                                    f"{', '.join(GGUF_ARCHS)}")
+        check_model_gguf(g)          # the same checks load() runs: shapes and context from a file it accepts
         shapes = {t.name: tuple(t.shape) for t in g.tensors}
         ctx = g.get(f"{g.architecture}.context_length")
     else:
