@@ -93,3 +93,17 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
     out = tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf"
     export_gguf(load(tiny_hf("LlamaForCausalLM")), out, "F32", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def src(tiny_hf) -> Path:
+    """The tiny random Llama folder that the fault, kill and determinism tests run commands on."""
+    return tiny_hf("LlamaForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory) -> Path:
+    """A small calibration/evaluation text for commands on tiny models."""
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(" ".join(f"word{i % 97} text{i % 13} and the model" for i in range(1500)))
+    return p

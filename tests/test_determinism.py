@@ -32,18 +32,6 @@ COMMANDS = {                   # each gets --calib FILE, but plain RTN (llama.cp
 }
 
 
-@pytest.fixture(scope="module")
-def src(tiny_hf) -> Path:
-    return tiny_hf("LlamaForCausalLM")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(" ".join(f"word{i % 83} text{i % 7} and a model" for i in range(1500)))
-    return p
-
-
 def digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:

@@ -44,18 +44,6 @@ PRUNE = ["--method", "mlp", "--ffn", "64", "--ctx", "64", "--calib-chunks", "2",
 
 
 @pytest.fixture(scope="module")
-def src(tiny_hf) -> Path:
-    return tiny_hf("LlamaForCausalLM")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(" ".join(f"word{i % 97} text{i % 13} and the model" for i in range(1500)))
-    return p
-
-
-@pytest.fixture(scope="module")
 def can_mount(tmp_path_factory) -> bool:
     why = mount_error(tmp_path_factory.mktemp("mountprobe") / "m")
     print(f"real mounts: {'yes' if why is None else 'no, ' + why}")
