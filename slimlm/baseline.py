@@ -70,5 +70,5 @@ def comparison_lines(ours: dict, theirs: dict, baseline: dict) -> list[str]:
     kld = ours["kld"] / theirs["kld"] if theirs["kld"] > 0 else float("nan")
     lines.append(f"slimlm / llama.cpp (same tokens, same run): size {om['file_bytes'] / tm['file_bytes']:.3f}x, "
                  f"KL divergence {kld:.3f}x, top-1 agreement {100 * ours['top1_agreement']:.2f}% vs "
-                 f"{100 * theirs['top1_agreement']:.2f}%")
+                 f"{100 * theirs['top1_agreement']:.2f}%, perplexity {ours['ppl']:.4f} vs {theirs['ppl']:.4f}")
     return lines
