@@ -83,7 +83,7 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True) -> Mod
     """Load a model: an HF folder, a .gguf file, or (no argument) the embedded SmolLM2-135M-Instruct."""
     p = default_model_path() if path is None else Path(path)
     if p.is_dir():
-        return _load_hf(p)
+        return _load_hf(p, progress=progress)
     if p.is_file():
         return _load_gguf(p, progress=progress)
     raise InvalidModelError(f"{p}: no such file or folder (give an HF model folder or a .gguf file)")
@@ -108,11 +108,25 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _load_hf(d: Path) -> Model:
+@contextlib.contextmanager
+def _transformers_bars(progress: bool):
+    """transformers' own "Loading weights" bar follows `progress` (it ignores slimlm's flag otherwise)."""
+    from transformers.utils import logging as tlog
+    was = tlog.is_progress_bar_enabled()
+    if not progress:
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not progress:
+            tlog.enable_progress_bar()
+
+
+def _load_hf(d: Path, *, progress: bool) -> Model:
     cfg, spec, files = check_hf_dir(d)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    with _library_errors(d):
+    with _library_errors(d), _transformers_bars(progress):
         tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
         if cfg.get(PER_LAYER):
             module = _load_per_layer(d, cfg, files)
@@ -170,7 +184,8 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     sink = io.StringIO()
-    with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext(), _library_errors(p):
+    with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext(), _library_errors(p), \
+            _transformers_bars(progress):
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     _frozen(module)

@@ -285,3 +285,13 @@ def test_tokenizer_the_library_refuses_is_refused_before_weights(model_copy, cha
         _edit_json(p, lambda t: t["model"]["merges"].insert(0, "zzzq\u00ff qqqz"))
     with pytest.raises(InvalidModelError, match="the tokenizers library cannot read it"):
         check_hf_dir(model_copy)
+
+
+def test_load_without_progress_prints_no_bars(tiny_hf, tiny_gguf, capfd):
+    """load(progress=False) silences transformers' own bars too, for HF folders and GGUF files alike."""
+    from slimlm import load
+    capfd.readouterr()
+    load(tiny_hf("LlamaForCausalLM"), progress=False)
+    load(tiny_gguf, progress=False)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err[-500:]
