@@ -172,6 +172,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         check_eval_text(m, config.text, config.n_ctx)
     if config.budgeted and config.prune is None:
         check_budget(m, config, imatrix)
+    check_disk_space(m, out, config)
     chunks = prov = None
     if config.calibrated:
         chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
@@ -240,6 +241,24 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                  source_bytes=source_bytes(m.source), baseline=baseline)
     rep.write(out)
     return rep
+
+
+def check_disk_space(m, out: Path, config: CompressConfig) -> None:
+    """Before calibration and GPTQ: refuse when the output folder obviously cannot hold the tensor data of the
+    file (the budget, or the preset's plan for the unpruned model: an upper bound when pruning), plus, with
+    --compare, llama.cpp's file and the F32 intermediate it is made from."""
+    from .gguf.writer import planned_data_bytes
+    from .io import ensure_free_space
+    if config.target_size is not None:
+        need = parse_size(config.target_size)
+    elif config.bpw is not None:
+        need = int(config.bpw * m.n_params() / 8)
+    else:
+        need = planned_data_bytes(m, config.type, has_imatrix=bool(config.imatrix or config.calib),
+                                  pure=config.pure)
+    if config.compare is not None:
+        need += planned_data_bytes(m, config.compare_type(), has_imatrix=config.calibrated) + 4 * m.n_params()
+    ensure_free_space(out.parent, need)
 
 
 def _llama_cpp_baseline(original, out, config: CompressConfig, imatrix, chunks, prov, overwrite: bool, say,

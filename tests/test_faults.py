@@ -329,3 +329,19 @@ def test_readonly_folder_exit_code_of_the_process(src, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: output folder {ro} is not writable: Read-only file "
                                                    f"system"), lines
     assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [["--method", "gptq", "--type", "Q4_0"], ["--target-size", "6MiB"],
+                                   ["--compare"]])
+def test_short_space_is_refused_before_calibration(src, calib, tmp_path, capsys, monkeypatch, extra):
+    """compress sizes the output from the model's plan right after loading: a folder that obviously cannot hold
+    it is refused before calibration, GPTQ or the sensitivity measurement (was: only at the write)."""
+    _no_heavy_work(monkeypatch, allow_load=True)
+    free = 1 << 20  # the tiny model's Q8_0 tensor data alone is ~6 MiB
+    monkeypatch.setattr(slimlm.io.shutil, "disk_usage", lambda p: SimpleNamespace(free=free))
+    out = tmp_path / "o.gguf"
+    argv = ["-q", "compress", str(src), "-o", str(out), "--calib", str(calib), "--ctx", "64", "--text", str(calib),
+            *extra]
+    assert cli.main(argv) == 2
+    _one_error_line(capsys, "not enough disk space", str(tmp_path))
+    assert not out.exists() and not list(tmp_path.glob(".o.gguf*"))

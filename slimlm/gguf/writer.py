@@ -204,6 +204,12 @@ def plan_model(model, type: str, *, has_imatrix: bool = False, pure: bool = Fals
     return preset, tensors, types
 
 
+def planned_data_bytes(model, type: str, *, has_imatrix: bool = False, pure: bool = False) -> int:
+    """Bytes of tensor data a GGUF of `model` at preset `type` holds (llama.cpp's per-tensor rules)."""
+    _, tensors, types = plan_model(model, type, has_imatrix=has_imatrix, pure=pure)
+    return sum(types[n][0].nbytes(tuple(W.shape)) for n, _, W in tensors)
+
+
 def _metadata(w: Writer, model, preset: Preset, imatrix, pre_tokenizer: str | None) -> None:
     _add_general(w, model, preset)
     _add_hparams(w, model)
