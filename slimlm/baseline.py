@@ -7,13 +7,14 @@ calibration text when slimlm used one (so llama.cpp gets its strongest setting, 
 then evaluated on the same token ids against the same reference logits (`evaluate_many`, one pass).
 
 The baseline is written beside slimlm's output as `OUT.llama-cpp.gguf`; the F32 intermediate goes to a temp
-file in the same folder (the write protocol of slimlm.io) and is removed afterwards.
+folder named as that file's temp (`.OUT.llama-cpp.gguf.tmp-PID-RAND`), removed afterwards, and removed by the
+next run if a kill left it behind.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 from .errors import ConfigError
@@ -41,15 +42,17 @@ def quantize_with_llama_cpp(original, out: str | Path, type: str, *, imatrix=Non
     Returns {"path", "type", "imatrix", "quantize_seconds"} for the report."""
     from .eval.runtime import llama_cpp_quantize
     from .gguf.writer import export_gguf
-    from .io import check_output_path
+    from .io import check_output_path, clean_stale_temps
     dst = check_output_path(baseline_path(out), overwrite=overwrite)
-    f32 = dst.parent / f".{dst.stem}.f32.tmp-{os.getpid()}-{secrets.token_hex(4)}.gguf"
+    clean_stale_temps(dst)      # an F32 folder left by a killed run (it is named as dst's temp)
+    scratch = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    scratch.mkdir()
     try:
+        f32 = scratch / "f32.gguf"
         export_gguf(original, f32, "F32", progress=progress)
         seconds = llama_cpp_quantize(f32, dst, type, imatrix=imatrix)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            f32.unlink()
+        shutil.rmtree(scratch, ignore_errors=True)
     return {"path": str(dst), "type": type, "imatrix": imatrix is not None, "quantize_seconds": seconds}
 
 

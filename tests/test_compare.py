@@ -82,3 +82,17 @@ def test_compare_refuses_existing_baseline_before_loading(tmp_path, capsys, monk
     assert main(["compress", "-o", str(out), "--compare"]) == 2
     assert "o.llama-cpp.gguf already exists" in capsys.readouterr().err
     assert baseline_path(out).read_bytes() == b"keep" and not out.exists()
+
+
+def test_f32_intermediate_left_by_a_killed_run_is_removed(tiny_hf, tmp_path, llama_cpp_available):
+    """A kill -9 during --compare leaves the F32 scratch folder (named as llama.cpp's file's temp, from a dead
+    pid): the next run removes it, and leaves none of its own."""
+    out = tmp_path / "o.gguf"
+    dead = baseline_path(out).parent / f".{baseline_path(out).name}.tmp-999999999-abcd"
+    dead.mkdir()
+    (dead / "f32.gguf").write_bytes(b"x" * 1024)
+    text = _text(tmp_path)
+    assert main(["-q", "compress", str(tiny_hf("LlamaForCausalLM")), "-o", str(out), "--type", "Q8_0", "--compare",
+                 "--text", str(text), "--ctx", "64", "--chunks", "1", "--no-speed"]) == 0
+    assert not dead.exists() and baseline_path(out).is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
