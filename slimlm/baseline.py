@@ -17,7 +17,6 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .errors import ConfigError
 from .presets import get_preset
 
 
@@ -58,8 +57,6 @@ def quantize_with_llama_cpp(original, out: str | Path, type: str, *, imatrix=Non
 
 def comparison_lines(ours: dict, theirs: dict, baseline: dict) -> list[str]:
     """Side-by-side lines for the CLI: llama.cpp's file, then slimlm / llama.cpp ratios (same tokens)."""
-    if not ours or not theirs:
-        raise ConfigError("internal: a comparison needs both evaluations")
     om, tm = ours["model"], theirs["model"]
     lines = [f"llama.cpp's own {baseline['type']} of the same model (llama_model_quantize"
              f"{', same importance matrix' if baseline['imatrix'] else ', no importance matrix'}): "
