@@ -1,0 +1,114 @@
+"""Training settings: `TrainConfig`, checked before any weight is loaded, and budgets ("30m", "500k").
+
+A budget is a duration (`90s`, `30m`, `1.5h`: wall time, preparation included) or a token count (`500k`,
+`2M`, `120000`: training tokens of the end-to-end stage). Lower-case `m` is minutes, upper-case `M` millions.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+
+TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "lora")
+PRECISIONS = ("auto", "fp32", "bf16")
+TEACHER_TARGETS = ("full", "topk")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|sec|m|min|h)$")
+_TOKENS = re.compile(r"^(\d+(?:\.\d+)?)(k|K|M|tok|tokens)?$")
+_UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1, "tok": 1, "tokens": 1, "k": 1e3, "K": 1e3,
+         "M": 1e6}
+
+
+def parse_budget(text: str, flag: str = "--heal") -> tuple[str, float]:
+    """'30m' -> ('seconds', 1800.0); '500k' -> ('tokens', 500000). A bad value names the flag and the forms."""
+    s = str(text).strip()
+    for kind, rx in (("seconds", _DURATION), ("tokens", _TOKENS)):
+        mt = rx.match(s)
+        if mt:
+            v = float(mt.group(1)) * _UNIT[mt.group(2)]
+            if not math.isfinite(v) or v <= 0:
+                break
+            return kind, (v if kind == "seconds" else float(int(v)))
+    raise ConfigError(f"{flag} {text!r}: give a duration (90s, 30m, 1.5h) or a token count (500k, 2M, 120000); "
+                      f"lower-case m is minutes, upper-case M millions of tokens")
+
+
+def describe_budget(text: str) -> str:
+    kind, v = parse_budget(text)
+    return f"{v / 60:g} minutes" if kind == "seconds" else f"{int(v):,} tokens"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """End-to-end distillation (and, next, QAT) settings. Defaults are what bench/heal.py measured best on
+    SmolLM2 on 2 CPU cores."""
+    budget: str = "500k"                    # duration or training tokens (parse_budget)
+    lr: float = 2e-4                        # AdamW peak learning rate
+    min_lr: float = 0.1                     # cosine floor, as a fraction of lr
+    warmup: float = 0.05                    # fraction of the steps with a linear warmup
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    temperature: float = 1.0                # forward KL at temperature T (Minitron: T=1 is best)
+    ce_weight: float = 0.0                  # + w * cross-entropy on the text
+    hidden_weight: float = 0.0              # + w * normalised MSE of the residual stream at the kept layers
+    seq_len: int = 256
+    micro_batch: int = 4                    # sequences per forward/backward (per process)
+    accum: int = 1                          # micro-batches per optimizer step (per process)
+    clip: float = 1.0                       # gradient-norm clipping (0: off)
+    train_params: str = "all-but-embeddings"  # all | all-but-embeddings | norms+pruned | lora
+    lora_rank: int = 16                     # with train_params="lora" (peft; merged before export)
+    precision: str = "auto"                 # auto: bf16 autocast where the device has fast bf16 matmuls
+    grad_checkpointing: bool = False
+    teacher_targets: str = "topk"           # topk: cached once per token; full: teacher run on the fly
+    topk: int = 256                         # logits kept per token in the cache (+ the remaining mass)
+    eval_every: int = 50                    # held-out KL every N steps; the best state is kept (0: only at the end)
+    checkpoint_every: int = 100             # steps between checkpoints (0: none)
+    seed: int = 0
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        parse_budget(self.budget)
+        for name, v, lo in (("lr", self.lr, 0.0), ("temperature", self.temperature, 0.0)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
+                raise ConfigError(f"--{name} must be a number > {lo}, got {v}")
+        for name, v in (("min-lr", self.min_lr), ("warmup", self.warmup)):
+            if not (math.isfinite(v) and 0 <= v <= 1):
+                raise ConfigError(f"--{name} must be between 0 and 1, got {v}")
+        for name, v in (("weight-decay", self.weight_decay), ("ce-weight", self.ce_weight),
+                        ("hidden-weight", self.hidden_weight), ("clip", self.clip)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"--{name} must be a number >= 0, got {v}")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name, v, lo in (("seq-len", self.seq_len, 8), ("micro-batch", self.micro_batch, 1),
+                            ("accum", self.accum, 1), ("lora", self.lora_rank, 1), ("topk", self.topk, 1),
+                            ("eval-every", self.eval_every, 0), ("checkpoint-every", self.checkpoint_every, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
+        for name, v, ok in (("train", self.train_params, TRAIN_PARAMS), ("precision", self.precision, PRECISIONS),
+                            ("teacher", self.teacher_targets, TEACHER_TARGETS)):
+            if v not in ok:
+                raise ConfigError(f"--{name} must be one of {', '.join(ok)}, got {v!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.hidden_weight > 0 and self.teacher_targets == "topk":
+            raise ConfigError("--hidden-weight needs the teacher's hidden states: use --teacher full (the top-k "
+                              "cache holds logits only)")
+
+    @property
+    def budget_kind(self) -> str:
+        return parse_budget(self.budget)[0]
+
+    @property
+    def budget_value(self) -> float:
+        return parse_budget(self.budget)[1]
+
+    def fingerprint(self) -> dict:
+        """The settings a checkpoint must share to be resumed (what does not change the result is left out)."""
+        d = asdict(self)
+        for k in ("checkpoint_every", "device"):
+            d.pop(k)
+        d["betas"] = list(d["betas"])
+        return d

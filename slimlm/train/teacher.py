@@ -1,0 +1,99 @@
+"""The teacher's side of distillation: its outputs on the fly, or once per training token into a cache.
+
+The cache holds, per position, the teacher's top-k token ids (int32) and log-probabilities (float32) at the
+distillation temperature, as two `.npy` files memory-mapped on disk (written to a temp name, fsynced,
+renamed). Its name carries the teacher's and the data's fingerprints, k and T, so a cache is only reused for
+the same teacher, tokens and settings. Its cost in quality against full logits is measured by bench/heal.py
+(Minitron saw truncating to <=100 logits hurt).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..io import fsync_path
+from .losses import topk_targets
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape and bytes (tied weights once)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+class OnTheFly:
+    """The teacher run with every batch: full logits and, when asked, its hidden states."""
+    kind = "full"
+
+    def __init__(self, teacher, device: torch.device, bf16: bool, hidden: bool = False):
+        self.module, self.device, self.bf16, self.hidden = teacher.module, device, bf16, hidden
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> dict:
+        with autocast(self.device, self.bf16):
+            out = self.module(input_ids=ids, use_cache=False, output_hidden_states=self.hidden)
+        return {"logits": out.logits.float(), "hidden": out.hidden_states if self.hidden else None}
+
+
+class TopKCache:
+    """Top-k log-probabilities of the teacher for every training row, memory-mapped from `folder`."""
+    kind = "topk"
+
+    def __init__(self, idx: np.ndarray, lt: np.ndarray, path: Path, seconds: float):
+        self.idx, self.lt, self.path, self.build_seconds = idx, lt, path, seconds
+
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> dict:
+        r = rows.numpy()
+        return {"idx": torch.from_numpy(np.ascontiguousarray(self.idx[r])).long(),
+                "lt": torch.from_numpy(np.ascontiguousarray(self.lt[r]))}
+
+    @classmethod
+    def build(cls, teacher, train: torch.Tensor, *, k: int, T: float, folder: Path, key: str,
+              device: torch.device, bf16: bool, batch: int = 4, progress: bool = True) -> TopKCache:
+        """Compute (or reuse) the cache for `train` (n, seq_len) under `folder`."""
+        import time
+        t0 = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(key.encode()).hexdigest()[:16]
+        pi, pl = folder / f"teacher-top{k}-{name}.idx.npy", folder / f"teacher-top{k}-{name}.logp.npy"
+        if not (pi.exists() and pl.exists()):
+            n, L = train.shape
+            idx = np.empty((n, L, k), dtype=np.int32)
+            lt = np.empty((n, L, k), dtype=np.float32)
+            bar = tqdm(total=n * L, desc="teacher top-k cache", unit="tok", unit_scale=True, disable=not progress,
+                       leave=False)
+            with torch.no_grad():
+                for a in range(0, n, batch):
+                    ids = train[a:a + batch].to(device)
+                    with autocast(device, bf16):
+                        logits = teacher.module(input_ids=ids, use_cache=False).logits
+                    i, v = topk_targets(logits, k, T)
+                    idx[a:a + batch], lt[a:a + batch] = i.int().cpu().numpy(), v.cpu().numpy()
+                    bar.update(ids.numel())
+            bar.close()
+            for p, arr in ((pi, idx), (pl, lt)):
+                tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+                with open(tmp, "wb") as f:
+                    np.save(f, arr, allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, p)
+            fsync_path(folder, directory=True)
+        idx = np.load(pi, mmap_mode="r", allow_pickle=False)
+        lt = np.load(pl, mmap_mode="r", allow_pickle=False)
+        if idx.shape != (*train.shape, k) or lt.shape != idx.shape:
+            raise ValueError(f"teacher cache {pi} has shape {idx.shape}, expected {(*train.shape, k)}")
+        return cls(idx, lt, pi, time.perf_counter() - t0)

@@ -1,0 +1,370 @@
+"""The one trainer: distil a student from a teacher on token rows, on a CPU, a GPU or several processes.
+
+Loss: forward KL on the logits at temperature T (against the full teacher distribution computed on the fly,
+or its cached top-k), optionally + CE on the text and + the residual-stream MSE at the kept layers. AdamW with
+linear warmup and a cosine decay, gradient clipping and accumulation, bf16 autocast where the device has fast
+bf16 matmuls (fp32 master weights), optional gradient checkpointing, and a choice of what trains (all, all but
+the embeddings, norms + pruned layers, LoRA through peft). Held-out KL every N steps keeps the best state.
+
+Speed on a CPU comes from not paying for what does not learn: the tied 49k x 576 embedding/LM head is frozen by
+default (no weight gradient, no AdamW state for 28M parameters), matmuls run in bf16, and the teacher's outputs
+are computed once per token into a cache instead of at every step. bench/heal.py measures each against a plain
+PyTorch loop in the same run.
+
+Reproducible: the data order is a function of (seed, epoch), so a run resumed from a checkpoint (weights,
+optimizer, step, best state, RNG) ends with the same weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, NumericsError
+from . import checkpoint
+from .config import TrainConfig
+from .dist import World, fast_bf16, init_world, resolve_device
+from .losses import ce, hidden_mse, kl_full, kl_topk
+from .teacher import OnTheFly, TopKCache, autocast, module_fingerprint
+
+
+# ------------------------------------------------------------------------------------------ what trains
+def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (its base model's `layers`)."""
+    return module.get_decoder().layers
+
+
+def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[int] | None) -> list[str]:
+    """Set requires_grad by `mode` (not lora: see _lora); returns the names of the trainable parameters."""
+    frozen = {id(module.get_input_embeddings().weight)}
+    out_emb = module.get_output_embeddings()
+    if out_emb is not None:
+        frozen.add(id(out_emb.weight))
+    train_ids: set[int] | None = None
+    if mode == "norms+pruned":
+        layers = decoder_layers(module)
+        changed = range(len(layers)) if changed_layers is None else changed_layers
+        train_ids = {id(p) for j in changed for p in layers[j].parameters()}
+        train_ids |= {id(p) for n, p in module.named_parameters() if "norm" in n.rsplit(".", 2)[-2].lower()}
+    names = []
+    for n, p in module.named_parameters():
+        on = mode == "all" or (id(p) not in frozen and (train_ids is None or id(p) in train_ids))
+        p.requires_grad_(on)
+        if on:
+            names.append(n)
+    return names
+
+
+def _lora(module: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """peft LoRA adapters on every linear inside the decoder blocks (merged back by `_merge`)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from ..errors import MissingDependencyError
+        raise MissingDependencyError("--train lora needs peft: pip install peft") from None
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(module).named_modules()
+                      if isinstance(m, torch.nn.Linear)})
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(module, cfg)
+
+
+def _merge(train_module: torch.nn.Module, lora: bool) -> torch.nn.Module:
+    return train_module.merge_and_unload() if lora else train_module
+
+
+# ------------------------------------------------------------------------------------------ schedule, data
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over cfg.warmup of the steps, then cosine from lr down to min_lr * lr."""
+    w = int(round(cfg.warmup * total))
+    if step < w:
+        return cfg.lr * (step + 1) / w
+    frac = (step - w) / max(1, total - w - 1)
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+class RowOrder:
+    """Global batch b -> row indices: a fresh permutation per epoch, a function of (seed, epoch) only."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perm = n, seed, {}
+
+    def perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perm[epoch]
+
+    def rows(self, step: int, size: int) -> torch.Tensor:
+        pos = range(step * size, (step + 1) * size)
+        return torch.stack([self.perm(p // self.n)[p % self.n] for p in pos])
+
+
+# ------------------------------------------------------------------------------------------ the run
+def fingerprint(config: TrainConfig, data, world: World, **extra) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {"train": config.fingerprint(), "data": data.fingerprint,
+            "global_batch": config.micro_batch * config.accum * world.size, **extra}
+
+
+class _Forward(torch.nn.Module):
+    """The student's forward as one module, so DDP can wrap it."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids: torch.Tensor, hidden: bool):
+        out = self.module(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        return out.logits, out.hidden_states
+
+
+class Trainer:
+    def __init__(self, student, teacher, data, config: TrainConfig, *, folder: Path | None,
+                 layer_map: list[int] | None = None, changed_layers: list[int] | None = None,
+                 progress: bool = True):
+        self.cfg, self.data, self.folder, self.progress = config, data, folder, progress
+        self.student, self.teacher = student, teacher
+        self.device = resolve_device(config.device)
+        self.world = init_world(self.device)
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and fast_bf16(self.device))
+        if data.train.shape[1] != config.seq_len:
+            raise ConfigError(f"training rows hold {data.train.shape[1]} tokens, the config says --seq-len "
+                              f"{config.seq_len}")
+        self.hidden = config.hidden_weight > 0
+        if self.hidden:
+            if layer_map is None:
+                raise ConfigError("--hidden-weight needs the student's layer map (which teacher layer each kept)")
+            if student.config.get("hidden_size") != teacher.config.get("hidden_size"):
+                raise ConfigError("--hidden-weight compares residual streams: the student's hidden size differs "
+                                  "from the teacher's")
+        self.layer_map = layer_map
+        self.changed_layers = changed_layers
+        self.global_batch = config.micro_batch * config.accum * self.world.size
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def _targets(self):
+        cfg = self.cfg
+        if cfg.teacher_targets == "full":
+            return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
+        if self.folder is None:
+            raise ConfigError("the top-k teacher cache needs a work folder")
+        key = f"{module_fingerprint(self.teacher.module)}|{self.data.fingerprint}|{cfg.topk}|{cfg.temperature}|" \
+              f"{self.bf16}"
+        if self.world.main:
+            cache = TopKCache.build(self.teacher, self.data.train, k=cfg.topk, T=cfg.temperature,
+                                    folder=self.folder, key=key, device=self.device, bf16=self.bf16,
+                                    progress=self.progress)
+        self.world.barrier()
+        if not self.world.main:
+            cache = TopKCache.build(self.teacher, self.data.train, k=cfg.topk, T=cfg.temperature,
+                                    folder=self.folder, key=key, device=self.device, bf16=self.bf16, progress=False)
+        return cache
+
+    def _loss(self, fwd, targets, rows: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        ids = self.data.train[rows].to(self.device)
+        tgt = targets(rows, ids)
+        with autocast(self.device, self.bf16):
+            logits, hs = fwd(ids, self.hidden)
+        if "logits" in tgt:
+            loss = kl_full(logits, tgt["logits"], cfg.temperature)
+        else:
+            loss = kl_topk(logits, tgt["idx"].to(self.device), tgt["lt"].to(self.device), cfg.temperature)
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * ce(logits, ids)
+        if self.hidden:
+            n = len(self.layer_map)
+            loss = loss + cfg.hidden_weight * hidden_mse([hs[j + 1] for j in range(n - 1)],
+                                                         [tgt["hidden"][self.layer_map[j + 1]] for j in range(n - 1)])
+        return loss
+
+    @torch.no_grad()
+    def heldout_kl(self, module: torch.nn.Module) -> float:
+        """KL(teacher || student) at T=1 on the held-out rows (the full teacher distribution)."""
+        was = module.training
+        module.eval()
+        tot, n = 0.0, 0
+        for a in range(0, self.data.heldout.shape[0], self.cfg.micro_batch):
+            ids = self.data.heldout[a:a + self.cfg.micro_batch].to(self.device)
+            with autocast(self.device, self.bf16):
+                s = module(input_ids=ids, use_cache=False).logits
+                t = self.teacher.module(input_ids=ids, use_cache=False).logits
+            tot += float(kl_full(s, t)) * ids.shape[0]
+            n += ids.shape[0]
+        module.train(was)
+        return tot / n
+
+    def _total_steps(self, fwd, targets, order: RowOrder, deadline: float | None) -> int:
+        kind, v = self.cfg.budget_kind, self.cfg.budget_value
+        per_step = self.global_batch * self.cfg.seq_len
+        if kind == "tokens":
+            return max(1, math.ceil(v / per_step))
+        if deadline is None:
+            deadline = time.monotonic() + v
+        rows = order.rows(0, self.global_batch)[:self.cfg.micro_batch]
+        times = []
+        for _ in range(2):                       # the first pass pays one-time costs; the second is timed
+            t0 = time.perf_counter()
+            self._loss(fwd, targets, rows).backward()
+            times.append(time.perf_counter() - t0)
+        for p in fwd.parameters():
+            p.grad = None
+        step_s = times[-1] * self.cfg.accum * 1.05
+        steps = int((deadline - time.monotonic()) / step_s)
+        steps = int(self.world.mean(float(steps), self.device))
+        if steps < 1:
+            raise ConfigError(f"--heal {self.cfg.budget}: no time is left for training after the preparation "
+                              f"(one step takes {step_s:.1f} s); give a longer budget")
+        return steps
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self, *, fingerprint: dict, resume: dict | None = None, deadline: float | None = None) -> dict:
+        cfg, world, dev = self.cfg, self.world, self.device
+        t_start = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        module = self.student.module.to(dev)
+        self.teacher.module.to(dev)
+        lora = cfg.train_params == "lora"
+        if lora:
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module = _lora(module, cfg.lora_rank)
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+        else:
+            names = select_parameters(module, cfg.train_params, self.changed_layers)
+        if cfg.grad_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.train()
+        params = dict(module.named_parameters())
+        trainable = [params[n] for n in names]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        fwd = _Forward(module)
+        if world.size > 1:
+            fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
+        targets = self._targets()
+        order = RowOrder(self.data.train.shape[0], cfg.seed)
+        state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
+                 "train_seconds": 0.0}
+        best = None
+        if resume is not None:
+            module.load_state_dict(resume["params"], strict=True)
+            opt.load_state_dict(resume["optim"])
+            state = resume["meta"]["state"]
+            best = {n: t.to(dev) for n, t in resume["best"].items()}
+            torch.set_rng_state(resume["rng"]["cpu"])
+        if state["total_steps"] is None:
+            state["total_steps"] = self._total_steps(fwd, targets, order, deadline)
+        if not state["evals"]:
+            kl = self.heldout_kl(module)
+            state["evals"].append([0, kl])
+            state["best"] = [0, kl]
+            best = {n: params[n].detach().clone() for n in names}
+        total = state["total_steps"]
+        bar = tqdm(total=total, initial=state["step"], desc="distillation", unit="step",
+                   disable=not (self.progress and world.main), leave=False)
+        stopped = "budget"
+        t_loop = time.perf_counter()
+        tokens_at_loop = state["tokens"]
+        while state["step"] < total:
+            step = state["step"]
+            if deadline is not None and time.monotonic() > deadline:
+                stopped = "deadline"
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            rows = order.rows(step, self.global_batch)
+            local = rows[world.rank * cfg.micro_batch * cfg.accum:(world.rank + 1) * cfg.micro_batch * cfg.accum]
+            lsum = 0.0
+            for a in range(cfg.accum):
+                mb = local[a * cfg.micro_batch:(a + 1) * cfg.micro_batch]
+                sync = a == cfg.accum - 1 or world.size == 1
+                ctx = fwd.no_sync() if (world.size > 1 and not sync) else _nullcontext()
+                with ctx:
+                    loss = self._loss(fwd, targets, mb) / cfg.accum
+                    loss.backward()
+                lsum += float(loss.detach())
+            loss_v = world.mean(lsum, dev)
+            gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+            if not (math.isfinite(loss_v) and world.all_true(bool(torch.isfinite(gnorm)), dev)):
+                kept = f"; the last good checkpoint {self.folder / checkpoint.NAME} is kept" if (
+                    self.folder is not None and (self.folder / checkpoint.NAME).exists()) else ""
+                raise NumericsError(f"training loss {loss_v} / gradient norm {float(gnorm)} at step {step + 1} is "
+                                    f"not finite: stopped, nothing written{kept}; try a lower --lr")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            state["tokens"] += self.global_batch * cfg.seq_len
+            state["curve"].append([step + 1, state["tokens"], loss_v, opt.param_groups[0]["lr"]])
+            bar.update(1)
+            rate = (state["tokens"] - tokens_at_loop) / max(1e-9, time.perf_counter() - t_loop)
+            bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{rate:.0f}")
+            last = state["step"] == total
+            if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or last:
+                kl = self.heldout_kl(module)
+                state["evals"].append([state["step"], kl])
+                if kl < state["best"][1]:
+                    state["best"] = [state["step"], kl]
+                    best = {n: params[n].detach().clone() for n in names}
+            if self.folder is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 \
+                    and not last:
+                if world.main:
+                    checkpoint.save(self.folder, fingerprint=fingerprint, state=state,
+                                    params=module.state_dict(), best=best, optim=opt.state_dict())
+                world.barrier()
+        bar.close()
+        state["train_seconds"] += time.perf_counter() - t_loop
+        if state["evals"][-1][0] != state["step"]:          # stopped by the deadline between evaluations
+            kl = self.heldout_kl(module)
+            state["evals"].append([state["step"], kl])
+            if kl < state["best"][1]:
+                state["best"] = [state["step"], kl]
+        return self._finish(module, lora, state, best, stopped, t_start, targets, params, names)
+
+    def _finish(self, module, lora, state, best, stopped, t_start, targets, params, names) -> dict:
+        best_step, best_kl = state["best"]
+        final_step = state["step"]
+        if best_step != final_step:     # an earlier held-out evaluation (or the start) beat the final state
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(best[n])
+        n_trainable = sum(params[n].numel() for n in names)
+        module.eval()
+        if self.cfg.grad_checkpointing:
+            module.gradient_checkpointing_disable()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.student.module = _merge(module, lora).to("cpu")
+        self.teacher.module.to("cpu")
+        tr = state["train_seconds"]
+        return {"steps": final_step, "total_steps": state["total_steps"], "tokens": state["tokens"],
+                "seconds": time.perf_counter() - t_start, "train_seconds": tr,
+                "tokens_per_s": state["tokens"] / tr if tr else None, "curve": state["curve"],
+                "evals": state["evals"], "initial_heldout_kl": state["evals"][0][1], "best_step": best_step,
+                "best_heldout_kl": best_kl, "stopped": stopped, "precision": "bf16" if self.bf16 else "fp32",
+                "device": str(self.device), "world_size": self.world.size, "trainable_params": n_trainable,
+                "teacher_targets": {"kind": targets.kind, "k": self.cfg.topk if targets.kind == "topk" else None,
+                                    "build_seconds": getattr(targets, "build_seconds", 0.0)}}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(student, teacher, data, config: TrainConfig, *, folder: Path | None = None, resume: bool = False,
+          layer_map: list[int] | None = None, changed_layers: list[int] | None = None,
+          deadline: float | None = None, progress: bool = True, **extra) -> dict:
+    """Distil `student` (a slimlm Model, trained in place) from `teacher` on `data` (train.data.TrainData).
+    `folder`: checkpoints and the teacher cache; `resume`: continue from its checkpoint (refused when any
+    setting, the data, the global batch or `extra` differs). Returns the run's record."""
+    t = Trainer(student, teacher, data, config, folder=folder, layer_map=layer_map, changed_layers=changed_layers,
+                progress=progress)
+    fp = fingerprint(config, data, t.world, **extra)
+    blob = checkpoint.load(folder, fp) if resume else None
+    return t.run(fingerprint=fp, resume=blob, deadline=deadline)

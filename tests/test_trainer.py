@@ -1,0 +1,163 @@
+"""The trainer (slimlm/train): losses against closed forms, the schedule, what trains, the best state, NaN stop,
+checkpoints that resume to the same weights after kill -9, refusal of a changed setting, and 2 processes on
+gloo following the 1-process loss curve."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimlm.errors import ConfigError, NumericsError
+from slimlm.train import checkpoint
+from slimlm.train.config import TrainConfig, parse_budget
+from slimlm.train.losses import kl_full, kl_topk, topk_targets
+from slimlm.train.trainer import RowOrder, lr_at
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def test_parse_budget_forms_and_errors():
+    assert parse_budget("30m") == ("seconds", 1800.0)
+    assert parse_budget("1.5h") == ("seconds", 5400.0)
+    assert parse_budget("90s") == ("seconds", 90.0)
+    assert parse_budget("500k") == ("tokens", 500000.0)
+    assert parse_budget("2M") == ("tokens", 2000000.0)
+    assert parse_budget("12000") == ("tokens", 12000.0)
+    for bad in ("", "0", "-5m", "30x", "nanm", "inf", "m"):
+        with pytest.raises(ConfigError, match="--heal"):
+            parse_budget(bad)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=0), dict(lr=float("nan")), dict(warmup=2), dict(micro_batch=0),
+                                dict(train_params="some"), dict(precision="fp8"), dict(device="tpu"),
+                                dict(teacher_targets="topk", hidden_weight=1.0), dict(topk=0), dict(budget="1y")])
+def test_config_refuses_bad_values(kw):
+    with pytest.raises(ConfigError):
+        TrainConfig(**kw)
+
+
+def test_kl_topk_equals_full_kl_when_k_is_the_vocabulary_and_bounds_it_below():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 50, generator=g) * 3, torch.randn(3, 5, 50, generator=g) * 3
+    for T in (1.0, 2.0):
+        full = kl_full(s, t, T)
+        i, v = topk_targets(t, 50, T)
+        assert torch.allclose(kl_topk(s, i, v, T), full, rtol=1e-4, atol=1e-6)
+        i8, v8 = topk_targets(t, 8, T)
+        part = kl_topk(s, i8, v8, T)       # lumping outcomes together can only lose information
+        assert 0 <= part <= full + 1e-6
+    assert kl_full(t, t) < 1e-6
+    # closed form: two outcomes
+    p, q = torch.tensor([[0.7, 0.3]]).log(), torch.tensor([[0.4, 0.6]]).log()
+    want = 0.7 * torch.log(torch.tensor(0.7 / 0.4)) + 0.3 * torch.log(torch.tensor(0.3 / 0.6))
+    assert abs(float(kl_full(q, p)) - float(want)) < 1e-6
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, warmup=0.1, min_lr=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4)
+
+
+def test_row_order_is_a_permutation_per_epoch_and_a_function_of_seed():
+    o = RowOrder(10, 3)
+    rows = torch.cat([o.rows(s, 5) for s in range(4)])           # two epochs
+    assert sorted(rows[:10].tolist()) == list(range(10)) and sorted(rows[10:].tolist()) == list(range(10))
+    assert rows[:10].tolist() != rows[10:].tolist()
+    assert torch.equal(RowOrder(10, 3).rows(3, 5), o.rows(3, 5))
+    assert not torch.equal(RowOrder(10, 4).rows(0, 10), RowOrder(10, 3).rows(0, 10))
+
+
+def _run(src, calib, out, *kv, wait=True, env=None):
+    cmd = [sys.executable, str(WORKER), str(src), str(calib), str(out), *kv]
+    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if wait:
+        o, e = p.communicate(timeout=300)
+        assert p.returncode == 0, e.decode()[-3000:]
+    return p
+
+
+SETTINGS = ("budget=3072", "seq_len=32", "micro_batch=4", "lr=3e-3", "eval_every=4", "checkpoint_every=3",
+            "teacher_targets=full")
+
+
+def test_kill_9_then_resume_gives_the_same_weights_and_a_changed_setting_is_refused(src, calib, tmp_path):
+    ref = tmp_path / "ref"
+    _run(src, calib, ref, *SETTINGS)
+    res = json.loads((ref / "result.json").read_text())
+    assert res["steps"] == 24 and res["evals"][-1][1] < res["evals"][0][1]   # it trained
+    run = tmp_path / "killed"
+    p = _run(src, calib, run, *SETTINGS, wait=False)
+    ck = run / "work" / checkpoint.NAME
+    t0 = time.time()
+    while time.time() - t0 < 240:                  # kill -9 once a mid-run checkpoint exists
+        if ck.exists():
+            step = json.loads(torch.load(ck, weights_only=True)["meta"])["state"]["step"]
+            if step >= 6:
+                break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ck.exists() and not (run / "student.safetensors").exists()
+    bad = _run(src, calib, run, *SETTINGS[:2], "micro_batch=4", "lr=1e-3", *SETTINGS[4:], "resume=1", wait=False)
+    _, err = bad.communicate(timeout=300)
+    assert bad.returncode != 0 and b"lr: checkpoint 0.003, now 0.001" in err
+    _run(src, calib, run, *SETTINGS, "resume=1")
+    a, b = load_file(ref / "student.safetensors"), load_file(run / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((run / "result.json").read_text())["curve"] == res["curve"]
+
+
+def test_two_gloo_processes_follow_the_one_process_loss_curve(src, calib, tmp_path):
+    one = tmp_path / "one"
+    _run(src, calib, one, "budget=4096", "seq_len=32", "micro_batch=2", "accum=2", "eval_every=0",
+         "checkpoint_every=0", "teacher_targets=full", "lr=3e-3")
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(WORKER), str(src), str(calib), str(two), "budget=4096", "seq_len=32", "micro_batch=2", "accum=1",
+           "eval_every=0", "checkpoint_every=0", "teacher_targets=full", "lr=3e-3"]
+    r = subprocess.run(cmd, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    c1 = json.loads((one / "result.json").read_text())
+    c2 = json.loads((two / "result.json").read_text())
+    assert c2["world_size"] == 2 and c1["world_size"] == 1
+    l1, l2 = [c[2] for c in c1["curve"]], [c[2] for c in c2["curve"]]
+    assert len(l1) == len(l2) == 32
+    assert l1[-1] < l1[0] * 0.9                          # the curve moves, so agreeing means something
+    assert max(abs(a - b) / a for a, b in zip(l1, l2, strict=True)) < 1e-3
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(src, calib, tmp_path, monkeypatch):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    calls = {"n": 0}
+    real = trainer.kl_full
+
+    def poisoned(s, t, T=1.0):
+        calls["n"] += 1
+        out = real(s, t, T)
+        return out * float("nan") if calls["n"] == 1 + 7 else out   # held-out eval once, then step 7 NaN
+    monkeypatch.setattr(trainer, "kl_full", poisoned)
+    before = {k: v.clone() for k, v in student.module.state_dict().items()}
+    cfg = TrainConfig(budget="3072", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=3,
+                      teacher_targets="full", lr=3e-3)
+    with pytest.raises(NumericsError, match="at step 7 is not finite.*last good checkpoint"):
+        trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
+    ck = torch.load(tmp_path / checkpoint.NAME, weights_only=True)
+    assert json.loads(ck["meta"])["state"]["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ck["params"].values())
+    assert all(torch.isfinite(v).all() for v in student.module.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in student.module.state_dict().items())
