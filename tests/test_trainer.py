@@ -161,3 +161,30 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(src
     assert all(torch.isfinite(v).all() for v in ck["params"].values())
     assert all(torch.isfinite(v).all() for v in student.module.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in student.module.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["lora", "norms+pruned", "all-but-embeddings"])
+def test_what_trains_changes_only_those_weights_and_lora_merges_back(src, calib, tmp_path, mode):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train.trainer import train
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    before = {k: v.clone() for k, v in student.module.state_dict().items()}
+    cfg = TrainConfig(budget="1024", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-2,
+                      teacher_targets="full", train_params=mode, lora_rank=4)
+    r = train(student, teacher, data, cfg, folder=tmp_path, changed_layers=[1], progress=False)
+    after = student.module.state_dict()
+    assert after.keys() == before.keys()            # LoRA merged: the same tensors as before, no adapters
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
+    if mode == "lora":
+        assert changed and all(k.endswith("proj.weight") for k in changed)
+        assert r["trainable_params"] < sum(v.numel() for k, v in before.items() if k.endswith("proj.weight")) / 4
+    elif mode == "norms+pruned":
+        assert any(k.startswith("model.layers.1.") and "proj" in k for k in changed)
+        assert not any(k.startswith("model.layers.0.") and "proj" in k for k in changed)
+        assert any("layernorm" in k for k in changed)
+    else:
+        assert any(k.startswith("model.layers.0.") for k in changed) and "model.norm.weight" in changed
+    assert r["best_heldout_kl"] <= r["initial_heldout_kl"]
