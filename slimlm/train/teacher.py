@@ -49,35 +49,39 @@ class OnTheFly:
 
 
 class TopKCache:
-    """Top-k log-probabilities of the teacher for every training row, memory-mapped from `folder`."""
+    """Top-k log-probabilities of the teacher for the training rows a run uses, memory-mapped from `folder`.
+    Row r of the data lives at slot `slot[r]` of the arrays (rows the run never reaches are not computed)."""
     kind = "topk"
 
-    def __init__(self, idx: np.ndarray, lt: np.ndarray, path: Path, seconds: float):
-        self.idx, self.lt, self.path, self.build_seconds = idx, lt, path, seconds
+    def __init__(self, idx: np.ndarray, lt: np.ndarray, slot: np.ndarray, path: Path, seconds: float):
+        self.idx, self.lt, self.slot, self.path, self.build_seconds = idx, lt, slot, path, seconds
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> dict:
-        r = rows.numpy()
+        r = self.slot[rows.numpy()]
+        assert (r >= 0).all(), "a row outside the cached set"
         return {"idx": torch.from_numpy(np.ascontiguousarray(self.idx[r])).long(),
-                "lt": torch.from_numpy(np.ascontiguousarray(self.lt[r]))}
+                "lt": torch.from_numpy(np.ascontiguousarray(self.lt[r]).astype(np.float32))}
 
     @classmethod
-    def build(cls, teacher, train: torch.Tensor, *, k: int, T: float, folder: Path, key: str,
+    def build(cls, teacher, train: torch.Tensor, rows: torch.Tensor, *, k: int, T: float, folder: Path, key: str,
               device: torch.device, bf16: bool, batch: int = 4, progress: bool = True) -> TopKCache:
-        """Compute (or reuse) the cache for `train` (n, seq_len) under `folder`."""
+        """Compute (or reuse) the cache of `rows` (sorted unique indices into train (n, seq_len)) under `folder`:
+        token ids int32, log-probabilities float16 (their rounding is below the loss's noise: bench/heal.py)."""
         import time
         t0 = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(key.encode()).hexdigest()[:16]
-        pi, pl = folder / f"teacher-top{k}-{name}.idx.npy", folder / f"teacher-top{k}-{name}.logp.npy"
+        rows = rows.numpy()
+        h = hashlib.sha256(f"{key}|{rows.tobytes().hex()}".encode()).hexdigest()[:16]
+        pi, pl = folder / f"teacher-top{k}-{h}.idx.npy", folder / f"teacher-top{k}-{h}.logp.npy"
+        L = train.shape[1]
         if not (pi.exists() and pl.exists()):
-            n, L = train.shape
-            idx = np.empty((n, L, k), dtype=np.int32)
-            lt = np.empty((n, L, k), dtype=np.float32)
-            bar = tqdm(total=n * L, desc="teacher top-k cache", unit="tok", unit_scale=True, disable=not progress,
-                       leave=False)
+            idx = np.empty((len(rows), L, k), dtype=np.int32)
+            lt = np.empty((len(rows), L, k), dtype=np.float16)
+            bar = tqdm(total=len(rows) * L, desc="teacher top-k cache", unit="tok", unit_scale=True,
+                       disable=not progress, leave=False)
             with torch.no_grad():
-                for a in range(0, n, batch):
-                    ids = train[a:a + batch].to(device)
+                for a in range(0, len(rows), batch):
+                    ids = train[torch.from_numpy(rows[a:a + batch])].to(device)
                     with autocast(device, bf16):
                         logits = teacher.module(input_ids=ids, use_cache=False).logits
                     i, v = topk_targets(logits, k, T)
@@ -94,6 +98,8 @@ class TopKCache:
             fsync_path(folder, directory=True)
         idx = np.load(pi, mmap_mode="r", allow_pickle=False)
         lt = np.load(pl, mmap_mode="r", allow_pickle=False)
-        if idx.shape != (*train.shape, k) or lt.shape != idx.shape:
-            raise ValueError(f"teacher cache {pi} has shape {idx.shape}, expected {(*train.shape, k)}")
-        return cls(idx, lt, pi, time.perf_counter() - t0)
+        if idx.shape != (len(rows), L, k) or lt.shape != idx.shape:
+            raise ValueError(f"teacher cache {pi} has shape {idx.shape}, expected {(len(rows), L, k)}")
+        slot = np.full(train.shape[0], -1, dtype=np.int64)
+        slot[rows] = np.arange(len(rows))
+        return cls(idx, lt, slot, pi, time.perf_counter() - t0)

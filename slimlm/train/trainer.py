@@ -145,21 +145,25 @@ class Trainer:
         self.global_batch = config.micro_batch * config.accum * self.world.size
 
     # -- pieces ---------------------------------------------------------------------------------------
-    def _targets(self):
+    def _targets(self, order: RowOrder, total: int):
+        """The teacher's side; the top-k cache covers exactly the rows of steps 0..total-1."""
         cfg = self.cfg
         if cfg.teacher_targets == "full":
             return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
+        n = self.data.train.shape[0]
+        rows = torch.arange(n) if total * self.global_batch >= n else \
+            torch.unique(torch.cat([order.rows(s, self.global_batch) for s in range(total)]))
         if self.folder is None:
             raise ConfigError("the top-k teacher cache needs a work folder")
         key = f"{module_fingerprint(self.teacher.module)}|{self.data.fingerprint}|{cfg.topk}|{cfg.temperature}|" \
               f"{self.bf16}"
         if self.world.main:
-            cache = TopKCache.build(self.teacher, self.data.train, k=cfg.topk, T=cfg.temperature,
+            cache = TopKCache.build(self.teacher, self.data.train, rows, k=cfg.topk, T=cfg.temperature,
                                     folder=self.folder, key=key, device=self.device, bf16=self.bf16,
                                     progress=self.progress)
         self.world.barrier()
         if not self.world.main:
-            cache = TopKCache.build(self.teacher, self.data.train, k=cfg.topk, T=cfg.temperature,
+            cache = TopKCache.build(self.teacher, self.data.train, rows, k=cfg.topk, T=cfg.temperature,
                                     folder=self.folder, key=key, device=self.device, bf16=self.bf16, progress=False)
         return cache
 
@@ -197,7 +201,9 @@ class Trainer:
         module.train(was)
         return tot / n
 
-    def _total_steps(self, fwd, targets, order: RowOrder, deadline: float | None) -> int:
+    def _total_steps(self, fwd, order: RowOrder, deadline: float | None) -> int:
+        """Steps of the run: from the token budget, or from the time left and a timed step with the teacher on
+        the fly (what a cached teacher costs per token once, when each row is seen once)."""
         kind, v = self.cfg.budget_kind, self.cfg.budget_value
         per_step = self.global_batch * self.cfg.seq_len
         if kind == "tokens":
@@ -205,6 +211,7 @@ class Trainer:
         if deadline is None:
             deadline = time.monotonic() + v
         rows = order.rows(0, self.global_batch)[:self.cfg.micro_batch]
+        targets = OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
         times = []
         for _ in range(2):                       # the first pass pays one-time costs; the second is timed
             t0 = time.perf_counter()
@@ -244,7 +251,6 @@ class Trainer:
         fwd = _Forward(module)
         if world.size > 1:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
-        targets = self._targets()
         order = RowOrder(self.data.train.shape[0], cfg.seed)
         state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
                  "train_seconds": 0.0}
@@ -256,7 +262,8 @@ class Trainer:
             best = {n: t.to(dev) for n, t in resume["best"].items()}
             torch.set_rng_state(resume["rng"]["cpu"])
         if state["total_steps"] is None:
-            state["total_steps"] = self._total_steps(fwd, targets, order, deadline)
+            state["total_steps"] = self._total_steps(fwd, order, deadline)
+        targets = self._targets(order, state["total_steps"])
         if not state["evals"]:
             kl = self.heldout_kl(module)
             state["evals"].append([0, kl])
