@@ -89,17 +89,20 @@ def planned_config(cfg: dict, plan: Plan) -> dict:
                intermediate_size=d["ffn"] if plan.ffn is None else plan.ffn,
                num_attention_heads=n_kv * q_per, num_key_value_heads=n_kv, head_dim=d["head_dim"],
                num_hidden_layers=d["n_layer"] - len(plan.drop_layers))
+    ffn_per_layer = plan.ffn_per_layer
+    if ffn_per_layer is None and plan.ffn is None and cfg.get(PER_LAYER):   # per-layer widths stay with their layers
+        ffn_per_layer = [layer_dims(cfg, i)[0] for i in range(d["n_layer"]) if i not in set(plan.drop_layers)]
     out.pop(PER_LAYER, None)
     if isinstance(cfg.get("layer_types"), list):          # per-layer attention kinds: those of the kept layers
         out["layer_types"] = [t for i, t in enumerate(cfg["layer_types"]) if i not in set(plan.drop_layers)]
-    if plan.ffn_per_layer is not None:
-        if len(plan.ffn_per_layer) != out["num_hidden_layers"]:
-            raise ConfigError(f"{len(plan.ffn_per_layer)} per-layer widths for {out['num_hidden_layers']} layers")
-        if len(set(plan.ffn_per_layer)) == 1:
-            out["intermediate_size"] = plan.ffn_per_layer[0]
+    if ffn_per_layer is not None:
+        if len(ffn_per_layer) != out["num_hidden_layers"]:
+            raise ConfigError(f"{len(ffn_per_layer)} per-layer widths for {out['num_hidden_layers']} layers")
+        if len(set(ffn_per_layer)) == 1:
+            out["intermediate_size"] = ffn_per_layer[0]
         else:
-            out["intermediate_size"] = max(plan.ffn_per_layer)
-            out[PER_LAYER] = {"intermediate_size": [int(v) for v in plan.ffn_per_layer]}
+            out["intermediate_size"] = max(ffn_per_layer)
+            out[PER_LAYER] = {"intermediate_size": [int(v) for v in ffn_per_layer]}
     return out
 
 
@@ -455,12 +458,17 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
     if any(not 0 <= i < d["n_layer"] for i in plan.drop_layers) or len(set(plan.drop_layers)) >= d["n_layer"]:
         raise ConfigError(f"layers to drop {plan.drop_layers} must be distinct, in 0..{d['n_layer'] - 1}, "
                           f"and leave one")
-    if model.config.get(PER_LAYER):
-        raise ConfigError("this model already has per-layer widths; prune the original instead")
-    if plan.ffn_per_layer is not None and not all(1 <= f <= d["ffn"] for f in plan.ffn_per_layer):
-        raise ConfigError(f"per-layer ffn widths must be between 1 and {d['ffn']}")
+    kept = [i for i in range(d["n_layer"]) if i not in set(plan.drop_layers)]
+    now = [layer_dims(model.config, i)[0] for i in kept]        # the kept layers' MLP widths today
+    per = model.config.get(PER_LAYER) or {}
+    if per and (set(per) != {"intermediate_size"} or plan.ffn is not None or plan.hidden is not None
+                or n_kv != d["n_kv"] or q_per != q_per0):
+        raise ConfigError("this model already has per-layer widths: it can lose layers and MLP neurons per layer "
+                          "(iterative pruning), nothing else; prune the original instead")
+    if plan.ffn_per_layer is not None and not all(1 <= f <= w for f, w in zip(plan.ffn_per_layer, now, strict=True)):
+        raise ConfigError(f"per-layer ffn widths must be between 1 and each layer's width today ({now})")
     width = plan.ffn not in (None, d["ffn"]) or n_kv != d["n_kv"] or q_per != q_per0 or \
-        (plan.ffn_per_layer is not None and any(f != d["ffn"] for f in plan.ffn_per_layer))
+        (plan.ffn_per_layer is not None and plan.ffn_per_layer != now)
     if chunks is None and (plan.hidden not in (None, d["hidden"]) or (width and importance != "magnitude")):
         raise ConfigError("this plan needs calibration text (chunks)")
     out = copy.copy(model)
@@ -536,7 +544,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     for li, (layer, ffn) in enumerate(zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
                                                disable=not progress, leave=False), ffns, strict=True)):
         res: dict = {}
-        do_mlp = ffn != d["ffn"]
+        do_mlp = ffn != layer.mlp.down_proj.weight.shape[1]
 
         def attn(mod, inputs, res=res, li=li):
             W = mod.weight.data
