@@ -96,7 +96,7 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
     stages.check_layer_map(layer_map, teacher.config["num_hidden_layers"], student.config["num_hidden_layers"])
     student_fp = module_fingerprint(student.module)
     extra = {"heal": config.fingerprint(), "student": student_fp, "teacher": module_fingerprint(teacher.module),
-             "layer_map": layer_map}
+             "student_layers": layer_map}
     say("training data ...")
     data = load_train_data(student, list(config.data) or None, seq_len=cfg.seq_len, n_heldout=config.n_heldout,
                            generate_tokens=config.generate_tokens, teacher=teacher, eval_text=eval_text,
@@ -123,7 +123,7 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
         changed = [j for j, c in enumerate(stages.changed_layers(teacher, student, layer_map)) if c]
         t = time.perf_counter()
         r = train(student, teacher, data, cfg, folder=folder, resume=resume, layer_map=layer_map,
-                  changed_layers=changed, deadline=deadline, progress=progress, **extra)
+                  changed_layers=changed, deadline=deadline, progress=progress, extra=extra)
         r["seconds"] = time.perf_counter() - t
         _stage(rec, "end-to-end distillation", r, student, teacher, data, say)
     rec["seconds"] = time.monotonic() - t0

@@ -366,12 +366,13 @@ class _nullcontext:
 
 def train(student, teacher, data, config: TrainConfig, *, folder: Path | None = None, resume: bool = False,
           layer_map: list[int] | None = None, changed_layers: list[int] | None = None,
-          deadline: float | None = None, progress: bool = True, **extra) -> dict:
+          deadline: float | None = None, progress: bool = True, extra: dict | None = None) -> dict:
     """Distil `student` (a slimlm Model, trained in place) from `teacher` on `data` (train.data.TrainData).
     `folder`: checkpoints and the teacher cache; `resume`: continue from its checkpoint (refused when any
-    setting, the data, the global batch or `extra` differs). Returns the run's record."""
+    setting, the data, the global batch or `extra` — what the caller adds to the fingerprint — differs).
+    Returns the run's record."""
     t = Trainer(student, teacher, data, config, folder=folder, layer_map=layer_map, changed_layers=changed_layers,
                 progress=progress)
-    fp = fingerprint(config, data, t.world, **extra)
+    fp = fingerprint(config, data, t.world, **(extra or {}))
     blob = checkpoint.load(folder, fp) if resume else None
     return t.run(fingerprint=fp, resume=blob, deadline=deadline)
