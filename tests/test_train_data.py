@@ -291,9 +291,11 @@ def test_generated_text_joins_the_bundled_text(tiny):
 def test_nucleus_sampling_draws_from_the_nucleus_in_proportion(V, scale):
     from slimlm.train.data import _sample_next
     torch.manual_seed(0)
-    logits = (torch.randn(1, V) * scale).repeat(8, 1)
+    logits = torch.randn(1, V) * scale
+    other = torch.randn(1, V) * (6.0 if scale < 1 else 3.0)      # a row of the other kind in the same batch
+    batch = torch.cat([logits, other, logits, other, logits, logits])
     gen = torch.Generator().manual_seed(0)
-    draws = torch.cat([_sample_next(logits, 1.0, 0.9, gen) for _ in range(150)])
+    draws = torch.stack([_sample_next(batch, 1.0, 0.9, gen) for _ in range(120)])[:, [0, 2, 4, 5]].reshape(-1)
     p = torch.softmax(logits[0].double(), -1)
     ps, idx = p.sort(descending=True)
     n_keep = int((ps.cumsum(0) < 0.9).sum()) + 1

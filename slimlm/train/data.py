@@ -37,6 +37,7 @@ FLAG = "--data file"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 OVERLAP_N = 32                        # training and evaluation text share no 32-token window
 PREFIX_DEDUP = 32                     # samples whose first 32 tokens repeat an earlier one are dropped
+GENERATE_BATCH = 16                   # SmolLM2, this CPU: 58 tok/s at 16 samples a step, 45 at 8
 GIVE_UP_FACTOR = 4                    # generation stops after 4x the wanted tokens, however many were kept
 HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the rolling window hash
 
@@ -250,23 +251,29 @@ def _until(row: list[int], eos: int | None) -> list[int]:
 
 
 def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Nucleus sampling by inverse CDF: logits (batch, vocab) -> token ids (batch,). The nucleus (the most
-    probable tokens whose mass first reaches top_p) is looked for among the top 256, then 4096, then all
-    tokens: exact, and ~25x cheaper than sorting the vocabulary when the distribution is peaked."""
+    """Nucleus sampling by inverse CDF: logits (batch, vocab) -> token ids (batch,). Each row's nucleus (its
+    most probable tokens whose mass first reaches top_p) is looked for among its top 256, then 4096, then all
+    tokens, only the rows that need it going further: exact, and ~25x cheaper than sorting the vocabulary
+    for the peaked rows."""
     probs = torch.softmax(logits / temperature, dim=-1)
-    V = probs.shape[-1]
-    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device)
+    B, V = probs.shape
+    u = torch.rand(B, 1, generator=gen, device=probs.device)
     if top_p >= 1:
         c = probs.cumsum(-1)
         return torch.searchsorted(c, u * c[:, -1:]).clamp_max(V - 1)[:, 0]
+    out = torch.empty(B, dtype=torch.long, device=probs.device)
+    todo = torch.arange(B, device=probs.device)
     for k in (min(256, V), min(4096, V), V):
-        p_k, i_k = probs.sort(dim=-1, descending=True) if k == V else probs.topk(k, dim=-1)   # largest first
-        c = p_k.cumsum(-1)                                     # (batch, k)
-        if k == V or bool((c[:, -1] >= top_p).all()):
+        p_k, i_k = probs[todo].sort(dim=-1, descending=True) if k == V else probs[todo].topk(k, dim=-1)
+        c = p_k.cumsum(-1)                                              # (rows, k), largest first
+        ok = (c[:, -1] >= top_p) | (k == V)
+        n_keep = ((c[ok] < top_p).sum(-1, keepdim=True) + 1).clamp_max(k)   # (ok rows, 1)
+        j = torch.searchsorted(c[ok], u[todo[ok]] * c[ok].gather(1, n_keep - 1))
+        out[todo[ok]] = i_k[ok].gather(1, torch.minimum(j, n_keep - 1))[:, 0]
+        todo = todo[~ok]
+        if todo.numel() == 0:
             break
-    n_keep = ((c < top_p).sum(-1, keepdim=True) + 1).clamp_max(k)   # (batch, 1)
-    j = torch.searchsorted(c, u * c.gather(1, n_keep - 1))
-    return i_k.gather(1, torch.minimum(j, n_keep - 1))[:, 0]
+    return out
 
 
 # ---- rows --------------------------------------------------------------------------------------------------
@@ -322,7 +329,7 @@ def _gather(paths, generate_tokens: int, teacher, seed: int, progress: bool) -> 
         text, prov = default_text("calib")
         out[prov] = ({"source": prov, "kind": "bundled", "name": "bundled calibration text"}, [text])
     if generate_tokens > 0:
-        texts, st = generate_text(teacher, generate_tokens, seed=seed, progress=progress)
+        texts, st = generate_text(teacher, generate_tokens, seed=seed, batch=GENERATE_BATCH, progress=progress)
         if not texts:
             raise ConfigError(f"the teacher generated no usable text in {st['samples']} samples "
                               f"({st['duplicates']} duplicates, {st['empty']} empty); give --data files")
