@@ -15,8 +15,82 @@ from pathlib import Path
 
 from .errors import SlimlmError
 from .presets import PRESETS
+from .train.config import PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
 
 TYPES = ", ".join(p.name for p in PRESETS.values())
+_T = TrainConfig()
+HEAL_DESCRIPTION = (
+    "Healing distils the pruned model (the student) from the original (the teacher), cheap stages first, each "
+    "measured by the held-out KL to the teacher: bias compensation of removed neurons, heads and layers (one pass, "
+    "no gradient), block-wise reconstruction of each changed layer alone, then end-to-end distillation (forward KL "
+    "on the logits). Checkpoints and the teacher's cache go to OUT.heal-work/ beside the output (removed after "
+    "success); the report gets a table of the stages and the loss curve OUT.loss.png.")
+
+
+def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
+    """The healing options, shared by heal, prune and compress (dest = the TrainConfig/HealConfig field; None
+    means not given, so that prune/compress can refuse them without --heal)."""
+    g = p.add_argument_group("healing", None if command else HEAL_DESCRIPTION)
+    g.add_argument("--heal", metavar="BUDGET", help=(
+        "healing budget: a duration (90s, 30m, 1.5h: wall time of the whole healing, preparation included) or "
+        "a token count of end-to-end training (500k, 2M, 120000; lower-case m is minutes, upper-case M millions)"
+        + (f" (default {_T.budget})" if command else "; heal the pruned model from the original before it is "
+           "written")))
+    g.add_argument("--data", nargs="+", metavar="FILE", help="training text: plain text files (one document each) "
+                   "or JSONL files (.jsonl/.ndjson: one record a line with \"text\", chat \"messages\" or \"prompt\"+"
+                   "\"completion\"); default: the bundled calibration text plus text the teacher generates")
+    g.add_argument("--generate", type=int, metavar="N", help="tokens of text the teacher generates itself (sampled "
+                   "with --seed, deduplicated) to train on (default: 0 with --data; without it, about a tenth of the "
+                   "budget, at most 16384 tokens)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted healing from the checkpoint in "
+                   "OUT.heal-work/ (same command and settings: a changed setting, dataset or model is refused); "
+                   "ends with the same weights as an uninterrupted run")
+    g.add_argument("--no-bias", dest="bias", action="store_const", const=False, help="skip the bias compensation "
+                   "stage")
+    g.add_argument("--no-blockwise", dest="blockwise", action="store_const", const=False, help="skip block-wise "
+                   "reconstruction")
+    g.add_argument("--no-e2e", dest="e2e", action="store_const", const=False, help="skip end-to-end distillation")
+    g.add_argument("--lr", type=float, metavar="LR", help=f"end-to-end peak learning rate (AdamW, linear warmup "
+                   f"then cosine; default {_T.lr:g})")
+    g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "
+                   "all-but-embeddings (default: the tied embedding/LM head frozen), norms+pruned (norms and the "
+                   "changed layers), lora (LoRA adapters via peft, merged before export)")
+    g.add_argument("--lora", dest="lora_rank", type=int, metavar="R", help=f"LoRA rank (implies --train lora; "
+                   f"default {_T.lora_rank})")
+    g.add_argument("--teacher-targets", choices=TEACHER_TARGETS, help=f"the teacher's outputs: full (the whole "
+                   f"distribution, the teacher run at every step) or topk (computed once per training token: the top "
+                   f"--topk log-probabilities plus the remaining mass, memory-mapped on disk); default "
+                   f"{_T.teacher_targets}")
+    g.add_argument("--topk", type=int, metavar="K", help=f"logits kept per token in the teacher cache "
+                   f"(default {_T.topk})")
+    g.add_argument("--temperature", type=float, metavar="T", help=f"distillation temperature (default "
+                   f"{_T.temperature:g})")
+    g.add_argument("--ce-weight", type=float, metavar="W", help="add W x cross-entropy on the training text "
+                   "(default 0)")
+    g.add_argument("--hidden-weight", type=float, metavar="W", help="add W x the normalised MSE of the residual "
+                   "stream at the kept layers (with --teacher-targets full; default 0)")
+    g.add_argument("--seq-len", type=int, metavar="N", help=f"tokens per training sequence (default {_T.seq_len})")
+    g.add_argument("--micro-batch", type=int, metavar="N", help=f"sequences per forward/backward (default "
+                   f"{_T.micro_batch})")
+    g.add_argument("--accum", type=int, metavar="N", help=f"micro-batches per optimizer step (default {_T.accum})")
+    g.add_argument("--precision", choices=PRECISIONS, help="auto (default: bf16 autocast where the device has "
+                   "fast bf16 matmuls, else fp32), fp32 or bf16")
+    g.add_argument("--grad-checkpointing", action="store_const", const=True, help="recompute activations in the "
+                   "backward pass (less memory, slower)")
+    g.add_argument("--device", metavar="DEV", help="auto (default: the GPU when there is one), cpu, cuda or "
+                   "cuda:N; several processes: start slimlm with torchrun (data parallel)")
+    g.add_argument("--eval-every", type=int, metavar="N", help=f"held-out KL every N steps, the best state kept "
+                   f"(default {_T.eval_every}; 0: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help=f"checkpoint every N steps (default "
+                   f"{_T.checkpoint_every}; 0: none)")
+    g.add_argument("--seed", type=int, metavar="N", help="seed of the data order and generation (default 0)")
+
+
+def _heal_config(a, *, default_budget: str | None = None):
+    """The HealConfig of the healing options given (None without --heal), validated."""
+    from .train.command import FLAGS, heal_options
+    given = {k: getattr(a, k) for k in FLAGS if getattr(a, k, None) is not None}
+    return heal_options(a.heal or default_budget, given, resume=a.resume)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the same calibration text when slimlm uses one) at TYPE (default: --type), write it as "
                    "OUT.llama-cpp.gguf, evaluate both on the same tokens and print slimlm / llama.cpp ratios")
     _add_eval_args(p)
+    _add_heal_args(p, command=False)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement, size and speed",
                        description="Evaluate FILE against --ref on the same tokens. A .gguf runs in llama.cpp; "
@@ -188,6 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-chunks", type=int, default=16, metavar="N", help="calibration chunks (default 16)")
     p.add_argument("--no-eval", action="store_true", help="write without evaluating")
     _add_eval_args(p)
+    _add_heal_args(p, command=False)
+
+    p = sub.add_parser("heal", help="heal a pruned model: distil it from the original, cheap stages first",
+                       description="Distil STUDENT (a pruned model: HF folder or .gguf) from TEACHER, the model it "
+                       "was pruned from, and write OUT: a .gguf of --type (evaluated in llama.cpp against the "
+                       "teacher) or, any other name, an HF folder (evaluated in torch). " + HEAL_DESCRIPTION
+                       + " Which teacher layer each student layer came from is found from their norm weights.")
+    p.add_argument("student", help="the pruned model: HF folder or .gguf file")
+    p.add_argument("--teacher", metavar="TEACHER", help="the original model it was pruned from: HF folder or .gguf "
+                   "file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.gguf, or a folder for HF safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
+    p.add_argument("--hf-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="HF folder output precision (default float32)")
+    p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
+                   "whose pre-tokenizer slimlm cannot identify (by default such a model is refused for a GGUF)")
+    p.add_argument("--no-eval", action="store_true", help="write without evaluating")
+    _add_eval_args(p)
+    _add_heal_args(p, command=True)
 
     p = sub.add_parser("sensitivity", help="per-layer KLD when only that layer is pruned or quantized; heatmap",
                        description="For every decoder layer, measure the KL divergence to the original when only "
@@ -264,9 +359,12 @@ def cmd_compress(a) -> int:
                          calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
-                         prune_allocate=a.prune_allocate, format_aware=a.format_aware, compare=a.compare)
+                         prune_allocate=a.prune_allocate, format_aware=a.format_aware, compare=a.compare,
+                         heal=_heal_config(a))
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
-                   command="slimlm " + shlex.join(sys.argv[1:]))
+                   command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
+    if rep is None:                     # a non-writing rank of a distributed launch
+        return 0
     print("\n".join(rep.summary_lines()))
     out = Path(a.output)
     print(f"report: {out.with_suffix('.report.md')} (and .report.json)")
@@ -382,9 +480,26 @@ def cmd_prune(a) -> int:
                       allocate=a.allocate, layer_share=a.layer_share,
                       type=a.type, pre_tokenizer=a.pre_tokenizer, hf_dtype=a.hf_dtype, calib=a.calib,
                       calib_chunks=a.calib_chunks, n_ctx=a.ctx,
-                      text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval)
+                      text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval,
+                      heal=_heal_config(a))
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
-                command="slimlm " + shlex.join(sys.argv[1:]))
+                command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
+    if rep is None:                     # a non-writing rank of a distributed launch
+        return 0
+    print("\n".join(rep.summary_lines()))
+    print(f"report: {rep.written[1]} (and .report.json)")
+    return 0
+
+
+def cmd_heal(a) -> int:
+    from .train.command import DEFAULT_BUDGET, HealJob, heal
+    job = HealJob(heal=_heal_config(a, default_budget=DEFAULT_BUDGET), type=a.type, hf_dtype=a.hf_dtype,
+                  pre_tokenizer=a.pre_tokenizer, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
+                  speed=not a.no_speed, evaluate=not a.no_eval)
+    rep = heal(a.student, a.output, job, teacher=a.teacher, resume=a.resume, overwrite=a.overwrite,
+               progress=not a.quiet, command="slimlm " + shlex.join(sys.argv[1:]))
+    if rep is None:                     # a non-writing rank of a distributed launch
+        return 0
     print("\n".join(rep.summary_lines()))
     print(f"report: {rep.written[1]} (and .report.json)")
     return 0
@@ -471,7 +586,7 @@ def cmd_generate(a) -> int:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
-            "kmeans": cmd_kmeans, "prune": cmd_prune,
+            "kmeans": cmd_kmeans, "prune": cmd_prune, "heal": cmd_heal,
             "sensitivity": cmd_sensitivity,
             "generate": cmd_generate}
 

@@ -1,11 +1,16 @@
-"""`compress()`: the end-to-end job. Load -> (prune/quantize steps, as they land) -> export GGUF -> evaluate
-the GGUF in llama.cpp against the original in torch -> report beside the output.
+"""`compress()`: the end-to-end job. Load -> [prune -> heal] -> quantize -> export GGUF -> evaluate the GGUF in
+llama.cpp against the original in torch -> report beside the output.
+
+With --prune and --heal, the unhealed pruned model is quantized the same way too (its own importance matrix,
+GPTQ, size budget, on the same calibration text) and written as `OUT.unhealed.gguf`, and both files are
+evaluated in one pass against the same reference logits, so the report shows what healing bought.
 
 Every argument is validated before weights are loaded, and the output path before any heavy work.
 """
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +58,7 @@ class CompressConfig:
     format_aware: bool = False        # pruned widths rounded to the type's block size
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
+    heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal)
 
     def __post_init__(self):
         from .calib import check_text_file
@@ -97,6 +103,9 @@ class CompressConfig:
                                   "(the matrix is then computed on the pruned model)")
         elif self.format_aware:
             raise ConfigError("--format-aware rounds pruned widths: give --prune R too")
+        if self.heal is not None and self.prune is None:
+            raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
+                              "on a model pruned before)")
         if self.compare is not None:
             self.compare_type()
         for flag, v in (("--gptq-chunks", self.gptq_chunks), ("--sensitivity-chunks", self.sensitivity_chunks),
@@ -140,24 +149,39 @@ def source_bytes(path: Path | None) -> int | None:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
 
 
+def unhealed_path(out: str | Path) -> Path:
+    """Where compress --heal writes the unhealed pruned model: `x.gguf` -> `x.unhealed.gguf`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".unhealed" + (out.suffix or ".gguf"))
+
+
 def compress(model: str | Path | None, out: str | Path, config: CompressConfig = CompressConfig(), *,
-             overwrite: bool = False, progress: bool = True, command: str = "") -> Report:
+             overwrite: bool = False, progress: bool = True, command: str = "", resume: bool = False) -> Report | None:
     """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`.
 
     Everything that can be checked without the weights is checked first (the output against every input,
     the model's headers, --ctx against its context, the importance matrix's values, a size budget against
-    the smallest size the shapes can reach); what needs the loaded model right after loading, before any
-    calibration."""
+    the smallest size the shapes can reach, the healing options and work folder); what needs the loaded model
+    right after loading, before any calibration. `resume`: continue an interrupted healing from its checkpoint.
+    Returns the Report (None on the non-writing ranks of a torch.distributed launch)."""
     from .source import check_ctx, source_info
-    inputs = [p for p in (model, config.imatrix, config.text, config.calib) if p and p != "default"]
+    heal = config.heal
+    inputs = [p for p in (model, config.imatrix, config.text, config.calib, *(heal.data if heal else ()))
+              if p and p != "default"]
     out = check_output_path(out, overwrite=overwrite, inputs=inputs)
     if config.compare is not None:
         from .baseline import baseline_path
         check_output_path(baseline_path(out), overwrite=overwrite, inputs=[model] if model else [])
+    if heal is not None:
+        from .train import command as healing
+        check_output_path(unhealed_path(out), overwrite=overwrite, inputs=inputs)
+        healing.check_work_folder(out, resume)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     info = source_info(model)
     if config.evaluate or config.calibrated:
         check_ctx(config.n_ctx, info)
+    if heal is not None:
+        healing.check_models_fit(heal, [info])
     imatrix, steps = None, []
     if config.imatrix:
         imatrix = _load_imatrix(config.imatrix)
@@ -184,11 +208,84 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         steps.append({"step": "structured pruning", "source": prov, **st})
         if config.budgeted:
             check_budget(m, config, imatrix)
+    rec_heal = unhealed = scratch = None
+    try:
+        if heal is not None:
+            from .io import clean_stale_temps, temp_name
+            from .train.stages import layer_map_from
+            clean_stale_temps(unhealed_path(out))      # a scratch folder a killed run left
+            scratch = temp_name(unhealed_path(out))
+            scratch.mkdir()
+            say("quantizing the unhealed pruned model the same way, for the comparison ...")
+            unhealed = {"steps": []}
+            u_rec, _, _ = encode_and_write(m, scratch / "unhealed.gguf", config, imatrix, chunks, prov,
+                                           unhealed["steps"], overwrite=False, measure=False, progress=progress,
+                                           say=say)
+            unhealed["export"] = {k: getattr(u_rec, k) for k in ("type", "n_params", "file_bytes", "bits_per_weight")}
+            rec_heal = healing.heal_step(m, original, heal, out, resume=resume,
+                                         layer_map=layer_map_from(original.config, st["drop_layers"]),
+                                         text=config.text, progress=progress, say=say,
+                                         student_label="the pruned model")
+            steps.append(healing.healing_step_record(rec_heal))
+            if not healing.is_main_process():
+                return None
+        rec, original_imatrix, label = encode_and_write(m, out, config, imatrix, chunks, prov, steps,
+                                                        overwrite=overwrite, measure=config.measure_effects,
+                                                        progress=progress, say=say)
+        if config.prune is not None:                      # what the file states, not what the plan predicted
+            from .prune.checks import written_arch
+            next(s for s in steps if s["step"] == "structured pruning")["arch"] = written_arch(out)
+        files = [out]
+        if unhealed is not None:
+            unhealed["path"] = str(_put_in_place(scratch / "unhealed.gguf", unhealed_path(out), overwrite))
+            files.append(Path(unhealed["path"]))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    baseline = None
+    if config.compare is not None:
+        baseline = _llama_cpp_baseline(original, out, config, original_imatrix if config.prune is None else None,
+                                       chunks, prov, overwrite, say, progress)
+        files.append(Path(baseline["path"]))
+    ev = None
+    if config.evaluate:
+        say(f"evaluating the GGUF{' files' if len(files) > 1 else ''} in llama.cpp against the original in torch ...")
+        evs = evaluate_many(files, original, text_path=config.text, n_ctx=config.n_ctx,
+                            max_chunks=config.max_chunks, speed=config.speed, progress=progress)
+        ev = evs[0]
+        if unhealed is not None:
+            unhealed["evaluation"] = evs[1]
+        if baseline is not None:
+            baseline["evaluation"] = evs[-1]
+    rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {label} "
+                                    f"--method {config.method}",
+                 source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
+                 steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
+                 source_bytes=source_bytes(m.source), baseline=baseline, healing=rec_heal, unhealed=unhealed)
+    rep.write(out)
+    return rep
+
+
+def _put_in_place(src: Path, dst: Path, overwrite: bool) -> Path:
+    """Move a finished file to its final name with the atomic-output protocol (lock, fsync, rename)."""
+    import os
+
+    from .io import atomic_output
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        os.replace(src, tmp)
+    return dst
+
+
+def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov, steps: list, *, overwrite: bool,
+                     measure: bool, progress: bool, say):
+    """Quantize `m` as `config` says (importance matrix from --calib, size budget, GPTQ/AWQ) and write the GGUF
+    `out`, appending each step's record to `steps`. Returns (ExportRecord, the importance matrix before any AWQ
+    rescaling, the preset label)."""
     if config.calib and imatrix is None:
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
         steps.append({"step": "imatrix", "source": prov, "tensors": len(imatrix.sums)})
-    original_imatrix = imatrix if config.prune is None else None  # AWQ rescales `imatrix` below
+    unscaled = imatrix                                    # AWQ rescales `imatrix` below
     encoded, label, overrides = None, config.type, None
     if config.budgeted:
         say("measuring each tensor's sensitivity to each block type ...")
@@ -215,32 +312,10 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
                       pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,
                       types=overrides)
-    if config.prune is not None:                      # what the file states, not what the plan predicted
-        from .prune.checks import written_arch
-        next(s for s in steps if s["step"] == "structured pruning")["arch"] = written_arch(out)
-    if config.measure_effects and overrides:
+    if measure and overrides:
         say("measuring each tensor's effect alone (one calibration chunk) ...")
         _measure(m, out, chunks[0], steps, progress)
-    files, baseline = [out], None
-    if config.compare is not None:
-        baseline = _llama_cpp_baseline(original, out, config, original_imatrix, chunks,
-                                       prov, overwrite, say, progress)
-        files.append(Path(baseline["path"]))
-    ev = None
-    if config.evaluate:
-        say("evaluating the GGUF in llama.cpp against the original in torch ...")
-        evs = evaluate_many(files, original, text_path=config.text, n_ctx=config.n_ctx,
-                            max_chunks=config.max_chunks, speed=config.speed, progress=progress)
-        ev = evs[0]
-        if baseline is not None:
-            baseline["evaluation"] = evs[1]
-    rep = Report(command=command or f"compress {model or '(default)'} -o {out} --type {label} "
-                                    f"--method {config.method}",
-                 source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
-                 steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
-                 source_bytes=source_bytes(m.source), baseline=baseline)
-    rep.write(out)
-    return rep
+    return rec, unscaled, label
 
 
 def check_disk_space(m, out: Path, config: CompressConfig) -> None:

@@ -1,6 +1,6 @@
 """Every user-reachable error of the CLI ends in one `error: ...` line and exit code 2, never a traceback.
 
-Each option of compress, eval, imatrix, kmeans, sensitivity, inspect and generate (prune: test_prune_cli.py)
+Each option of compress, eval, imatrix, kmeans, sensitivity, inspect, generate and heal (prune: test_prune_cli.py)
 gets invalid values: negative/zero/huge counts, bad sizes and types, missing/empty/binary/non-UTF-8 text and
 importance files, outputs in a missing folder or onto an input. A check that does not need the model must
 fail before it is loaded: loading (torch or llama.cpp) raises `_Loaded` in those cases, which would end
@@ -42,7 +42,16 @@ def P(tmp_path_factory, tiny_hf, tiny_gguf) -> dict:
     p["exists"] = d / "exists.gguf"
     p["exists"].write_bytes(b"keep me")
     p["hf"] = tiny_hf("LlamaForCausalLM")
+    p["hf4"] = tiny_hf("LlamaForCausalLM", num_hidden_layers=4)
     p["gguf"] = tiny_gguf
+    # healing: an output whose work folder holds an interrupted run's checkpoint; one whose unhealed file exists
+    p["interrupted"] = d / "interrupted.gguf"
+    (d / "interrupted.heal-work").mkdir()
+    (d / "interrupted.heal-work" / "checkpoint.pt").write_bytes(b"not read before loading")
+    p["has_unhealed"] = d / "u.gguf"
+    (d / "u.unhealed.gguf").write_bytes(b"keep me")
+    p["jsonl_bad"] = d / "bad.jsonl"
+    p["jsonl_bad"].write_text('{"text": "fine"}\n{"text": 5}\n')
     # an importance matrix of a model with other widths: it does not fit the tiny model's tensors
     import numpy as np
 
@@ -77,7 +86,7 @@ def _refused(argv: list[str], capsys) -> str:
     """Run the CLI in-process; exit code 2 with one `error: ...` line (or argparse's usage + error). The tiny
     model's context is 256 tokens: a case that is not about --ctx gets --ctx 64, so that the refusal it
     shows is its own."""
-    if argv[0] in ("compress", "eval", "imatrix", "kmeans", "sensitivity") and "--ctx" not in argv:
+    if argv[0] in ("compress", "eval", "imatrix", "kmeans", "sensitivity", "heal") and "--ctx" not in argv:
         argv = [*argv, "--ctx", "64"]
     try:
         rc = main(["-q", *argv])
@@ -94,7 +103,15 @@ def _refused(argv: list[str], capsys) -> str:
 
 
 # (id, argv builder, match) -- checks that need no model: they must fail before any model is loaded
-_C = "compress"
+_C, _H = "compress", "heal"
+
+
+def _heal_argv(extra: list[str]):
+    """heal of the tiny GGUF (student) from the tiny HF folder it was exported from (teacher), plus `extra`
+    (names of P's files stand for their paths)."""
+    return lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["out"], *[p.get(v, v) for v in extra]]
+
+
 BEFORE_LOAD = [
     # compress: every option
     ("compress-type", lambda p: [_C, p["hf"], "-o", p["out"], "--type", "Q3_X"], "valid types"),
@@ -272,6 +289,80 @@ BEFORE_LOAD = [
     ("generate-seed-huge", lambda p: ["generate", p["gguf"], "-p", "hi", "--seed", str(2**64)], "--seed"),
     ("generate-prompt-empty", lambda p: ["generate", p["gguf"], "-p", ""], "prompt"),
     ("generate-no-prompt", lambda p: ["generate", p["gguf"]], "-p"),
+    # heal: every option (student = the tiny GGUF, teacher = the tiny HF folder it was exported from)
+    *[(f"heal-{name}", _heal_argv(extra), match) for name, extra, match in [
+          ("budget-abc", ["--heal", "abc"], "--heal"), ("budget-0", ["--heal", "0"], "--heal"),
+          ("budget-neg", ["--heal", "-5m"], "--heal"), ("budget-unit", ["--heal", "3 weeks"], "--heal"),
+          ("budget-nan", ["--heal", "nan"], "--heal"),
+          ("lr-0", ["--lr", "0"], "--lr"), ("lr-neg", ["--lr", "-1e-4"], "--lr"), ("lr-nan", ["--lr", "nan"], "--lr"),
+          ("lr-inf", ["--lr", "inf"], "--lr"), ("lr-text", ["--lr", "fast"], "--lr"),
+          ("temperature-0", ["--temperature", "0"], "--temperature"),
+          ("temperature-nan", ["--temperature", "nan"], "--temperature"),
+          ("ce-weight-neg", ["--ce-weight", "-1"], "--ce-weight"), ("ce-weight-inf", ["--ce-weight", "inf"], "--ce-weight"),
+          ("hidden-weight-neg", ["--hidden-weight", "-0.5"], "--hidden-weight"),
+          ("hidden-weight-topk", ["--hidden-weight", "1", "--teacher-targets", "topk"], "--teacher-targets full"),
+          ("seq-len-4", ["--seq-len", "4"], "--seq-len"), ("seq-len-neg", ["--seq-len", "-32"], "--seq-len"),
+          ("seq-len-beyond-model", ["--seq-len", "4096"], "--seq-len"),
+          ("micro-batch-0", ["--micro-batch", "0"], "--micro-batch"), ("accum-0", ["--accum", "0"], "--accum"),
+          ("topk-0", ["--topk", "0"], "--topk"), ("lora-0", ["--lora", "0"], "--lora"),
+          ("lora-with-train-all", ["--lora", "8", "--train", "all"], "--lora"),
+          ("train-bad", ["--train", "everything"], "invalid choice"),
+          ("precision-bad", ["--precision", "fp8"], "invalid choice"),
+          ("teacher-targets-bad", ["--teacher-targets", "some"], "invalid choice"),
+          ("device-bad", ["--device", "tpu"], "--device"), ("device-cuda-99", ["--device", "cuda:99"], "--device"),
+          ("eval-every-neg", ["--eval-every", "-1"], "--eval-every"),
+          ("checkpoint-every-neg", ["--checkpoint-every", "-2"], "--checkpoint-every"),
+          ("seed-neg", ["--seed", "-1"], "--seed"), ("seed-huge", ["--seed", str(2**40)], "--seed"),
+          ("generate-neg", ["--generate", "-10"], "--generate"),
+          ("all-stages-off", ["--no-bias", "--no-blockwise", "--no-e2e"], "every healing stage"),
+          ("data-missing", ["--data", "missing"], "--data"), ("data-empty", ["--data", "empty"], "empty"),
+          ("data-binary", ["--data", "garbage"], "UTF-8"), ("data-folder", ["--data", "folder"], "--data"),
+          ("data-jsonl-bad", ["--data", "jsonl_bad"], "line 2"),
+          ("data-no-file", ["--data"], "expected at least one"),
+          ("resume-without-checkpoint", ["--resume"], "--resume"),
+          ("type", ["--type", "Q3_X"], "valid types"), ("ctx-0", ["--ctx", "0"], "--ctx"),
+          ("ctx-beyond-model", ["--ctx", "1024"], "context"), ("chunks-neg", ["--chunks", "-1"], "--chunks"),
+          ("text-missing", ["--text", "missing"], "--text"), ("text-binary", ["--text", "garbage"], "UTF-8"),
+          ("pre-tokenizer", ["--pre-tokenizer", "nonsense"], "pre-tokenizer"),
+          ("hf-dtype", ["--hf-dtype", "float8"], "invalid choice")]],
+    ("heal-interrupted-run", lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["interrupted"]], "--resume"),
+    ("heal-student-missing", lambda p: [_H, p["missing"], "--teacher", p["hf"], "-o", p["out"]], "no such"),
+    ("heal-student-garbage", lambda p: [_H, p["garbage"], "--teacher", p["hf"], "-o", p["out"]], "GGUF"),
+    ("heal-teacher-missing", lambda p: [_H, p["gguf"], "--teacher", p["missing"], "-o", p["out"]], "no such"),
+    ("heal-teacher-empty-folder", lambda p: [_H, p["gguf"], "--teacher", p["folder"], "-o", p["out"]],
+     "config.json"),
+    ("heal-teacher-is-student", lambda p: [_H, p["hf"], "--teacher", p["hf"], "-o", p["out"]], "student itself"),
+    ("heal-no-student", lambda p: [_H, "--teacher", p["hf"], "-o", p["out"]], "student"),
+    ("heal-out-exists", lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["exists"]], "--overwrite"),
+    ("heal-out-is-student", lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["gguf"], "--overwrite"],
+     "input"),
+    ("heal-out-is-data", lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["text"], "--data", p["text"],
+                                    "--overwrite"], "input"),
+    ("heal-out-missing-folder", lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["nodir_out"]],
+     "does not exist"),
+    ("heal-out-hf-is-student", lambda p: [_H, p["hf"], "--teacher", p["gguf"], "-o", p["hf"], "--overwrite"],
+     "input"),
+    # healing options of prune and compress
+    ("prune-heal-weight-method", lambda p: ["prune", p["hf"], "-o", p["out"], "--method", "wanda", "--sparsity",
+                                            "0.5", "--heal", "1k"], "--heal"),
+    ("prune-lr-without-heal", lambda p: ["prune", p["hf"], "-o", p["out"], "--ffn", "32", "--lr", "1e-3"],
+     "--heal BUDGET"),
+    ("prune-resume-without-heal", lambda p: ["prune", p["hf"], "-o", p["out"], "--ffn", "32", "--resume"],
+     "--heal BUDGET"),
+    ("prune-heal-budget", lambda p: ["prune", p["hf"], "-o", p["out"], "--ffn", "32", "--heal", "soon"], "--heal"),
+    ("prune-heal-seq-len", lambda p: ["prune", p["hf"], "-o", p["out"], "--ffn", "32", "--heal", "1k",
+                                      "--seq-len", "1024"], "--seq-len"),
+    ("prune-heal-interrupted", lambda p: ["prune", p["hf"], "-o", p["interrupted"], "--ffn", "32", "--heal", "1k"],
+     "--resume"),
+    ("compress-heal-without-prune", lambda p: [_C, p["hf"], "-o", p["out"], "--heal", "1k"], "--prune"),
+    ("compress-generate-without-heal", lambda p: [_C, p["hf"], "-o", p["out"], "--prune", "0.01", "--generate",
+                                                  "100"], "--heal BUDGET"),
+    ("compress-heal-data-missing", lambda p: [_C, p["hf"], "-o", p["out"], "--prune", "0.01", "--heal", "1k",
+                                              "--data", p["missing"]], "--data"),
+    ("compress-heal-unhealed-exists", lambda p: [_C, p["hf"], "-o", p["has_unhealed"], "--prune", "0.01",
+                                                 "--heal", "1k"], "--overwrite"),
+    ("compress-heal-resume-nothing", lambda p: [_C, p["hf"], "-o", p["out"], "--prune", "0.01", "--heal", "1k",
+                                                "--resume"], "--resume"),
     ("missing-output-option", lambda p: [_C, p["hf"]], "-o"),
     ("unknown-command", lambda p: ["compres", p["hf"]], "invalid choice"),
 ]
@@ -309,6 +400,11 @@ AFTER_LOAD = [
      "does not fit"),
     ("generate-not-a-model", lambda p: ["generate", p["wrong_imatrix"], "-p", "hi"], "llama.cpp cannot load"),
     ("eval-not-a-model", lambda p: ["eval", p["wrong_imatrix"], "--text", p["text"]], "llama.cpp cannot load"),
+    ("heal-data-holds-eval-text", lambda p: [_H, p["gguf"], "--teacher", p["hf"], "-o", p["out"], "--data",
+                                             p["text"], "--text", p["text"], "--seq-len", "32", "--ctx", "64"],
+     "contains the evaluation text"),
+    ("heal-student-bigger-than-teacher", lambda p: [_H, p["hf4"], "--teacher", p["hf"], "-o", p["out"], "--ctx",
+                                                    "64"], "more than the teacher"),
 ]
 
 

@@ -47,11 +47,15 @@ class PruneConfig:
     max_chunks: int | None = 16
     speed: bool = True
     evaluate: bool = True
+    heal: object | None = None         # train.heal.HealConfig: heal the pruned model from the original (--heal)
 
     def __post_init__(self):
         """Every check that needs no model, so a bad value is refused before anything is loaded."""
         from ..presets import get_preset
         get_preset(self.type)
+        if self.heal is not None and self.method in WEIGHT_METHODS:
+            raise ConfigError(f"--heal trains the pruned model, and training would fill {self.method}'s zeros "
+                              f"again: heal a structured method ({', '.join(STRUCTURED)})")
         for flag, v in (("--hidden", self.hidden), ("--ffn", self.ffn), ("--calib-chunks", self.calib_chunks),
                         ("--chunks", self.max_chunks)):
             if v is not None and v < 1:
@@ -299,6 +303,7 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
         allocate_widths(m, chunks, plan, config, say, progress)
     say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
     pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
+    st["drop_layers"] = sorted(plan.drop_layers)    # healing's layer map: which original layer each kept one is
     st["removed_fraction"] = 1 - st["params_after"] / st["params_before"]
     from ..arch import gguf_arch
     st["arch"] = gguf_arch(m.spec, pruned.config)   # what the GGUF writer will name it; prune() reads it back
@@ -308,25 +313,35 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
 
 
 def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
-          command: str = ""):
+          command: str = "", resume: bool = False):
     """Prune `model` (path or None for the default) and write `out` (.gguf: a GGUF of config.type; otherwise an
-    HF folder). Returns the Report."""
+    HF folder); with config.heal, heal the pruned model from the original first (`resume`: continue an interrupted
+    healing from its checkpoint). Returns the Report (None on the non-writing ranks of a distributed launch)."""
     from ..calib import calibration_chunks
     from ..compress import source_bytes
     from ..eval import evaluate
     from ..io import check_output_path
     from ..model import load
     from ..report import Report
+    from ..train import command as healing
     from .weights import prune_weights_model
     gguf_out = str(out).endswith(".gguf")
     if not gguf_out and config.allocate is None and config.method in STRUCTURED:
         import dataclasses  # an HF folder that transformers loads alone needs uniform widths
         config = dataclasses.replace(config, allocate="uniform")
+    inputs = [p for p in (model, config.text, None if config.calib == "default" else config.calib,
+                          *(config.heal.data if config.heal else ())) if p]
     if gguf_out:
-        out = check_output_path(out, overwrite=overwrite, inputs=[model] if model else [])
+        out = check_output_path(out, overwrite=overwrite, inputs=inputs)
     else:                                # refused before loading: a read-only, non-empty or input folder
         from ..hfout import check_folder
-        check_folder(model, out, overwrite=overwrite)
+        from ..io import check_output_folder
+        out = check_folder(model, out, overwrite=overwrite)
+        check_output_folder(out, overwrite=overwrite, inputs=inputs)
+    if config.heal is not None:
+        from ..source import source_info
+        healing.check_work_folder(out, resume)
+        healing.check_models_fit(config.heal, [source_info(model)])
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
     m = load(model, progress=progress)
@@ -337,6 +352,9 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     if not gguf_out and config.method in STRUCTURED and (config.hidden is not None or config.heads is not None):
         kv, q = config.parsed_heads() if config.heads is not None else (None, None)
         check_hf_plan(m, Plan(hidden=config.hidden, n_kv=kv, q_per_kv=q), "--hidden/--heads")
+    if config.evaluate and config.heal is not None:
+        from ..calib import check_eval_text
+        check_eval_text(m, config.text, config.n_ctx)
     chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                       n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
     t0 = time.perf_counter()
@@ -359,22 +377,18 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         pruned, st = structured_prune(m, chunks, config, say, progress, gguf_out)
         step = {"step": "structured pruning", "source": prov, **st}
     step["seconds"] = time.perf_counter() - t0
-    if gguf_out:
-        from ..gguf.writer import export_gguf
-        say(f"writing {out} ({config.type}) ...")
-        rec = export_gguf(pruned, out, config.type, overwrite=overwrite, progress=progress,
-                          pre_tokenizer=config.pre_tokenizer).to_dict()
-        target = out
-    else:
-        from ..hfout import save_hf
-        say(f"writing the HF folder {out} ...")
-        t = time.perf_counter()
-        save_hf(pruned, out, dtype=config.hf_dtype, overwrite=overwrite)
-        size = (Path(out) / "model.safetensors").stat().st_size
-        n = pruned.n_params()
-        rec = {"path": str(out), "type": config.hf_dtype, "n_params": n, "file_bytes": size, "tensor_bytes": size,
-               "bits_per_weight": 8 * size / n, "seconds": time.perf_counter() - t, "tensors": [], "fallbacks": []}
-        target = load(out, progress=False)                 # reloaded by transformers: the check that it loads
+    steps, rec_heal = [step], None
+    if config.heal is not None:
+        from ..train.stages import layer_map_from
+        rec_heal = healing.heal_step(pruned, m, config.heal, out, resume=resume,
+                                     layer_map=layer_map_from(m.config, st["drop_layers"]), text=config.text,
+                                     progress=progress, say=say, student_label="the pruned model")
+        steps.append(healing.healing_step_record(rec_heal))
+        if not healing.is_main_process():
+            return None
+    rec, target = healing.write_model(pruned, Path(out), gguf_out, type=config.type, hf_dtype=config.hf_dtype,
+                                      pre_tokenizer=config.pre_tokenizer, overwrite=overwrite, progress=progress,
+                                      say=say)
     step["arch"] = written_arch(out)
     ev = None
     if config.evaluate:
@@ -383,7 +397,7 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
                       speed=config.speed, progress=progress)
     rep = Report(command=command or f"prune {model or '(default)'} -o {out} --method {config.method}",
                  source=str(m.source), output=str(out), type=rec["type"], export=rec, evaluation=ev,
-                 steps=[step, {"step": "export", "type": rec["type"], "seconds": rec["seconds"]}],
-                 source_bytes=source_bytes(m.source))
+                 steps=steps + [{"step": "export", "type": rec["type"], "seconds": rec["seconds"]}],
+                 source_bytes=source_bytes(m.source), healing=rec_heal)
     rep.written = rep.write(out)
     return rep
