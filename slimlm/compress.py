@@ -232,6 +232,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         rec, original_imatrix, label = encode_and_write(m, out, config, imatrix, chunks, prov, steps,
                                                         overwrite=overwrite, measure=config.measure_effects,
                                                         progress=progress, say=say)
+        if heal is not None:
+            healing.clear_work_folder(out)
         if config.prune is not None:                      # what the file states, not what the plan predicted
             from .prune.checks import written_arch
             next(s for s in steps if s["step"] == "structured pruning")["arch"] = written_arch(out)

@@ -389,6 +389,8 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     rec, target = healing.write_model(pruned, Path(out), gguf_out, type=config.type, hf_dtype=config.hf_dtype,
                                       pre_tokenizer=config.pre_tokenizer, overwrite=overwrite, progress=progress,
                                       say=say)
+    if config.heal is not None:
+        healing.clear_work_folder(out)
     step["arch"] = written_arch(out)
     ev = None
     if config.evaluate:

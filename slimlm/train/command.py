@@ -86,6 +86,12 @@ def work_folder(out: str | Path) -> Path:
     return beside(out, ".heal-work")
 
 
+def clear_work_folder(out: str | Path) -> None:
+    """After the healed model is written: its checkpoint and teacher cache are no longer needed."""
+    from .heal import clear_work
+    clear_work(work_folder(out))
+
+
 def check_work_folder(out: str | Path, resume: bool) -> Path:
     """Before loading: --resume needs the interrupted run's checkpoint; without --resume a checkpoint there is
     refused (continuing or discarding it is the user's choice)."""
@@ -223,6 +229,7 @@ def heal(student: str | Path, out: str | Path, job: HealJob, *, teacher: str | P
         return None
     export, target = write_model(s_model, out, gguf_out, type=job.type, hf_dtype=job.hf_dtype,
                                  pre_tokenizer=job.pre_tokenizer, overwrite=overwrite, progress=progress, say=say)
+    clear_work_folder(out)
     ev = None
     if job.evaluate:
         from ..eval import evaluate

@@ -90,14 +90,16 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
         for name, v, ok in (("train", self.train_params, TRAIN_PARAMS), ("precision", self.precision, PRECISIONS),
-                            ("teacher", self.teacher_targets, TEACHER_TARGETS)):
+                            ("teacher-targets", self.teacher_targets, TEACHER_TARGETS)):
             if v not in ok:
                 raise ConfigError(f"--{name} must be one of {', '.join(ok)}, got {v!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.hidden_weight > 0 and self.teacher_targets == "topk":
-            raise ConfigError("--hidden-weight needs the teacher's hidden states: use --teacher full (the top-k "
-                              "cache holds logits only)")
+            raise ConfigError("--hidden-weight needs the teacher's hidden states: use --teacher-targets full (the "
+                              "top-k cache holds logits only)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
 
     @property
     def budget_kind(self) -> str:

@@ -90,9 +90,9 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
                layer_map: list[int] | None = None, eval_text: str | None = None, progress: bool = True,
                say=lambda msg: None) -> dict:
     """Heal `student` (a slimlm Model, changed in place) from `teacher`. `folder`: the work folder (checkpoints,
-    teacher cache; removed after success). `eval_text`: the text the result will be evaluated on (training text
+    teacher cache; `clear_work` removes it once the caller has written the result). `eval_text`: the text the result will be evaluated on (training text
     that overlaps it is cut or refused). Returns the record for the report."""
-    from . import checkpoint, stages
+    from . import stages
     from .data import load_train_data
     from .teacher import module_fingerprint
     from .trainer import train
@@ -139,9 +139,13 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
     rec["heldout_kl"] = rec["stages"][-1]["heldout_kl"]
     from ..model import check_finite
     check_finite(student.module)
-    checkpoint.remove(folder)
-    shutil.rmtree(folder, ignore_errors=True)
     return rec
+
+
+def clear_work(folder: Path) -> None:
+    """Remove a finished run's work folder (checkpoint, teacher cache): called once the healed model is written,
+    so a failed write can still be resumed."""
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stage(rec: dict, name: str, r: dict, student, teacher, data, say) -> None:
