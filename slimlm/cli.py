@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(OWL; layers with more large |W|*|X| scores pruned less, +-0.08 around --sparsity), or "
                    "sensitivity: per-layer sparsity within +-0.08 from the measured KLD of pruning each layer alone "
                    "(the mean stays --sparsity)")
+    p.add_argument("--steps", type=int, default=1, metavar="K", help="iterative pruning with --heal: K rounds, "
+                   "each removing 1/K of the way to the plan --ratio chooses (layers least influential first, "
+                   "every MLP width moved k/K of the way), then healing with 1/K of the --heal budget (default 1: "
+                   "prune once, then heal; bench/heal.py compares both at equal tokens)")
     p.add_argument("--type", default="Q8_0", metavar="TYPE", help=f"GGUF output type: {TYPES} (default Q8_0)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
                    "whose pre-tokenizer slimlm cannot identify (by default such a model is refused for a GGUF)")
@@ -481,7 +485,7 @@ def cmd_prune(a) -> int:
                       type=a.type, pre_tokenizer=a.pre_tokenizer, hf_dtype=a.hf_dtype, calib=a.calib,
                       calib_chunks=a.calib_chunks, n_ctx=a.ctx,
                       text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval,
-                      heal=_heal_config(a))
+                      heal=_heal_config(a), steps=a.steps)
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                 command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
     if rep is None:                     # a non-writing rank of a distributed launch

@@ -213,3 +213,25 @@ def test_heal_help_names_every_option(capsys):
                  "--no-blockwise", "--no-e2e"]:
         assert flag in h, flag
     assert f"at most {GENERATE_MAX} tokens" in h
+
+
+def test_prune_steps_k_prunes_in_rounds_and_heals_after_each(teacher, texts, tmp_path, capsys, llama_cpp_available):
+    one, it = tmp_path / "one.gguf", tmp_path / "it.gguf"
+    common = [str(teacher), "--ffn", "64", "--drop-layers", "1,2", "--data", texts["train"], "--calib",
+              texts["train"], "--calib-chunks", "4", "--text", texts["eval"], "--no-blockwise", *FAST]
+    assert main(["-q", "prune", *common, "-o", str(one), "--heal", "600"]) == 0
+    assert main(["-q", "prune", *common, "-o", str(it), "--heal", "600", "--steps", "2"]) == 0
+    r1, r2 = (json.loads(p.with_suffix(".report.json").read_text()) for p in (one, it))
+    p1, p2 = r1["steps"][0], r2["steps"][0]
+    from slimlm.gguf.reader import read_gguf
+    shapes = [{t.name: tuple(t.shape) for t in read_gguf(p).tensors if t.name.endswith(".weight")} for p in (one, it)]
+    assert shapes[0] == shapes[1] and p1["drop_layers"] == p2["drop_layers"] == [1, 2]   # the same end shapes
+    rounds = r2["healing"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["params"] > rounds[1]["params"]
+    assert all(r["heldout_kl"] < r["heldout_kl_unhealed"] for r in rounds)
+    tok = [s["detail"]["tokens"] for s in r2["healing"]["stages"] if s["stage"] == "end-to-end distillation"]
+    assert tok and tok[0] <= 300 + 4 * 32                  # each round got half of the --heal tokens
+    assert not (tmp_path / "it.gguf.heal-work").exists()
+    capsys.readouterr()
+    assert main(["-q", "prune", str(teacher), "-o", str(tmp_path / "x.gguf"), "--ffn", "64", "--steps", "2"]) == 2
+    assert "--steps K prunes in K rounds" in capsys.readouterr().err

@@ -48,11 +48,21 @@ class PruneConfig:
     speed: bool = True
     evaluate: bool = True
     heal: object | None = None         # train.heal.HealConfig: heal the pruned model from the original (--heal)
+    steps: int = 1                     # iterative: K rounds of prune k/K of the way -> heal with 1/K of the budget
 
     def __post_init__(self):
         """Every check that needs no model, so a bad value is refused before anything is loaded."""
         from ..presets import get_preset
         get_preset(self.type)
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ConfigError(f"--steps must be an integer >= 1, got {self.steps!r}")
+        if self.steps > 1:
+            if self.heal is None:
+                raise ConfigError("--steps K prunes in K rounds with healing after each: give --heal BUDGET too")
+            if self.method not in ("mlp", "layers", "mlp+layers") or self.hidden is not None or \
+                    self.heads is not None:
+                raise ConfigError("--steps (iterative pruning) removes MLP neurons and layers only: use --method "
+                                  "mlp, layers or mlp+layers, without --hidden/--heads")
         if self.heal is not None and self.method in WEIGHT_METHODS:
             raise ConfigError(f"--heal trains the pruned model, and training would fill {self.method}'s zeros "
                               f"again: heal a structured method ({', '.join(STRUCTURED)})")
@@ -282,9 +292,11 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
     return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
 
 
-def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_out: bool = True):
+def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_out: bool = True,
+                     heal_rounds=None):
     """Plan (widths for --ratio, per-layer allocation) and apply structured pruning; (pruned model, stats).
-    `gguf_out`: the result is written as a GGUF (the plan must be one llama.cpp loads)."""
+    `gguf_out`: the result is written as a GGUF (the plan must be one llama.cpp loads). `heal_rounds`: with
+    config.steps > 1, the healing of each round (see _iterative)."""
     from .structured import block_influence, prune_structured
     config.check_model(m.config, gguf_out)
     config = config.for_model(m.config)
@@ -301,15 +313,53 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
         check_hf_plan(m, plan)
     if config.allocation != "uniform" and plan.ffn is not None:
         allocate_widths(m, chunks, plan, config, say, progress)
+    if heal_rounds is not None:
+        return _iterative(m, chunks, plan, order, config, say, progress, heal_rounds)
     say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
     pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
+    return pruned, _finish_stats(m, pruned, st, plan, say)
+
+
+def _finish_stats(m, pruned, st: dict, plan: Plan, say) -> dict:
     st["drop_layers"] = sorted(plan.drop_layers)    # healing's layer map: which original layer each kept one is
     st["removed_fraction"] = 1 - st["params_after"] / st["params_before"]
     from ..arch import gguf_arch
     st["arch"] = gguf_arch(m.spec, pruned.config)   # what the GGUF writer will name it; prune() reads it back
     say(f"parameters {st['params_before'] / 1e6:.2f}M -> {st['params_after'] / 1e6:.2f}M "
         f"({st['removed_fraction']:.1%} removed)")
-    return pruned, st
+    return st
+
+
+def _iterative(m, chunks, plan: Plan, order, config: PruneConfig, say, progress: bool, heal_rounds):
+    """--steps K: K rounds of prune -> heal towards `plan` (prune/iterative.py); `heal_rounds(student,
+    layer_map, k)` heals round k. Returns (the last round's model, stats with one record per round)."""
+    from .iterative import prune_iteratively
+    if order is None:                        # mlp only: no layers to order
+        order = list(range(m.config["num_hidden_layers"]))
+    say(f"iterative structured pruning in {config.steps} rounds towards {plan.describe()} ...")
+    pruned, rounds = prune_iteratively(m, chunks, plan, order, config.steps, round_to=round_multiple(config),
+                                       heal=heal_rounds, importance=config.importance, progress=progress, say=say)
+    st = {"plan": plan.describe(), "params_before": m.n_params(), "params_after": pruned.n_params(),
+          "importance": config.importance, "rounds": rounds}
+    return pruned, _finish_stats(m, pruned, st, plan, say)
+
+
+def _heal_rounds(original, out, config: PruneConfig, resume: bool, progress: bool, say):
+    """Round k's healing for --steps K: the --heal budget split K ways, the work folder cleared between rounds."""
+    import dataclasses
+
+    from ..train import command as healing
+    from ..train.config import parse_budget
+    kind, v = parse_budget(config.heal.train.budget)
+    per = f"{v / config.steps:g}s" if kind == "seconds" else str(max(1, int(v // config.steps)))
+    heal = dataclasses.replace(config.heal, train=dataclasses.replace(config.heal.train, budget=per))
+
+    def run(student, layer_map, k):
+        rec = healing.heal_step(student, original, heal, out, resume=False, layer_map=layer_map, text=config.text,
+                                progress=progress, say=say, student_label=f"round {k}'s pruned model")
+        healing.clear_work_folder(out)
+        return rec
+    return run
 
 
 def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = False, progress: bool = True,
@@ -326,6 +376,9 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     from ..train import command as healing
     from .weights import prune_weights_model
     gguf_out = str(out).endswith(".gguf")
+    if resume and config.steps > 1:
+        raise ConfigError("--resume continues one healing run; with --steps each round heals anew: rerun without "
+                          "--resume (and delete the work folder)")
     if not gguf_out and config.allocate is None and config.method in STRUCTURED:
         import dataclasses  # an HF folder that transformers loads alone needs uniform widths
         config = dataclasses.replace(config, allocate="uniform")
@@ -374,11 +427,21 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
             f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")
     else:
-        pruned, st = structured_prune(m, chunks, config, say, progress, gguf_out)
+        rounds = _heal_rounds(m, out, config, resume, progress, say) if config.steps > 1 else None
+        pruned, st = structured_prune(m, chunks, config, say, progress, gguf_out, heal_rounds=rounds)
         step = {"step": "structured pruning", "source": prov, **st}
     step["seconds"] = time.perf_counter() - t0
     steps, rec_heal = [step], None
-    if config.heal is not None:
+    if config.steps > 1:
+        rec_heal = dict(st["rounds"][-1]["heal"], rounds=[{k: v for k, v in r.items() if k != "heal"} | {
+            "heldout_kl": r["heal"]["heldout_kl"], "heldout_kl_unhealed": r["heal"]["stages"][0]["heldout_kl"],
+            "seconds": r["heal"]["seconds"]} for r in st["rounds"]])
+        for r in st["rounds"]:
+            r.pop("heal")
+        steps.append(healing.healing_step_record(rec_heal))
+        if not healing.is_main_process():
+            return None
+    elif config.heal is not None:
         from ..train.stages import layer_map_from
         rec_heal = healing.heal_step(pruned, m, config.heal, out, resume=resume,
                                      layer_map=layer_map_from(m.config, st["drop_layers"]), text=config.text,
