@@ -66,6 +66,12 @@ def _run(capsys, argv: list[str]) -> str:
     (["--ratio", "0.3", "--chunks", "-1"], "--chunks"),
     (["--method", "wanda", "--sparsity", "0.5", "--format-aware"], "--format-aware"),
     (["--method", "layers", "--ratio", "0.3", "--allocate", "global"], "--allocate"),
+    (["--ratio", "0.3", "--steps", "0"], "--steps"),
+    (["--ratio", "0.3", "--steps", "-2"], "--steps"),
+    (["--ratio", "0.3", "--steps", "2"], "--steps K prunes in K rounds"),
+    (["--ratio", "0.3", "--steps", "2", "--heal", "1k", "--method", "width"], "MLP neurons and layers only"),
+    (["--ratio", "0.3", "--steps", "2", "--heal", "1k", "--heads", "2x2"], "MLP neurons and layers only"),
+    (["--ratio", "0.3", "--steps", "2", "--heal", "1k", "--resume"], "each round heals anew"),
 ])
 def test_invalid_prune_value_is_one_error_line_before_loading(tmp_path, capsys, monkeypatch, args, msg):
     monkeypatch.setattr("slimlm.model.load", _no_load)
