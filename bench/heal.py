@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Healing benchmark (issue 13): what each healing stage buys back after structured pruning, one run.
+
+Teacher: the dithered SmolLM2-135M-Instruct F32 reference (foundation.py). Student: the teacher with --ratio of its
+parameters removed by slimlm's default structured method (mlp+layers). Training text: ../shared/data/brown-calib.txt;
+evaluation: ../shared/data/brown-eval.txt (KLD / PPL / top-1 against the teacher in torch, --chunks x 512 tokens).
+
+Rows (each measured on the same evaluation tokens):
+- unhealed; + bias compensation; + block-wise reconstruction (torch-side evaluation);
+- + end-to-end distillation with a --minutes wall-time budget for the whole healing (preparation included):
+  the acceptance row, written as a Q8_0 GGUF and evaluated in llama.cpp, with llama.cpp's generation speed of the
+  unpruned, the unhealed and the healed Q8_0 file;
+- teacher top-k cache vs full logits on the fly, both from the block-wise state at the same --compare-tokens (the
+  full-logit row is also "one-shot prune + heal" at that many tokens);
+- iterative: K = 2 and 3 rounds of prune 1/K of the way -> heal (all stages, --compare-tokens / K tokens each),
+  ending on exactly the one-shot shapes;
+- training throughput: a plain PyTorch distillation loop (teacher on the fly, full logits, fp32, every parameter,
+  AdamW) vs slimlm's trainer with its defaults, the same student, steps and batch, in this run.
+Writes bench/results/heal.json and docs/heal-loss.png (the acceptance run's loss and held-out KL curves).
+
+    python bench/heal.py [--minutes 30] [--compare-tokens 60k] [--ratio 0.25] [--chunks 8] [--skip ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from foundation import RESULTS, add_common_args, reference_model  # noqa: E402
+
+
+def plain_loop_tps(student, teacher, rows, steps: int) -> float:
+    """The plain distillation step the issue measured: teacher on the fly, full logits, fp32, all parameters."""
+    import torch
+
+    from slimlm.train.losses import kl_full
+    m = copy.deepcopy(student.module)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    t = None
+    for s in range(steps + 1):
+        if s == 1:
+            t = time.perf_counter()          # step 0 pays one-time costs
+        ids = rows[s % rows.shape[0]:s % rows.shape[0] + 4]
+        with torch.no_grad():
+            tl = teacher.module(input_ids=ids, use_cache=False).logits
+        loss = kl_full(m(input_ids=ids, use_cache=False).logits, tl)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * 4 * rows.shape[1] / (time.perf_counter() - t)
+
+
+def loss_png(curve, evals, out: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([c[1] for c in curve], [c[2] for c in curve], lw=0.8, label="training loss (KL to the teacher)")
+    ax.plot([e[0] * curve[0][1] / curve[0][0] for e in evals], [e[1] for e in evals], "o-", label="held-out KL")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("KL divergence")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, eval_chunks=8)
+    ap.set_defaults(calib_chunks=16)
+    ap.add_argument("--ratio", type=float, default=0.25, help="fraction of parameters removed (default 0.25)")
+    ap.add_argument("--minutes", type=float, default=30, help="wall-time budget of the acceptance healing run")
+    ap.add_argument("--compare-tokens", default="60k", help="training tokens of the cache vs full-logit runs")
+    ap.add_argument("--throughput-steps", type=int, default=6)
+    ap.add_argument("--skip", default="", help="comma list of: e2e, cache, iterative, throughput")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+
+    import torch
+
+    from slimlm import export_gguf, load
+    from slimlm.calib import calibration_chunks, read_text
+    from slimlm.eval import evaluate_many
+    from slimlm.prune.command import PruneConfig, structured_prune
+    from slimlm.train import stages
+    from slimlm.train.config import TrainConfig, parse_budget
+    from slimlm.train.data import load_train_data
+    from slimlm.train.heal import HealConfig, heal_model
+    from slimlm.train.trainer import train
+
+    torch.manual_seed(0)
+    out_dir = RESULTS / "heal"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref_path = reference_model(a.model)
+    ref = load(ref_path, progress=False)
+    eval_text, _ = read_text(a.text, "eval", "--text")
+    chunks, prov = calibration_chunks(ref, a.calib, n_ctx=512, max_chunks=a.calib_chunks)
+    t = time.perf_counter()
+    pruned, st = structured_prune(ref, chunks, PruneConfig(ratio=a.ratio), print, True)
+    prune_s = time.perf_counter() - t
+    layer_map = stages.infer_layer_map(ref, pruned)
+    print(f"pruned {st['params_before'] / 1e6:.1f}M -> {st['params_after'] / 1e6:.1f}M parameters "
+          f"({st['removed_fraction']:.1%}) in {prune_s:.0f} s; layer map {layer_map}", flush=True)
+    ev_kw = dict(text_path=a.text, n_ctx=512, max_chunks=a.chunks, speed=False, progress=False)
+    rows: dict = {}
+    out_json = RESULTS / "heal.json"
+
+    def record(name: str, model, **info) -> None:
+        """Evaluate a row as soon as it exists, print it and rewrite the JSON (a cut-short run keeps its rows)."""
+        e = evaluate_many([model], ref, **ev_kw)[0]
+        rows[name] = {**info, "kld": e["kld"], "ppl": e["ppl"], "top1": e["top1_agreement"], "ref_ppl": e["ref_ppl"],
+                      "n_scored_tokens": e["n_scored_tokens"]}
+        print(f"ROW {name}: KLD {e['kld']:.4f}  PPL {e['ppl']:.2f} (reference {e['ref_ppl']:.2f})  top-1 "
+              f"{e['top1_agreement']:.2%}  {info}", flush=True)
+        out_json.write_text(json.dumps({"rows": rows, "layer_map": layer_map, "prune": st}, indent=1, default=str))
+
+    data = load_train_data(pruned, [a.calib], seq_len=256, n_heldout=8, eval_text=eval_text, progress=False)
+    stage_rows = data.train[:64]
+    record("unhealed", pruned, seconds=prune_s)
+    m = copy.deepcopy(pruned)
+    t = time.perf_counter()
+    r = stages.bias_compensation(ref, m, stage_rows, layer_map, progress=True)
+    t_bias = time.perf_counter() - t
+    record("+ bias compensation", m, seconds=t_bias, tokens=int(stage_rows.numel()))
+    m2 = copy.deepcopy(m)
+    t = time.perf_counter()
+    r = stages.blockwise_reconstruction(ref, m2, stage_rows, layer_map, progress=True)
+    t_bw = time.perf_counter() - t
+    record("+ block-wise reconstruction", m2, seconds=t_bw, tokens=int(stage_rows.numel()))
+
+    T = a.compare_tokens
+    if "cache" not in skip:
+        for kind in ("full", "topk"):
+            s = copy.deepcopy(m2)
+            cfg = TrainConfig(budget=T, teacher_targets=kind, eval_every=0, checkpoint_every=0)
+            t = time.perf_counter()
+            r = train(s, ref, data, cfg, folder=out_dir / f"work-{kind}", progress=True, layer_map=layer_map)
+            how = f"top-{cfg.topk} cache" if kind == "topk" else "full logits on the fly"
+            name = f"+ end-to-end {T} tokens, teacher {how}" + (" (= one-shot + heal)" if kind == "full" else "")
+            record(name, s, seconds=time.perf_counter() - t + t_bw + t_bias, tokens=r["tokens"],
+                   tokens_per_s=r["tokens_per_s"], cache_seconds=r["teacher_targets"]["build_seconds"])
+
+    if "iterative" not in skip:
+        from slimlm.arch import layer_dims
+        from slimlm.prune.iterative import prune_iteratively
+        from slimlm.prune.structured import Plan, block_influence
+        bi = block_influence(ref, chunks[:4], progress=False)
+        order = sorted(range(len(bi)), key=lambda i: bi[i])
+        final = Plan(drop_layers=[i for i in range(ref.config["num_hidden_layers"]) if i not in layer_map],
+                     ffn_per_layer=[layer_dims(pruned.config, j)[0] for j in range(len(layer_map))])
+        n_tok = parse_budget(T)[1]
+        for K in (2, 3):
+            def heal(student, lm, k, K=K):
+                hc = HealConfig(train=TrainConfig(budget=str(int(n_tok // K)), eval_every=0, checkpoint_every=0),
+                                data=(a.calib,))
+                return heal_model(student, ref, hc, folder=out_dir / f"work-it{K}", layer_map=lm, eval_text=eval_text,
+                                  progress=False, say=print)
+            t = time.perf_counter()
+            s, recs = prune_iteratively(ref, chunks, final, order, K, round_to=32, heal=heal, say=print)
+            name = f"iterative K={K}: prune 1/{K}, heal {T}/{K} tokens, repeat"
+            record(name, s, seconds=time.perf_counter() - t, params=s.n_params(),
+                   tokens=sum(r["heal"]["stages"][-1]["detail"]["tokens"] for r in recs))
+
+    if "throughput" not in skip:
+        rows_t = data.train[:64]
+        plain = plain_loop_tps(m2, ref, rows_t, a.throughput_steps)
+        s = copy.deepcopy(m2)
+        sub = type(data)(rows_t, data.heldout[:2], data.sources, data.fingerprint + "-tp")
+        cfg = TrainConfig(budget=str((a.throughput_steps + 1) * 4 * 256), eval_every=0, checkpoint_every=0)
+        r = train(s, ref, sub, cfg, folder=out_dir / "work-tp", progress=False)
+        with_cache = r["tokens"] / (r["train_seconds"] + r["teacher_targets"]["build_seconds"])
+        rows["throughput"] = {"plain_tps": plain, "slimlm_tps": r["tokens_per_s"], "slimlm_tps_with_cache": with_cache,
+                              "ratio": r["tokens_per_s"] / plain, "ratio_with_cache": with_cache / plain}
+        print(f"throughput: plain loop {plain:.0f} tok/s; slimlm {r['tokens_per_s']:.0f} tok/s "
+              f"({r['tokens_per_s'] / plain:.2f}x), {with_cache:.0f} tok/s counting the teacher cache "
+              f"({with_cache / plain:.2f}x)", flush=True)
+
+    heal_rec = None
+    if "e2e" not in skip:
+        s = copy.deepcopy(pruned)
+        hc = HealConfig(train=TrainConfig(budget=f"{a.minutes:g}m"), data=(a.calib,))
+        t = time.perf_counter()
+        heal_rec = heal_model(s, ref, hc, folder=out_dir / "work-e2e", layer_map=layer_map, eval_text=eval_text,
+                              progress=True, say=print)
+        name = f"+ end-to-end, {a.minutes:g} min budget (preparation included)"
+        e2e = heal_rec["stages"][-1]["detail"]
+        record(name, s, seconds=time.perf_counter() - t, tokens=e2e["tokens"], tokens_per_s=e2e["tokens_per_s"],
+               stages=[{k: v for k, v in x.items() if k != "detail"} for x in heal_rec["stages"]])
+        loss_png(e2e["curve"], e2e["evals"], HERE.parent / "docs" / "heal-loss.png",
+                 f"SmolLM2-135M -{a.ratio:.0%} params, healing {a.minutes:g} min on brown-calib (2 CPU cores)")
+        files = {}
+        for n, mm in (("unpruned", ref), ("unhealed", pruned), ("healed", s)):
+            files[n] = out_dir / f"{n}-Q8_0.gguf"
+            export_gguf(mm, files[n], "Q8_0", overwrite=True, progress=False)
+        gg = evaluate_many([str(p) for p in files.values()], ref, **{**ev_kw, "speed": True})
+        for n, e in zip(files, gg, strict=True):
+            rows[f"llama.cpp Q8_0 {n}"] = {"kld": e["kld"], "ppl": e["ppl"], "top1": e["top1_agreement"],
+                                           "gen_tps": e["model"]["speed"]["gen_tps"], "bytes": files[n].stat().st_size}
+
+    n_tok = next(iter(rows.values()))["n_scored_tokens"]
+    print(f"\nSmolLM2-135M (dithered F32 reference) -{st['removed_fraction']:.1%} parameters ({PruneConfig().method}); "
+          f"eval {a.text}: {n_tok} tokens; training text {a.calib}; 2 CPU threads")
+    print(f"{'row':<70} {'KLD':>8} {'PPL':>8} {'top-1':>7} {'tokens':>9} {'min':>6}")
+    for n, r in rows.items():
+        if "kld" in r:
+            print(f"{n:<70} {r['kld']:8.4f} {r['ppl']:8.2f} {r['top1']:7.2%} {r.get('tokens', 0):9,} "
+                  f"{r.get('seconds', 0) / 60:6.1f}")
+    print(f"reference PPL {next(iter(rows.values()))['ref_ppl']:.2f}")
+    for n, r in rows.items():
+        if n.startswith("llama.cpp"):
+            print(f"{n}: {r['bytes'] / 2**20:.1f} MiB, {r['gen_tps']:.1f} generated tok/s")
+    out_json.write_text(json.dumps({"rows": rows, "heal": heal_rec, "n_scored_tokens": n_tok,
+                                    "layer_map": layer_map, "prune": st}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
