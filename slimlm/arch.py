@@ -22,6 +22,10 @@ _LAYER_NAMES = {
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -34,6 +38,13 @@ _GLOBAL_NAMES = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+# the linears that write into the residual stream (a bias there shifts a sub-block's output: bias compensation)
+ATTN_OUT, MLP_OUT = "self_attn.o_proj", "mlp.down_proj"
+# biases transformers' LlamaConfig switches on together: attention_bias (q, k, v, o) and mlp_bias (gate, up, down)
+_HF_BIAS_FLAGS = {"attention_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+                                     "self_attn.o_proj.bias"),
+                  "mlp_bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")}
+_OUTPUT_SIDE_BIASES = ("self_attn.o_proj.bias", "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
 # HF checkpoint entries that are buffers, not weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -77,6 +88,11 @@ class ArchSpec:
     permute_qk: bool        # llama.cpp's converter permutes q/k rows for its rotary layout (llama arch)
     qkv_bias: bool = False  # qwen2
     qk_norm: bool = False   # qwen3
+    # llama.cpp's graph adds optional biases to attn_output and ffn_gate/up/down (the llama and deci archs:
+    # src/models/llama.cpp, deci.cpp, TENSOR_NOT_REQUIRED); qwen2/qwen3 load no such tensor
+    output_biases: bool = False
+    # transformers' config switches biases on per group (attention_bias: q,k,v,o; mlp_bias: gate,up,down): LlamaConfig
+    hf_bias_flags: bool = False
 
     # ---- names -------------------------------------------------------------------------------------
     def layer_suffixes(self) -> list[str]:
@@ -89,11 +105,35 @@ class ArchSpec:
             out += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
         return out
 
+    def bias_suffixes(self, cfg: dict) -> list[str]:
+        """Per-layer bias tensors a checkpoint with this config holds beyond layer_suffixes (the groups the config's
+        attention_bias / mlp_bias switch on, for families whose config has those flags)."""
+        if not self.hf_bias_flags:
+            return []
+        return [s for flag, group in _HF_BIAS_FLAGS.items() if cfg.get(flag) for s in group
+                if s not in self.layer_suffixes()]
+
+    def hf_bias_config(self, names) -> dict[str, bool]:
+        """The config flags (attention_bias, mlp_bias) an HF checkpoint holding the tensors `names` needs; the
+        partners of a group (q/k/v for o, gate/up for down) are then expected too (zeros if the model has none).
+        A bias this family's transformers class cannot hold is an error naming it."""
+        suffixes = {n.split(".", 3)[3] for n in names if _layer_of(n) is not None}
+        extra = sorted(s for s in suffixes if s.endswith(".bias") and s not in self.layer_suffixes())
+        if not extra:
+            return {}
+        if not self.hf_bias_flags:
+            raise InvalidModelError(f"transformers' {self.hf_arch} has no {extra[0]} (its config cannot switch "
+                                    f"such biases on); write a GGUF instead")
+        return {flag: any(s in group for s in extra) for flag, group in _HF_BIAS_FLAGS.items()}
+
     def hf_to_gguf(self, hf_name: str) -> str:
         if hf_name in _GLOBAL_NAMES:
             return _GLOBAL_NAMES[hf_name]
         parts = hf_name.split(".", 3)  # model.layers.{i}.suffix
         if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
+            if parts[3] in _OUTPUT_SIDE_BIASES and not self.output_biases:
+                raise InvalidModelError(f"tensor {hf_name!r}: llama.cpp's {self.gguf_arch} graph has no "
+                                        f"{_LAYER_NAMES[parts[3]]} (only the llama family's adds such biases)")
             return f"blk.{int(parts[2])}.{_LAYER_NAMES[parts[3]]}"
         raise InvalidModelError(f"tensor {hf_name!r} has no GGUF name for architecture {self.hf_arch}")
 
@@ -112,11 +152,12 @@ class ArchSpec:
                 "self_attn.q_proj.weight": (nh * hd, h), "self_attn.k_proj.weight": (nkv * hd, h),
                 "self_attn.v_proj.weight": (nkv * hd, h), "self_attn.o_proj.weight": (h, nh * hd),
                 "self_attn.q_proj.bias": (nh * hd,), "self_attn.k_proj.bias": (nkv * hd,),
-                "self_attn.v_proj.bias": (nkv * hd,),
+                "self_attn.v_proj.bias": (nkv * hd,), "self_attn.o_proj.bias": (h,),
+                "mlp.gate_proj.bias": (ff,), "mlp.up_proj.bias": (ff,), "mlp.down_proj.bias": (h,),
                 "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
                 "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff),
             }
-            for s in self.layer_suffixes():
+            for s in self.layer_suffixes() + self.bias_suffixes(cfg):
                 out[f"model.layers.{i}.{s}"] = per_layer[s]
         return out
 
@@ -133,9 +174,9 @@ class ArchSpec:
         if i is None:
             return W
         _, nh, nkv = layer_dims(cfg, i)
-        if hf_name.endswith("self_attn.q_proj.weight"):
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):   # as convert_hf_to_gguf.py
             return _permute_rows(W, nh)
-        if hf_name.endswith("self_attn.k_proj.weight"):
+        if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             return _permute_rows(W, nkv)
         return W
 
@@ -146,8 +187,9 @@ def _permute_rows(W: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", "llama", permute_qk=True),
-    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", "llama", permute_qk=True),
+    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", "llama", permute_qk=True, output_biases=True,
+                                 hf_bias_flags=True),
+    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", "llama", permute_qk=True, output_biases=True),
     "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "qwen2", "qwen2", permute_qk=False, qkv_bias=True),
     "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", "qwen3", "qwen3", permute_qk=False, qk_norm=True),
 }

@@ -1,8 +1,9 @@
 """Writing an HF model folder: `model.safetensors`, `config.json` and the tokenizer files, all into one temp
 folder beside the output, fsynced, checked, then renamed into place (io.atomic_folder). A reader, or the next
 run after a kill or a full disk, sees the old folder, none, or the complete new one: never a folder with the
-weights but no config. `save_hf` writes a model transformers loads again; `write_hf_folder` is the shared part
-(the k-means writer uses it with its own tensors)."""
+weights but no config. `save_hf` writes a model transformers loads again (biases that bias compensation added
+switch on LlamaConfig's attention_bias / mlp_bias, their partners written as zeros); `write_hf_folder` is the
+shared part (the k-means writer uses it with its own tensors)."""
 from __future__ import annotations
 
 import json
@@ -98,6 +99,21 @@ def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool =
     tensors = {n: t.detach().to(DTYPES[dtype]).contiguous() for n, t in model.module.state_dict().items()
                if not (tied and n == "lm_head.weight")}
     cfg = model.module.config.to_dict()
+    cfg.update(_with_bias_partners(model.spec, cfg, tensors))
     cfg["torch_dtype"] = dtype
     cfg.pop("quantization_config", None)
     return write_hf_folder(model, out, tensors, cfg, overwrite=overwrite)
+
+
+def _with_bias_partners(spec, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Biases beyond the family's own (bias compensation's o_proj/down_proj biases) need the config flags that
+    switch them on in transformers (LlamaConfig: attention_bias for q/k/v/o, mlp_bias for gate/up/down); the
+    partners the model does not have are added to `tensors` as zeros, so that transformers builds and fills
+    exactly this function. Returns the flags to set."""
+    flags = spec.hf_bias_config(tensors)
+    if flags:
+        dtype = next(iter(tensors.values())).dtype
+        for name, shape in spec.expected_shapes({**cfg, **flags}).items():
+            if name not in tensors:
+                tensors[name] = torch.zeros(shape, dtype=dtype)
+    return flags

@@ -71,6 +71,32 @@ def _layer_inputs(module, chunks: torch.Tensor) -> list[tuple[torch.Tensor, dict
     return cache
 
 
+def replay_inputs(module, chunks: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(hidden states entering the first decoder layer, (n_chunks, n_ctx, hidden); the keyword arguments every
+    layer takes: positions, rotary embeddings, mask), for replaying a model one layer at a time on all chunks at
+    once or on any slice of them (the chunks share one length, so the keyword arguments are shared)."""
+    cache = _layer_inputs(module, chunks)
+    return torch.cat([c[0] for c in cache]), cache[0][1]
+
+
+# A decoder layer as two residual sub-blocks, y = h + mlp_out(h) with h = x + attention_out(x): pre-norm
+# Llama-family layers (llama, mistral, qwen2, qwen3), whose forward is exactly this (tests/test_heal_stages.py).
+def attention_out(layer, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    """What the attention sub-block adds to the residual stream x: o_proj's output."""
+    return layer.self_attn(hidden_states=layer.input_layernorm(x), **kw)[0]
+
+
+def mlp_out(layer, h: torch.Tensor) -> torch.Tensor:
+    """What the MLP sub-block adds to the residual stream h: down_proj's output."""
+    return layer.mlp(layer.post_attention_layernorm(h))
+
+
+def run_layer(layer, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    """One decoder layer's output (the residual stream after it)."""
+    y = layer(x, **kw)
+    return y[0] if isinstance(y, tuple) else y
+
+
 # linears that read one tensor, and what produced it: AWQ folds 1/s into the producer (an RMSNorm's weight,
 # or the rows of a linear), so the exported graph is unchanged. Llama-family names; other layers are left alone.
 AWQ_GROUPS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),

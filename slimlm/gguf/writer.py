@@ -114,6 +114,8 @@ def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
     for hf_name, W in model.named_weights().items():
         if spec.is_ignored(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
+        if spec.output_biases and hf_name.endswith(".bias") and not W.any():
+            continue     # optional in llama.cpp's llama/deci graph: a zero bias would only cost an add per matmul
         out.append((spec.hf_to_gguf(hf_name), hf_name, spec.to_gguf_tensor(hf_name, W.detach(), cfg)))
     if rope_parameters(cfg).get("rope_type") == "llama3":
         out.append(("rope_freqs.weight", "", llama3_rope_factors(cfg)))
