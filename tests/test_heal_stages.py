@@ -320,3 +320,19 @@ def test_blockwise_stops_at_the_deadline(teacher, texts):
     took = time.monotonic() - t0
     assert st["stopped_by_deadline"] and st["layers_trained"] == 4 and took < 2.0, took
     assert all(0 < r["steps"] < r["planned_steps"] == 80_000 for r in st["layers"])
+
+
+def test_hidden_channel_pruning_blockwise_trains_bias_compensation_skips(teacher, texts):
+    """Pruned residual channels: the teacher's stream is compared on the channels the student kept (found among
+    the teacher's embedding columns); bias compensation cannot feed the student's narrower stream to the
+    teacher's sub-blocks and says so."""
+    from slimlm.train.stages import hidden_channels
+    cal = texts[0]
+    s, lm = _student(teacher, cal, Plan(hidden=48, drop_layers=[3]))
+    keep = hidden_channels(teacher, s)
+    assert keep.shape == (48,) and torch.equal(teacher.module.model.embed_tokens.weight[:, keep],
+                                               s.module.model.embed_tokens.weight)
+    assert infer_layer_map(teacher, s) == lm == [0, 1, 2]
+    assert "hidden" in bias_compensation(teacher, s, cal, lm, progress=False)["skipped"]
+    st = blockwise_reconstruction(teacher, s, cal, lm, epochs=2, progress=False)
+    assert st["layers_trained"] == 3 and all(r["loss_after"] < r["loss_before"] for r in st["layers"])

@@ -1,5 +1,5 @@
 """The cheap healing stages that come before end-to-end distillation: bias compensation, then block-wise
-reconstruction. Neither computes the LM head or backpropagates through more than one decoder layer.
+reconstruction. Neither backpropagates through the LM head or through more than one decoder layer.
 
 Both replay the student one decoder layer at a time on calibration chunks, every layer fed the student's own
 hidden states (sequential, as GPTQ/SparseGPT do: a layer also makes up for the error the layers before it left),
@@ -328,7 +328,11 @@ def blockwise_reconstruction(teacher, student, chunks: torch.Tensor, layer_map: 
     With a `deadline` (a time.monotonic() value) each layer still to train gets an equal share of the time left,
     and its schedule is shortened to the steps that fit (measured after its first step), so every layer gets some
     training and the call returns by the deadline (give or take a step and a forward pass). A layer whose loss did
-    not fall keeps its weights. Defaults measured on SmolLM2 (25% pruned): see tests/test_heal_stages.py's notes.
+    not fall keeps its weights. Defaults measured on SmolLM2 pruned 25% by the default method (16 chunks of 512
+    calibration tokens, KLD on 8 held-out chunks: unhealed 0.92): lr 1e-4 / 1e-3 / 3e-3 / 1e-2 gave 0.84 / 0.67 /
+    0.61 / 1.01 (2 epochs, batch 4); the "token" loss 0.59 where "variance" gave 0.61; more steps keep helping
+    (4 epochs at batch 2: 0.45 in 72 s; 16 epochs: 0.37 in 215 s) and more text more (64 chunks, 4 epochs: 0.29);
+    training every layer instead of the changed ones only: the same KLD for twice the time.
 
     Returns per-layer records ({"layer", "teacher_layer", "trained", "loss_before", "loss_after", "steps",
     "planned_steps", "seconds"}) and totals."""
