@@ -488,10 +488,14 @@ def cmd_prune(a) -> int:
                       heal=_heal_config(a), steps=a.steps)
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                 command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
-    if rep is None:                     # a non-writing rank of a distributed launch
-        return 0
-    print("\n".join(rep.summary_lines()))
-    print(f"report: {rep.written[1]} (and .report.json)")
+    return _print_report(rep)
+
+
+def _print_report(rep) -> int:
+    """The headline numbers and where the report went (nothing on a non-writing rank of a distributed launch)."""
+    if rep is not None:
+        print("\n".join(rep.summary_lines()))
+        print(f"report: {rep.written[1]} (and .report.json)")
     return 0
 
 
@@ -502,11 +506,7 @@ def cmd_heal(a) -> int:
                   speed=not a.no_speed, evaluate=not a.no_eval)
     rep = heal(a.student, a.output, job, teacher=a.teacher, resume=a.resume, overwrite=a.overwrite,
                progress=not a.quiet, command="slimlm " + shlex.join(sys.argv[1:]))
-    if rep is None:                     # a non-writing rank of a distributed launch
-        return 0
-    print("\n".join(rep.summary_lines()))
-    print(f"report: {rep.written[1]} (and .report.json)")
-    return 0
+    return _print_report(rep)
 
 
 def cmd_sensitivity(a) -> int:
