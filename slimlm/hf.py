@@ -231,7 +231,7 @@ def check_config(cfg: dict, source: str) -> ArchSpec:
         raise InvalidModelError(f"{source}: model_type {str(cfg.get('model_type'))[:80]!r} does not match "
                                 f"architecture {spec.hf_arch} (expected {spec.model_type!r}; transformers "
                                 f"builds the model from model_type)")
-    if spec.gguf_arch == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+    if spec.gguf_arch == "llama" and not spec.hf_bias_flags and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise InvalidModelError(f"{source}: attention_bias/mlp_bias are not supported for {spec.hf_arch}")
     # transformers' Qwen3 default head_dim (128) is no guide, and its Qwen2 rotary code reads a null head_dim
     if (spec.qk_norm or (spec.qkv_bias and "head_dim" in cfg)) and not _positive_int(cfg.get("head_dim")):
