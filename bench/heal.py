@@ -83,7 +83,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=30, help="wall-time budget of the acceptance healing run")
     ap.add_argument("--compare-tokens", default="60k", help="training tokens of the cache vs full-logit runs")
     ap.add_argument("--throughput-steps", type=int, default=6)
-    ap.add_argument("--skip", default="", help="comma list of: e2e, cache, iterative, throughput")
+    ap.add_argument("--skip", default="", help="comma list of: stages, e2e, cache, iterative, throughput")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
 
@@ -126,21 +126,23 @@ def main() -> int:
         out_json.write_text(json.dumps({"rows": rows, "layer_map": layer_map, "prune": st}, indent=1, default=str))
 
     data = load_train_data(pruned, [a.calib], seq_len=256, n_heldout=8, eval_text=eval_text, progress=False)
-    stage_rows = data.train[:64]
+    stage_rows = data.train[:HealConfig().stage_rows]          # what slimlm heal gives the cheap stages
     record("unhealed", pruned, seconds=prune_s)
-    m = copy.deepcopy(pruned)
-    t = time.perf_counter()
-    r = stages.bias_compensation(ref, m, stage_rows, layer_map, progress=True)
-    t_bias = time.perf_counter() - t
-    record("+ bias compensation", m, seconds=t_bias, tokens=int(stage_rows.numel()))
-    m2 = copy.deepcopy(m)
-    t = time.perf_counter()
-    r = stages.blockwise_reconstruction(ref, m2, stage_rows, layer_map, progress=True)
-    t_bw = time.perf_counter() - t
-    record("+ block-wise reconstruction", m2, seconds=t_bw, tokens=int(stage_rows.numel()))
+    m2, t_bias, t_bw = pruned, 0.0, 0.0
+    if "stages" not in skip:
+        m = copy.deepcopy(pruned)
+        t = time.perf_counter()
+        r = stages.bias_compensation(ref, m, stage_rows, layer_map, holdout=stage_rows.shape[0] // 8, progress=True)
+        t_bias = time.perf_counter() - t
+        record("+ bias compensation", m, seconds=t_bias, tokens=int(stage_rows.numel()))
+        m2 = copy.deepcopy(m)
+        t = time.perf_counter()
+        r = stages.blockwise_reconstruction(ref, m2, stage_rows, layer_map, progress=True)
+        t_bw = time.perf_counter() - t
+        record("+ block-wise reconstruction", m2, seconds=t_bw, tokens=int(stage_rows.numel()))
 
     T = a.compare_tokens
-    if "cache" not in skip:
+    if "cache" not in skip and "stages" not in skip:
         for kind in ("full", "topk"):
             s = copy.deepcopy(m2)
             cfg = TrainConfig(budget=T, teacher_targets=kind, eval_every=0, checkpoint_every=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import SlimlmError
 from .presets import PRESETS
-from .train.config import PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
+from .train.config import PARALLEL, PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
 
 TYPES = ", ".join(p.name for p in PRESETS.values())
 _T = TrainConfig()
@@ -57,10 +57,11 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "changed layers), lora (LoRA adapters via peft, merged before export)")
     g.add_argument("--lora", dest="lora_rank", type=int, metavar="R", help=f"LoRA rank (implies --train lora; "
                    f"default {_T.lora_rank})")
-    g.add_argument("--teacher-targets", choices=TEACHER_TARGETS, help=f"the teacher's outputs: full (the whole "
-                   f"distribution, the teacher run at every step) or topk (computed once per training token: the top "
-                   f"--topk log-probabilities plus the remaining mass, memory-mapped on disk); default "
-                   f"{_T.teacher_targets}")
+    g.add_argument("--teacher-targets", choices=TEACHER_TARGETS, help="the teacher's outputs: full (the whole "
+                   "distribution, the teacher run at every step), topk (computed once per training token: the top "
+                   "--topk log-probabilities plus the remaining mass, memory-mapped on disk in the work folder), or "
+                   "auto (default: topk unless --hidden-weight is given or the cache would pass 2 GiB; on SmolLM2 "
+                   "the cache was within 1%% of full logits' KLD at 1.28x the training speed)")
     g.add_argument("--topk", type=int, metavar="K", help=f"logits kept per token in the teacher cache "
                    f"(default {_T.topk})")
     g.add_argument("--temperature", type=float, metavar="T", help=f"distillation temperature (default "
@@ -79,6 +80,11 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "backward pass (less memory, slower)")
     g.add_argument("--device", metavar="DEV", help="auto (default: the GPU when there is one), cpu, cuda or "
                    "cuda:N; several processes: start slimlm with torchrun (data parallel)")
+    g.add_argument("--parallel", choices=PARALLEL, help="how several processes (started by torchrun or accelerate "
+                   "launch) share the model: ddp (default: each holds the whole model, gradients and AdamW state) "
+                   "or fsdp (parameters, gradients and optimizer state sharded across the processes, for a model "
+                   "whose training state does not fit one device; not with --train lora); with one process both "
+                   "are plain training")
     g.add_argument("--eval-every", type=int, metavar="N", help=f"held-out KL every N steps, the best state kept "
                    f"(default {_T.eval_every}; 0: only at the end)")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help=f"checkpoint every N steps (default "

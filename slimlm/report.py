@@ -206,8 +206,9 @@ def healing_markdown(rec: dict) -> list[str]:
             md.append(f"| {s['stage']} | skipped: {s['skipped']} | | |")
             continue
         tok = (s.get("detail") or {}).get("tokens")
-        md.append(f"| {s['stage']} | {s['heldout_kl']:.4f} | {s['seconds']:.1f} | "
-                  f"{'' if tok is None else format(tok, ',')} |")
+        kl = (f"{s['heldout_kl_tried']:.4f}: higher, undone (stays {s['heldout_kl']:.4f})" if s.get("undone")
+              else f"{s['heldout_kl']:.4f}")
+        md.append(f"| {s['stage']} | {kl} | {s['seconds']:.1f} | {'' if tok is None else format(tok, ',')} |")
     md += ["", f"Total {rec['seconds']:.0f} s (training data, teacher cache and evaluations included).", "",
            "| training data source | kind | training tokens |", "|---|---|---|"]
     for src in rec["data"]["sources"]:

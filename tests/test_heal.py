@@ -26,6 +26,9 @@ def test_heal_runs_every_stage_in_order_and_lowers_the_heldout_kl(tiny_hf, calib
     assert kls[-1] < kls[0] and min(kls[1:]) < kls[0]
     assert rec["stages"][-1]["detail"]["tokens"] == 2048
     assert rec["data"]["train_tokens"] > 0 and rec["data"]["sources"][0]["kind"] == "file"
+    assert rec["stages"][-1]["detail"]["teacher_targets"]["kind"] == "topk"    # auto: the cache, in the work folder
+    from slimlm.train.heal import clear_work
+    clear_work(work)                      # the caller's step once the healed model is written
     assert not work.exists()
     assert all(torch.isfinite(p).all() for p in student.module.parameters())
 
@@ -37,3 +40,26 @@ def test_heal_config_refuses_bad_values_before_loading(tmp_path):
         HealConfig(generate=-1)
     with pytest.raises(ConfigError):
         HealConfig(data=(str(tmp_path / "missing.txt"),))
+
+
+def test_a_stage_that_raises_the_heldout_kl_is_undone(tiny_hf, calib, tmp_path, monkeypatch):
+    """A cheap stage is kept only if the held-out KL does not rise: one that damages the student is taken back."""
+    from slimlm.train import stages
+    teacher = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    chunks = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    student, _ = prune_structured(teacher, chunks, Plan(drop_layers=[1], ffn=64), progress=False)
+    before = {n: p.clone() for n, p in student.module.state_dict().items()}
+
+    def damage(teacher, student, chunks, layer_map, **kw):
+        with torch.no_grad():
+            for p in student.module.model.layers.parameters():
+                p.add_(torch.randn_like(p))
+        return {"seconds": 0.0}
+    monkeypatch.setattr(stages, "blockwise_reconstruction", damage)
+    cfg = HealConfig(train=TrainConfig(budget="256", seq_len=32), data=(str(calib),), bias=False, e2e=False,
+                     stage_rows=8, n_heldout=2)
+    rec = heal_model(student, teacher, cfg, folder=tmp_path / "w", layer_map=[0, 2])
+    bw = rec["stages"][-1]
+    assert bw["undone"] and bw["heldout_kl_tried"] > bw["heldout_kl"] == rec["stages"][0]["heldout_kl"]
+    after = student.module.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)

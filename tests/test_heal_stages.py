@@ -251,7 +251,7 @@ def test_hf_folder_reloads_with_the_same_logits(teacher, texts, tmp_path):
         got = back(input_ids=x, use_cache=False).logits
     assert torch.allclose(got, s.logits(x), atol=1e-5, rtol=1e-5)
     assert not back.model.layers[0].mlp.up_proj.bias.any() and back.model.layers[0].mlp.down_proj.bias.any()
-    from slimlm import load                         # and slimlm reads its own healed folder back (heal it again)
+    from slimlm import load  # and slimlm reads its own healed folder back (heal it again)
     again = load(d, progress=False)
     assert torch.allclose(again.logits(x), s.logits(x), atol=1e-5, rtol=1e-5)
 

@@ -188,3 +188,33 @@ def test_what_trains_changes_only_those_weights_and_lora_merges_back(src, calib,
     else:
         assert any(k.startswith("model.layers.0.") for k in changed) and "model.norm.weight" in changed
     assert r["best_heldout_kl"] <= r["initial_heldout_kl"]
+
+
+def test_auto_teacher_targets_take_the_cache_unless_hidden_states_or_size_forbid(src, calib, tmp_path, monkeypatch):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    kw = dict(seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0)
+    t = trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", **kw), folder=tmp_path, progress=False)
+    assert t._kind(8) == "topk"
+    assert trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", **kw), folder=None,
+                           progress=False)._kind(8) == "full"                      # no folder for a cache
+    assert trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", hidden_weight=1.0, **kw),
+                           folder=tmp_path, layer_map=[0, 1], progress=False)._kind(8) == "full"
+    # 8 steps x 4 rows x 32 tokens x 256 logits x 6 bytes = 1.5 MiB: over a 1 MiB limit the teacher runs on the fly
+    monkeypatch.setattr(trainer, "CACHE_BYTES", 2**20)
+    assert t._kind(8) == "full" and t._kind(4) == "topk"
+
+
+def test_a_time_budget_with_auto_targets_uses_the_cache_and_records_it(src, calib, tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train.trainer import train
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    r = train(student, teacher, data, TrainConfig(budget="20s", seq_len=32, micro_batch=4, eval_every=0,
+                                                  checkpoint_every=0), folder=tmp_path, progress=False)
+    assert r["teacher_targets"]["kind"] == "topk" and r["stopped"] == "budget" and r["steps"] >= 1
+    assert r["teacher_targets"]["build_seconds"] > 0

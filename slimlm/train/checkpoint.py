@@ -6,6 +6,8 @@ RNG states, and a fingerprint of everything that decides the result (settings, d
 starting weights, the global batch). It is written to a temp file, fsynced and renamed, so a kill leaves the
 previous checkpoint whole. It is read with `torch.load(weights_only=True)`: tensors and plain containers,
 never arbitrary pickled objects. `--resume` with any fingerprint difference is refused and says what differs.
+Under FSDP the trainer gathers the shards before saving (dist.gather_full) and slices them again on resume, so a
+checkpoint holds the same whole tensors, in the same layout, however the processes split the model.
 """
 from __future__ import annotations
 

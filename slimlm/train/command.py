@@ -32,8 +32,8 @@ TRAIN_FLAGS = {"lr": "--lr", "train_params": "--train", "lora_rank": "--lora", "
                "topk": "--topk", "temperature": "--temperature", "ce_weight": "--ce-weight",
                "hidden_weight": "--hidden-weight", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
                "accum": "--accum", "precision": "--precision", "grad_checkpointing": "--grad-checkpointing",
-               "device": "--device", "eval_every": "--eval-every", "checkpoint_every": "--checkpoint-every",
-               "seed": "--seed"}
+               "device": "--device", "parallel": "--parallel", "eval_every": "--eval-every",
+               "checkpoint_every": "--checkpoint-every", "seed": "--seed"}
 HEAL_FLAGS = {"data": "--data", "generate": "--generate", "bias": "--no-bias", "blockwise": "--no-blockwise",
               "e2e": "--no-e2e"}
 FLAGS = {**TRAIN_FLAGS, **HEAL_FLAGS}

@@ -13,7 +13,8 @@ from ..errors import ConfigError
 
 TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
-TEACHER_TARGETS = ("full", "topk")
+TEACHER_TARGETS = ("auto", "full", "topk")
+PARALLEL = ("ddp", "fsdp")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|sec|m|min|h)$")
 _TOKENS = re.compile(r"^(\d+(?:\.\d+)?)(k|K|M|tok|tokens)?$")
@@ -61,14 +62,16 @@ class TrainConfig:
     lora_rank: int = 16                     # with train_params="lora" (peft; merged before export)
     precision: str = "auto"                 # auto: bf16 autocast where the device has fast bf16 matmuls
     grad_checkpointing: bool = False
-    teacher_targets: str = "full"           # full: the teacher on the fly (each token is seen about once in a
-                                            # budget on 2 cores, so a cache saves nothing); topk: computed once
-                                            # per token into a cache, for several epochs over small data
+    teacher_targets: str = "auto"           # auto: topk unless --hidden-weight or a cache over 2 GiB (trainer.
+                                            # CACHE_BYTES); full: the teacher on the fly every step; topk: once per
+                                            # training token into a memory-mapped cache (top-k + remaining mass)
     topk: int = 256                         # logits kept per token in the cache (+ the remaining mass)
     eval_every: int = 50                    # held-out KL every N steps; the best state is kept (0: only at the end)
     checkpoint_every: int = 100             # steps between checkpoints (0: none)
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    parallel: str = "ddp"                   # several processes: ddp (each holds the whole training state) | fsdp
+                                            # (parameters, gradients and AdamW state sharded across them)
 
     def __post_init__(self):
         parse_budget(self.budget)
@@ -90,11 +93,15 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
         for name, v, ok in (("train", self.train_params, TRAIN_PARAMS), ("precision", self.precision, PRECISIONS),
-                            ("teacher-targets", self.teacher_targets, TEACHER_TARGETS)):
+                            ("teacher-targets", self.teacher_targets, TEACHER_TARGETS),
+                            ("parallel", self.parallel, PARALLEL)):
             if v not in ok:
                 raise ConfigError(f"--{name} must be one of {', '.join(ok)}, got {v!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.parallel == "fsdp" and self.train_params == "lora":
+            raise ConfigError("--parallel fsdp cannot go with --train lora: LoRA trains small adapters on frozen "
+                              "weights, so its training state is small; use --parallel ddp with LoRA")
         if self.hidden_weight > 0 and self.teacher_targets == "topk":
             raise ConfigError("--hidden-weight needs the teacher's hidden states: use --teacher-targets full (the "
                               "top-k cache holds logits only)")
@@ -110,9 +117,11 @@ class TrainConfig:
         return parse_budget(self.budget)[1]
 
     def fingerprint(self) -> dict:
-        """The settings a checkpoint must share to be resumed (what does not change the result is left out)."""
+        """The settings a checkpoint must share to be resumed (what does not change the result is left out: the
+        device, and how the processes split the model, since DDP and FSDP average the same gradients and write
+        checkpoints of the same full tensors)."""
         d = asdict(self)
-        for k in ("checkpoint_every", "device"):
+        for k in ("checkpoint_every", "device", "parallel"):
             d.pop(k)
         d["betas"] = list(d["betas"])
         return d

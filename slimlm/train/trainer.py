@@ -5,6 +5,7 @@ or its cached top-k), optionally + CE on the text and + the residual-stream MSE 
 linear warmup and a cosine decay, gradient clipping and accumulation, bf16 autocast where the device has fast
 bf16 matmuls (fp32 master weights), optional gradient checkpointing, and a choice of what trains (all, all but
 the embeddings, norms + pruned layers, LoRA through peft). Held-out KL every N steps keeps the best state.
+Several processes (torchrun): DDP, or FSDP for a model whose training state does not fit one device (dist.py).
 
 Speed on a CPU comes from not paying for what does not learn: the tied 49k x 576 embedding/LM head is frozen by
 default (no weight gradient, no AdamW state for 28M parameters), matmuls run in bf16, and the teacher's outputs
@@ -24,11 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericsError
-from . import checkpoint
+from . import checkpoint, dist
 from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
-from .losses import ce, hidden_mse, kl_full, kl_topk
+from .losses import ce, hidden_mse, kl_full, kl_topk, topk_targets
 from .teacher import OnTheFly, TopKCache, autocast, module_fingerprint
+
+# --teacher-targets auto takes the top-k cache while it stays under this size on disk (int32 id + fp16 log-prob
+# per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
+# was within 1% of full logits' (0.613 vs 0.608) at 1.28x the tokens/s counting its build (203 vs 159).
+CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
 
 
 # ------------------------------------------------------------------------------------------ what trains
@@ -110,7 +116,7 @@ def fingerprint(config: TrainConfig, data, world: World, **extra) -> dict:
 
 
 class _Forward(torch.nn.Module):
-    """The student's forward as one module, so DDP can wrap it."""
+    """The student's forward as one module, so DDP can wrap it (FSDP shards the student module inside it)."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
@@ -145,10 +151,21 @@ class Trainer:
         self.global_batch = config.micro_batch * config.accum * self.world.size
 
     # -- pieces ---------------------------------------------------------------------------------------
-    def _targets(self, order: RowOrder, total: int):
+    def _kind(self, total: int) -> str:
+        """The teacher targets a run of `total` steps uses: --teacher-targets, or for "auto" the top-k cache unless
+        the run needs hidden states, has no work folder, or its cache would pass CACHE_BYTES."""
+        cfg = self.cfg
+        if cfg.teacher_targets != "auto":
+            return cfg.teacher_targets
+        if self.hidden or self.folder is None:
+            return "full"
+        rows = min(self.data.train.shape[0], total * self.global_batch)
+        return "topk" if rows * cfg.seq_len * cfg.topk * CACHE_BYTES_PER_LOGIT <= CACHE_BYTES else "full"
+
+    def _targets(self, order: RowOrder, total: int, kind: str):
         """The teacher's side; the top-k cache covers exactly the rows of steps 0..total-1."""
         cfg = self.cfg
-        if cfg.teacher_targets == "full":
+        if kind == "full":
             return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
         n = self.data.train.shape[0]
         rows = torch.arange(n) if total * self.global_batch >= n else \
@@ -201,38 +218,68 @@ class Trainer:
         module.train(was)
         return tot / n
 
-    def _total_steps(self, fwd, order: RowOrder, deadline: float | None) -> int:
-        """Steps of the run: from the token budget, or from the time left and a timed step with the teacher on
-        the fly (what a cached teacher costs per token once, when each row is seen once)."""
+    def _timed_step(self, fwd, targets, rows: torch.Tensor) -> float:
+        """Seconds of one micro-batch's forward and backward (the first pass pays one-time costs; the second is
+        timed)."""
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self._loss(fwd, targets, rows).backward()
+            dt = time.perf_counter() - t0
+        for p in fwd.parameters():
+            p.grad = None
+        return dt
+
+    @torch.no_grad()
+    def _timed_topk(self, rows: torch.Tensor) -> tuple[float, dict]:
+        """Seconds the cache costs per micro-batch (the teacher's forward and top-k, as TopKCache.build runs
+        them; the second pass timed), and those targets."""
+        ids = self.data.train[rows].to(self.device)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with autocast(self.device, self.bf16):
+                logits = self.teacher.module(input_ids=ids, use_cache=False).logits
+            i, v = topk_targets(logits, self.cfg.topk, self.cfg.temperature)
+            fixed = {"idx": i.int().cpu().long(), "lt": v.half().float().cpu()}
+            dt = time.perf_counter() - t0
+        return dt, fixed
+
+    def _plan(self, fwd, order: RowOrder, deadline: float | None) -> tuple[int, str]:
+        """Steps of the run and its teacher targets: from the token budget, or from the time left and timed
+        micro-batches: a step with the teacher on the fly, and (top-k or auto) a step on cached targets plus the
+        cache's cost for its rows (each row is cached once, before the loop)."""
         kind, v = self.cfg.budget_kind, self.cfg.budget_value
         per_step = self.global_batch * self.cfg.seq_len
         if kind == "tokens":
-            return max(1, math.ceil(v / per_step))
+            total = max(1, math.ceil(v / per_step))
+            return total, self._kind(total)
         if deadline is None:
             deadline = time.monotonic() + v
         rows = order.rows(0, self.global_batch)[:self.cfg.micro_batch]
-        targets = OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
-        times = []
-        for _ in range(2):                       # the first pass pays one-time costs; the second is timed
-            t0 = time.perf_counter()
-            self._loss(fwd, targets, rows).backward()
-            times.append(time.perf_counter() - t0)
-        for p in fwd.parameters():
-            p.grad = None
-        step_s = times[-1] * self.cfg.accum * 1.05
-        steps = int((deadline - time.monotonic()) / step_s)
-        steps = int(self.world.mean(float(steps), self.device))
+        step_s = {}
+        if self.cfg.teacher_targets != "topk":
+            step_s["full"] = self._timed_step(fwd, OnTheFly(self.teacher, self.device, self.bf16,
+                                                             hidden=self.hidden), rows)
+        if self.cfg.teacher_targets == "topk" or self._kind(1) == "topk":
+            cache_s, fixed = self._timed_topk(rows)
+            step_s["topk"] = self._timed_step(fwd, lambda r, ids: fixed, rows) + cache_s
+        step_s = {k: s * self.cfg.accum * 1.05 for k, s in step_s.items()}
+        left = deadline - time.monotonic()
+        kind = "topk" if "topk" in step_s and (self.cfg.teacher_targets == "topk" or
+                                                self._kind(int(left / step_s["topk"])) == "topk") else "full"
+        steps = int(self.world.mean(float(int(left / step_s[kind])), self.device))
         if steps < 1:
             raise ConfigError(f"--heal {self.cfg.budget}: no time is left for training after the preparation "
-                              f"(one step takes {step_s:.1f} s); give a longer budget")
-        return steps
+                              f"(one step takes {step_s[kind]:.1f} s); give a longer budget")
+        return steps, kind
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self, *, fingerprint: dict, resume: dict | None = None, deadline: float | None = None) -> dict:
         cfg, world, dev = self.cfg, self.world, self.device
         t_start = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        module = self.student.module.to(dev)
+        fsdp = world.size > 1 and cfg.parallel == "fsdp"
+        # FSDP takes apart a training copy over the student's weights; the student stays whole on the CPU
+        module = dist.training_copy(self.student.module.to("cpu")) if fsdp else self.student.module.to(dev)
         self.teacher.module.to(dev)
         lora = cfg.train_params == "lora"
         if lora:
@@ -244,26 +291,33 @@ class Trainer:
             names = select_parameters(module, cfg.train_params, self.changed_layers)
         if cfg.grad_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if fsdp:
+            dist.fully_shard_model(module, decoder_layers(module), dev)
         module.train()
-        params = dict(module.named_parameters())
+        params = dict(module.named_parameters())         # with FSDP: this process's shards (DTensors)
         trainable = [params[n] for n in names]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         fwd = _Forward(module)
-        if world.size > 1:
+        if world.size > 1 and not fsdp:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
         order = RowOrder(self.data.train.shape[0], cfg.seed)
         state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
-                 "train_seconds": 0.0}
+                 "teacher_targets": None, "train_seconds": 0.0}
         best = None
-        if resume is not None:
-            module.load_state_dict(resume["params"], strict=True)
-            opt.load_state_dict(resume["optim"])
+        if resume is not None:                           # a checkpoint holds whole tensors, in either mode
+            if fsdp:
+                dist.load_full_state(module, resume["params"])
+                dist.load_full_optim(opt, resume["optim"])
+            else:
+                module.load_state_dict(resume["params"], strict=True)
+                opt.load_state_dict(resume["optim"])
             state = resume["meta"]["state"]
-            best = {n: t.to(dev) for n, t in resume["best"].items()}
+            best = {n: dist.shard_like(t, params[n]) for n, t in resume["best"].items()}
             torch.set_rng_state(resume["rng"]["cpu"])
         if state["total_steps"] is None:
-            state["total_steps"] = self._total_steps(fwd, order, deadline)
-        targets = self._targets(order, state["total_steps"])
+            state["total_steps"], state["teacher_targets"] = self._plan(fwd, order, deadline)
+        kind = state.get("teacher_targets") or self._kind(state["total_steps"])
+        targets = self._targets(order, state["total_steps"], kind)
         if not state["evals"]:
             kl = self.heldout_kl(module)
             state["evals"].append([0, kl])
@@ -287,14 +341,16 @@ class Trainer:
             lsum = 0.0
             for a in range(cfg.accum):
                 mb = local[a * cfg.micro_batch:(a + 1) * cfg.micro_batch]
-                sync = a == cfg.accum - 1 or world.size == 1
-                ctx = fwd.no_sync() if (world.size > 1 and not sync) else _nullcontext()
+                # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch into the gradient shards
+                # (skipping it would keep whole gradients between micro-batches: the memory FSDP is there to save)
+                sync = a == cfg.accum - 1 or world.size == 1 or fsdp
+                ctx = fwd.no_sync() if not sync else _nullcontext()
                 with ctx:
                     loss = self._loss(fwd, targets, mb) / cfg.accum
                     loss.backward()
                 lsum += float(loss.detach())
             loss_v = world.mean(lsum, dev)
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+            gnorm = dist.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf")))
             if not (math.isfinite(loss_v) and world.all_true(bool(torch.isfinite(gnorm)), dev)):
                 kept = f"; the last good checkpoint {self.folder / checkpoint.NAME} is kept" if (
                     self.folder is not None and (self.folder / checkpoint.NAME).exists()) else ""
@@ -317,9 +373,13 @@ class Trainer:
                     best = {n: params[n].detach().clone() for n in names}
             if self.folder is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 \
                     and not last:
+                if fsdp:       # every process takes part in gathering the shards; rank 0 keeps and writes them
+                    blob = dist.gather_full({"params": module.state_dict(), "best": best, "optim": opt.state_dict()},
+                                            keep=world.main)
+                else:
+                    blob = {"params": module.state_dict(), "best": best, "optim": opt.state_dict()}
                 if world.main:
-                    checkpoint.save(self.folder, fingerprint=fingerprint, state=state,
-                                    params=module.state_dict(), best=best, optim=opt.state_dict())
+                    checkpoint.save(self.folder, fingerprint=fingerprint, state=state, **blob)
                 world.barrier()
         bar.close()
         state["train_seconds"] += time.perf_counter() - t_loop
@@ -328,9 +388,9 @@ class Trainer:
             state["evals"].append([state["step"], kl])
             if kl < state["best"][1]:
                 state["best"] = [state["step"], kl]
-        return self._finish(module, lora, state, best, stopped, t_start, targets, params, names)
+        return self._finish(module, lora, fsdp, state, best, stopped, t_start, targets, params, names)
 
-    def _finish(self, module, lora, state, best, stopped, t_start, targets, params, names) -> dict:
+    def _finish(self, module, lora, fsdp, state, best, stopped, t_start, targets, params, names) -> dict:
         best_step, best_kl = state["best"]
         final_step = state["step"]
         if best_step != final_step:     # an earlier held-out evaluation (or the start) beat the final state
@@ -339,11 +399,17 @@ class Trainer:
                     params[n].copy_(best[n])
         n_trainable = sum(params[n].numel() for n in names)
         module.eval()
-        if self.cfg.grad_checkpointing:
-            module.gradient_checkpointing_disable()
-        for p in module.parameters():
-            p.requires_grad_(False)
-        self.student.module = _merge(module, lora).to("cpu")
+        if fsdp:                                 # the whole weights go back into the student on every process
+            dist.unshard_into(module, self.student.module)
+            self.student.module.eval()
+            for p in self.student.module.parameters():
+                p.requires_grad_(False)
+        else:
+            if self.cfg.grad_checkpointing:
+                module.gradient_checkpointing_disable()
+            for p in module.parameters():
+                p.requires_grad_(False)
+            self.student.module = _merge(module, lora).to("cpu")
         self.teacher.module.to("cpu")
         tr = state["train_seconds"]
         return {"steps": final_step, "total_steps": state["total_steps"], "tokens": state["tokens"],
@@ -351,7 +417,9 @@ class Trainer:
                 "tokens_per_s": state["tokens"] / tr if tr else None, "curve": state["curve"],
                 "evals": state["evals"], "initial_heldout_kl": state["evals"][0][1], "best_step": best_step,
                 "best_heldout_kl": best_kl, "stopped": stopped, "precision": "bf16" if self.bf16 else "fp32",
-                "device": str(self.device), "world_size": self.world.size, "trainable_params": n_trainable,
+                "device": str(self.device), "world_size": self.world.size,
+                "parallel": ("fsdp" if fsdp else "ddp") if self.world.size > 1 else None,
+                "trainable_params": n_trainable,
                 "teacher_targets": {"kind": targets.kind, "k": self.cfg.topk if targets.kind == "topk" else None,
                                     "build_seconds": getattr(targets, "build_seconds", 0.0)}}
 
