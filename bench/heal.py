@@ -75,6 +75,27 @@ def loss_png(curve, evals, out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def gguf_rows(files: dict, ref, ev_kw: dict) -> dict:
+    """The Q8_0 files evaluated in llama.cpp in one pass (speed rounds interleaved), a row each."""
+    from slimlm.eval import evaluate_many
+    gg = evaluate_many([str(p) for p in files.values()], ref, **{**ev_kw, "speed": True})
+    return {f"llama.cpp Q8_0 {n}": {"kld": e["kld"], "ppl": e["ppl"], "top1": e["top1_agreement"],
+                                    "gen_tps": e["model"]["speed"]["gen_tps"], "bytes": files[n].stat().st_size}
+            for n, e in zip(files, gg, strict=True)}
+
+
+def reeval(a) -> int:
+    from slimlm import load
+    ref = load(reference_model(a.model), progress=False)
+    files = {n: RESULTS / "heal" / f"{n}-Q8_0.gguf" for n in ("unpruned", "unhealed", "healed")}
+    rows = gguf_rows(files, ref, dict(text_path=a.text, n_ctx=512, max_chunks=a.chunks, progress=False))
+    for n, r in rows.items():
+        print(f"{n}: KLD {r['kld']:.4f}  PPL {r['ppl']:.2f}  top-1 {r['top1']:.2%}  {r['bytes'] / 2**20:.1f} MiB  "
+              f"{r['gen_tps']:.1f} generated tok/s")
+    (RESULTS / "heal-gguf.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, eval_chunks=8)
@@ -84,7 +105,11 @@ def main() -> int:
     ap.add_argument("--compare-tokens", default="60k", help="training tokens of the cache vs full-logit runs")
     ap.add_argument("--throughput-steps", type=int, default=6)
     ap.add_argument("--skip", default="", help="comma list of: stages, e2e, cache, iterative, throughput")
+    ap.add_argument("--reeval", action="store_true", help="only evaluate the Q8_0 files an earlier run wrote (unpruned, "
+                    "unhealed, healed) in llama.cpp, speed included, into bench/results/heal-gguf.json")
     a = ap.parse_args()
+    if a.reeval:
+        return reeval(a)
     skip = set(filter(None, a.skip.split(",")))
 
     import torch
@@ -205,13 +230,11 @@ def main() -> int:
         for n, mm in (("unpruned", ref), ("unhealed", pruned), ("healed", s)):
             files[n] = out_dir / f"{n}-Q8_0.gguf"
             export_gguf(mm, files[n], "Q8_0", overwrite=True, progress=False)
-        gg = evaluate_many([str(p) for p in files.values()], ref, **{**ev_kw, "speed": True})
-        for n, e in zip(files, gg, strict=True):
-            rows[f"llama.cpp Q8_0 {n}"] = {"kld": e["kld"], "ppl": e["ppl"], "top1": e["top1_agreement"],
-                                           "gen_tps": e["model"]["speed"]["gen_tps"], "bytes": files[n].stat().st_size}
+        rows.update(gguf_rows(files, ref, ev_kw))
+        out_json.write_text(json.dumps({"rows": rows, "heal": heal_rec}, indent=1, default=str))
 
     n_tok = next(iter(rows.values()))["n_scored_tokens"]
-    print(f"\nSmolLM2-135M (dithered F32 reference) -{st['removed_fraction']:.1%} parameters ({PruneConfig().method}); "
+    print(f"\nSmolLM2-135M (dithered F32 reference) -{st['removed_fraction']:.1%} parameters ({PruneConfig(ratio=a.ratio).method}); "
           f"eval {a.text}: {n_tok} tokens; training text {a.calib}; 2 CPU threads")
     print(f"{'row':<70} {'KLD':>8} {'PPL':>8} {'top-1':>7} {'tokens':>9} {'min':>6}")
     for n, r in rows.items():

@@ -235,3 +235,22 @@ def test_prune_steps_k_prunes_in_rounds_and_heals_after_each(teacher, texts, tmp
     capsys.readouterr()
     assert main(["-q", "prune", str(teacher), "-o", str(tmp_path / "x.gguf"), "--ffn", "64", "--steps", "2"]) == 2
     assert "--steps K prunes in K rounds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_heal_under_torchrun_with_two_gloo_processes_writes_one_model(teacher, student, texts, tmp_path, parallel):
+    """`torchrun --nproc-per-node 2 -m slimlm heal ...`: both processes train, rank 0 alone writes the output and
+    its report (world size 2, the parallel mode), and the work folder is gone."""
+    out = tmp_path / "h"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "slimlm",
+           "-q", "heal", str(student), "--teacher", str(teacher), "-o", str(out), "--heal", "1024", "--data",
+           texts["train"], "--text", texts["eval"], "--no-blockwise", "--no-bias", "--micro-batch", "2",
+           "--parallel", parallel, "--device", "cpu", *FAST]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "h.report.json").read_text())
+    e2e = rep["healing"]["stages"][-1]["detail"]
+    assert e2e["world_size"] == 2 and e2e["parallel"] == parallel and e2e["tokens"] >= 1024
+    assert (out / "config.json").exists() and not (tmp_path / "h.heal-work").exists()
+    assert _kl(rep)[-1] < _kl(rep)[0]

@@ -218,3 +218,20 @@ def test_a_time_budget_with_auto_targets_uses_the_cache_and_records_it(src, cali
                                                   checkpoint_every=0), folder=tmp_path, progress=False)
     assert r["teacher_targets"]["kind"] == "topk" and r["stopped"] == "budget" and r["steps"] >= 1
     assert r["teacher_targets"]["build_seconds"] > 0
+
+
+def test_a_time_budget_whose_plan_was_too_optimistic_shrinks_and_still_ends_its_schedule(src, calib, tmp_path,
+                                                                                           monkeypatch):
+    """The plan from one timed micro-batch leaves costs out; after REPLAN_STEPS real steps the run shrinks to what
+    fits, so it ends by its budget with the learning rate decayed (not cut off by the deadline)."""
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    monkeypatch.setattr(trainer.Trainer, "_plan", lambda self, fwd, order, deadline: (100_000, "full"))
+    cfg = TrainConfig(budget="15s", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-3)
+    r = trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
+    assert r["stopped"] == "budget" and trainer.REPLAN_STEPS < r["steps"] == r["total_steps"] < 100_000
+    assert r["curve"][-1][3] == pytest.approx(trainer.lr_at(r["steps"] - 1, r["steps"], cfg))
+    assert r["curve"][-1][3] < 0.2 * cfg.lr

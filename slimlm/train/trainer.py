@@ -35,6 +35,7 @@ from .teacher import OnTheFly, TopKCache, autocast, module_fingerprint
 # per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
 # was within 1% of full logits' (0.613 vs 0.608) at 1.28x the tokens/s counting its build (203 vs 159).
 CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
+REPLAN_STEPS = 10
 
 
 # ------------------------------------------------------------------------------------------ what trains
@@ -314,16 +315,25 @@ class Trainer:
             state = resume["meta"]["state"]
             best = {n: dist.shard_like(t, params[n]) for n, t in resume["best"].items()}
             torch.set_rng_state(resume["rng"]["cpu"])
+        if deadline is None and cfg.budget_kind == "seconds":
+            deadline = time.monotonic() + cfg.budget_value
         if state["total_steps"] is None:
             state["total_steps"], state["teacher_targets"] = self._plan(fwd, order, deadline)
         kind = state.get("teacher_targets") or self._kind(state["total_steps"])
         targets = self._targets(order, state["total_steps"], kind)
+        t_eval = 0.0
         if not state["evals"]:
+            t0 = time.perf_counter()
             kl = self.heldout_kl(module)
+            t_eval = time.perf_counter() - t0
             state["evals"].append([0, kl])
             state["best"] = [0, kl]
             best = {n: params[n].detach().clone() for n in names}
         total = state["total_steps"]
+        # a duration budget: once REPLAN_STEPS real steps are timed (optimizer and all), the plan shrinks to the
+        # steps that fit before the deadline (the timed micro-batch of _plan leaves out the optimizer, the
+        # held-out evaluations and the machine's load), so the cosine schedule ends on time instead of being cut
+        replan = state["step"] + REPLAN_STEPS if deadline is not None and cfg.budget_kind == "seconds" else None
         bar = tqdm(total=total, initial=state["step"], desc="distillation", unit="step",
                    disable=not (self.progress and world.main), leave=False)
         stopped = "budget"
@@ -334,6 +344,15 @@ class Trainer:
             if deadline is not None and time.monotonic() > deadline:
                 stopped = "deadline"
                 break
+            if step == replan and step < total:
+                per = (time.perf_counter() - t_loop) / REPLAN_STEPS * 1.02
+                evals = (total - step) // cfg.eval_every if cfg.eval_every else 0
+                fit = step + int((deadline - time.monotonic() - evals * t_eval) / per)
+                fit = int(world.mean(float(fit), dev))
+                if fit < total:
+                    total = state["total_steps"] = max(step + 1, fit)
+                    bar.total = total
+                    bar.refresh()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             rows = order.rows(step, self.global_batch)
