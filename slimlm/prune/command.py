@@ -369,7 +369,6 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     healing from its checkpoint). Returns the Report (None on the non-writing ranks of a distributed launch)."""
     from ..calib import calibration_chunks
     from ..compress import source_bytes
-    from ..eval import evaluate
     from ..io import check_output_path
     from ..model import load
     from ..report import Report
@@ -449,17 +448,9 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         steps.append(healing.healing_step_record(rec_heal))
         if not healing.is_main_process():
             return None
-    rec, target = healing.write_model(pruned, Path(out), gguf_out, type=config.type, hf_dtype=config.hf_dtype,
-                                      pre_tokenizer=config.pre_tokenizer, overwrite=overwrite, progress=progress,
-                                      say=say)
-    if config.heal is not None:
-        healing.clear_work_folder(out)
+    rec, ev = healing.write_and_evaluate(pruned, m, out, gguf_out, config, healed=config.heal is not None,
+                                         ref_name="original", overwrite=overwrite, progress=progress, say=say)
     step["arch"] = written_arch(out)
-    ev = None
-    if config.evaluate:
-        say("evaluating against the original ...")
-        ev = evaluate(target, m, text_path=config.text, n_ctx=config.n_ctx, max_chunks=config.max_chunks,
-                      speed=config.speed, progress=progress)
     rep = Report(command=command or f"prune {model or '(default)'} -o {out} --method {config.method}",
                  source=str(m.source), output=str(out), type=rec["type"], export=rec, evaluation=ev,
                  steps=steps + [{"step": "export", "type": rec["type"], "seconds": rec["seconds"]}],

@@ -227,15 +227,8 @@ def heal(student: str | Path, out: str | Path, job: HealJob, *, teacher: str | P
                     progress=progress, say=say)
     if not is_main_process():
         return None
-    export, target = write_model(s_model, out, gguf_out, type=job.type, hf_dtype=job.hf_dtype,
-                                 pre_tokenizer=job.pre_tokenizer, overwrite=overwrite, progress=progress, say=say)
-    clear_work_folder(out)
-    ev = None
-    if job.evaluate:
-        from ..eval import evaluate
-        say("evaluating against the teacher ...")
-        ev = evaluate(target, t_model, text_path=job.text, n_ctx=job.n_ctx, max_chunks=job.max_chunks,
-                      speed=job.speed, progress=progress)
+    export, ev = write_and_evaluate(s_model, t_model, out, gguf_out, job, healed=True, ref_name="teacher",
+                                    overwrite=overwrite, progress=progress, say=say)
     rep = Report(command=command or f"heal {student} --teacher {teacher or '(default)'} -o {out}",
                  source=str(t_model.source), output=str(out), type=export["type"], export=export, evaluation=ev,
                  steps=[healing_step_record(rec), {"step": "export", "type": export["type"],
@@ -258,6 +251,24 @@ def _check_pair(student, teacher, job: HealJob, gguf_out: bool) -> None:
     if gguf_out and student.gguf is None:
         from ..gguf.vocab import pre_tokenizer_name
         pre_tokenizer_name(student.tokenizer, str(student.source), job.pre_tokenizer)
+
+
+def write_and_evaluate(model, ref, out: str | Path, gguf_out: bool, opts, *, healed: bool, ref_name: str,
+                       overwrite: bool, progress: bool, say) -> tuple[dict, dict | None]:
+    """Write `model` to `out` (write_model), remove the healing work folder once it is written (`healed`), and
+    evaluate the result against `ref` when opts.evaluate. `opts`: a job or config with type, hf_dtype,
+    pre_tokenizer, evaluate, text, n_ctx, max_chunks and speed. Returns (the export record, the evaluation)."""
+    export, target = write_model(model, Path(out), gguf_out, type=opts.type, hf_dtype=opts.hf_dtype,
+                                 pre_tokenizer=opts.pre_tokenizer, overwrite=overwrite, progress=progress, say=say)
+    if healed:
+        clear_work_folder(out)
+    ev = None
+    if opts.evaluate:
+        from ..eval import evaluate
+        say(f"evaluating against the {ref_name} ...")
+        ev = evaluate(target, ref, text_path=opts.text, n_ctx=opts.n_ctx, max_chunks=opts.max_chunks,
+                      speed=opts.speed, progress=progress)
+    return export, ev
 
 
 def write_model(model, out: Path, gguf_out: bool, *, type: str, hf_dtype: str, pre_tokenizer: str | None,

@@ -330,10 +330,12 @@ class Trainer:
             state["best"] = [0, kl]
             best = {n: params[n].detach().clone() for n in names}
         total = state["total_steps"]
-        # a duration budget: once REPLAN_STEPS real steps are timed (optimizer and all), the plan shrinks to the
-        # steps that fit before the deadline (the timed micro-batch of _plan leaves out the optimizer, the
-        # held-out evaluations and the machine's load), so the cosine schedule ends on time instead of being cut
+        # a duration budget: every REPLAN_STEPS real steps (optimizer and all) the plan shrinks to the steps that
+        # fit before the deadline at the rate of those steps (the timed micro-batch of _plan leaves out the
+        # optimizer, the held-out evaluations and the machine's load, which changes), so the cosine schedule
+        # ends on time instead of being cut
         replan = state["step"] + REPLAN_STEPS if deadline is not None and cfg.budget_kind == "seconds" else None
+        t_window = time.perf_counter()
         bar = tqdm(total=total, initial=state["step"], desc="distillation", unit="step",
                    disable=not (self.progress and world.main), leave=False)
         stopped = "budget"
@@ -344,8 +346,8 @@ class Trainer:
             if deadline is not None and time.monotonic() > deadline:
                 stopped = "deadline"
                 break
-            if step == replan and step < total:
-                per = (time.perf_counter() - t_loop) / REPLAN_STEPS * 1.02
+            if step == replan:
+                per = (time.perf_counter() - t_window) / REPLAN_STEPS * 1.02
                 evals = (total - step) // cfg.eval_every if cfg.eval_every else 0
                 fit = step + int((deadline - time.monotonic() - evals * t_eval) / per)
                 fit = int(world.mean(float(fit), dev))
@@ -353,6 +355,7 @@ class Trainer:
                     total = state["total_steps"] = max(step + 1, fit)
                     bar.total = total
                     bar.refresh()
+                replan, t_window = step + REPLAN_STEPS, time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             rows = order.rows(step, self.global_batch)
@@ -384,8 +387,10 @@ class Trainer:
             rate = (state["tokens"] - tokens_at_loop) / max(1e-9, time.perf_counter() - t_loop)
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{rate:.0f}")
             last = state["step"] == total
+            t_aside = time.perf_counter()            # evaluations and checkpoints: left out of the step rate
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or last:
                 kl = self.heldout_kl(module)
+                t_eval = time.perf_counter() - t_aside
                 state["evals"].append([state["step"], kl])
                 if kl < state["best"][1]:
                     state["best"] = [state["step"], kl]
@@ -400,6 +405,7 @@ class Trainer:
                 if world.main:
                     checkpoint.save(self.folder, fingerprint=fingerprint, state=state, **blob)
                 world.barrier()
+            t_window += time.perf_counter() - t_aside
         bar.close()
         state["train_seconds"] += time.perf_counter() - t_loop
         if state["evals"][-1][0] != state["step"]:          # stopped by the deadline between evaluations
