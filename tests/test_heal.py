@@ -63,3 +63,22 @@ def test_a_stage_that_raises_the_heldout_kl_is_undone(tiny_hf, calib, tmp_path, 
     assert bw["undone"] and bw["heldout_kl_tried"] > bw["heldout_kl"] == rec["stages"][0]["heldout_kl"]
     after = student.module.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_an_undone_bias_compensation_leaves_no_bias_behind(tiny_hf, calib, tmp_path, monkeypatch):
+    from slimlm.train import stages
+    teacher = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    chunks = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    student, _ = prune_structured(teacher, chunks, Plan(drop_layers=[1], ffn=64), progress=False)
+
+    def bad_biases(teacher, student, chunks, layer_map, **kw):
+        for layer in student.module.model.layers:
+            lin = layer.mlp.down_proj
+            lin.bias = torch.nn.Parameter(10 * torch.ones(lin.out_features), requires_grad=False)
+        return {"seconds": 0.0}
+    monkeypatch.setattr(stages, "bias_compensation", bad_biases)
+    cfg = HealConfig(train=TrainConfig(budget="256", seq_len=32), data=(str(calib),), blockwise=False, e2e=False,
+                     stage_rows=8, n_heldout=2)
+    rec = heal_model(student, teacher, cfg, folder=tmp_path / "w", layer_map=[0, 2])
+    assert rec["stages"][-1]["undone"]
+    assert all(layer.mlp.down_proj.bias is None for layer in student.module.model.layers)

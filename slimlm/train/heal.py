@@ -9,7 +9,6 @@ from the first step (data, teacher cache, stages, training); block-wise reconstr
 """
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 import time
@@ -122,14 +121,15 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
     say(f"  held-out KL to the teacher: {kl0:.4f} (unhealed)")
     chunks = data.train[:config.stage_rows]
     if config.bias:
-        before = copy.deepcopy(student.module)
+        before = _keep_biases(student)
         # its per-layer guard: 1/8 of the stage rows (2 rows of 256 tokens let it fit noise on SmolLM2)
         r = stages.bias_compensation(teacher, student, chunks, layer_map, holdout=max(2, chunks.shape[0] // 8),
                                      progress=progress)
         _stage(rec, "bias compensation", r, student, teacher, data, say, undo=before)
     if config.blockwise and not resume:       # a resumed run's checkpoint holds the weights after this stage
         dl = None if deadline is None else t0 + config.blockwise_share * budget
-        before = copy.deepcopy(student.module)
+        before = _keep_layers(student, [j for j, c in enumerate(stages.changed_layers(teacher, student, layer_map))
+                                        if c])
         r = stages.blockwise_reconstruction(teacher, student, chunks, layer_map, epochs=config.blockwise_epochs,
                                             lr=config.blockwise_lr, deadline=dl, seed=cfg.seed, progress=progress)
         _stage(rec, "block-wise reconstruction", r, student, teacher, data, say, undo=before)
@@ -154,8 +154,34 @@ def clear_work(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _keep_biases(student):
+    """What bias compensation changes, kept to undo it: every layer's attention and MLP output bias (the stage
+    assigns new bias tensors, so references suffice)."""
+    from .stages import ATTN_OUT, MLP_OUT
+    from .trainer import decoder_layers
+    saved = [(lin, lin.bias) for layer in decoder_layers(student.module)
+             for lin in (layer.get_submodule(ATTN_OUT), layer.get_submodule(MLP_OUT))]
+
+    def undo() -> None:
+        for lin, bias in saved:
+            lin.bias = bias
+    return undo
+
+
+def _keep_layers(student, idx: list[int]):
+    """What block-wise reconstruction changes, kept to undo it: the weights of the layers it trains."""
+    from .trainer import decoder_layers
+    layers = decoder_layers(student.module)
+    saved = {j: {k: v.clone() for k, v in layers[j].state_dict().items()} for j in idx}
+
+    def undo() -> None:
+        for j, state in saved.items():
+            layers[j].load_state_dict(state)
+    return undo
+
+
 def _stage(rec: dict, name: str, r: dict, student, teacher, data, say, undo=None) -> None:
-    """Record a stage by the held-out KL after it. With `undo` (the student's module before the stage), a stage
+    """Record a stage by the held-out KL after it. With `undo` (restores the student as it was before), a stage
     that raised the held-out KL is taken back: the cheap stages fit a few thousand tokens and can overfit them
     (bias compensation on SmolLM2 / brown-calib, 16k tokens: brown-eval KLD 1.08 -> 1.23)."""
     if "skipped" in r:
@@ -167,7 +193,7 @@ def _stage(rec: dict, name: str, r: dict, student, teacher, data, say, undo=None
     prev = next(s["heldout_kl"] for s in reversed(rec["stages"]) if "heldout_kl" in s)
     entry = {"stage": name, "heldout_kl": kl, "seconds": seconds, "detail": r}
     if undo is not None and kl > prev:
-        student.module = undo
+        undo()
         entry.update(undone=True, heldout_kl_tried=kl, heldout_kl=prev)
         say(f"  {name}: held-out KL {kl:.4f} > {prev:.4f} before it: undone ({seconds:.0f} s)")
     else:
