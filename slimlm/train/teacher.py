@@ -34,6 +34,17 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+@torch.no_grad()
+def teacher_topk(teacher, ids: torch.Tensor, *, k: int, T: float, device: torch.device,
+                 bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache stores for `ids`: the teacher's top-k token ids (int32) and log-probabilities at T
+    (float16), on the CPU."""
+    with autocast(device, bf16):
+        logits = teacher.module(input_ids=ids, use_cache=False).logits
+    i, v = topk_targets(logits, k, T)
+    return i.int().cpu(), v.half().cpu()
+
+
 class OnTheFly:
     """The teacher run with every batch: full logits and, when asked, its hidden states."""
     kind = "full"
@@ -81,12 +92,10 @@ class TopKCache:
                        disable=not progress, leave=False)
             with torch.no_grad():
                 for a in range(0, len(rows), batch):
-                    ids = train[torch.from_numpy(rows[a:a + batch])].to(device)
-                    with autocast(device, bf16):
-                        logits = teacher.module(input_ids=ids, use_cache=False).logits
-                    i, v = topk_targets(logits, k, T)
-                    idx[a:a + batch], lt[a:a + batch] = i.int().cpu().numpy(), v.cpu().numpy()
-                    bar.update(ids.numel())
+                    i, v = teacher_topk(teacher, train[torch.from_numpy(rows[a:a + batch])].to(device), k=k, T=T,
+                                        device=device, bf16=bf16)
+                    idx[a:a + batch], lt[a:a + batch] = i.numpy(), v.numpy()
+                    bar.update(i.shape[0] * L)
             bar.close()
             for p, arr in ((pi, idx), (pl, lt)):
                 tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")

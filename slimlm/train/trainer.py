@@ -28,8 +28,8 @@ from ..errors import ConfigError, NumericsError
 from . import checkpoint, dist
 from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
-from .losses import ce, hidden_mse, kl_full, kl_topk, topk_targets
-from .teacher import OnTheFly, TopKCache, autocast, module_fingerprint
+from .losses import ce, hidden_mse, kl_full, kl_topk
+from .teacher import OnTheFly, TopKCache, autocast, module_fingerprint, teacher_topk
 
 # --teacher-targets auto takes the top-k cache while it stays under this size on disk (int32 id + fp16 log-prob
 # per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
@@ -237,10 +237,9 @@ class Trainer:
         ids = self.data.train[rows].to(self.device)
         for _ in range(2):
             t0 = time.perf_counter()
-            with autocast(self.device, self.bf16):
-                logits = self.teacher.module(input_ids=ids, use_cache=False).logits
-            i, v = topk_targets(logits, self.cfg.topk, self.cfg.temperature)
-            fixed = {"idx": i.int().cpu().long(), "lt": v.half().float().cpu()}
+            i, v = teacher_topk(self.teacher, ids, k=self.cfg.topk, T=self.cfg.temperature, device=self.device,
+                                bf16=self.bf16)
+            fixed = {"idx": i.long(), "lt": v.float()}
             dt = time.perf_counter() - t0
         return dt, fixed
 
