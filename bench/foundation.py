@@ -37,8 +37,30 @@ def reference_model(arg: str | None) -> Path:
             print(f"note: {tool} not found; using the packaged Q4_1 model as reference (flatters Q4_x)")
             return default_model_path()
         print(f"building the dithered reference {out} ...", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)            # a fresh clone has no results folder yet
         subprocess.run([sys.executable, str(tool), str(default_model_path()), str(out), "--seed", "0"], check=True)
     return out
+
+
+def machine() -> dict:
+    """What the numbers were measured on: training speed on a CPU differs ~4x between one with fast bf16 matmuls
+    (AVX512-BF16/AMX: bf16 autocast) and one with AVX2 only (fp32), so every training bench records it."""
+    import os
+    import platform
+
+    import torch
+
+    from slimlm.train.dist import fast_bf16
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "fast_bf16": fast_bf16(torch.device("cpu")), "torch": torch.__version__}
 
 
 def add_common_args(ap, eval_chunks: int) -> None:

@@ -10,10 +10,12 @@ Rows (each measured on the same evaluation tokens):
 - + end-to-end distillation with a --minutes wall-time budget for the whole healing (preparation included):
   the acceptance row, written as a Q8_0 GGUF and evaluated in llama.cpp, with llama.cpp's generation speed of the
   unpruned, the unhealed and the healed Q8_0 file;
-- teacher top-k cache vs full logits on the fly, both from the block-wise state at the same --compare-tokens (the
-  full-logit row is also "one-shot prune + heal" at that many tokens);
-- iterative: K = 2 and 3 rounds of prune 1/K of the way -> heal (all stages, --compare-tokens / K tokens each),
-  ending on exactly the one-shot shapes;
+- the teacher's top-k targets (slimlm's default; computed once per training token) vs full logits on the fly,
+  both from the block-wise state at the same --compare-tokens (the top-k row is also "one-shot prune + heal" with
+  heal_model's default stages at that many tokens);
+- iterative: K = 2 and 3 rounds of prune 1/K of the way -> heal (heal_model's default stages; the block-wise rows
+  and the end-to-end tokens split over the rounds, so the totals equal the one-shot row's), ending on exactly the
+  one-shot shapes;
 - training throughput: a plain PyTorch distillation loop (teacher on the fly, full logits, fp32, every parameter,
   AdamW) vs slimlm's trainer with its defaults, the same student, steps and batch, in this run.
 Writes bench/results/heal.json and docs/heal-loss.png (the acceptance run's loss and held-out KL curves).
@@ -31,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from foundation import RESULTS, add_common_args, reference_model  # noqa: E402
+from foundation import RESULTS, add_common_args, machine, reference_model  # noqa: E402
 
 
 def plain_loop_tps(student, teacher, rows, steps: int) -> float:
@@ -121,7 +123,7 @@ def main() -> int:
     from slimlm.train import stages
     from slimlm.train.config import TrainConfig, parse_budget
     from slimlm.train.data import load_train_data
-    from slimlm.train.heal import HealConfig, heal_model
+    from slimlm.train.heal import HealConfig, heal_model, heldout_kl
     from slimlm.train.trainer import train
 
     torch.manual_seed(0)
@@ -140,6 +142,8 @@ def main() -> int:
     ev_kw = dict(text_path=a.text, n_ctx=512, max_chunks=a.chunks, speed=False, progress=False)
     rows: dict = {}
     out_json = RESULTS / "heal.json"
+    mach = machine()
+    print(f"machine: {mach}", flush=True)
 
     def record(name: str, model, **info) -> None:
         """Evaluate a row as soon as it exists, print it and rewrite the JSON (a cut-short run keeps its rows)."""
@@ -148,7 +152,8 @@ def main() -> int:
                       "n_scored_tokens": e["n_scored_tokens"]}
         print(f"ROW {name}: KLD {e['kld']:.4f}  PPL {e['ppl']:.2f} (reference {e['ref_ppl']:.2f})  top-1 "
               f"{e['top1_agreement']:.2%}  {info}", flush=True)
-        out_json.write_text(json.dumps({"rows": rows, "layer_map": layer_map, "prune": st}, indent=1, default=str))
+        out_json.write_text(json.dumps({"rows": rows, "layer_map": layer_map, "prune": st, "machine": mach}, indent=1,
+                                        default=str))
 
     data = load_train_data(pruned, [a.calib], seq_len=256, n_heldout=8, eval_text=eval_text, progress=False)
     stage_rows = data.train[:HealConfig().stage_rows]          # what slimlm heal gives the cheap stages
@@ -160,6 +165,12 @@ def main() -> int:
         r = stages.bias_compensation(ref, m, stage_rows, layer_map, holdout=stage_rows.shape[0] // 8, progress=True)
         t_bias = time.perf_counter() - t
         record("+ bias compensation", m, seconds=t_bias, tokens=int(stage_rows.numel()))
+        # what heal_model does with it (--bias): undone when the held-out rows of the training text got further
+        kl0, kl1 = heldout_kl(pruned, ref, data.heldout), heldout_kl(m, ref, data.heldout)
+        print(f"bias compensation: held-out KL {kl0:.4f} -> {kl1:.4f}" + ("; undone for the next rows" if kl1 > kl0
+                                                                          else ""), flush=True)
+        if kl1 > kl0:
+            m, t_bias = pruned, 0.0
         m2 = copy.deepcopy(m)
         t = time.perf_counter()
         r = stages.blockwise_reconstruction(ref, m2, stage_rows, layer_map, progress=True)
@@ -173,10 +184,10 @@ def main() -> int:
             cfg = TrainConfig(budget=T, teacher_targets=kind, eval_every=0, checkpoint_every=0)
             t = time.perf_counter()
             r = train(s, ref, data, cfg, folder=out_dir / f"work-{kind}", progress=True, layer_map=layer_map)
-            how = f"top-{cfg.topk} cache" if kind == "topk" else "full logits on the fly"
-            name = f"+ end-to-end {T} tokens, teacher {how}" + (" (= one-shot + heal)" if kind == "full" else "")
+            how = f"top-{cfg.topk} targets" if kind == "topk" else "full logits on the fly"
+            name = f"+ end-to-end {T} tokens, teacher {how}" + (" (= one-shot + heal)" if kind == "topk" else "")
             record(name, s, seconds=time.perf_counter() - t + t_bw + t_bias, tokens=r["tokens"],
-                   tokens_per_s=r["tokens_per_s"], cache_seconds=r["teacher_targets"]["build_seconds"])
+                   tokens_per_s=r["tokens_per_s"], teacher=r["teacher_targets"])
 
     if "iterative" not in skip:
         from slimlm.arch import layer_dims
@@ -190,14 +201,17 @@ def main() -> int:
         for K in (2, 3):
             def heal(student, lm, k, K=K):
                 hc = HealConfig(train=TrainConfig(budget=str(int(n_tok // K)), eval_every=0, checkpoint_every=0),
-                                data=(a.calib,))
+                                data=(a.calib,), stage_rows=HealConfig().stage_rows // K)
                 return heal_model(student, ref, hc, folder=out_dir / f"work-it{K}", layer_map=lm, eval_text=eval_text,
                                   progress=False, say=print)
             t = time.perf_counter()
             s, recs = prune_iteratively(ref, chunks, final, order, K, round_to=32, heal=heal, say=print)
             name = f"iterative K={K}: prune 1/{K}, heal {T}/{K} tokens, repeat"
             record(name, s, seconds=time.perf_counter() - t, params=s.n_params(),
-                   tokens=sum(r["heal"]["stages"][-1]["detail"]["tokens"] for r in recs))
+                   tokens=sum(r["heal"]["stages"][-1]["detail"]["tokens"] for r in recs),
+                   rounds=[{"round": r["round"], "plan": r["plan"], "params": r["params"],
+                            "stages": [{k: v for k, v in x.items() if k != "detail"} for x in r["heal"]["stages"]]}
+                           for r in recs])
 
     if "throughput" not in skip:
         rows_t = data.train[:64]
@@ -206,12 +220,13 @@ def main() -> int:
         sub = type(data)(rows_t, data.heldout[:2], data.sources, data.fingerprint + "-tp")
         cfg = TrainConfig(budget=str((a.throughput_steps + 1) * 4 * 256), eval_every=0, checkpoint_every=0)
         r = train(s, ref, sub, cfg, folder=out_dir / "work-tp", progress=False)
-        with_cache = r["tokens"] / (r["train_seconds"] + r["teacher_targets"]["build_seconds"])
-        rows["throughput"] = {"plain_tps": plain, "slimlm_tps": r["tokens_per_s"], "slimlm_tps_with_cache": with_cache,
-                              "ratio": r["tokens_per_s"] / plain, "ratio_with_cache": with_cache / plain}
-        print(f"throughput: plain loop {plain:.0f} tok/s; slimlm {r['tokens_per_s']:.0f} tok/s "
-              f"({r['tokens_per_s'] / plain:.2f}x), {with_cache:.0f} tok/s counting the teacher cache "
-              f"({with_cache / plain:.2f}x)", flush=True)
+        # the teacher's targets counted in: computed in the steps (on the fly) or in the cache's build
+        tps = r["tokens"] / (r["train_seconds"] + r["teacher_targets"]["build_seconds"])
+        rows["throughput"] = {"plain_tps": plain, "slimlm_tps": tps, "ratio": tps / plain,
+                              "teacher_targets": r["teacher_targets"], "precision": r["precision"],
+                              "trainable_params": r["trainable_params"]}
+        print(f"throughput: plain loop {plain:.0f} tok/s; slimlm {tps:.0f} tok/s ({tps / plain:.2f}x; teacher "
+              f"{r['teacher_targets']}, {r['precision']}, {r['trainable_params'] / 1e6:.1f}M trainable)", flush=True)
 
     heal_rec = None
     if "e2e" not in skip:
@@ -231,11 +246,12 @@ def main() -> int:
             files[n] = out_dir / f"{n}-Q8_0.gguf"
             export_gguf(mm, files[n], "Q8_0", overwrite=True, progress=False)
         rows.update(gguf_rows(files, ref, ev_kw))
-        out_json.write_text(json.dumps({"rows": rows, "heal": heal_rec}, indent=1, default=str))
+        out_json.write_text(json.dumps({"rows": rows, "heal": heal_rec, "machine": mach}, indent=1, default=str))
 
     n_tok = next(iter(rows.values()))["n_scored_tokens"]
     print(f"\nSmolLM2-135M (dithered F32 reference) -{st['removed_fraction']:.1%} parameters ({PruneConfig(ratio=a.ratio).method}); "
-          f"eval {a.text}: {n_tok} tokens; training text {a.calib}; 2 CPU threads")
+          f"eval {a.text}: {n_tok} tokens; training text {a.calib}; {mach['cpu']}, {mach['torch_threads']} threads, "
+          f"{'bf16' if mach['fast_bf16'] else 'fp32 (no fast bf16)'}")
     print(f"{'row':<70} {'KLD':>8} {'PPL':>8} {'top-1':>7} {'tokens':>9} {'min':>6}")
     for n, r in rows.items():
         if "kld" in r:
@@ -246,7 +262,7 @@ def main() -> int:
         if n.startswith("llama.cpp"):
             print(f"{n}: {r['bytes'] / 2**20:.1f} MiB, {r['gen_tps']:.1f} generated tok/s")
     out_json.write_text(json.dumps({"rows": rows, "heal": heal_rec, "n_scored_tokens": n_tok,
-                                    "layer_map": layer_map, "prune": st}, indent=1, default=str))
+                                    "layer_map": layer_map, "prune": st, "machine": mach}, indent=1, default=str))
     return 0
 
 

@@ -21,10 +21,11 @@ TYPES = ", ".join(p.name for p in PRESETS.values())
 _T = TrainConfig()
 HEAL_DESCRIPTION = (
     "Healing distils the pruned model (the student) from the original (the teacher), cheap stages first, each "
-    "measured by the held-out KL to the teacher: bias compensation of removed neurons, heads and layers (one pass, "
-    "no gradient), block-wise reconstruction of each changed layer alone, then end-to-end distillation (forward KL "
-    "on the logits). Checkpoints and the teacher's cache go to OUT.heal-work/ beside the output (removed after "
-    "success); the report gets a table of the stages and the loss curve OUT.loss.png.")
+    "measured by the held-out KL to the teacher and undone if it raised it: bias compensation of removed neurons, "
+    "heads and layers (one pass, no gradient; only with --bias), block-wise reconstruction of each changed layer "
+    "alone, then end-to-end distillation (forward KL on the logits). Checkpoints and the teacher's cache go to "
+    "OUT.heal-work/ beside the output (removed after success); the report gets a table of the stages and the loss "
+    "curve OUT.loss.png.")
 
 
 def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
@@ -45,8 +46,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted healing from the checkpoint in "
                    "OUT.heal-work/ (same command and settings: a changed setting, dataset or model is refused); "
                    "ends with the same weights as an uninterrupted run")
-    g.add_argument("--no-bias", dest="bias", action="store_const", const=False, help="skip the bias compensation "
-                   "stage")
+    g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, help="run the bias compensation "
+                   "stage first (default: off; on SmolLM2 it raised the held-out KL and was undone, and block-wise "
+                   "reconstruction does what it does and more)")
     g.add_argument("--no-blockwise", dest="blockwise", action="store_const", const=False, help="skip block-wise "
                    "reconstruction")
     g.add_argument("--no-e2e", dest="e2e", action="store_const", const=False, help="skip end-to-end distillation")
@@ -58,10 +60,11 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--lora", dest="lora_rank", type=int, metavar="R", help=f"LoRA rank (implies --train lora; "
                    f"default {_T.lora_rank})")
     g.add_argument("--teacher-targets", choices=TEACHER_TARGETS, help="the teacher's outputs: full (the whole "
-                   "distribution, the teacher run at every step), topk (computed once per training token: the top "
-                   "--topk log-probabilities plus the remaining mass, memory-mapped on disk in the work folder), or "
-                   "auto (default: topk unless --hidden-weight is given or the cache would pass 2 GiB; on SmolLM2 "
-                   "the cache was within 1%% of full logits' KLD at 1.28x the training speed)")
+                   "distribution, the teacher run at every step), topk (the top --topk log-probabilities plus the "
+                   "remaining mass, computed once per training token: with the step while each training row is seen "
+                   "once, else cached memory-mapped in the work folder), or auto (default: topk unless "
+                   "--hidden-weight is given, or rows are seen twice and the cache would pass 2 GiB; on SmolLM2 top-k "
+                   "was within 1%% of full logits' KLD and trained faster, bench/heal.py)")
     g.add_argument("--topk", type=int, metavar="K", help=f"logits kept per token in the teacher cache "
                    f"(default {_T.topk})")
     g.add_argument("--temperature", type=float, metavar="T", help=f"distillation temperature (default "

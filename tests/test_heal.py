@@ -17,7 +17,7 @@ def test_heal_runs_every_stage_in_order_and_lowers_the_heldout_kl(tiny_hf, calib
     chunks = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     student, _ = prune_structured(teacher, chunks, Plan(drop_layers=[1], ffn=64), progress=False)
     cfg = HealConfig(train=TrainConfig(budget="2048", seq_len=32, lr=3e-3, eval_every=4), data=(str(calib),),
-                     stage_rows=8, n_heldout=2)
+                     stage_rows=8, n_heldout=2, bias=True)
     work = tmp_path / "work"
     rec = heal_model(student, teacher, cfg, folder=work, layer_map=[0, 2])
     names = [s["stage"] for s in rec["stages"]]
@@ -26,7 +26,7 @@ def test_heal_runs_every_stage_in_order_and_lowers_the_heldout_kl(tiny_hf, calib
     assert kls[-1] < kls[0] and min(kls[1:]) < kls[0]
     assert rec["stages"][-1]["detail"]["tokens"] == 2048
     assert rec["data"]["train_tokens"] > 0 and rec["data"]["sources"][0]["kind"] == "file"
-    assert rec["stages"][-1]["detail"]["teacher_targets"]["kind"] == "topk"    # auto: the cache, in the work folder
+    assert rec["stages"][-1]["detail"]["teacher_targets"]["kind"] == "topk"    # auto: top-k
     from slimlm.train.heal import clear_work
     clear_work(work)                      # the caller's step once the healed model is written
     assert not work.exists()
@@ -77,8 +77,8 @@ def test_an_undone_bias_compensation_leaves_no_bias_behind(tiny_hf, calib, tmp_p
             lin.bias = torch.nn.Parameter(10 * torch.ones(lin.out_features), requires_grad=False)
         return {"seconds": 0.0}
     monkeypatch.setattr(stages, "bias_compensation", bad_biases)
-    cfg = HealConfig(train=TrainConfig(budget="256", seq_len=32), data=(str(calib),), blockwise=False, e2e=False,
-                     stage_rows=8, n_heldout=2)
+    cfg = HealConfig(train=TrainConfig(budget="256", seq_len=32), data=(str(calib),), bias=True, blockwise=False,
+                     e2e=False, stage_rows=8, n_heldout=2)
     rec = heal_model(student, teacher, cfg, folder=tmp_path / "w", layer_map=[0, 2])
     assert rec["stages"][-1]["undone"]
     assert all(layer.mlp.down_proj.bias is None for layer in student.module.model.layers)

@@ -80,7 +80,7 @@ def test_heal_to_gguf_reports_every_stage_the_kl_drop_and_the_loss_curve(teacher
     from slimlm.gguf.reader import read_gguf
     out = tmp_path / "healed.gguf"
     assert main(["-q", "heal", str(student), "--teacher", str(teacher), "-o", str(out), "--heal", "4096",
-                 "--data", texts["train"], "--text", texts["eval"], "--eval-every", "4", *FAST]) == 0
+                 "--bias", "--data", texts["train"], "--text", texts["eval"], "--eval-every", "4", *FAST]) == 0
     rep = json.loads(out.with_suffix(".report.json").read_text())
     h = rep["healing"]
     assert [s["stage"] for s in h["stages"]] == STAGES
@@ -106,7 +106,8 @@ def test_heal_to_gguf_reports_every_stage_the_kl_drop_and_the_loss_curve(teacher
 
 
 def test_heal_to_an_hf_folder_with_lora(teacher, student, texts, tmp_path):
-    """(--no-bias: slimlm.load refuses an HF Llama folder whose config switches biases on, hf.check_hf_dir.)"""
+    """(--no-bias, the default said out loud: slimlm.load refuses an HF Llama folder whose config switches biases on,
+    hf.check_hf_dir.)"""
     out = tmp_path / "healed_hf"
     assert main(["-q", "heal", str(student), "--teacher", str(teacher), "-o", str(out), "--heal", "1024", "--lora",
                  "4", "--lr", "3e-3", "--no-bias", "--data", texts["train"], "--text", texts["eval"], *FAST]) == 0

@@ -190,25 +190,37 @@ def test_what_trains_changes_only_those_weights_and_lora_merges_back(src, calib,
     assert r["best_heldout_kl"] <= r["initial_heldout_kl"]
 
 
-def test_auto_teacher_targets_take_the_cache_unless_hidden_states_or_size_forbid(src, calib, tmp_path, monkeypatch):
+def test_auto_teacher_targets_take_top_k_and_cache_it_only_for_rows_seen_twice(src, calib, tmp_path, monkeypatch):
     sys.path.insert(0, str(WORKER.parent))
     import train_worker
 
     from slimlm.train import trainer
     teacher, student, data = train_worker.make(str(src), str(calib))
     kw = dict(seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0)
+    n = data.train.shape[0]
+    once = n // 4                                   # steps that see each row at most once
     t = trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", **kw), folder=tmp_path, progress=False)
-    assert t._kind(8) == "topk"
-    assert trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", **kw), folder=None,
-                           progress=False)._kind(8) == "full"                      # no folder for a cache
+    assert t._kind(once) == "topk" and t._kind(once + 1) == "topk"
+    no_folder = trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", **kw), folder=None,
+                                progress=False)
+    assert no_folder._kind(once) == "topk" and no_folder._kind(once + 1) == "full"     # a cache needs a folder
     assert trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", hidden_weight=1.0, **kw),
-                           folder=tmp_path, layer_map=[0, 1], progress=False)._kind(8) == "full"
-    # 8 steps x 4 rows x 32 tokens x 256 logits x 6 bytes = 1.5 MiB: over a 1 MiB limit the teacher runs on the fly
-    monkeypatch.setattr(trainer, "CACHE_BYTES", 2**20)
-    assert t._kind(8) == "full" and t._kind(4) == "topk"
+                           folder=tmp_path, layer_map=[0, 1], progress=False)._kind(once) == "full"
+    # the cache of all n rows: n x 32 tokens x 256 logits x 6 bytes; one byte over the limit, the teacher runs on
+    # the fly with full logits
+    monkeypatch.setattr(trainer, "CACHE_BYTES", n * 32 * 256 * 6 - 1)
+    assert t._kind(once + 1) == "full" and t._kind(once) == "topk"
+    order = trainer.RowOrder(n, 0)
+    fly = t._targets(order, once, "topk")
+    assert not fly.cached and not list(tmp_path.glob("*.npy"))                  # nothing on disk
+    cache = t._targets(order, once + 1, "topk")
+    assert cache.cached and len(list(tmp_path.glob("*.npy"))) == 2
+    rows = order.rows(0, 4)
+    a, b = fly(rows, data.train[rows]), cache(rows, data.train[rows])
+    assert torch.equal(a["idx"], b["idx"]) and torch.equal(a["lt"], b["lt"])     # the same targets either way
 
 
-def test_a_time_budget_with_auto_targets_uses_the_cache_and_records_it(src, calib, tmp_path):
+def test_a_time_budget_with_auto_targets_takes_top_k_and_records_it(src, calib, tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     import train_worker
 
@@ -217,7 +229,8 @@ def test_a_time_budget_with_auto_targets_uses_the_cache_and_records_it(src, cali
     r = train(student, teacher, data, TrainConfig(budget="20s", seq_len=32, micro_batch=4, eval_every=0,
                                                   checkpoint_every=0), folder=tmp_path, progress=False)
     assert r["teacher_targets"]["kind"] == "topk" and r["stopped"] == "budget" and r["steps"] >= 1
-    assert r["teacher_targets"]["build_seconds"] > 0
+    cached = r["total_steps"] * 4 > data.train.shape[0]
+    assert r["teacher_targets"]["cached"] == cached and (r["teacher_targets"]["build_seconds"] > 0) == cached
 
 
 def test_a_time_budget_whose_plan_was_too_optimistic_shrinks_and_still_ends_its_schedule(src, calib, tmp_path,

@@ -34,7 +34,7 @@ TRAIN_FLAGS = {"lr": "--lr", "train_params": "--train", "lora_rank": "--lora", "
                "accum": "--accum", "precision": "--precision", "grad_checkpointing": "--grad-checkpointing",
                "device": "--device", "parallel": "--parallel", "eval_every": "--eval-every",
                "checkpoint_every": "--checkpoint-every", "seed": "--seed"}
-HEAL_FLAGS = {"data": "--data", "generate": "--generate", "bias": "--no-bias", "blockwise": "--no-blockwise",
+HEAL_FLAGS = {"data": "--data", "generate": "--generate", "bias": "--bias", "blockwise": "--no-blockwise",
               "e2e": "--no-e2e"}
 FLAGS = {**TRAIN_FLAGS, **HEAL_FLAGS}
 MAX_SEED = 2**32 - 1

@@ -59,10 +59,28 @@ class OnTheFly:
         return {"logits": out.logits.float(), "hidden": out.hidden_states if self.hidden else None}
 
 
+class TopKOnTheFly:
+    """The teacher's top-k log-probabilities computed with every batch, rounded to exactly what the cache would
+    store: for a run that sees each training row at most once, a cache would cost the same teacher forward per
+    token and only add its disk, and a duration budget that re-plans to fewer steps would have built it for rows
+    never reached."""
+    kind = "topk"
+    cached = False
+
+    def __init__(self, teacher, *, k: int, T: float, device: torch.device, bf16: bool):
+        self.teacher, self.k, self.T, self.device, self.bf16 = teacher, k, T, device, bf16
+        self.build_seconds = 0.0
+
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> dict:
+        i, v = teacher_topk(self.teacher, ids, k=self.k, T=self.T, device=self.device, bf16=self.bf16)
+        return {"idx": i.long(), "lt": v.float()}
+
+
 class TopKCache:
     """Top-k log-probabilities of the teacher for the training rows a run uses, memory-mapped from `folder`.
     Row r of the data lives at slot `slot[r]` of the arrays (rows the run never reaches are not computed)."""
     kind = "topk"
+    cached = True
 
     def __init__(self, idx: np.ndarray, lt: np.ndarray, slot: np.ndarray, path: Path, seconds: float):
         self.idx, self.lt, self.slot, self.path, self.build_seconds = idx, lt, slot, path, seconds

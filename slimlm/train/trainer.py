@@ -29,7 +29,7 @@ from . import checkpoint, dist
 from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
 from .losses import ce, hidden_mse, kl_full, kl_topk
-from .teacher import OnTheFly, TopKCache, autocast, module_fingerprint, teacher_topk
+from .teacher import OnTheFly, TopKCache, TopKOnTheFly, autocast, module_fingerprint, teacher_topk
 
 # --teacher-targets auto takes the top-k cache while it stays under this size on disk (int32 id + fp16 log-prob
 # per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
@@ -153,22 +153,30 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _kind(self, total: int) -> str:
-        """The teacher targets a run of `total` steps uses: --teacher-targets, or for "auto" the top-k cache unless
-        the run needs hidden states, has no work folder, or its cache would pass CACHE_BYTES."""
+        """The teacher targets a run of `total` steps uses: --teacher-targets, or for "auto" top-k unless the run
+        needs hidden states, or it sees rows more than once (so top-k is cached) and has no work folder or its cache
+        would pass CACHE_BYTES."""
         cfg = self.cfg
         if cfg.teacher_targets != "auto":
             return cfg.teacher_targets
-        if self.hidden or self.folder is None:
+        if self.hidden:
             return "full"
-        rows = min(self.data.train.shape[0], total * self.global_batch)
+        if total * self.global_batch <= self.data.train.shape[0]:
+            return "topk"                            # each row once: top-k on the fly, nothing on disk
+        if self.folder is None:
+            return "full"
+        rows = self.data.train.shape[0]
         return "topk" if rows * cfg.seq_len * cfg.topk * CACHE_BYTES_PER_LOGIT <= CACHE_BYTES else "full"
 
     def _targets(self, order: RowOrder, total: int, kind: str):
-        """The teacher's side; the top-k cache covers exactly the rows of steps 0..total-1."""
+        """The teacher's side: full logits on the fly, or top-k targets: on the fly while the run sees each row
+        at most once, else cached once for exactly the rows of steps 0..total-1."""
         cfg = self.cfg
         if kind == "full":
             return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
         n = self.data.train.shape[0]
+        if total * self.global_batch <= n:
+            return TopKOnTheFly(self.teacher, k=cfg.topk, T=cfg.temperature, device=self.device, bf16=self.bf16)
         rows = torch.arange(n) if total * self.global_batch >= n else \
             torch.unique(torch.cat([order.rows(s, self.global_batch) for s in range(total)]))
         if self.folder is None:
@@ -445,6 +453,7 @@ class Trainer:
                 "parallel": ("fsdp" if fsdp else "ddp") if self.world.size > 1 else None,
                 "trainable_params": n_trainable,
                 "teacher_targets": {"kind": targets.kind, "k": self.cfg.topk if targets.kind == "topk" else None,
+                                    "cached": getattr(targets, "cached", False),
                                     "build_seconds": getattr(targets, "build_seconds", 0.0)}}
 
 
