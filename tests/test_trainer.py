@@ -210,12 +210,11 @@ def test_auto_teacher_targets_take_top_k_and_cache_it_only_for_rows_seen_twice(s
     # the fly with full logits
     monkeypatch.setattr(trainer, "CACHE_BYTES", n * 32 * 256 * 6 - 1)
     assert t._kind(once + 1) == "full" and t._kind(once) == "topk"
-    order = trainer.RowOrder(n, 0)
-    fly = t._targets(order, once, "topk")
+    fly = t._targets(once, "topk")
     assert not fly.cached and not list(tmp_path.glob("*.npy"))                  # nothing on disk
-    cache = t._targets(order, once + 1, "topk")
+    cache = t._targets(once + 1, "topk")
     assert cache.cached and len(list(tmp_path.glob("*.npy"))) == 2
-    rows = order.rows(0, 4)
+    rows = trainer.RowOrder(n, 0).rows(0, 4)
     a, b = fly(rows, data.train[rows]), cache(rows, data.train[rows])
     assert torch.equal(a["idx"], b["idx"]) and torch.equal(a["lt"], b["lt"])     # the same targets either way
 

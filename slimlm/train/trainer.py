@@ -29,7 +29,7 @@ from . import checkpoint, dist
 from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
 from .losses import ce, hidden_mse, kl_full, kl_topk
-from .teacher import OnTheFly, TopKCache, TopKOnTheFly, autocast, module_fingerprint, teacher_topk
+from .teacher import OnTheFly, TopKCache, TopKOnTheFly, autocast, module_fingerprint
 
 # --teacher-targets auto takes the top-k cache while it stays under this size on disk (int32 id + fp16 log-prob
 # per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
@@ -161,24 +161,30 @@ class Trainer:
             return cfg.teacher_targets
         if self.hidden:
             return "full"
-        if total * self.global_batch <= self.data.train.shape[0]:
-            return "topk"                            # each row once: top-k on the fly, nothing on disk
+        if self._each_row_once(total):
+            return "topk"                            # top-k on the fly, nothing on disk
         if self.folder is None:
             return "full"
         rows = self.data.train.shape[0]
         return "topk" if rows * cfg.seq_len * cfg.topk * CACHE_BYTES_PER_LOGIT <= CACHE_BYTES else "full"
 
-    def _targets(self, order: RowOrder, total: int, kind: str):
+    def _each_row_once(self, total: int) -> bool:
+        """Whether a run of `total` steps sees each training row at most once (then top-k targets are computed with
+        the steps; else cached for every row)."""
+        return total * self.global_batch <= self.data.train.shape[0]
+
+    def _topk_on_the_fly(self) -> TopKOnTheFly:
+        return TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16)
+
+    def _targets(self, total: int, kind: str):
         """The teacher's side: full logits on the fly, or top-k targets: on the fly while the run sees each row
-        at most once, else cached once for exactly the rows of steps 0..total-1."""
+        at most once, else cached once for every training row."""
         cfg = self.cfg
         if kind == "full":
             return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
-        n = self.data.train.shape[0]
-        if total * self.global_batch <= n:
-            return TopKOnTheFly(self.teacher, k=cfg.topk, T=cfg.temperature, device=self.device, bf16=self.bf16)
-        rows = torch.arange(n) if total * self.global_batch >= n else \
-            torch.unique(torch.cat([order.rows(s, self.global_batch) for s in range(total)]))
+        if self._each_row_once(total):
+            return self._topk_on_the_fly()
+        rows = torch.arange(self.data.train.shape[0])
         if self.folder is None:
             raise ConfigError("the top-k teacher cache needs a work folder")
         key = f"{module_fingerprint(self.teacher.module)}|{self.data.fingerprint}|{cfg.topk}|{cfg.temperature}|" \
@@ -243,11 +249,10 @@ class Trainer:
         """Seconds the cache costs per micro-batch (the teacher's forward and top-k, as TopKCache.build runs
         them; the second pass timed), and those targets."""
         ids = self.data.train[rows].to(self.device)
+        fly = self._topk_on_the_fly()
         for _ in range(2):
             t0 = time.perf_counter()
-            i, v = teacher_topk(self.teacher, ids, k=self.cfg.topk, T=self.cfg.temperature, device=self.device,
-                                bf16=self.bf16)
-            fixed = {"idx": i.long(), "lt": v.float()}
+            fixed = fly(rows, ids)
             dt = time.perf_counter() - t0
         return dt, fixed
 
@@ -327,7 +332,7 @@ class Trainer:
         if state["total_steps"] is None:
             state["total_steps"], state["teacher_targets"] = self._plan(fwd, order, deadline)
         kind = state.get("teacher_targets") or self._kind(state["total_steps"])
-        targets = self._targets(order, state["total_steps"], kind)
+        targets = self._targets(state["total_steps"], kind)
         t_eval = 0.0
         if not state["evals"]:
             t0 = time.perf_counter()
