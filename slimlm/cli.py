@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import SlimlmError
 from .presets import PRESETS
-from .train.config import PARALLEL, PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
+from .train.config import COMPILE, PARALLEL, PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
 
 TYPES = ", ".join(p.name for p in PRESETS.values())
 _T = TrainConfig()
@@ -81,6 +81,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "fast bf16 matmuls, else fp32), fp32 or bf16")
     g.add_argument("--grad-checkpointing", action="store_const", const=True, help="recompute activations in the "
                    "backward pass (less memory, slower)")
+    g.add_argument("--compile", choices=COMPILE, help="torch.compile the student's forward and backward: auto "
+                   "(default: on for a --heal of 15 minutes or 100k tokens and more, where its one-time compile of "
+                   "~2 minutes pays back; needs a C++ compiler on a CPU), on or off")
     g.add_argument("--device", metavar="DEV", help="auto (default: the GPU when there is one), cpu, cuda or "
                    "cuda:N; several processes: start slimlm with torchrun (data parallel)")
     g.add_argument("--parallel", choices=PARALLEL, help="how several processes (started by torchrun or accelerate "

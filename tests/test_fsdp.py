@@ -90,7 +90,7 @@ def test_fsdp_resumes_its_checkpoint_to_the_same_weights_with_a_tied_embedding_t
     res = _two(src, calib, run, *common, "resume=1")
     a, b = load_file(tmp_path / "ref" / "student.safetensors"), load_file(run / "student.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert res["curve"] == ref["curve"]
+    assert [c[:4] for c in res["curve"]] == [c[:4] for c in ref["curve"]]
     _, start, _ = train_worker.make(str(src), str(calib))
     emb = "model.embed_tokens.weight"
     assert not torch.equal(a[emb], start.module.state_dict()[emb])        # the tied embedding trained ...
@@ -110,7 +110,7 @@ def test_one_process_with_parallel_fsdp_trains_plainly(src, calib, tmp_path):
         r = train(student, teacher, data, cfg, folder=tmp_path / mode, progress=False)
         runs[mode] = r, student.module.state_dict()
     (r1, w1), (r2, w2) = runs["ddp"], runs["fsdp"]
-    assert r1["parallel"] is None and r2["parallel"] is None and r1["curve"] == r2["curve"]
+    assert r1["parallel"] is None and r2["parallel"] is None and [c[:4] for c in r1["curve"]] == [c[:4] for c in r2["curve"]]
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 

@@ -200,7 +200,7 @@ def test_kill_9_then_resume_at_the_command_line_gives_the_same_weights(teacher, 
     assert run.read_bytes() == ref.read_bytes()
     r1 = json.loads((tmp_path / "ref.report.json").read_text())["healing"]
     r2 = json.loads((tmp_path / "run.report.json").read_text())["healing"]
-    assert r2["resumed"] and r2["stages"][-1]["detail"]["curve"] == r1["stages"][-1]["detail"]["curve"]
+    assert r2["resumed"] and [c[:4] for c in r2["stages"][-1]["detail"]["curve"]] == [c[:4] for c in r1["stages"][-1]["detail"]["curve"]]
     assert not ck.parent.exists()
 
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from slimlm.errors import ConfigError, NumericsError
-from slimlm.train import checkpoint
+from slimlm.train import checkpoint, losses
 from slimlm.train.config import TrainConfig, parse_budget
-from slimlm.train.losses import kl_full, kl_topk, topk_targets
+from slimlm.train.losses import head_kl_topk, head_topk_targets, kl_full, kl_topk, topk_targets
 from slimlm.train.trainer import RowOrder, lr_at
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -59,6 +59,56 @@ def test_kl_topk_equals_full_kl_when_k_is_the_vocabulary_and_bounds_it_below():
     p, q = torch.tensor([[0.7, 0.3]]).log(), torch.tensor([[0.4, 0.6]]).log()
     want = 0.7 * torch.log(torch.tensor(0.7 / 0.4)) + 0.3 * torch.log(torch.tensor(0.3 / 0.6))
     assert abs(float(kl_full(q, p)) - float(want)) < 1e-6
+
+
+@pytest.mark.parametrize("w_trains", [False, True])
+def test_the_fused_lm_head_loss_equals_kl_topk_of_the_logits_in_value_and_gradients(monkeypatch, w_trains):
+    monkeypatch.setattr(losses, "HEAD_CHUNK", 5)     # 14 positions: two whole chunks and a partial one
+    g = torch.Generator().manual_seed(1)
+    for T in (1.0, 2.0):
+        h = torch.randn(2, 7, 16, generator=g).requires_grad_()
+        W = torch.randn(50, 16, generator=g).requires_grad_(w_trains)
+        i, v = topk_targets(torch.randn(2, 7, 50, generator=g) * 2, 8, T)
+        wrt = [h, W] if w_trains else [h]
+        want = kl_topk(h @ W.T, i, v, T)
+        got = head_kl_topk(h, W, i, v, T)
+        assert abs(float(got) - float(want)) < 1e-5 * float(want)
+        for a, b in zip(torch.autograd.grad(want * 3, wrt), torch.autograd.grad(got * 3, wrt), strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        # the teacher's side: the same top-k ids and log-probabilities as from the whole logits
+        ri, rv = topk_targets(h.detach() @ W.detach().T, 8, T)
+        fi, fv = head_topk_targets(h.detach(), W.detach(), 8, T)
+        assert torch.equal(fi, ri) and torch.allclose(fv, rv, atol=1e-5)
+
+
+def test_the_trainer_fuses_the_head_only_where_logits_are_hidden_times_w_and_its_loss_is_the_same(src, calib,
+                                                                                                     tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    from slimlm.train.teacher import TopKOnTheFly, fused_head
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    m = student.module
+    assert fused_head(m) is m.get_output_embeddings().weight
+    t = trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", seq_len=32, micro_batch=4),
+                        folder=tmp_path, progress=False)
+    fwd, rows = trainer._Forward(m), torch.arange(4)
+    targets = TopKOnTheFly(teacher, k=16, T=1.0, device=torch.device("cpu"), bf16=False)
+    grads = []
+    for head in (None, fused_head(m)):
+        t.head = head
+        loss = t._loss(fwd, targets, rows)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        m.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = grads
+    assert abs(l0 - l1) < 1e-5 * l0 and g0.keys() == g1.keys() and g0
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-3, atol=1e-6) for n in g0)
+    # a head whose output is not hidden @ W.T (a scaled logit, as soft-capping or a logit scale would do) is not fused
+    other = train_worker.make(str(src), str(calib))[1].module
+    other.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out * 2)
+    assert fused_head(other) is None
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -115,7 +165,8 @@ def test_kill_9_then_resume_gives_the_same_weights_and_a_changed_setting_is_refu
     _run(src, calib, run, *SETTINGS, "resume=1")
     a, b = load_file(ref / "student.safetensors"), load_file(run / "student.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((run / "result.json").read_text())["curve"] == res["curve"]
+    # the same steps, tokens, losses and learning rates (the 5th column is wall time)
+    assert [c[:4] for c in json.loads((run / "result.json").read_text())["curve"]] == [c[:4] for c in res["curve"]]
 
 
 def test_two_gloo_processes_follow_the_one_process_loss_curve(src, calib, tmp_path):
@@ -247,3 +298,34 @@ def test_a_time_budget_whose_plan_was_too_optimistic_shrinks_and_still_ends_its_
     assert r["stopped"] == "budget" and trainer.REPLAN_STEPS < r["steps"] == r["total_steps"] < 100_000
     assert r["curve"][-1][3] == pytest.approx(trainer.lr_at(r["steps"] - 1, r["steps"], cfg))
     assert r["curve"][-1][3] < 0.2 * cfg.lr
+
+
+def test_compiled_training_follows_the_eager_loss_curve_and_says_it_compiled(src, calib, tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train.trainer import train
+    runs = {}
+    for comp in ("off", "on"):
+        teacher, student, data = train_worker.make(str(src), str(calib))
+        cfg = TrainConfig(budget="256", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0,
+                          teacher_targets="topk", compile=comp)
+        runs[comp] = train(student, teacher, data, cfg, folder=tmp_path / comp, progress=False)
+    assert runs["on"]["compiled"] and not runs["off"]["compiled"]
+    a, b = [c[2] for c in runs["off"]["curve"]], [c[2] for c in runs["on"]["curve"]]
+    assert len(a) == len(b) == 2 and all(abs(x - y) < 1e-4 * x for x, y in zip(a, b, strict=True))
+    assert abs(runs["on"]["best_heldout_kl"] - runs["off"]["best_heldout_kl"]) < 1e-4
+
+
+def test_compile_auto_only_for_runs_that_pay_it_back():
+    from slimlm.train.trainer import compile_wanted
+    cpu = torch.device("cpu")
+    assert not compile_wanted(TrainConfig(budget="5m"), cpu, fsdp=False, lora=False)
+    assert not compile_wanted(TrainConfig(budget="50k"), cpu, fsdp=False, lora=False)
+    assert not compile_wanted(TrainConfig(budget="30m"), cpu, fsdp=True, lora=False)
+    assert not compile_wanted(TrainConfig(budget="30m", compile="off"), cpu, fsdp=False, lora=False)
+    assert compile_wanted(TrainConfig(budget="5m", compile="on"), cpu, fsdp=False, lora=False)
+    import shutil
+    has_cxx = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    assert compile_wanted(TrainConfig(budget="30m"), cpu, fsdp=False, lora=False) == has_cxx
+    assert compile_wanted(TrainConfig(budget="500k"), cpu, fsdp=False, lora=False) == has_cxx

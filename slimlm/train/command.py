@@ -32,6 +32,7 @@ TRAIN_FLAGS = {"lr": "--lr", "train_params": "--train", "lora_rank": "--lora", "
                "topk": "--topk", "temperature": "--temperature", "ce_weight": "--ce-weight",
                "hidden_weight": "--hidden-weight", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
                "accum": "--accum", "precision": "--precision", "grad_checkpointing": "--grad-checkpointing",
+               "compile": "--compile",
                "device": "--device", "parallel": "--parallel", "eval_every": "--eval-every",
                "checkpoint_every": "--checkpoint-every", "seed": "--seed"}
 HEAL_FLAGS = {"data": "--data", "generate": "--generate", "bias": "--bias", "blockwise": "--no-blockwise",

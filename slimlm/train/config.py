@@ -15,6 +15,7 @@ TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEACHER_TARGETS = ("auto", "full", "topk")
 PARALLEL = ("ddp", "fsdp")
+COMPILE = ("auto", "on", "off")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|sec|m|min|h)$")
 _TOKENS = re.compile(r"^(\d+(?:\.\d+)?)(k|K|M|tok|tokens)?$")
@@ -62,6 +63,8 @@ class TrainConfig:
     lora_rank: int = 16                     # with train_params="lora" (peft; merged before export)
     precision: str = "auto"                 # auto: bf16 autocast where the device has fast bf16 matmuls
     grad_checkpointing: bool = False
+    compile: str = "auto"                   # torch.compile the student's forward and backward: auto = on for runs long
+                                            # enough to pay its minutes back (trainer.compile_wanted), on, off
     teacher_targets: str = "auto"           # auto: topk unless --hidden-weight or a cache over 2 GiB (trainer.
                                             # CACHE_BYTES); full: the teacher on the fly every step; topk: once per
                                             # training token into a memory-mapped cache (top-k + remaining mass)
@@ -94,7 +97,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
         for name, v, ok in (("train", self.train_params, TRAIN_PARAMS), ("precision", self.precision, PRECISIONS),
                             ("teacher-targets", self.teacher_targets, TEACHER_TARGETS),
-                            ("parallel", self.parallel, PARALLEL)):
+                            ("parallel", self.parallel, PARALLEL), ("compile", self.compile, COMPILE)):
             if v not in ok:
                 raise ConfigError(f"--{name} must be one of {', '.join(ok)}, got {v!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -46,6 +46,100 @@ def kl_topk(s: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor, T: float = 1.0
     return kl.mean() * T * T
 
 
+# positions per chunk of the fused LM head below: (256, 49152) fp32 logits are 48 MiB, and on 2 AVX2 cores a
+# 256-row chunk of the head's matmul ran as fast as the whole 1024-row batch (128 rows: 1.2-1.5x slower)
+HEAD_CHUNK = 256
+
+
+def _lse_inplace(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp(z, -1), sum(exp(z - max))) with z overwritten by exp(z - max): torch.logsumexp would allocate two
+    temporaries of z's size (48 MiB per chunk of the fused head, a page fault storm each time)."""
+    m = z.amax(-1, keepdim=True)
+    ez = z.sub_(m).exp_()
+    s = ez.sum(-1, keepdim=True)
+    return m + s.log(), s
+
+
+def _topk_kl_and_grad(z: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """kl_topk's per-position KL (not scaled) of logits z (n, vocab) at T=1; z is overwritten with d(sum KL)/dz.
+    The gradient, written out: with ls_j = z_j - lse(z) at the k teacher tokens and the "rest" bucket
+    rs = 1 - sum_j exp(ls_j), dKL/dls_j = g_j = exp(rt - rs) exp(ls_j) - p_t,j, and dls_j/dz = onehot_j - softmax(z);
+    so dKL/dz = scatter(g) - softmax(z) * sum_j g_j. Passes over z: max, exp, sum, scale (autograd's path: ~10)."""
+    zk = z.gather(-1, idx)
+    lse, s = _lse_inplace(z)                          # z = exp(z - max) = softmax(z) * s
+    ls = zk - lse
+    pt = lt.exp()
+    mass_s = torch.logsumexp(ls, -1)
+    rt, rs = _log1mexp(torch.logsumexp(lt, -1)), _log1mexp(mass_s)
+    kl = (pt * (lt - ls)).sum(-1) + rt.exp() * (rt - rs)
+    # _log1mexp clamps the student's top-k log-mass at -1e-7: no gradient through the clamp, as autograd has it
+    g = torch.where(mass_s < -1e-7, (rt - rs).exp(), 0.0)[:, None] * ls.exp() - pt
+    z.mul_(-g.sum(-1, keepdim=True) / s)
+    z.scatter_add_(-1, idx, g)
+    return kl
+
+
+class _HeadTopKKL(torch.autograd.Function):
+    """kl_topk(h @ W.T, ...) without the (positions, vocab) logits: the LM head and the loss run HEAD_CHUNK
+    positions at a time, and each chunk's gradient is taken right away (the chunk's logits are not kept for a
+    backward pass), so only d/dh (positions x hidden) and, when W trains, d/dW stay. Under autocast the head's
+    matmuls run in its dtype (bf16), the loss in fp32, as the unfused path."""
+
+    @staticmethod
+    def forward(ctx, h, W, idx, lt, T: float):
+        d = h.shape[-1]
+        h2, idx2, lt2 = h.reshape(-1, d), idx.reshape(-1, idx.shape[-1]).long(), lt.reshape(-1, lt.shape[-1]).float()
+        n = h2.shape[0]
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        w = W.detach().to(cd)
+        dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+        dw = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.no_grad(), torch.autocast(dev, enabled=False):
+            for a in range(0, n, HEAD_CHUNK):
+                hc = h2[a:a + HEAD_CHUNK].detach().to(cd)
+                z = (hc @ w.T).float()
+                if T != 1:
+                    z.div_(T)
+                total += _topk_kl_and_grad(z, idx2[a:a + HEAD_CHUNK], lt2[a:a + HEAD_CHUNK]).sum()
+                gz = z.mul_(T / n).to(cd)            # d(T^2 * mean KL)/d(logits) = T/n * dKL/dz
+                dh[a:a + HEAD_CHUNK] = gz @ w
+                if dw is not None:
+                    dw.addmm_(gz.float().T, hc.float())
+        ctx.save_for_backward(dh, dw)
+        ctx.w_dtype, ctx.h_shape = W.dtype, h.shape
+        return total * (T * T / n)
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return dh.mul(g).reshape(ctx.h_shape), None if dw is None else dw.mul(g).to(ctx.w_dtype), None, None, None
+
+
+def head_kl_topk(h: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """kl_topk of the logits h @ W.T (h: (..., hidden) the final hidden states, W: (vocab, hidden) the LM head),
+    fused and chunked (_HeadTopKKL): the same loss and gradients without materialising the logits."""
+    return _HeadTopKKL.apply(h, W, idx, lt, T)
+
+
+@torch.no_grad()
+def head_topk_targets(h: torch.Tensor, W: torch.Tensor, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_targets of the logits h @ W.T, HEAD_CHUNK positions at a time (the top k of the logits are those of the
+    log-probabilities; each minus its chunk row's logsumexp)."""
+    lead, d = h.shape[:-1], h.shape[-1]
+    h2 = h.reshape(-1, d)
+    ii, vv = [], []
+    for a in range(0, h2.shape[0], HEAD_CHUNK):
+        z = F.linear(h2[a:a + HEAD_CHUNK], W).float()
+        if T != 1:
+            z.div_(T)
+        v, i = z.topk(k, dim=-1)
+        ii.append(i)
+        vv.append(v.sub_(_lse_inplace(z)[0]))
+    return torch.cat(ii).reshape(*lead, k), torch.cat(vv).reshape(*lead, k)
+
+
 def ce(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of logits s (b, n, vocab) on the token ids (b, n)."""
     return F.cross_entropy(s[:, :-1].float().reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))

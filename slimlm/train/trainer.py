@@ -28,14 +28,25 @@ from ..errors import ConfigError, NumericsError
 from . import checkpoint, dist
 from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
-from .losses import ce, hidden_mse, kl_full, kl_topk
-from .teacher import OnTheFly, TopKCache, TopKOnTheFly, autocast, module_fingerprint
+from .losses import ce, head_kl_topk, hidden_mse, kl_full, kl_topk
+from .teacher import (
+    CompiledOrEager,
+    OnTheFly,
+    TopKCache,
+    TopKOnTheFly,
+    autocast,
+    fused_head,
+    module_fingerprint,
+)
 
 # --teacher-targets auto takes the top-k cache while it stays under this size on disk (int32 id + fp16 log-prob
 # per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
 # was within 1% of full logits' (0.613 vs 0.608) at 1.28x the tokens/s counting its build (203 vs 159).
 CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
 REPLAN_STEPS = 10
+# --compile auto compiles for runs of at least this long (seconds or tokens). bench/heal.py, SmolLM2 -25%, 2 AVX2
+# cores, fp32: the first compiled step took 136 s, then a 1024-token step ran in 5.1 s instead of 7.1 s
+COMPILE_MIN_SECONDS, COMPILE_MIN_TOKENS = 900, 100_000
 
 
 # ------------------------------------------------------------------------------------------ what trains
@@ -109,6 +120,22 @@ class RowOrder:
         return torch.stack([self.perm(p // self.n)[p % self.n] for p in pos])
 
 
+def compile_wanted(cfg: TrainConfig, device: torch.device, *, fsdp: bool, lora: bool) -> bool:
+    """--compile on, or auto: a run long enough to pay back the one-time compile (COMPILE_MIN_*), not FSDP or LoRA
+    (their modules are rebuilt around the student), with the compiler inductor needs (a C++ compiler on a CPU,
+    triton on a GPU)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    long_run = cfg.budget_value >= (COMPILE_MIN_SECONDS if cfg.budget_kind == "seconds" else COMPILE_MIN_TOKENS)
+    if not long_run or fsdp or lora:
+        return False
+    if device.type == "cuda":
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    import shutil
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 # ------------------------------------------------------------------------------------------ the run
 def fingerprint(config: TrainConfig, data, world: World, **extra) -> dict:
     """What a checkpoint must share with the run that resumes it."""
@@ -123,7 +150,12 @@ class _Forward(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, ids: torch.Tensor, hidden: bool):
+    def forward(self, ids: torch.Tensor, hidden: bool, head: bool = True):
+        """(logits, hidden states); head=False: (the decoder's last hidden state, hidden states), for a loss that
+        runs the LM head itself (losses.head_kl_topk)."""
+        if not head:
+            out = self.module.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            return out.last_hidden_state, out.hidden_states
         out = self.module(input_ids=ids, use_cache=False, output_hidden_states=hidden)
         return out.logits, out.hidden_states
 
@@ -150,6 +182,7 @@ class Trainer:
         self.layer_map = layer_map
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
+        self.head = self.compiled = self._fly = None
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _kind(self, total: int) -> str:
@@ -174,7 +207,11 @@ class Trainer:
         return total * self.global_batch <= self.data.train.shape[0]
 
     def _topk_on_the_fly(self) -> TopKOnTheFly:
-        return TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16)
+        """One per run (the plan's timed step and the loop share it, and its compiled teacher)."""
+        if self._fly is None:
+            self._fly = TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16,
+                                     compiled=self.compiled is not None)
+        return self._fly
 
     def _targets(self, total: int, kind: str):
         """The teacher's side: full logits on the fly, or top-k targets: on the fly while the run sees each row
@@ -203,6 +240,11 @@ class Trainer:
         cfg = self.cfg
         ids = self.data.train[rows].to(self.device)
         tgt = targets(rows, ids)
+        if self.head is not None and "idx" in tgt and not cfg.ce_weight and not self.hidden:
+            with autocast(self.device, self.bf16):
+                h, _ = fwd(ids, False, head=False)
+                return head_kl_topk(h, self.head, tgt["idx"].to(self.device), tgt["lt"].to(self.device),
+                                    cfg.temperature)
         with autocast(self.device, self.bf16):
             logits, hs = fwd(ids, self.hidden)
         if "logits" in tgt:
@@ -310,9 +352,13 @@ class Trainer:
         params = dict(module.named_parameters())         # with FSDP: this process's shards (DTensors)
         trainable = [params[n] for n in names]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        # the LM head fused with the top-k loss (no (positions, vocab) logits); FSDP shards W inside the module
+        self.head = None if fsdp else fused_head(module)
         fwd = _Forward(module)
         if world.size > 1 and not fsdp:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if compile_wanted(cfg, dev, fsdp=fsdp, lora=lora):
+            fwd = self.compiled = CompiledOrEager(fwd)
         order = RowOrder(self.data.train.shape[0], cfg.seed)
         state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
                  "teacher_targets": None, "train_seconds": 0.0}
@@ -394,7 +440,9 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
             state["tokens"] += self.global_batch * cfg.seq_len
-            state["curve"].append([step + 1, state["tokens"], loss_v, opt.param_groups[0]["lr"]])
+            # [step, tokens, loss, lr, training seconds so far] (a bench's steady rate leaves out the first steps)
+            state["curve"].append([step + 1, state["tokens"], loss_v, opt.param_groups[0]["lr"],
+                                   state["train_seconds"] + time.perf_counter() - t_loop])
             bar.update(1)
             rate = (state["tokens"] - tokens_at_loop) / max(1e-9, time.perf_counter() - t_loop)
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{rate:.0f}")
@@ -456,7 +504,7 @@ class Trainer:
                 "best_heldout_kl": best_kl, "stopped": stopped, "precision": "bf16" if self.bf16 else "fp32",
                 "device": str(self.device), "world_size": self.world.size,
                 "parallel": ("fsdp" if fsdp else "ddp") if self.world.size > 1 else None,
-                "trainable_params": n_trainable,
+                "trainable_params": n_trainable, "compiled": bool(self.compiled and self.compiled.ok),
                 "teacher_targets": {"kind": targets.kind, "k": self.cfg.topk if targets.kind == "topk" else None,
                                     "cached": getattr(targets, "cached", False),
                                     "build_seconds": getattr(targets, "build_seconds", 0.0)}}
