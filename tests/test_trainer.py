@@ -90,6 +90,7 @@ def test_the_trainer_fuses_the_head_only_where_logits_are_hidden_times_w_and_its
     from slimlm.train.teacher import TopKOnTheFly, fused_head
     teacher, student, data = train_worker.make(str(src), str(calib))
     m = student.module
+    trainer.select_parameters(m, "all-but-embeddings", None)        # what run() does before its first step
     assert fused_head(m) is m.get_output_embeddings().weight
     t = trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", seq_len=32, micro_batch=4),
                         folder=tmp_path, progress=False)

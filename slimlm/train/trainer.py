@@ -8,9 +8,11 @@ the embeddings, norms + pruned layers, LoRA through peft). Held-out KL every N s
 Several processes (torchrun): DDP, or FSDP for a model whose training state does not fit one device (dist.py).
 
 Speed on a CPU comes from not paying for what does not learn: the tied 49k x 576 embedding/LM head is frozen by
-default (no weight gradient, no AdamW state for 28M parameters), matmuls run in bf16, and the teacher's outputs
-are computed once per token into a cache instead of at every step. bench/heal.py measures each against a plain
-PyTorch loop in the same run.
+default (no weight gradient, no AdamW state for 28M parameters); the LM head runs fused with the top-k loss a
+chunk of positions at a time (losses.head_kl_topk: the logits are never whole in memory); matmuls run in bf16
+where the device is fast at it; the teacher's top-k targets are computed once per token (cached when rows are
+seen again); and --compile (auto for long runs) compiles the student and the teacher's decoder. bench/heal.py
+measures the result against a plain PyTorch loop in the same run.
 
 Reproducible: the data order is a function of (seed, epoch), so a run resumed from a checkpoint (weights,
 optimizer, step, best state, RNG) ends with the same weights as one that never stopped.
