@@ -11,7 +11,7 @@ Speed on a CPU comes from not paying for what does not learn: the tied 49k x 576
 default (no weight gradient, no AdamW state for 28M parameters); the LM head runs fused with the top-k loss a
 chunk of positions at a time (losses.head_kl_topk: the logits are never whole in memory); matmuls run in bf16
 where the device is fast at it; the teacher's top-k targets are computed once per token (cached when rows are
-seen again); and --compile (auto for long runs) compiles the student and the teacher's decoder. bench/heal.py
+seen again); and --compile (auto for long runs) compiles the student's forward and backward. bench/heal.py
 measures the result against a plain PyTorch loop in the same run.
 
 Reproducible: the data order is a function of (seed, epoch), so a run resumed from a checkpoint (weights,
@@ -32,7 +32,6 @@ from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
 from .losses import ce, head_kl_topk, hidden_mse, kl_full, kl_topk
 from .teacher import (
-    CompiledOrEager,
     OnTheFly,
     TopKCache,
     TopKOnTheFly,
@@ -138,6 +137,28 @@ def compile_wanted(cfg: TrainConfig, device: torch.device, *, fsdp: bool, lora: 
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
+class CompiledOrEager:
+    """torch.compile(fwd), falling back to the eager module (with a warning) when compiling its first call fails."""
+
+    def __init__(self, fwd: torch.nn.Module):
+        self.eager, self.compiled, self.ok = fwd, torch.compile(fwd), None
+
+    def __call__(self, *a, **kw):
+        if self.ok is None:
+            try:
+                out, self.ok = self.compiled(*a, **kw), True
+                return out
+            except Exception as e:                         # noqa: BLE001 (any compiler failure: run eager)
+                import warnings
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "it runs eager (--compile off skips the attempt)", stacklevel=2)
+                self.ok = False
+        return (self.compiled if self.ok else self.eager)(*a, **kw)
+
+    def __getattr__(self, name):                          # parameters(), no_sync() of the module
+        return getattr(self.eager, name)
+
+
 # ------------------------------------------------------------------------------------------ the run
 def fingerprint(config: TrainConfig, data, world: World, **extra) -> dict:
     """What a checkpoint must share with the run that resumes it."""
@@ -209,10 +230,10 @@ class Trainer:
         return total * self.global_batch <= self.data.train.shape[0]
 
     def _topk_on_the_fly(self) -> TopKOnTheFly:
-        """One per run (the plan's timed step and the loop share it, and its compiled teacher)."""
+        """One per run (the plan's timed step and the loop share it)."""
         if self._fly is None:
-            self._fly = TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16,
-                                     compiled=self.compiled is not None)
+            self._fly = TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device,
+                                     bf16=self.bf16)
         return self._fly
 
     def _targets(self, total: int, kind: str):
@@ -301,9 +322,9 @@ class Trainer:
         return dt, fixed
 
     def _plan(self, fwd, order: RowOrder, deadline: float | None) -> tuple[int, str]:
-        """Steps of the run and its teacher targets: from the token budget, or from the time left and timed
-        micro-batches: a step with the teacher on the fly, and (top-k or auto) a step on cached targets plus the
-        cache's cost for its rows (each row is cached once, before the loop)."""
+        """Steps of the run and its teacher targets: from the token budget, or from the time left and a timed
+        micro-batch: on top-k targets plus their cost (top-k or auto), else (full, or auto where the top-k run would
+        need a cache it cannot have) with the full teacher distribution on the fly."""
         kind, v = self.cfg.budget_kind, self.cfg.budget_value
         per_step = self.global_batch * self.cfg.seq_len
         if kind == "tokens":
@@ -312,21 +333,26 @@ class Trainer:
         if deadline is None:
             deadline = time.monotonic() + v
         rows = order.rows(0, self.global_batch)[:self.cfg.micro_batch]
-        step_s = {}
-        if self.cfg.teacher_targets != "topk":
-            step_s["full"] = self._timed_step(fwd, OnTheFly(self.teacher, self.device, self.bf16,
-                                                             hidden=self.hidden), rows)
-        if self.cfg.teacher_targets == "topk" or self._kind(1) == "topk":
+        cfg, kind = self.cfg, None
+
+        def fit(step_s: float) -> int:                # the steps left at step_s each, the same on every process
+            return int(self.world.mean(float(int((deadline - time.monotonic()) / step_s)), self.device))
+
+        # top-k first: when it is taken, the full-logit step is never timed (its first pass would also compile a
+        # second graph of the student under --compile)
+        if cfg.teacher_targets == "topk" or self._kind(1) == "topk":
             cache_s, fixed = self._timed_topk(rows)
-            step_s["topk"] = self._timed_step(fwd, lambda r, ids: fixed, rows) + cache_s
-        step_s = {k: s * self.cfg.accum * 1.05 for k, s in step_s.items()}
-        left = deadline - time.monotonic()
-        kind = "topk" if "topk" in step_s and (self.cfg.teacher_targets == "topk" or
-                                                self._kind(int(left / step_s["topk"])) == "topk") else "full"
-        steps = int(self.world.mean(float(int(left / step_s[kind])), self.device))
+            step_s = (self._timed_step(fwd, lambda r, ids: fixed, rows) + cache_s) * cfg.accum * 1.05
+            steps = fit(step_s)
+            if cfg.teacher_targets == "topk" or self._kind(steps) == "topk":
+                kind = "topk"
+        if kind is None:
+            step_s = self._timed_step(fwd, OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden),
+                                      rows) * cfg.accum * 1.05
+            steps, kind = fit(step_s), "full"
         if steps < 1:
             raise ConfigError(f"--heal {self.cfg.budget}: no time is left for training after the preparation "
-                              f"(one step takes {step_s[kind]:.1f} s); give a longer budget")
+                              f"(one step takes {step_s:.1f} s); give a longer budget")
         return steps, kind
 
     # -- the loop -------------------------------------------------------------------------------------
