@@ -205,7 +205,7 @@ class Trainer:
         self.layer_map = layer_map
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
-        self.head = self.compiled = self._fly = None
+        self.head = self.compiled = None
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _kind(self, total: int) -> str:
@@ -230,11 +230,7 @@ class Trainer:
         return total * self.global_batch <= self.data.train.shape[0]
 
     def _topk_on_the_fly(self) -> TopKOnTheFly:
-        """One per run (the plan's timed step and the loop share it)."""
-        if self._fly is None:
-            self._fly = TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device,
-                                     bf16=self.bf16)
-        return self._fly
+        return TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16)
 
     def _targets(self, total: int, kind: str):
         """The teacher's side: full logits on the fly, or top-k targets: on the fly while the run sees each row
