@@ -19,7 +19,7 @@ from slimlm.errors import ConfigError, NumericsError
 from slimlm.train import checkpoint, losses
 from slimlm.train.config import TrainConfig, parse_budget
 from slimlm.train.losses import head_kl_topk, head_topk_targets, kl_full, kl_topk, topk_targets
-from slimlm.train.trainer import RowOrder, lr_at
+from slimlm.train.parts import RowOrder, compile_wanted, lr_at, select_parameters
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -90,7 +90,7 @@ def test_the_trainer_fuses_the_head_only_where_logits_are_hidden_times_w_and_its
     from slimlm.train.teacher import TopKOnTheFly, fused_head
     teacher, student, data = train_worker.make(str(src), str(calib))
     m = student.module
-    trainer.select_parameters(m, "all-but-embeddings", None)        # what run() does before its first step
+    select_parameters(m, "all-but-embeddings", None)        # what run() does before its first step
     assert fused_head(m) is m.get_output_embeddings().weight
     t = trainer.Trainer(student, teacher, data, TrainConfig(budget="1024", seq_len=32, micro_batch=4),
                         folder=tmp_path, progress=False)
@@ -266,7 +266,7 @@ def test_auto_teacher_targets_take_top_k_and_cache_it_only_for_rows_seen_twice(s
     assert not fly.cached and not list(tmp_path.glob("*.npy"))                  # nothing on disk
     cache = t._targets(once + 1, "topk")
     assert cache.cached and len(list(tmp_path.glob("*.npy"))) == 2
-    rows = trainer.RowOrder(n, 0).rows(0, 4)
+    rows = RowOrder(n, 0).rows(0, 4)
     a, b = fly(rows, data.train[rows]), cache(rows, data.train[rows])
     assert torch.equal(a["idx"], b["idx"]) and torch.equal(a["lt"], b["lt"])     # the same targets either way
 
@@ -297,7 +297,7 @@ def test_a_time_budget_whose_plan_was_too_optimistic_shrinks_and_still_ends_its_
     cfg = TrainConfig(budget="15s", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-3)
     r = trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
     assert r["stopped"] == "budget" and trainer.REPLAN_STEPS < r["steps"] == r["total_steps"] < 100_000
-    assert r["curve"][-1][3] == pytest.approx(trainer.lr_at(r["steps"] - 1, r["steps"], cfg))
+    assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
     assert r["curve"][-1][3] < 0.2 * cfg.lr
 
 
@@ -319,7 +319,6 @@ def test_compiled_training_follows_the_eager_loss_curve_and_says_it_compiled(src
 
 
 def test_compile_auto_only_for_runs_that_pay_it_back():
-    from slimlm.train.trainer import compile_wanted
     cpu = torch.device("cpu")
     assert not compile_wanted(TrainConfig(budget="5m"), cpu, fsdp=False, lora=False)
     assert not compile_wanted(TrainConfig(budget="50k"), cpu, fsdp=False, lora=False)

@@ -64,7 +64,7 @@ class TrainConfig:
     precision: str = "auto"                 # auto: bf16 autocast where the device has fast bf16 matmuls
     grad_checkpointing: bool = False
     compile: str = "auto"                   # torch.compile the student's forward and backward: auto = on for runs long
-                                            # enough to pay its minutes back (trainer.compile_wanted), on, off
+                                            # enough to pay its minutes back (parts.compile_wanted), on, off
     teacher_targets: str = "auto"           # auto: topk unless --hidden-weight or a cache over 2 GiB (trainer.
                                             # CACHE_BYTES); full: the teacher on the fly every step; topk: once per
                                             # training token into a memory-mapped cache (top-k + remaining mass)

@@ -1,0 +1,122 @@
+"""The trainer's parts that stand alone: what trains (parameter selection, LoRA), the learning-rate schedule,
+the data order, and compiling the student's step."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+# --compile auto compiles for runs of at least this long (seconds or tokens). bench/heal.py, SmolLM2 -25%, 2 AVX2
+# cores, fp32: the first compiled step took 136 s, then a 1024-token step ran in 5.1 s instead of 7.1 s
+COMPILE_MIN_SECONDS, COMPILE_MIN_TOKENS = 900, 100_000
+
+
+# ------------------------------------------------------------------------------------------ what trains
+def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (its base model's `layers`)."""
+    return module.get_decoder().layers
+
+
+def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[int] | None) -> list[str]:
+    """Set requires_grad by `mode` (not lora: see add_lora); returns the names of the trainable parameters."""
+    frozen = {id(module.get_input_embeddings().weight)}
+    out_emb = module.get_output_embeddings()
+    if out_emb is not None:
+        frozen.add(id(out_emb.weight))
+    train_ids: set[int] | None = None
+    if mode == "norms+pruned":
+        layers = decoder_layers(module)
+        changed = range(len(layers)) if changed_layers is None else changed_layers
+        train_ids = {id(p) for j in changed for p in layers[j].parameters()}
+        train_ids |= {id(p) for n, p in module.named_parameters() if "norm" in n.rsplit(".", 2)[-2].lower()}
+    names = []
+    for n, p in module.named_parameters():
+        on = mode == "all" or (id(p) not in frozen and (train_ids is None or id(p) in train_ids))
+        p.requires_grad_(on)
+        if on:
+            names.append(n)
+    return names
+
+
+def add_lora(module: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """peft LoRA adapters on every linear inside the decoder blocks (merged back by `merge_lora`)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from ..errors import MissingDependencyError
+        raise MissingDependencyError("--train lora needs peft: pip install peft") from None
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(module).named_modules()
+                      if isinstance(m, torch.nn.Linear)})
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(module, cfg)
+
+
+def merge_lora(train_module: torch.nn.Module, lora: bool) -> torch.nn.Module:
+    return train_module.merge_and_unload() if lora else train_module
+
+
+# ------------------------------------------------------------------------------------------ schedule, data
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over cfg.warmup of the steps, then cosine from lr down to min_lr * lr."""
+    w = int(round(cfg.warmup * total))
+    if step < w:
+        return cfg.lr * (step + 1) / w
+    frac = (step - w) / max(1, total - w - 1)
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+class RowOrder:
+    """Global batch b -> row indices: a fresh permutation per epoch, a function of (seed, epoch) only."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perm = n, seed, {}
+
+    def perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perm[epoch]
+
+    def rows(self, step: int, size: int) -> torch.Tensor:
+        pos = range(step * size, (step + 1) * size)
+        return torch.stack([self.perm(p // self.n)[p % self.n] for p in pos])
+
+
+def compile_wanted(cfg: TrainConfig, device: torch.device, *, fsdp: bool, lora: bool) -> bool:
+    """--compile on, or auto: a run long enough to pay back the one-time compile (COMPILE_MIN_*), not FSDP or LoRA
+    (their modules are rebuilt around the student), with the compiler inductor needs (a C++ compiler on a CPU,
+    triton on a GPU)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    long_run = cfg.budget_value >= (COMPILE_MIN_SECONDS if cfg.budget_kind == "seconds" else COMPILE_MIN_TOKENS)
+    if not long_run or fsdp or lora:
+        return False
+    if device.type == "cuda":
+        import importlib.util
+        return importlib.util.find_spec("triton") is not None
+    import shutil
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+class CompiledOrEager:
+    """torch.compile(fwd), falling back to the eager module (with a warning) when compiling its first call fails."""
+
+    def __init__(self, fwd: torch.nn.Module):
+        self.eager, self.compiled, self.ok = fwd, torch.compile(fwd), None
+
+    def __call__(self, *a, **kw):
+        if self.ok is None:
+            try:
+                out, self.ok = self.compiled(*a, **kw), True
+                return out
+            except Exception as e:                         # noqa: BLE001 (any compiler failure: run eager)
+                import warnings
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "it runs eager (--compile off skips the attempt)", stacklevel=2)
+                self.ok = False
+        return (self.compiled if self.ok else self.eager)(*a, **kw)
+
+    def __getattr__(self, name):                          # parameters(), no_sync() of the module
+        return getattr(self.eager, name)
