@@ -95,7 +95,7 @@ def main() -> int:
         layer_map = stages.infer_layer_map(ref, m)
         data = load_train_data(m, [a.calib], seq_len=256, n_heldout=8, eval_text=eval_text, progress=False)
         row["heldout_kl_unhealed"] = heldout_kl(m, ref, data.heldout)
-        if share == LAYER_SHARE:
+        if share == LAYER_SHARE and bw_rows:
             unhealed = (copy.deepcopy(m), data, layer_map)
         if share not in asked and not seq_lens:
             continue
@@ -104,7 +104,7 @@ def main() -> int:
                                         deadline=time.monotonic() + a.bw_seconds)
         row["blockwise_seconds"] = time.perf_counter() - t
         row["blockwise"] = kld(m)
-        if share == LAYER_SHARE:
+        if share == LAYER_SHARE and seq_lens:
             base = (copy.deepcopy(m), layer_map)
         if share in asked:
             row.update(e2e(m, data, layer_map))
