@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="rtn", help="rtn: "
                    "llama.cpp's rounding (default); gptq: GPTQ written exactly onto the same block grids, layer "
                    "by layer on calibration text (--calib FILE, else the bundled text); awq: activation-aware "
-                   "per-channel scales searched against the encoders and folded into the norms and up_proj rows "
+                   "per-channel scales searched against the encoders and folded into the norms and the up projection's rows "
                    "(no extra operations in the GGUF), then rounding; awq+gptq: both")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-method", default="mlp+layers", choices=["mlp+layers", "mlp", "width", "layers"],
                    help="with --prune: what is removed (default mlp+layers; see slimlm prune --help)")
     p.add_argument("--prune-allocate", choices=["uniform", "global", "sensitivity"], help="with --prune: MLP "
-                   "widths per layer (default global: llama.cpp's deci arch) or uniform (llama)")
+                   "widths per layer (default global: llama.cpp's per-layer architecture) or uniform (the family's own)")
     p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
                    "block size so that no tensor falls back to another type")
     p.add_argument("--compare", metavar="TYPE", nargs="?", const="same", help="also make llama.cpp's own "
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mlp+layers (default: faster in llama.cpp than neurons alone, at a KLD close to theirs): "
                    "--layer-share of R from the least influential whole layers (block influence), the rest from "
                    "MLP neurons; mlp (most accurate, slower): MLP neurons only, chosen and compensated by OBS on "
-                   "calibration activations (down_proj refit by least squares); width: MLP neurons and query heads "
+                   "calibration activations (the down projection refit by least squares); width: MLP neurons and query heads "
                    "at the same fraction; layers: whole layers only (ShortGPT); magnitude/wanda/sparsegpt: weight "
                    "pruning to --sparsity")
     p.add_argument("--layer-share", type=float, default=0.6, metavar="F", help="mlp+layers: the share of R "
@@ -258,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocate", choices=["uniform", "global", "sensitivity", "owl"],
                    help="MLP widths: global (default for mlp+layers, mlp and width into a GGUF; best measured): "
                    "per layer, the cheapest neurons across all layers by OBS error relative to each layer's residual stream; uniform: the "
-                   "same width everywhere (llama arch; default for layers and for an HF folder, which transformers then "
+                   "same width everywhere (the family's own architecture; default for layers and for an HF folder, which transformers then "
                    "loads alone); sensitivity: "
                    "per layer from the measured KLD of pruning that layer alone at 25/50/75%% (as slimlm "
-                   "sensitivity). Per-layer widths export as llama.cpp's deci arch; their HF folder loads with "
+                   "sensitivity). Per-layer widths export as llama.cpp's per-layer architecture; their HF folder loads with "
                    "slimlm.load. Weight pruning: uniform (default), owl: per-layer sparsity by outlier ratio "
                    "(OWL; layers with more large |W|*|X| scores pruned less, +-0.08 around --sparsity), or "
                    "sensitivity: per-layer sparsity within +-0.08 from the measured KLD of pruning each layer alone "

@@ -25,7 +25,7 @@ def kmeans_model(model, bits: int, imatrix=None, *, progress: bool = True) -> di
     """HF linear name (without .weight) -> (codebook float16, packed uint8) for every decoder-layer linear."""
     out = {}
     lins = [(n, m) for n, m in model.module.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+            if isinstance(m, torch.nn.Linear) and model.spec.layer_of(n) is not None]
     for n, m in tqdm(lins, desc=f"k-means ({1 << bits} centroids per row)", unit="tensor", disable=not progress,
                      leave=False):
         imp = imatrix.importance(model.spec.hf_to_gguf(f"{n}.weight")) if imatrix is not None else None
@@ -41,7 +41,7 @@ def save_kmeans(model, out: str | Path, codebooks: dict, bits: int, *, overwrite
         base = name[:-len(".weight")] if name.endswith(".weight") else None
         if base in codebooks:
             tensors[f"{base}.codebook"], tensors[f"{base}.packed"] = codebooks[base]
-        elif name == "lm_head.weight" and model.config.get("tie_word_embeddings"):
+        elif name == model.spec.output_name and model.config.get("tie_word_embeddings"):
             continue
         else:
             tensors[name] = t.detach().half().contiguous() if t.is_floating_point() else t.contiguous()
@@ -109,10 +109,10 @@ def check_kmeans_dir(d: Path) -> tuple[dict, object, int, dict]:
         seen.add(name)
     for name, shape in spec.expected_shapes(cfg).items():
         base = name[:-len(".weight")]
-        if name.startswith("model.layers.") and len(shape) == 2 and f"{base}.codebook" in entries:
+        if spec.layer_of(name) is not None and len(shape) == 2 and f"{base}.codebook" in entries:
             need(f"{base}.codebook", (shape[0], 1 << bits), FLOAT_DTYPES)
             need(f"{base}.packed", (shape[0], -(-shape[1] * bits // 8)), ("U8",))
-        elif not (tied and name == "lm_head.weight"):
+        elif not (tied and name == spec.output_name):
             need(name, shape, FLOAT_DTYPES)
     extra = sorted(n for n in entries if n not in seen and not spec.is_ignored(n))
     if extra:

@@ -13,7 +13,17 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .arch import ARCHS, PER_LAYER, PER_LAYER_FIELDS, ROPE_TYPES, ArchSpec, get_arch, rope_parameters
+from .arch import (
+    ARCHS,
+    FULL,
+    PER_LAYER,
+    PER_LAYER_FIELDS,
+    SLIDING,
+    ArchSpec,
+    check_rope,
+    get_arch,
+    rope_parameters,
+)
 from .errors import InvalidModelError, InvalidSafetensorsError, UnsafeModelError
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE)
@@ -220,21 +230,25 @@ def check_config(cfg: dict, source: str) -> ArchSpec:
     for k in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
         if cfg.get(k) is not None and not isinstance(cfg[k], bool):
             raise InvalidModelError(f"{source}: {k} must be true or false, found {str(cfg[k])[:80]}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise InvalidModelError(f"{source}: hidden_act {str(cfg.get('hidden_act'))[:80]!r} is not supported "
-                                f"(these families use 'silu', the only one llama.cpp runs for them)")
     for k in ("rope_scaling", "rope_parameters"):
         if cfg.get(k) is not None and not isinstance(cfg[k], dict):
             raise InvalidModelError(f"{source}: {k} must be an object, found {str(cfg[k])[:80]}")
     spec = get_arch(cfg, source)
+    act = cfg.get(spec.act_key, spec.acts[0])
+    if act not in spec.acts:
+        raise InvalidModelError(f"{source}: {spec.act_key} {str(act)[:80]!r} is not supported (llama.cpp runs "
+                                f"{spec.hf_arch} with {' or '.join(map(repr, spec.acts))} only)")
+    if spec.layer_types:
+        _check_layer_types(cfg, spec, source)
     if cfg.get("model_type") != spec.model_type:
         raise InvalidModelError(f"{source}: model_type {str(cfg.get('model_type'))[:80]!r} does not match "
                                 f"architecture {spec.hf_arch} (expected {spec.model_type!r}; transformers "
                                 f"builds the model from model_type)")
-    if spec.gguf_arch == "llama" and not spec.hf_bias_flags and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+    if spec.refuse_bias_flags and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise InvalidModelError(f"{source}: attention_bias/mlp_bias are not supported for {spec.hf_arch}")
-    # transformers' Qwen3 default head_dim (128) is no guide, and its Qwen2 rotary code reads a null head_dim
-    if (spec.qk_norm or (spec.qkv_bias and "head_dim" in cfg)) and not _positive_int(cfg.get("head_dim")):
+    # a config class's default head_dim is no guide (Qwen3: 128), and some rotary code reads a null head_dim
+    if (spec.hf_head_dim == "always" or (spec.hf_head_dim == "if_present" and "head_dim" in cfg)) and \
+            not _positive_int(cfg.get("head_dim")):
         raise InvalidModelError(f"{source}: head_dim must be a positive integer for {spec.hf_arch}, found "
                                 f"{str(cfg.get('head_dim'))[:80]}")
     for k in ("torch_dtype", "dtype"):
@@ -249,8 +263,10 @@ def check_config(cfg: dict, source: str) -> ArchSpec:
                                     f"{cfg['vocab_size']}")
     rps = [rope_parameters({k: v for k, v in cfg.items() if k in (key, "rope_theta")})
            for key in ("rope_parameters", "rope_scaling") if cfg.get(key)]
+    if spec.layer_types:
+        rps += [rope_parameters(cfg, SLIDING)]
     for rp in rps or [rope_parameters(cfg)]:  # transformers reads both (rope_scaling is the older name)
-        _check_rope(rp, source)
+        check_rope(rp, source)
     if len({rp["rope_type"] for rp in rps}) > 1:
         raise InvalidModelError(f"{source}: rope_parameters and rope_scaling name different rope types")
     _check_per_layer(cfg, source)
@@ -258,22 +274,24 @@ def check_config(cfg: dict, source: str) -> ArchSpec:
 
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "auto")
-_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                 "original_max_position_embeddings")}
-
-
-def _check_rope(rp: dict, source: str) -> None:
-    t = rp.get("rope_type")
-    if not isinstance(t, str) or t not in ROPE_TYPES:
-        raise InvalidModelError(f"{source}: rope type {str(t)[:80]!r} is not supported yet; supported: "
-                                f"{', '.join(ROPE_TYPES)}")
-    for k in ("rope_theta",) + _ROPE_KEYS.get(t, ()):
-        if not _positive_number(rp.get(k)):
-            raise InvalidModelError(f"{source}: rope {k} must be a finite positive number, found "
-                                    f"{str(rp.get(k))[:80]}")
-    if t == "llama3" and not rp["low_freq_factor"] < rp["high_freq_factor"]:
-        raise InvalidModelError(f"{source}: llama3 rope needs low_freq_factor < high_freq_factor, found "
-                                f"{rp['low_freq_factor']} and {rp['high_freq_factor']}")
+def _check_layer_types(cfg: dict, spec: ArchSpec, source: str) -> None:
+    """A family with sliding-window layers: the settings llama.cpp's graph of it can run (it scales attention by
+    1/sqrt(head_dim) and has no attention-logit soft-capping) and a valid layer pattern."""
+    kinds = cfg.get("layer_types")
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != cfg["num_hidden_layers"]
+                              or not set(kinds) <= {FULL, SLIDING}):
+        raise InvalidModelError(f"{source}: layer_types must list {FULL!r} or {SLIDING!r} for each of the "
+                                f"{cfg['num_hidden_layers']} layers, found {str(kinds)[:80]}")
+    q = cfg.get("query_pre_attn_scalar")
+    if q is not None and q != cfg.get("head_dim"):
+        raise InvalidModelError(f"{source}: query_pre_attn_scalar={str(q)[:40]} differs from head_dim="
+                                f"{cfg.get('head_dim')}; llama.cpp's {spec.gguf_arch} graph scales attention by "
+                                f"1/sqrt(head_dim)")
+    for k in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if cfg.get(k):
+            raise InvalidModelError(f"{source}: {k} is not supported by llama.cpp's {spec.gguf_arch} graph")
+    if cfg.get("final_logit_softcapping") is not None and not _positive_number(cfg["final_logit_softcapping"]):
+        raise InvalidModelError(f"{source}: final_logit_softcapping must be a positive number or null")
 
 
 def _check_per_layer(cfg: dict, source: str) -> None:
@@ -316,7 +334,7 @@ def _check_shapes(cfg: dict, spec: ArchSpec, entries: dict[str, SafetensorsEntry
             raise InvalidModelError(f"{e.file}: tensor {name!r} has dtype {e.dtype}; expected one of "
                                     f"{', '.join(FLOAT_DTYPES)}")
     for name, e in entries.items():
-        if name in expected or spec.is_ignored(name) or (tied and name == "lm_head.weight"):
+        if name in expected or spec.is_ignored(name) or (tied and name == spec.output_name):
             continue
         raise InvalidModelError(f"{e.file}: unexpected tensor {name!r} for {spec.hf_arch} "
                                 f"(config and checkpoint disagree)")

@@ -97,7 +97,7 @@ def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool =
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tied = bool(model.config.get("tie_word_embeddings", False))
     tensors = {n: t.detach().to(DTYPES[dtype]).contiguous() for n, t in model.module.state_dict().items()
-               if not (tied and n == "lm_head.weight")}
+               if not (tied and n == model.spec.output_name)}
     cfg = model.module.config.to_dict()
     cfg.update(_with_bias_partners(model.spec, cfg, tensors))
     cfg["torch_dtype"] = dtype

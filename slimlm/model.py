@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .arch import GGUF_ARCHS, PER_LAYER, ArchSpec, get_arch
+from .arch import (
+    GGUF_ARCHS,
+    PER_LAYER,
+    SPM_TOKENIZER,
+    ArchSpec,
+    get_arch,
+    gguf_config_overrides,
+    spec_for_gguf,
+)
 from .errors import InvalidModelError, MissingDependencyError, NumericsError, SlimlmError
 from .gguf.checks import check_model_gguf
 from .gguf.reader import GGUFFile, read_gguf
@@ -44,7 +52,7 @@ class Model:
         """Whether llama.cpp prepends BOS when tokenizing (the flag the GGUF will carry)."""
         if self.gguf is not None:
             v = self.gguf.get("tokenizer.ggml.add_bos_token")
-            return bool(v) if v is not None else self.gguf.get("tokenizer.ggml.model") == "llama"
+            return bool(v) if v is not None else self.gguf.get("tokenizer.ggml.model") == SPM_TOKENIZER
         return bool(getattr(self.tokenizer, "add_bos_token", False)) and self.bos_token_id is not None
 
     @property
@@ -143,7 +151,8 @@ def _no_missing_weights(d: Path, cfg: dict, info: dict) -> None:
     """transformers fills weights its model has but the checkpoint lacks with random values (a warning we
     silence): refuse instead, e.g. biases that config.json asks for (attention_bias) but no tensor holds."""
     tied = bool(cfg.get("tie_word_embeddings", False))
-    missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")
+    head = get_arch(cfg).output_name
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k == head)
                and not k.endswith("rotary_emb.inv_freq")]
     bad = missing + [str(k) for k in info.get("mismatched_keys", ())]
     if bad:
@@ -170,7 +179,7 @@ def _load_per_layer(d: Path, cfg: dict, files: list[Path]) -> torch.nn.Module:
     tied = bool(cfg.get("tie_word_embeddings", False))
     if tied:
         module.tie_weights()
-    missing = [k for k in missing if not (tied and k == "lm_head.weight") and not k.endswith("rotary_emb.inv_freq")]
+    missing = [k for k in missing if not (tied and k == get_arch(cfg).output_name) and not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise InvalidModelError(f"{d}: weights do not match the per-layer config (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
@@ -187,7 +196,12 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
     with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext(), _library_errors(p), \
             _transformers_bars(progress):
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        # fields transformers' GGUF loader gets wrong or leaves at its defaults for this family
+        for k, v in gguf_config_overrides(spec_for_gguf(arch), g.get, arch, config.to_dict()).items():
+            setattr(config, k, v)
+        module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=torch.float32)
     _frozen(module)
     cfg = module.config.to_dict()
     cfg.pop("quantization_config", None)

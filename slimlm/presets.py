@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from gguf import LlamaFileType
 
+from .arch import is_70b as gguf_is_70b
 from .errors import ConfigError
 from .formats import FORMATS, QuantFormat, fallback_for
 
@@ -74,12 +75,6 @@ def preset_for_file_type(file_type: int | None) -> Preset | None:
     return None
 
 
-def _is_70b(gguf_arch: str, n_layer: int, n_gqa: int) -> bool:
-    """llama.cpp's LLM_TYPE_70B, which one attn_v rule depends on: 80-layer llama with grouped-query
-    attention (without it, the 65B), or 80-layer qwen2."""
-    return n_layer == 80 and (gguf_arch == "qwen2" or (gguf_arch == "llama" and n_gqa > 1))
-
-
 def _visit_order(t: tuple[str, tuple[int, ...]]) -> tuple[int, str]:
     m = _LAYER.match(t[0])
     return (int(m[1]) if m else -1, t[0])
@@ -94,13 +89,13 @@ def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_layer: int, tied: bool,
-               has_imatrix: bool = False, pure: bool = False, arch: str = "llama", n_head: int = 1,
+               has_imatrix: bool = False, pure: bool = False, arch: str = "", n_head: int = 1,
                n_head_kv: int | None = None) -> dict[str, tuple[QuantFormat, str]]:
     """GGUF tensor name -> (format, why it differs from the preset's default) for (name, shape) pairs.
     `arch` (the GGUF architecture), `n_head` and `n_head_kv` feed the rules that depend on grouped-query
     attention (n_head // n_head_kv) and on llama.cpp's LLM_TYPE_70B."""
     n_gqa = n_head // (n_head_kv or n_head)
-    is_70b = _is_70b(arch, n_layer, n_gqa)
+    is_70b = gguf_is_70b(arch, n_layer, n_gqa)
     default = FORMATS[preset.default]
     p = preset.name
     F = FORMATS

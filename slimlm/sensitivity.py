@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .arch import decoder_layers, final_norm
 from .errors import NumericsError, OutputError
 from .formats import get_format
 
@@ -55,9 +56,9 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
 
     from .sequential import input_key
     t0 = time.perf_counter()
-    module = model.module
+    module, spec = model.module, model.spec
     lins = {n: m for n, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and (n.startswith("model.layers.") or n == "lm_head")}
+            if isinstance(m, torch.nn.Linear) and (spec.layer_of(n) is not None or n == spec.layout.head)}
     A: dict[str, torch.Tensor] = {}
     g: dict[str, torch.Tensor] = {}
     inputs: dict[str, str] = {}
@@ -123,7 +124,7 @@ def _weight_terms(model, stats: FisherStats) -> dict[str, list[tuple]]:
     for name, gsq in stats.g.items():
         hf = f"{name}.weight"
         rows = torch.arange(gsq.shape[0])
-        if name == "lm_head":
+        if name == spec.layout.head:
             gg = "token_embd.weight" if tied else spec.hf_to_gguf(hf)
         else:
             gg = spec.hf_to_gguf(hf)
@@ -214,7 +215,7 @@ class LayerReplay:
     to layer i (or to a later one) and gives the KL divergence to the reference."""
 
     def __init__(self, module, chunk: torch.Tensor):
-        self.module, self.layers, self.ins = module, module.model.layers, []
+        self.module, self.layers, self.ins = module, decoder_layers(module), []
 
         def catch(_mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
@@ -234,11 +235,11 @@ class LayerReplay:
 
     def kld(self, start: int, skip: bool = False) -> float:
         """KLD when the model runs from layer `start`'s cached input (skipping that layer with `skip`)."""
-        x, kw = self.ins[start]
-        for layer in self.layers[start + (1 if skip else 0):]:
-            y = layer(x, **kw)
+        x = self.ins[start][0]
+        for k in range(start + (1 if skip else 0), len(self.layers)):
+            y = self.layers[k](x, **self.ins[k][1])     # each layer its own kwargs (mask and rope of its kind)
             x = y[0] if isinstance(y, tuple) else y
-        return self.kld_of(self.module.lm_head(self.module.model.norm(x)))
+        return self.kld_of(self.module.get_output_embeddings()(final_norm(self.module)(x)))
 
 
 @torch.no_grad()
@@ -265,8 +266,8 @@ def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor]
         keep = p.data.clone()
         p.data.copy_(W)
         try:
-            if hf.startswith("model.layers."):
-                out[name] = replay.kld(int(hf.split(".")[2]))
+            if spec.layer_of(hf) is not None:
+                out[name] = replay.kld(spec.layer_of(hf))
             else:
                 out[name] = replay.kld_of(module(input_ids=chunk[None], use_cache=False).logits)
         finally:

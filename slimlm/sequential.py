@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .arch import attention_kind, decoder_layers, final_norm, layer_kwargs, mlp_hidden
 from .errors import NumericsError
 from .quant.imatrix import ImportanceMatrix
 
@@ -17,7 +18,7 @@ def block_linears(model) -> dict[str, torch.nn.Linear]:
     """GGUF tensor name -> nn.Linear for every linear inside the transformer blocks."""
     out = {}
     for name, mod in model.module.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+        if isinstance(mod, torch.nn.Linear) and model.spec.layer_of(name) is not None:
             out[model.spec.hf_to_gguf(f"{name}.weight")] = mod
     return out
 
@@ -51,15 +52,26 @@ class _Stop(Exception):
 
 
 def _layer_inputs(module, chunks: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, keyword arguments) entering the first decoder layer, per calibration chunk."""
-    cache = []
+    """(hidden states entering the first decoder layer, the layers' keyword arguments) per calibration chunk. The
+    keyword arguments (positions, rotary embeddings, mask) are a map attention kind -> kwargs (`run_layer` picks a
+    layer's: sliding-window layers get their own mask and rope), taken from the first chunk and shared by all
+    (the chunks share one length)."""
+    cache, kinds = [], {}
+    layers = decoder_layers(module)
 
-    def catch(_mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        cache.append((x, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
+    def first(_mod, args, kwargs):
+        cache.append(args[0] if args else kwargs["hidden_states"])
+        if kinds:
+            raise _Stop
 
-    h = module.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    def kind_of(layer, last):
+        def f(_mod, _args, kwargs):
+            kinds.setdefault(attention_kind(layer), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if last:
+                raise _Stop
+        return f
+    h = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
+    h += [l.register_forward_pre_hook(kind_of(l, i == len(layers) - 1), with_kwargs=True) for i, l in enumerate(layers)]
     try:
         for chunk in chunks:
             try:
@@ -67,8 +79,9 @@ def _layer_inputs(module, chunks: torch.Tensor) -> list[tuple[torch.Tensor, dict
             except _Stop:
                 pass
     finally:
-        h.remove()
-    return cache
+        for x in h:
+            x.remove()
+    return [(x, kinds) for x in cache]
 
 
 def replay_inputs(module, chunks: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -79,29 +92,11 @@ def replay_inputs(module, chunks: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return torch.cat([c[0] for c in cache]), cache[0][1]
 
 
-# A decoder layer as two residual sub-blocks, y = h + mlp_out(h) with h = x + attention_out(x): pre-norm
-# Llama-family layers (llama, mistral, qwen2, qwen3), whose forward is exactly this (tests/test_heal_stages.py).
-def attention_out(layer, x: torch.Tensor, kw: dict) -> torch.Tensor:
-    """What the attention sub-block adds to the residual stream x: o_proj's output."""
-    return layer.self_attn(hidden_states=layer.input_layernorm(x), **kw)[0]
-
-
-def mlp_out(layer, h: torch.Tensor) -> torch.Tensor:
-    """What the MLP sub-block adds to the residual stream h: down_proj's output."""
-    return layer.mlp(layer.post_attention_layernorm(h))
-
-
 def run_layer(layer, x: torch.Tensor, kw: dict) -> torch.Tensor:
-    """One decoder layer's output (the residual stream after it)."""
-    y = layer(x, **kw)
+    """One decoder layer's output (the residual stream after it); kw: replay_inputs' map attention kind ->
+    keyword arguments."""
+    y = layer(x, **layer_kwargs(kw, layer))
     return y[0] if isinstance(y, tuple) else y
-
-
-# linears that read one tensor, and what produced it: AWQ folds 1/s into the producer (an RMSNorm's weight,
-# or the rows of a linear), so the exported graph is unchanged. Llama-family names; other layers are left alone.
-AWQ_GROUPS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-              (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"))
-AWQ_DOWN = ("mlp.down_proj", "mlp.up_proj")      # down reads act(gate) * up: 1/s goes into up's rows
 
 
 @torch.no_grad()
@@ -148,11 +143,13 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     rtn_fallbacks: dict[str, str] = {}   # GGUF name -> why GPTQ could not run (RELIABILITY.md 23)
     awq_scales: dict[str, torch.Tensor] = {}
     awq_log: list[dict] = []
-    layers = module.model.layers
+    layers = decoder_layers(module)
+    groups = spec.layout.input_groups()
+    down, up = (spec.layout.path(r) for r in spec.layout.down_input)
     desc = "+".join(n for n, on in (("AWQ", awq), ("GPTQ", gptq)) if on)
-    def run_layer(i: int, layer, x: torch.Tensor) -> torch.Tensor:
+    def quantize_layer(i: int, layer, x: torch.Tensor) -> torch.Tensor:
         mods = dict(layer.named_modules())
-        gguf_name = {n: spec.hf_to_gguf(f"model.layers.{i}.{n}.weight") for n, m in mods.items()
+        gguf_name = {n: spec.hf_to_gguf(f"{spec.layer_prefix}{i}.{n}.weight") for n, m in mods.items()
                      if isinstance(m, torch.nn.Linear)}
         qtype = {n: (None if types[g][0].is_float else types[g][0].ggml_type) for n, g in gguf_name.items()}
         shared: dict[tuple, dict] = {}
@@ -174,7 +171,11 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
                 mods[n].weight.data = (mods[n].weight.data.float() * s[None, :]).to(mods[n].weight.dtype)
                 awq_scales[gguf_name[n]] = s
             pw = mods[producer].weight
-            pw.data = (pw.data.float() / (s[:, None] if rows_of else s)).to(pw.dtype)
+            if rows_of:
+                pw.data = (pw.data.float() / s[:, None]).to(pw.dtype)
+            else:          # a norm computes x * (offset + w): offset + w becomes (offset + w) / s
+                off = spec.norm_offset
+                pw.data = ((pw.data.float() + off) / s - off).to(pw.dtype)
             awq_log.append({"layer": i, "linears": names, "alpha": res.alpha, "err": res.err,
                             "err_plain": res.err_plain})
             secs["awq"] += time.perf_counter() - t
@@ -185,21 +186,18 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
             key = input_key(x)
             if key in scaled:
                 return scaled[key][0]
-            for names, producer in AWQ_GROUPS:
+            for names, producer in groups:
                 if n in names:
                     s = search_fold(names, producer, x)
                     xs = x if s is None else x / s
-                    if s is not None and names[0] == "mlp.gate_proj":   # down's input, from the scaled MLP
-                        g, u = mods["mlp.gate_proj"], mods["mlp.up_proj"]
-                        h = mods["mlp"].act_fn(torch.nn.functional.linear(xs, g.weight)) * \
-                            torch.nn.functional.linear(xs, u.weight)
-                        search_fold([AWQ_DOWN[0]], AWQ_DOWN[1], h, rows_of=True)
+                    if s is not None and up in names:       # down reads act(gate) * up: 1/s into up's rows
+                        search_fold([down], up, mlp_hidden(layer, xs), rows_of=True)
                     scaled[key] = (xs, x)       # holding x keeps its memory from being reused
                     return xs
             return x
 
         def hook(n):
-            hf = f"model.layers.{i}.{n}.weight"
+            hf = f"{spec.layer_prefix}{i}.{n}.weight"
             name = gguf_name[n]
             fmt = types[name][0]
 
@@ -237,15 +235,15 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()
                    if isinstance(m, torch.nn.Linear)]
         try:
-            y = layer(x, **kw)
+            y = run_layer(layer, x, kw)
         finally:
             for h in handles:
                 h.remove()
         shared.clear()
         scaled.clear()
-        return y[0] if isinstance(y, tuple) else y
+        return y
     for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress, leave=False)):
-        x = run_layer(i, layer, x)
+        x = quantize_layer(i, layer, x)
     if gptq and output:
         _gptq_output(module, model, x, types, encoded, damps, rtn_fallbacks, secs, act_order, damp)
     stats = {"tensors": len(encoded), "seconds": time.perf_counter() - t0,
@@ -278,11 +276,11 @@ def _gptq_output(module, model, x, types, encoded, damps, rtn_fallbacks, secs, a
     from .quant.gptq import gptq_gguf
     head = module.get_output_embeddings()
     tied = bool(model.config.get("tie_word_embeddings", False))
-    name = "token_embd.weight" if tied else model.spec.hf_to_gguf("lm_head.weight")
+    name = "token_embd.weight" if tied else model.spec.hf_to_gguf(model.spec.output_name)
     if head is None or name not in types or types[name][0].is_float:
         return
     t = time.perf_counter()
-    H = _checked_hessian(module.model.norm(x), "the output projection")
+    H = _checked_hessian(final_norm(module)(x), "the output projection")
     secs["hessian"] += time.perf_counter() - t
     t = time.perf_counter()
     try:

@@ -30,13 +30,12 @@ from slimlm.arch import ARCHS, GGUF_ARCHS
 from slimlm.errors import SlimlmError
 
 HANG_S = 2.0
-QWEN3_HEAD = 128  # transformers' Qwen3Config default, the head size its GGUF loader builds
 
 
 # ---- model GGUF: hyper-parameters and tensors that must agree ---------------------------------------------
 def tiny_model_spec(arch: str = "llama", *, tied: bool = False, head_dim: int | None = None) -> GSpec:
     spec = ARCHS[GGUF_ARCHS[arch]]
-    nh, hd = (1, QWEN3_HEAD) if arch == "qwen3" else (2, 4)
+    nh, hd = (1, 8) if arch == "qwen3" else (2, 4)
     hd = head_dim or hd
     cfg = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": nh,
            "num_key_value_heads": 1, "vocab_size": len(fh.TOKENS), "tie_word_embeddings": tied, "head_dim": hd}

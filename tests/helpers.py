@@ -15,6 +15,12 @@ ARCH_EXTRA = {
     "MistralForCausalLM": dict(model_type="mistral", rope_theta=10000.0, sliding_window=None),
     "Qwen2ForCausalLM": dict(model_type="qwen2", rope_theta=10000.0),
     "Qwen3ForCausalLM": dict(model_type="qwen3", rope_theta=10000.0, head_dim=32),
+    # sliding-window layers every other one (window 8: shorter than the tests' texts), their own rope base;
+    # head_dim != hidden / heads; llama.cpp's attention scale needs query_pre_attn_scalar = head_dim
+    "Gemma3ForCausalLM": dict(model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                              sliding_window_pattern=2, hidden_activation="gelu_pytorch_tanh",
+                              rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
 
 
@@ -45,6 +51,21 @@ def save_tiny_hf(d: Path, arch: str, tokenizer_dir: Path, *, tie: bool = False, 
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
     return d
+
+
+def word_texts(n_train: int = 260, n_eval: int = 40, seed: int = 0) -> tuple[str, str]:
+    """Training and evaluation text: disjoint random sentences over the same 120 words (what a student learns on
+    one shows on the other)."""
+    import random
+    rng = random.Random(seed)
+    words = [f"{a}{b}" for a in ("the", "cat", "sun", "run", "blue", "stone", "light", "river", "green", "old",
+                                 "town", "read") for b in ("", "s", "ed", "ing", "er", "ly", "ness", "ful", "ish",
+                                                            "y")]
+
+    def sentences(n: int) -> str:
+        return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                        for _ in range(n))
+    return sentences(n_train), sentences(n_eval)
 
 
 # ---- raw GGUF builder ---------------------------------------------------------------------------------

@@ -7,24 +7,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import ARCH_EXTRA
 
 from slimlm import export_gguf, load
 from slimlm.errors import ConfigError, OutputError
 from slimlm.eval.runtime import LlamaCppRunner
 from slimlm.gguf.reader import read_gguf
 
-ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+ARCHS = list(ARCH_EXTRA)
 LEGACY = ["F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
-
-
-def _hf_layout(g, name, arch_spec, cfg):
-    """A GGUF tensor back in HF layout, as float32 numpy (undoing llama.cpp's q/k permutation)."""
-    t = g.tensor(name)
-    x = gguf.quants.dequantize(np.asarray(g.raw(t)), t.ggml_type).reshape(t.shape).astype(np.float32)
-    if arch_spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
-        n = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
-        x = x.reshape(n, x.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(x.shape)
-    return x
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -41,10 +32,11 @@ def test_f32_export_is_exact_and_matches_llama_cpp(tiny_hf, tmp_path, arch, llam
     assert g.get("tokenizer.ggml.pre") == (pre or "smollm")
     sd = m.named_weights()
     for hf_name, W in sd.items():
-        if hf_name == "lm_head.weight" and m.config.get("tie_word_embeddings"):
+        if hf_name == m.spec.output_name and m.config.get("tie_word_embeddings"):
             continue
-        got = _hf_layout(g, m.spec.hf_to_gguf(hf_name), m.spec, m.config)
-        assert np.array_equal(got, W.numpy()), hf_name
+        t = g.tensor(m.spec.hf_to_gguf(hf_name))
+        got = gguf.quants.dequantize(np.asarray(g.raw(t)), t.ggml_type).reshape(t.shape)
+        assert np.array_equal(got, m.spec.to_gguf_tensor(hf_name, W, m.config).numpy()), hf_name
     assert rec.fallbacks == [] and rec.n_params == sum(W.numel() for W in sd.values())
     # llama.cpp runs the file and gives torch's logits
     tokens = torch.tensor([1, 504, 3120, 28, 905, 2384, 30, 17, 260, 11, 314, 1543, 4327, 5, 9, 42])
@@ -55,7 +47,8 @@ def test_f32_export_is_exact_and_matches_llama_cpp(tiny_hf, tmp_path, arch, llam
     finally:
         r.close()
     rel = float((got - ref).abs().max() / ref.abs().max())
-    assert rel < 1e-3, f"{arch}: max relative logit error {rel:.2e}"
+    # Gemma: embedding x sqrt(hidden), a residual stream ~8x larger, so llama.cpp's F16 KV cache rounds more
+    assert rel < (5e-3 if m.spec.embed_scale else 1e-3), f"{arch}: max relative logit error {rel:.2e}"
 
 
 @pytest.mark.parametrize("qtype", LEGACY)

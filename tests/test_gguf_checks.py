@@ -45,9 +45,9 @@ DEFECTS = {
         lambda: _set(tiny_model_spec(), "llama.embedding_length", 16), r"token_embd.weight has shape \[16, 8\]"),
     "feed_forward_length disagrees": (
         lambda: _set(tiny_model_spec(), "llama.feed_forward_length", 32), r"ffn_\w+\.weight has shape"),
-    "qwen3 head size other than transformers'": (
-        lambda: tiny_model_spec("qwen3", head_dim=4),
-        r"key_length=4 but transformers builds qwen3 with head size 128"),
+    "qwen3 value size other than its key size": (
+        lambda: _set(tiny_model_spec("qwen3"), "qwen3.attention.value_length", 4),
+        r"value_length=4 but transformers builds qwen3 with head size 8"),
     "qwen2 without head_count_kv": (
         lambda: _drop(tiny_model_spec("qwen2"), "qwen2.attention.head_count_kv"), r"head_count_kv is missing"),
     "merge whose result is not a token": (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import word_texts
 from safetensors.torch import load_file
 
 from slimlm.cli import main
@@ -45,17 +45,9 @@ def teacher(tiny_hf) -> Path:
 def texts(tmp_path_factory) -> dict:
     """Training and evaluation text: disjoint random sentences over the same 120 words."""
     d = tmp_path_factory.mktemp("heal_texts")
-    rng = random.Random(0)
-    words = [f"{a}{b}" for a in ("the", "cat", "sun", "run", "blue", "stone", "light", "river", "green", "old",
-                                 "town", "read") for b in ("", "s", "ed", "ing", "er", "ly", "ness", "ful", "ish",
-                                                            "y")]
-
-    def sentences(n: int) -> str:
-        return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                        for _ in range(n))
     p = {"train": d / "train.txt", "eval": d / "eval.txt"}
-    p["train"].write_text(sentences(260))
-    p["eval"].write_text(sentences(40))
+    for path, text in zip(p.values(), word_texts(), strict=True):
+        path.write_text(text)
     return {k: str(v) for k, v in p.items()}
 
 

@@ -99,7 +99,8 @@ def test_layer_map_is_recovered_from_a_pruned_model(teacher, texts):
 
 
 def test_replayed_sub_blocks_add_up_to_the_layer(teacher, texts):
-    from slimlm.sequential import attention_out, mlp_out, replay_inputs, run_layer
+    from slimlm.arch import attention_out, mlp_out
+    from slimlm.sequential import replay_inputs, run_layer
     x, kw = replay_inputs(teacher.module, texts[0][:2])
     with torch.no_grad():
         for layer in teacher.module.model.layers:

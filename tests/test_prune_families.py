@@ -113,7 +113,12 @@ def test_prune_every_family_to_gguf_runs_in_llama_cpp(tiny_hf, tmp_path, arch, m
     finally:
         r.close()
     want = p.logits(x[None])[0]
-    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), float((got - want).abs().max())
+    # Gemma's embedding is scaled by sqrt(hidden): a residual stream ~8x larger, so llama.cpp's F16 KV cache rounding
+    # shows more (the KLD stays < 1e-5)
+    atol = 1e-2 if m.spec.embed_scale else 2e-3
+    assert torch.allclose(got, want, atol=atol, rtol=1e-3), float((got - want).abs().max())
+    lp, lq = torch.log_softmax(want.double(), -1), torch.log_softmax(got.double(), -1)
+    assert float((lp.exp() * (lp - lq)).sum(-1).mean()) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ARCHS)

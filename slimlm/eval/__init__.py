@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..arch import SPM_TOKENIZER
 from ..calib import TokenText, read_text, tokenize
 from ..errors import ConfigError
 from ..gguf.reader import read_gguf
@@ -72,7 +73,7 @@ def _stored_bytes(model, n: int) -> tuple[int, int, str] | None:
         entries.update(read_safetensors_header(f))
     tied = bool(model.config.get("tie_word_embeddings", False))
     state = {k: tuple(v.shape) for k, v in model.module.state_dict().items()
-             if not model.spec.is_ignored(k) and not (tied and k == "lm_head.weight")}
+             if not model.spec.is_ignored(k) and not (tied and k == model.spec.output_name)}
     stored = {k: e for k, e in entries.items() if not model.spec.is_ignored(k)}
     if not files or set(stored) != set(state) or any(stored[k].shape != s for k, s in state.items()):
         return None
@@ -100,7 +101,7 @@ def _side(x, n_ctx: int):
         bos = g.get("tokenizer.ggml.bos_token_id")
         add_bos = g.get("tokenizer.ggml.add_bos_token")
         if add_bos is None:
-            add_bos = g.get("tokenizer.ggml.model") == "llama"
+            add_bos = g.get("tokenizer.ggml.model") == SPM_TOKENIZER
         return LlamaCppRunner(x, n_ctx), gguf_size_info(x), (int(bos) if add_bos and bos is not None else None), None
     return TorchRunner(x), model_size_info(x), (x.bos_token_id if x.add_bos else None), x.tokenizer
 

@@ -12,7 +12,15 @@ import math
 
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFValueType
 
-from ..arch import GGUF_ARCHS, ArchSpec, get_arch
+from ..arch import (
+    EXTRA_GGUF_ARCH_PREFIXES,
+    GGUF_ARCHS,
+    GGUF_TOKENIZER_MODELS,
+    SPM_TOKENIZER,
+    ArchSpec,
+    get_arch,
+    spec_for_gguf,
+)
 from ..errors import InvalidGGUFError
 from .reader import GGUFFile
 
@@ -23,8 +31,6 @@ _OPTIONAL_INT = ("attention.head_count_kv", "rope.dimension_count", "attention.k
                  "attention.value_length", "vocab_size")
 _FLOATS = (("attention.layer_norm_rms_epsilon", True), ("rope.freq_base", False))
 _TOKEN_IDS = ("bos", "eos", "unknown", "padding", "seperator", "cls", "mask", "eot", "eom")
-# tokenizer.ggml.model values transformers can build a tokenizer from for these architectures
-TOKENIZER_MODELS = ("gpt2", "llama")
 EXTRA_TENSORS = ("rope_freqs.weight",)
 # tensor types gguf-py dequantizes (transformers' GGUF loader reads weights through it); I8/I32/F64/Q8_1/...
 # would fail there. tests/test_gguf_checks.py checks each against the installed gguf-py.
@@ -33,12 +39,9 @@ LOADABLE_TYPES = frozenset(GGMLQuantizationType[n] for n in (
     "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
     "MXFP4"))
 # transformers applies a `<prefix>.<key>` of any architecture it knows to the model it builds, whatever the
-# file's architecture (a qwen3 file's `llama.block_count` would set its layer count); llama.cpp ignores them
-OTHER_ARCH_PREFIXES = frozenset(MODEL_ARCH_NAMES.values()) | {"mistral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama3 rope factors: carried by llama.cpp, not a model weight
+# file's architecture; llama.cpp ignores them
+OTHER_ARCH_PREFIXES = frozenset(MODEL_ARCH_NAMES.values()) | EXTRA_GGUF_ARCH_PREFIXES
 MAX_CONTEXT = 1 << 31
-# transformers' Qwen3Config default head_dim: its GGUF loader reads no head size for qwen3 and builds this one
-# (tests/test_fuzz.py checks the value against the installed transformers)
-QWEN3_HEAD_DIM = 128
 
 
 def uint32(g: GGUFFile, key: str, *, required: bool, minimum: int = 1) -> int | None:
@@ -69,12 +72,16 @@ def _float32(g: GGUFFile, key: str, required: bool) -> float | None:
 
 
 def _head_dim(g: GGUFFile, arch: str, emb: int, nh: int, hp: dict) -> int:
-    """The head size transformers will build: its GGUF loader reads rope.dimension_count for llama (else
-    embedding/heads) and nothing for qwen2 (embedding/heads) or qwen3 (the config class's default). A file
-    whose key/value/rope sizes say otherwise would load as a different model, so it is refused."""
-    if arch == "qwen3":
-        hd = QWEN3_HEAD_DIM
-    elif arch == "llama" and hp["rope.dimension_count"]:
+    """The head size transformers will build: its GGUF loader reads rope.dimension_count for some families (else
+    embedding/heads), embedding/heads for others; for "key" families slimlm gives it attention.key_length (else
+    embedding/heads, as llama.cpp) (ArchSpec.gguf_head_dim). A file whose key/value/rope sizes say otherwise would
+    load as a different model, so it is refused."""
+    rule = spec_for_gguf(arch).gguf_head_dim
+    if isinstance(rule, int):
+        hd = rule
+    elif rule == "key" and hp["attention.key_length"] is not None:
+        hd = hp["attention.key_length"]
+    elif rule == "rope" and hp["rope.dimension_count"]:
         hd = hp["rope.dimension_count"]
     elif emb % nh:
         raise InvalidGGUFError(f"{g.path}: {arch}.embedding_length={emb} is not divisible by "
@@ -94,9 +101,11 @@ def check_model_gguf(g: GGUFFile) -> tuple[dict, ArchSpec]:
     if arch not in GGUF_ARCHS:
         raise InvalidGGUFError(f"{g.path}: GGUF architecture {arch!r} is not supported; supported: "
                                f"{', '.join(GGUF_ARCHS)}")
-    if arch == "llama" and g.get("general.name") == "mistral":
-        raise InvalidGGUFError(f"{g.path}: general.name is exactly 'mistral': transformers' GGUF loader then "
-                               f"builds its 'mistral' model, which it cannot read from a GGUF; rename the model")
+    spec = spec_for_gguf(arch)
+    if g.get("general.name") in spec.gguf_refused_names:
+        name = g.get("general.name")
+        raise InvalidGGUFError(f"{g.path}: general.name is exactly {name!r}: transformers' GGUF loader then "
+                               f"builds its {name!r} model, which it cannot read from a GGUF; rename the model")
     for key in g.fields:
         prefix = key.split(".", 1)[0]
         if prefix != arch and prefix in OTHER_ARCH_PREFIXES:
@@ -104,7 +113,7 @@ def check_model_gguf(g: GGUFFile) -> tuple[dict, ArchSpec]:
                                    f"(transformers would apply it to the model it builds; llama.cpp ignores it)")
     hp = {k: uint32(g, f"{arch}.{k}", required=True) for k in _REQUIRED_INT}
     hp.update({k: uint32(g, f"{arch}.{k}", required=False) for k in _OPTIONAL_INT})
-    if arch != "llama" and hp["attention.head_count_kv"] is None:  # transformers' qwen default is 32, not n_head
+    if spec.gguf_needs_kv_heads and hp["attention.head_count_kv"] is None:  # transformers' default is 32, not n_head
         raise InvalidGGUFError(f"{g.path}: key {arch}.attention.head_count_kv is missing (transformers would "
                                f"assume 32 KV heads, llama.cpp one per query head)")
     eps, theta = (_float32(g, f"{arch}.{k}", req) for k, req in _FLOATS)
@@ -166,9 +175,9 @@ def check_tokenizer(g: GGUFFile, n_vocab: int, *, implicit_vocab: bool) -> None:
     """tokenizer.ggml.*: a model transformers can build, tokens that fit the embedding, parallel arrays of
     the same length, special ids inside the vocabulary, merges whose parts and results are tokens."""
     model = g.get("tokenizer.ggml.model")
-    if model not in TOKENIZER_MODELS:
+    if model not in GGUF_TOKENIZER_MODELS:
         raise InvalidGGUFError(f"{g.path}: tokenizer.ggml.model is {model!r}; supported: "
-                               f"{', '.join(TOKENIZER_MODELS)} (slimlm needs the model's own tokenizer)")
+                               f"{', '.join(GGUF_TOKENIZER_MODELS)} (slimlm needs the model's own tokenizer)")
     tokens = _array(g, "tokenizer.ggml.tokens", (V.STRING,), None)
     if not tokens:
         raise InvalidGGUFError(f"{g.path}: tokenizer.ggml.tokens is missing or empty; slimlm needs the "
@@ -179,8 +188,8 @@ def check_tokenizer(g: GGUFFile, n_vocab: int, *, implicit_vocab: bool) -> None:
     ints = (V.INT32, V.UINT32, V.INT8, V.UINT8, V.INT16, V.UINT16, V.INT64, V.UINT64)
     _array(g, "tokenizer.ggml.token_type", ints, len(tokens))
     scores = _array(g, "tokenizer.ggml.scores", (V.FLOAT32, V.FLOAT64), len(tokens))
-    if model == "llama" and scores is None:
-        raise InvalidGGUFError(f"{g.path}: tokenizer.ggml.scores is missing (a 'llama' tokenizer needs them)")
+    if model == SPM_TOKENIZER and scores is None:
+        raise InvalidGGUFError(f"{g.path}: tokenizer.ggml.scores is missing (a {model!r} tokenizer needs them)")
     for k in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
         f = g.fields.get(k)
         if f is not None and f.type != V.STRING:

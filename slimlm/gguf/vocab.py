@@ -94,7 +94,7 @@ def add_hf_tokenizer(w: gguf.GGUFWriter, tokenizer, model_dir: Path, vocab_size:
         raise InvalidModelError(f"{model_dir}: tokenizer model {kind}"
                                 f"{' with byte_fallback' if getattr(model, 'byte_fallback', False) else ''} "
                                 f"is not supported yet; slimlm exports byte-level BPE tokenizers "
-                                f"(Llama 3, SmolLM, Qwen2/3, Mistral Tekken)")
+                                f"(as most current models have)")
     pre = pre_tokenizer_name(tokenizer, str(model_dir), pre_tokenizer)
     tokens, types = bpe_vocab(tokenizer, vocab_size)
     w.add_tokenizer_model("gpt2")

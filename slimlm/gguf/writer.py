@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import PER_LAYER, gguf_arch, layer_dims, llama3_rope_factors, rope_parameters
+from ..arch import PER_LAYER, SLIDING, gguf_arch, layer_dims, rope_freqs, rope_parameters
 from ..errors import ConfigError, NumericsError, OutputError
 from ..formats import BY_GGML_TYPE, QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
@@ -112,13 +112,14 @@ def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
     tied = bool(cfg.get("tie_word_embeddings", False))
     out = []
     for hf_name, W in model.named_weights().items():
-        if spec.is_ignored(hf_name) or (tied and hf_name == "lm_head.weight"):
+        if spec.is_ignored(hf_name) or (tied and hf_name == spec.output_name):
             continue
         if spec.output_biases and hf_name.endswith(".bias") and not W.any():
             continue     # optional in llama.cpp's llama/deci graph: a zero bias would only cost an add per matmul
         out.append((spec.hf_to_gguf(hf_name), hf_name, spec.to_gguf_tensor(hf_name, W.detach(), cfg)))
-    if rope_parameters(cfg).get("rope_type") == "llama3":
-        out.append(("rope_freqs.weight", "", llama3_rope_factors(cfg)))
+    freqs = rope_freqs(cfg)
+    if freqs is not None:
+        out.append(("rope_freqs.weight", "", freqs))
     if model.gguf is not None:
         order = {t.name: i for i, t in enumerate(model.gguf.tensors)}
         out.sort(key=lambda x: order.get(x[0], len(order)))
@@ -168,6 +169,14 @@ def _add_hparams(w: gguf.GGUFWriter, model) -> None:
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rp["factor"]))
+    kinds = cfg.get("layer_types") or []
+    if spec.layer_types and cfg.get("sliding_window") and SLIDING in kinds:
+        # llama.cpp: sliding layers use the swa rope base unscaled; the pattern (true = sliding) per layer
+        w.add_sliding_window(int(cfg["sliding_window"]))
+        w.add_sliding_window_pattern([k == SLIDING for k in kinds])
+        w.add_rope_freq_base_swa(float(rope_parameters(cfg, SLIDING)["rope_theta"]))
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
     w.add_vocab_size(cfg["vocab_size"])
 
 

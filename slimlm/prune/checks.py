@@ -8,16 +8,12 @@ from ..arch import ARCHS, PER_LAYER
 from ..errors import ConfigError
 from .structured import Plan, planned_config
 
-# llama.cpp archs whose loader sizes the query projection n_embd x n_embd (not n_embd x n_head * head_dim):
-# qwen2 (llama-model.cpp, LLM_ARCH_QWEN2). Family knowledge that belongs in arch.ArchSpec; kept here until then.
-ATTN_WIDTH_IS_HIDDEN = ("qwen2",)
-
 
 def check_gguf_plan(cfg: dict, plan: Plan, what: str = "this plan") -> None:
-    """Refuse a plan whose GGUF llama.cpp cannot load: for the archs in ATTN_WIDTH_IS_HIDDEN the query heads x
-    head_dim must stay equal to the hidden size."""
+    """Refuse a plan whose GGUF llama.cpp cannot load: for the families whose loader sizes the query projection
+    n_embd x n_embd (ArchSpec.attn_width_is_hidden) the query heads x head_dim must stay equal to the hidden size."""
     spec = ARCHS.get((cfg.get("architectures") or [None])[0])
-    if spec is None or spec.gguf_arch not in ATTN_WIDTH_IS_HIDDEN:
+    if spec is None or not spec.attn_width_is_hidden:
         return
     new = planned_config(cfg, plan)
     nh, hd, h = new["num_attention_heads"], new["head_dim"], new["hidden_size"]
@@ -25,6 +21,15 @@ def check_gguf_plan(cfg: dict, plan: Plan, what: str = "this plan") -> None:
         raise ConfigError(f"{what}: llama.cpp's {spec.gguf_arch} arch needs query heads x head_dim = hidden size, "
                           f"this gives {nh} x {hd} = {nh * hd} for hidden {h}; keep every query head (no --heads, "
                           f"no --method width) or write an HF folder")
+
+
+def check_hidden(cfg: dict) -> None:
+    """Refuse to shrink the residual stream of a family whose embedding is scaled by sqrt(hidden size) in both
+    runtimes: the scale would change with the width."""
+    spec = ARCHS.get((cfg.get("architectures") or [None])[0])
+    if spec is not None and spec.embed_scale:
+        raise ConfigError(f"--hidden: {spec.hf_arch} scales its embedding by sqrt(hidden size), which would change "
+                          f"with the width; prune MLP neurons, heads or layers instead")
 
 
 def check_hf_plan(m, plan: Plan, what: str = "this plan") -> None:
@@ -40,9 +45,9 @@ def check_hf_plan(m, plan: Plan, what: str = "this plan") -> None:
 
 
 def per_layer_ok(cfg: dict) -> bool:
-    """Whether the model's family can take per-layer MLP widths (llama.cpp's deci arch: Llama family only)."""
+    """Whether the model's family can take per-layer MLP widths (llama.cpp has a per-layer arch for it)."""
     spec = ARCHS.get((cfg.get("architectures") or [None])[0])
-    return spec is not None and spec.gguf_arch == "llama"
+    return spec is not None and spec.per_layer_arch is not None
 
 
 def written_arch(out: str | Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..arch import layer_dims
 from ..errors import ConfigError
-from .checks import check_gguf_plan, check_hf_plan, per_layer_ok, written_arch
+from .checks import check_gguf_plan, check_hf_plan, check_hidden, per_layer_ok, written_arch
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
 
@@ -136,9 +136,9 @@ class PruneConfig:
         """The checks that need the model's shapes (its config), run right after loading, before calibration."""
         d = dims(cfg)
         if self.allocate in ("global", "sensitivity") and self.method in STRUCTURED and not per_layer_ok(cfg):
-            raise ConfigError(f"--allocate {self.allocate} gives per-layer MLP widths, which llama.cpp runs as its "
-                              f"deci arch for Llama-family models only; {cfg['architectures'][0]} takes "
-                              f"--allocate uniform")
+            raise ConfigError(f"--allocate {self.allocate} gives per-layer MLP widths, which llama.cpp has no "
+                              f"architecture for in this family; {cfg['architectures'][0]} takes --allocate "
+                              f"uniform")
         bad = [i for i in self.drop_layers if i >= d["n_layer"]]
         if bad:
             raise ConfigError(f"--drop-layers {','.join(map(str, bad))}: the model has layers 0..{d['n_layer'] - 1}")
@@ -159,6 +159,8 @@ class PruneConfig:
             if nm is not None and any(w % nm[1] for w in widths):
                 raise ConfigError(f"--sparsity {self.sparsity}: the model's linears have {sorted(widths)} inputs, "
                                   f"which do not all split into groups of {nm[1]}")
+        if self.hidden is not None and self.method in STRUCTURED:
+            check_hidden(cfg)
         if gguf_out and (self.heads is not None or self.hidden is not None) and self.method in STRUCTURED:
             kv, q = self.parsed_heads() if self.heads is not None else (None, None)
             check_gguf_plan(cfg, Plan(hidden=self.hidden, n_kv=kv, q_per_kv=q), "--heads/--hidden")

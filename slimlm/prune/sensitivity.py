@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..arch import decoder_layers, part
 from ..errors import ConfigError
 from ..sensitivity import LayerReplay
 from .structured import _obs_heads, dims, greedy_widths, input_moments, obs_remove
@@ -52,8 +53,8 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
     module, spec, cfg = model.module, model.spec, model.config
     d = dims(cfg)
     q0 = d["n_head"] // d["n_kv"]
-    layers = module.model.layers
-    sums, n = input_moments(module, calib, [l.mlp.down_proj for l in layers] + [l.self_attn.o_proj for l in layers],
+    layers = decoder_layers(module)
+    sums, n = input_moments(module, calib, [part(l, "down") for l in layers] + [part(l, "o") for l in layers],
                             "calibration activations", progress)
     C_down, C_o = sums[:len(layers)], sums[len(layers):]
     replay = LayerReplay(module, chunk)
@@ -67,7 +68,7 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
     for i, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer", disable=not progress,
                                    leave=False)):
         row = {}
-        down = layer.mlp.down_proj
+        down = part(layer, "down")
         W = down.weight.data.double()
         n_max = max(int(round(max(ratios) * d["ffn"] / round_to)) * round_to, round_to)
         _, order = obs_remove(W, C_down[i] / n, min(n_max, d["ffn"] - round_to), per_round=round_to, damp=damp)
@@ -83,7 +84,7 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
         if mlp_only:
             rows.append(row)
             continue
-        o = layer.self_attn.o_proj
+        o = part(layer, "o")
         for k in range(1, q0):
             Wo, _ = _obs_heads(o.weight.data, C_o[i] / n, d["n_kv"], q0, d["n_kv"], q0 - k, d["head_dim"], damp)
             row[f"heads -{k}/{q0}"] = _swap({o: Wo}, lambda i=i: kld(i))
@@ -94,7 +95,7 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
             for name, lin in layer.named_modules():
                 if not isinstance(lin, torch.nn.Linear):
                     continue
-                g = spec.hf_to_gguf(f"model.layers.{i}.{name}.weight")
+                g = spec.hf_to_gguf(f"{spec.layer_prefix}{i}.{name}.weight")
                 if not fmt.fits(lin.weight.shape[1]):
                     continue
                 raw = encode(lin.weight.data.float().numpy(), fmt, g)
@@ -149,11 +150,10 @@ def heatmap(table: dict, out, title: str) -> None:
     plt.close(fig)
 
 
-def _input_of(name: str) -> str:
-    """Linears of a decoder layer that read the same tensor (sequential.AWQ_GROUPS: q/k/v, gate/up) share one
+def _input_of(spec, name: str) -> str:
+    """Linears of a decoder layer that read the same tensor (the family's input groups: q/k/v, gate/up) share one
     input statistic: the group's first name; any other linear its own."""
-    from ..sequential import AWQ_GROUPS
-    return next((names[0] for names, _ in AWQ_GROUPS if name in names), name)
+    return next((names[0] for names, _ in spec.layout.input_groups() if name in names), name)
 
 
 @torch.no_grad()
@@ -169,12 +169,12 @@ def weight_sparsities(model, calib: torch.Tensor, chunk: torch.Tensor, method: s
     if not (lam < sparsity < 1.0 - lam):
         raise ConfigError(f"sensitivity allocation varies sparsity by +-{lam}: give a sparsity between {lam} and "
                           f"{1 - lam}, got {sparsity}")
-    layers = model.module.model.layers
+    layers = decoder_layers(model.module)
     lins = [{n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)} for layer in layers]
     readers = {}                                     # (layer, input) -> the first linear reading it
     for i, per in enumerate(lins):
         for n, m in per.items():
-            readers.setdefault((i, _input_of(n)), m)
+            readers.setdefault((i, _input_of(model.spec, n)), m)
     H = {}
     if method != "magnitude":
         sums, count = input_moments(model.module, calib, list(readers.values()), "sensitivity: activations",
@@ -186,7 +186,7 @@ def weight_sparsities(model, calib: torch.Tensor, chunk: torch.Tensor, method: s
     for i, per in enumerate(tqdm(lins, desc="sensitivity", unit="layer", disable=not progress, leave=False)):
         row = []
         for s in levels:
-            pruned = {m: prune_linear(method, m.weight.data, H.get((i, _input_of(n))), s, None, damp)[0]
+            pruned = {m: prune_linear(method, m.weight.data, H.get((i, _input_of(model.spec, n))), s, None, damp)[0]
                       for n, m in per.items()}
             row.append(_swap(pruned, lambda i=i: max(0.0, replay.kld(i))))
         kld.append(row)

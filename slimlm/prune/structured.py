@@ -37,7 +37,20 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import ARCHS, PER_LAYER, layer_dims
+from ..arch import (
+    ARCHS,
+    PER_LAYER,
+    decoder_layers,
+    embedding,
+    final_norm,
+    hidden_norms,
+    hidden_readers,
+    hidden_writers,
+    layer_dims,
+    part,
+    set_decoder_layers,
+    set_part,
+)
 from ..errors import ConfigError, InvalidModelError, NumericsError
 
 IMPORTANCE = ("obs", "activation", "taylor", "magnitude")
@@ -159,7 +172,7 @@ def plan_for_ratio(cfg: dict, ratio: float, *, method: str = "mlp", round_to: in
 @torch.no_grad()
 def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> list[float]:
     """Per layer: 1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence)."""
-    layers = model.module.model.layers
+    layers = decoder_layers(model.module)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
 
@@ -247,7 +260,7 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
     layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style). `layers`:
     only these layers (by index; the others are to be dropped) get widths, in that order."""
-    all_layers = model.module.model.layers
+    all_layers = decoder_layers(model.module)
     which = list(range(len(all_layers))) if layers is None else list(layers)
     ff = dims(model.config)["ffn"]
     resid = {i: torch.zeros((), dtype=torch.float64) for i in which}
@@ -259,7 +272,7 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
         return f
     hs = [all_layers[i].register_forward_hook(post(i)) for i in which]
     try:
-        sums, count = input_moments(model.module, chunks, [all_layers[i].mlp.down_proj for i in which],
+        sums, count = input_moments(model.module, chunks, [part(all_layers[i], "down") for i in which],
                                     "MLP curves: activations", progress)
     finally:
         for h in hs:
@@ -269,7 +282,7 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     curves = []
     for i in tqdm(which, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False):
         trace: list = []
-        obs_remove(all_layers[i].mlp.down_proj.weight.data, C[i] / count, n_max, per_round=round_to, damp=damp,
+        obs_remove(part(all_layers[i], "down").weight.data, C[i] / count, n_max, per_round=round_to, damp=damp,
                    trace=trace)
         curves.append([err / round_to / float(resid[i] / count) for _, err in trace])
     return greedy_widths(curves, ff, n_remove, round_to)
@@ -339,52 +352,54 @@ def _cols(lin: torch.nn.Linear, idx: torch.Tensor, W: torch.Tensor | None = None
 
 
 def keep_mlp(layer, keep: torch.Tensor, down: torch.Tensor | None = None) -> None:
-    mlp = layer.mlp
-    mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, keep), _rows(mlp.up_proj, keep)
-    mlp.down_proj = _cols(mlp.down_proj, keep, down)
+    """Keep MLP neurons `keep` (gate/up rows, down columns; `down`: the down projection's refit weight)."""
+    for role in ("gate", "up"):
+        set_part(layer, role, _rows(part(layer, role), keep))
+    set_part(layer, "down", _cols(part(layer, "down"), keep, down))
+    mlp = part(layer, "mlp")
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = int(keep.numel())
 
 
 def keep_heads(layer, q_heads: list[int], kv_heads: list[int], head_dim: int, o: torch.Tensor | None = None) -> None:
     """Keep query heads `q_heads` (sorted, grouped by KV head) and KV heads `kv_heads`."""
-    a = layer.self_attn
     qi = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in q_heads])
     ki = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kv_heads])
-    a.q_proj, a.k_proj, a.v_proj = _rows(a.q_proj, qi), _rows(a.k_proj, ki), _rows(a.v_proj, ki)
-    a.o_proj = _cols(a.o_proj, qi, o)
-    a.num_key_value_groups = len(q_heads) // len(kv_heads)
+    for role, idx in (("q", qi), ("k", ki), ("v", ki)):
+        set_part(layer, role, _rows(part(layer, role), idx))
+    set_part(layer, "o", _cols(part(layer, "o"), qi, o))
+    part(layer, "attn").num_key_value_groups = len(q_heads) // len(kv_heads)
 
 
 def drop_layers(module, drop: list[int]) -> None:
-    keep = [l for i, l in enumerate(module.model.layers) if i not in set(drop)]
-    module.model.layers = torch.nn.ModuleList(keep)
+    keep = [l for i, l in enumerate(decoder_layers(module)) if i not in set(drop)]
+    set_decoder_layers(module, keep)
     for i, l in enumerate(keep):
-        l.self_attn.layer_idx = i
+        part(l, "attn").layer_idx = i
         if hasattr(l, "layer_idx"):
             l.layer_idx = i
 
 
 def keep_hidden(module, keep: torch.Tensor) -> None:
     """Keep residual-stream channels `keep` everywhere (embedding, norms, every linear that reads or writes it)."""
-    m = module.model
-    emb = m.embed_tokens
+    emb = embedding(module)
     head = module.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     emb.weight = torch.nn.Parameter(emb.weight.data[:, keep].contiguous(), requires_grad=False)
     emb.embedding_dim = int(keep.numel())
-    norms = [m.norm] + [n for l in m.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+    layers = decoder_layers(module)
+    norms = [final_norm(module)] + [n for l in layers for n in hidden_norms(l)]
     for n in norms:
         n.weight = torch.nn.Parameter(n.weight.data[keep].contiguous(), requires_grad=False)
-    for l in m.layers:
-        a, p = l.self_attn, l.mlp
-        a.q_proj, a.k_proj, a.v_proj = (_cols(x, keep) for x in (a.q_proj, a.k_proj, a.v_proj))
-        p.gate_proj, p.up_proj = _cols(p.gate_proj, keep), _cols(p.up_proj, keep)
-        a.o_proj, p.down_proj = _rows(a.o_proj, keep), _rows(p.down_proj, keep)
+    for l in layers:
+        for role in hidden_readers(l):
+            set_part(l, role, _cols(part(l, role), keep))
+        for role in hidden_writers(l):
+            set_part(l, role, _rows(part(l, role), keep))
     if tied:
         head.weight = emb.weight                  # the same (pruned) parameter
     elif head is not None:
-        module.lm_head = _cols(head, keep)
+        module.set_output_embeddings(_cols(head, keep))
 
 
 def _set_config(module, cfg: dict) -> None:
@@ -403,11 +418,11 @@ def shape_layers(module, cfg: dict) -> None:
     """Shrink each layer of a model built at the widest config to its own widths (the per-layer config key),
     so that a per-layer checkpoint's weights load into it."""
     hd = dims(cfg)["head_dim"]
-    for i, layer in enumerate(module.model.layers):
+    for i, layer in enumerate(decoder_layers(module)):
         ff, nh, nkv = layer_dims(cfg, i)
-        if ff != layer.mlp.down_proj.in_features:
+        if ff != part(layer, "down").in_features:
             keep_mlp(layer, torch.arange(ff))
-        if nh * hd != layer.self_attn.o_proj.in_features or nkv * hd != layer.self_attn.k_proj.out_features:
+        if nh * hd != part(layer, "o").in_features or nkv * hd != part(layer, "k").out_features:
             keep_heads(layer, list(range(nh)), list(range(nkv)), hd)
 
 
@@ -415,8 +430,7 @@ def shape_layers(module, cfg: dict) -> None:
 def _hidden_scores(model, chunks: torch.Tensor) -> torch.Tensor:
     """Per residual channel: sum over every RMSNorm output of its mean square (each norm's sum scaled to 1)."""
     score = torch.zeros(model.config["hidden_size"], dtype=torch.float64)
-    m = model.module.model
-    norms = [n for l in m.layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [m.norm]
+    norms = [n for l in decoder_layers(model.module) for n in hidden_norms(l)] + [final_norm(model.module)]
     acc = [torch.zeros_like(score) for _ in norms]
 
     def hook(i):
@@ -455,6 +469,9 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
         raise ConfigError(f"ffn {plan.ffn} must be between 1 and {d['ffn']}")
     if plan.hidden is not None and not 1 <= plan.hidden <= d["hidden"]:
         raise ConfigError(f"hidden {plan.hidden} must be between 1 and {d['hidden']}")
+    if plan.hidden not in (None, d["hidden"]) and model.spec.embed_scale:
+        from .checks import check_hidden
+        check_hidden(model.config)
     if any(not 0 <= i < d["n_layer"] for i in plan.drop_layers) or len(set(plan.drop_layers)) >= d["n_layer"]:
         raise ConfigError(f"layers to drop {plan.drop_layers} must be distinct, in 0..{d['n_layer'] - 1}, "
                           f"and leave one")
@@ -502,22 +519,22 @@ def _taylor_scores(module, chunks: torch.Tensor, hd: int, progress: bool) -> lis
     """Per layer: (|sum_t h_j dL/dh_j| per MLP neuron, the same summed over each head's o_proj inputs), the LM loss
     of the calibration chunks, averaged over chunks. Gradients flow from the input embeddings; weights stay
     frozen (no parameter gradients are kept)."""
-    layers = module.model.layers
+    layers = decoder_layers(module)
     acts: list = [None] * (2 * len(layers))
-    sums = [torch.zeros(l.mlp.down_proj.in_features, dtype=torch.float64) for l in layers] + \
-        [torch.zeros(l.self_attn.o_proj.in_features, dtype=torch.float64) for l in layers]
+    sums = [torch.zeros(part(l, "down").in_features, dtype=torch.float64) for l in layers] + \
+        [torch.zeros(part(l, "o").in_features, dtype=torch.float64) for l in layers]
 
     def keep(k):
         def f(_mod, inputs):
             inputs[0].retain_grad()
             acts[k] = inputs[0]
         return f
-    hs = [l.mlp.down_proj.register_forward_pre_hook(keep(i)) for i, l in enumerate(layers)]
-    hs += [l.self_attn.o_proj.register_forward_pre_hook(keep(len(layers) + i)) for i, l in enumerate(layers)]
+    hs = [part(l, "down").register_forward_pre_hook(keep(i)) for i, l in enumerate(layers)]
+    hs += [part(l, "o").register_forward_pre_hook(keep(len(layers) + i)) for i, l in enumerate(layers)]
     try:
         for c in tqdm(chunks, desc="Taylor scores", unit="chunk", disable=not progress, leave=False):
             with torch.enable_grad():
-                emb = module.model.embed_tokens(c[None]).detach().requires_grad_(True)
+                emb = embedding(module)(c[None]).detach().requires_grad_(True)
                 out = module(inputs_embeds=emb, labels=c[None], use_cache=False)
                 out.loss.backward()
             for k, a in enumerate(acts):
@@ -533,9 +550,9 @@ def _taylor_scores(module, chunks: torch.Tensor, hd: int, progress: bool) -> lis
 
 
 def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats) -> None:
-    from ..sequential import _checked_hessian, _layer_inputs
+    from ..sequential import _checked_hessian, _layer_inputs, run_layer
     hd, nkv0 = d["head_dim"], d["n_kv"]
-    layers = module.model.layers
+    layers = decoder_layers(module)
     ffns = plan.ffn_per_layer or [plan.ffn if plan.ffn is not None else d["ffn"]] * len(layers)
     do_heads = n_kv != nkv0 or q_per != q_per0
     x = kw = None
@@ -548,12 +565,12 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     for li, (layer, ffn) in enumerate(zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
                                                disable=not progress, leave=False), ffns, strict=True)):
         res: dict = {}
-        do_mlp = ffn != layer.mlp.down_proj.weight.shape[1]
+        do_mlp = ffn != part(layer, "down").weight.shape[1]
 
         def attn(mod, inputs, res=res, li=li):
             W = mod.weight.data
             if importance == "obs":
-                Wn, gone = _obs_heads(W, _checked_hessian(inputs[0], "o_proj"), nkv0, q_per0, n_kv, q_per, hd, damp)
+                Wn, gone = _obs_heads(W, _checked_hessian(inputs[0], f"layer {li} attention output"), nkv0, q_per0, n_kv, q_per, hd, damp)
             else:
                 if importance == "activation":
                     s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0).reshape(-1, hd).norm(dim=1)
@@ -572,14 +589,14 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
             W = mod.weight.data
             n_rm = W.shape[1] - ffn
             if importance == "obs":
-                Wn, gone = obs_remove(W, _checked_hessian(inputs[0], "down_proj"), n_rm, damp=damp)
+                Wn, gone = obs_remove(W, _checked_hessian(inputs[0], f"layer {li} MLP down projection"), n_rm, damp=damp)
             else:
                 if importance == "activation":
                     s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0)
                 elif importance == "taylor":
                     s = taylor[li][0]
                 else:   # |down column| x geometric mean of |gate row| and |up row|
-                    g, u = layer.mlp.gate_proj.weight.double(), layer.mlp.up_proj.weight.double()
+                    g, u = part(layer, "gate").weight.double(), part(layer, "up").weight.double()
                     s = W.double().norm(dim=0) * (g.norm(dim=1) * u.norm(dim=1)).sqrt()
                 gone = torch.argsort(s)[:n_rm].tolist()
                 Wn = W.clone()
@@ -589,18 +606,17 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
 
         if x is None:            # magnitude, taylor: scores known, no activations needed
             if do_heads:
-                attn(layer.self_attn.o_proj, (None,))
+                attn(part(layer, "o"), (None,))
             if do_mlp:
-                mlp(layer.mlp.down_proj, (None,))
+                mlp(part(layer, "down"), (None,))
         else:
             hs = []
             if do_heads:
-                hs.append(layer.self_attn.o_proj.register_forward_pre_hook(attn))
+                hs.append(part(layer, "o").register_forward_pre_hook(attn))
             if do_mlp:
-                hs.append(layer.mlp.down_proj.register_forward_pre_hook(mlp))
+                hs.append(part(layer, "down").register_forward_pre_hook(mlp))
             try:
-                y = layer(x, **kw)
-                x = y[0] if isinstance(y, tuple) else y
+                x = run_layer(layer, x, kw)
             finally:
                 for h in hs:
                     h.remove()
@@ -609,9 +625,9 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     for layer, res in zip(layers, keeps, strict=True):
         if "heads" in res:
             heads = res["heads"]
-            keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, layer.self_attn.o_proj.weight.data)
+            keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, part(layer, "o").weight.data)
         if "ffn" in res:
-            keep_mlp(layer, res["ffn"], layer.mlp.down_proj.weight.data)
+            keep_mlp(layer, res["ffn"], part(layer, "down").weight.data)
 
 
 def _head_constraint(nkv0: int, q_per0: int, n_kv: int, q_per: int):

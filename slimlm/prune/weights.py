@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arch import decoder_layers
 from ..errors import ConfigError
 
 
@@ -188,7 +189,7 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
 
     from tqdm.auto import tqdm
 
-    from ..sequential import _checked_hessian, _layer_inputs, input_key
+    from ..sequential import _checked_hessian, _layer_inputs, input_key, run_layer
     if method not in WEIGHT_METHODS:
         raise ConfigError(f"unknown weight-pruning method {method!r}; choose {', '.join(WEIGHT_METHODS)}")
     _check(sparsity, nm)
@@ -196,7 +197,7 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
         raise ConfigError(f"{method}{' with OWL' if owl else ''} needs calibration text")
     if owl and nm is not None:
         raise ConfigError("OWL allocates unstructured sparsity per layer; N:M patterns are the same everywhere")
-    n_layer = len(model.module.model.layers)
+    n_layer = len(decoder_layers(model.module))
     if sparsities is not None and (nm is not None or owl or len(sparsities) != n_layer):
         raise ConfigError("per-layer sparsities: unstructured only, one per decoder layer, not with OWL")
     per_layer = list(sparsities) if sparsities is not None else \
@@ -211,7 +212,7 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
         counts["removed"] += int(mask.sum())
         counts["total"] += mask.numel()
 
-    layers = module.model.layers
+    layers = decoder_layers(module)
     if method == "magnitude":
         for layer, sp in zip(layers, per_layer, strict=True):
             for mod in layer.modules():
@@ -241,11 +242,10 @@ def prune_weights_model(model, chunks: torch.Tensor | None, method: str, sparsit
             hs = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
                   if isinstance(m, torch.nn.Linear)]
             try:
-                y = layer(x, **kw)
+                x = run_layer(layer, x, kw)
             finally:
                 for h in hs:
                     h.remove()
-            x = y[0] if isinstance(y, tuple) else y
             shared.clear()
     stats = {"method": method, "pattern": f"{nm[0]}:{nm[1]}" if nm else f"{sparsity:.0%}",
              "sparsity": counts["removed"] / max(counts["total"], 1), "pruned_weights": counts["removed"],

@@ -157,10 +157,8 @@ def clear_work(folder: Path) -> None:
 def _keep_biases(student):
     """What bias compensation changes, kept to undo it: every layer's attention and MLP output bias (the stage
     assigns new bias tensors, so references suffice)."""
-    from .parts import decoder_layers
-    from .stages import ATTN_OUT, MLP_OUT
-    saved = [(lin, lin.bias) for layer in decoder_layers(student.module)
-             for lin in (layer.get_submodule(ATTN_OUT), layer.get_submodule(MLP_OUT))]
+    from ..arch import decoder_layers, part
+    saved = [(lin, lin.bias) for layer in decoder_layers(student.module) for lin in (part(layer, "o"), part(layer, "down"))]
 
     def undo() -> None:
         for lin, bias in saved:
@@ -170,7 +168,7 @@ def _keep_biases(student):
 
 def _keep_layers(student, idx: list[int]):
     """What block-wise reconstruction changes, kept to undo it: the weights of the layers it trains."""
-    from .parts import decoder_layers
+    from ..arch import decoder_layers
     layers = decoder_layers(student.module)
     saved = {j: {k: v.clone() for k, v in layers[j].state_dict().items()} for j in idx}
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..arch import decoder_layers
 from .config import TrainConfig
 
 # --compile auto compiles for runs of at least this long (seconds or tokens). bench/heal.py, SmolLM2 -25%, 2 AVX2
@@ -14,11 +15,6 @@ COMPILE_MIN_SECONDS, COMPILE_MIN_TOKENS = 900, 100_000
 
 
 # ------------------------------------------------------------------------------------------ what trains
-def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a transformers causal LM (its base model's `layers`)."""
-    return module.get_decoder().layers
-
-
 def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[int] | None) -> list[str]:
     """Set requires_grad by `mode` (not lora: see add_lora); returns the names of the trainable parameters."""
     frozen = {id(module.get_input_embeddings().weight)}

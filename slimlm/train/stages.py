@@ -27,9 +27,9 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import ATTN_OUT, MLP_OUT
+from ..arch import attention_out, decoder_layers, embedding, final_norm, hidden_norms, mlp_out, part
 from ..errors import ConfigError, NumericsError
-from ..sequential import attention_out, mlp_out, replay_inputs, run_layer
+from ..sequential import replay_inputs, run_layer
 
 
 # ---------------------------------------------------------------------------------------------- layer maps
@@ -68,10 +68,10 @@ def infer_layer_map(teacher, student, *, tol: float = 0.05) -> list[int]:
     keep = hidden_channels(teacher, student)
 
     def sig(layer, k=None):
-        v = torch.stack([layer.input_layernorm.weight, layer.post_attention_layernorm.weight]).double()
+        v = torch.stack([n.weight for n in hidden_norms(layer)]).double()
         return (v if k is None else v[:, k]).flatten()
-    T = [sig(l, keep) for l in teacher.module.model.layers]
-    S = [sig(l) for l in student.module.model.layers]
+    T = [sig(l, keep) for l in decoder_layers(teacher.module)]
+    S = [sig(l) for l in decoder_layers(student.module)]
     cost = torch.tensor([[float((s - t).norm() / t.norm().clamp(min=1e-12)) for t in T] for s in S])
     path = monotone_alignment(cost)
     worst = max(float(cost[j, t]) for j, t in enumerate(path))
@@ -105,7 +105,7 @@ def monotone_alignment(cost: torch.Tensor) -> list[int]:
 def hidden_channels(teacher, student) -> torch.Tensor | None:
     """Residual-stream channels of the teacher the student kept (None: all). Structured pruning copies the kept
     embedding columns unchanged, so each student column is found among the teacher's by value."""
-    Et, Es = teacher.module.model.embed_tokens.weight, student.module.model.embed_tokens.weight
+    Et, Es = embedding(teacher.module).weight, embedding(student.module).weight
     if Es.shape[1] == Et.shape[1]:
         return None
     keep = match_columns(Et, Es)
@@ -128,7 +128,7 @@ def match_columns(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
 def changed_layers(teacher, student, layer_map: list[int]) -> list[bool]:
     """Per student layer: its weights (names, shapes or values) differ from its teacher layer's, or teacher layers
     after it (or, for layer 0, before it) were dropped."""
-    T, S = teacher.module.model.layers, student.module.model.layers
+    T, S = decoder_layers(teacher.module), decoder_layers(student.module)
     drops = dropped_after(layer_map, len(T))
     out = []
     for j, layer in enumerate(S):
@@ -228,7 +228,7 @@ def bias_compensation(teacher, student, chunks: torch.Tensor, layer_map: list[in
     why = _skip_reason(teacher, student)
     if why is not None:
         return {"skipped": why}
-    T, S = teacher.module.model.layers, student.module.model.layers
+    T, S = decoder_layers(teacher.module), decoder_layers(student.module)
     check_layer_map(layer_map, len(T), len(S))
     if not 0 <= holdout < chunks.shape[0]:
         raise ConfigError(f"holdout {holdout} must leave calibration chunks (there are {chunks.shape[0]})")
@@ -240,7 +240,7 @@ def bias_compensation(teacher, student, chunks: torch.Tensor, layer_map: list[in
     first = guard.kld if guard else None
     records = []
     for j, layer in enumerate(tqdm(S, desc="bias compensation", unit="layer", disable=not progress, leave=False)):
-        saved = [(lin, lin.bias) for lin in (layer.get_submodule(ATTN_OUT), layer.get_submodule(MLP_OUT))]
+        saved = [(lin, lin.bias) for lin in (part(layer, "o"), part(layer, "down"))]
         y, rec = _compensate_layer(layer, T, layer_map[j], drops[j], x, kw, batch)
         if guard is not None and rec["parts"]:
             rec["heldout_kld"] = guard.try_layer(j)
@@ -270,12 +270,12 @@ class _HeldOut:
         self.kld = self.try_layer(0)
 
     def try_layer(self, j: int) -> float:
-        layers = self.module.model.layers
+        layers = decoder_layers(self.module)
         y = _apply(partial(_run, layers, range(j, len(layers)), kw=self.kw), self.x, self.batch)
         head = self.module.get_output_embeddings()
         total = 0.0
         for yc, ref in zip(y, self.ref, strict=True):
-            logp = torch.log_softmax(head(self.module.model.norm(yc)).float(), -1)
+            logp = torch.log_softmax(head(final_norm(self.module)(yc)).float(), -1)
             total += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
         return total / (y.shape[0] * y.shape[1])
 
@@ -296,15 +296,15 @@ def _compensate_layer(layer, T, t: int, drops: list[int], x: torch.Tensor, kw: d
         rec["parts"].append({"part": part, "bias_norm": float(b.norm()), "mse_before": before, "mse_after": after})
         return b.to(inp.dtype)
 
-    if _shapes(tl.self_attn) != _shapes(layer.self_attn):          # heads pruned (o_proj refit)
-        compensate("attn", layer.get_submodule(ATTN_OUT),
+    if _shapes(part(tl, "attn")) != _shapes(part(layer, "attn")):    # heads pruned (output projection refit)
+        compensate("attn", part(layer, "o"),
                    lambda xb: (attention_out(tl, xb, kw), attention_out(layer, xb, kw)), x)
     h = x + _apply(lambda xb: attention_out(layer, xb, kw), x, batch)
-    if _shapes(tl.mlp) != _shapes(layer.mlp):                      # neurons pruned (down_proj refit)
-        compensate("mlp", layer.get_submodule(MLP_OUT), lambda hb: (mlp_out(tl, hb), mlp_out(layer, hb)), h)
+    if _shapes(part(tl, "mlp")) != _shapes(part(layer, "mlp")):      # neurons pruned (down projection refit)
+        compensate("mlp", part(layer, "down"), lambda hb: (mlp_out(tl, hb), mlp_out(layer, hb)), h)
     y = h + _apply(lambda hb: mlp_out(layer, hb), h, batch)
     if drops:
-        y = y + compensate("dropped", layer.get_submodule(MLP_OUT), lambda yb: (_run(T, drops, yb, kw), yb), y)
+        y = y + compensate("dropped", part(layer, "down"), lambda yb: (_run(T, drops, yb, kw), yb), y)
     return y, rec
 
 
@@ -343,7 +343,7 @@ def blockwise_reconstruction(teacher, student, chunks: torch.Tensor, layer_map: 
         raise ConfigError(f"layers must be 'changed' or 'all', got {layers!r}")
     if epochs < 1 or batch < 1 or not lr > 0:
         raise ConfigError(f"epochs ({epochs}) and batch ({batch}) must be >= 1 and lr ({lr}) > 0")
-    T, S = teacher.module.model.layers, student.module.model.layers
+    T, S = decoder_layers(teacher.module), decoder_layers(student.module)
     check_layer_map(layer_map, len(T), len(S))
     t0 = time.perf_counter()
     keep = hidden_channels(teacher, student)

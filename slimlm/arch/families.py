@@ -1,0 +1,204 @@
+"""The family descriptions: one `ArchSpec` per transformers architecture slimlm loads, the GGUF architectures
+transformers' GGUF loader builds, config validation, rope settings, and the family facts llama.cpp's own rules
+depend on. Adding a family: its ArchSpec here (and a Layout in spec.py if its modules sit elsewhere), its
+tests, nothing outside `slimlm/arch/`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InvalidModelError
+from .spec import GEMMA_LAYOUT, ArchSpec
+
+ARCHS: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", "llama", "LlamaDecoderLayer", permute_qk=True,
+                                 output_biases=True, hf_bias_flags=True, per_layer_arch="deci",
+                                 gguf_head_dim="rope", gguf_needs_kv_heads=False, gguf_refused_names=("mistral",)),
+    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", "llama", "MistralDecoderLayer", permute_qk=True,
+                                   output_biases=True, refuse_bias_flags=True, per_layer_arch="deci",
+                                   gguf_head_dim="rope", gguf_needs_kv_heads=False,
+                                   gguf_refused_names=("mistral",)),
+    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "qwen2", "qwen2", "Qwen2DecoderLayer", permute_qk=False,
+                                 qkv_bias=True, attn_width_is_hidden=True, hf_head_dim="if_present"),
+    # transformers' GGUF loader reads no head size for qwen3 (it builds its config class's default, 128): slimlm
+    # gives it attention.key_length (model.py, gguf_config_overrides)
+    "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", "qwen3", "qwen3", "Qwen3DecoderLayer", permute_qk=False,
+                                 qk_norm=True, gguf_head_dim="key", hf_head_dim="always"),
+    # Gemma 3 text models (270M, 1B; the text part of 4B+): (1 + w) RMSNorm, sandwich norms, q/k norm, embedding
+    # x sqrt(hidden), GELU-tanh, sliding-window layers with their own rope base. transformers' GGUF loader reads
+    # attention.key_length as head_dim. llama.cpp scales attention by 1/sqrt(head_dim) (27B: hidden/heads):
+    # query_pre_attn_scalar must be head_dim (hf.check_config)
+    "Gemma3ForCausalLM": ArchSpec("Gemma3ForCausalLM", "gemma3_text", "gemma3", "Gemma3DecoderLayer",
+                                  permute_qk=False, qk_norm=True, layout=GEMMA_LAYOUT, gguf_head_dim="key",
+                                  hf_head_dim="always", post_norms=True, norm_offset=1.0, embed_scale=True,
+                                  act_key="hidden_activation", acts=("gelu_pytorch_tanh",), layer_types=True),
+}
+# GGUF general.architecture -> the HF class transformers builds for it
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gemma3": "Gemma3ForCausalLM"}
+# attention kinds of config "layer_types" (each with its own rope where the family has layer types)
+FULL, SLIDING = "full_attention", "sliding_attention"
+# transformers applies a `<prefix>.<key>` of any architecture it knows to the model it builds, whatever the file's
+# architecture (a qwen3 file's `llama.block_count` would set its layer count): prefixes beyond gguf-py's arch names
+EXTRA_GGUF_ARCH_PREFIXES = frozenset({"mistral", "qwen2_moe", "qwen3_moe", "gpt_oss"})
+# tokenizer.ggml.model values transformers can build a tokenizer from for these families; SentencePiece's name
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
+SPM_TOKENIZER = "llama"
+# llama.cpp's LLM_TYPE_70B (one attn_v rule of its quantizer depends on it): 80 layers, and for these archs
+# grouped-query attention too (without it, the 65B)
+_70B_ARCHS = {"llama": True, "qwen2": False}
+
+
+def is_70b(gguf_arch: str, n_layer: int, n_gqa: int) -> bool:
+    needs_gqa = _70B_ARCHS.get(gguf_arch)
+    return n_layer == 80 and needs_gqa is not None and (n_gqa > 1 or not needs_gqa)
+
+
+def gguf_config_overrides(spec: ArchSpec, get, arch: str, cfg: dict) -> dict:
+    """Config fields transformers' GGUF loader gets wrong or leaves at its defaults for this family, from the keys
+    llama.cpp's graph reads (`get`: a GGUF key's value or None; `cfg`: the config transformers parsed)."""
+    out = {}
+    if spec.gguf_head_dim == "key":        # llama.cpp: key_length, else embedding / heads
+        out["head_dim"] = int(get(f"{arch}.attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    if spec.layer_types:
+        out.update(sliding_layer_config(get, arch, {**cfg, **out}))
+    return out
+
+
+def sliding_layer_config(get, arch: str, cfg: dict) -> dict:
+    """The config fields of a family with sliding-window layers (ArchSpec.layer_types) that transformers' GGUF
+    loader leaves at its config class's defaults, read from the keys llama.cpp's graph reads (`get`: a GGUF key's
+    value or None; `cfg`: the config transformers parsed). llama.cpp: sliding_window absent or 0 means no sliding
+    layers; sliding_window_pattern is a bool per layer (true = sliding) or a period n (every n-th layer full,
+    default 6); freq_base_swa defaults to 10000; attention is scaled by 1/sqrt(head_dim) (62 layers, the 27B:
+    1/sqrt(hidden / heads)), which transformers takes from query_pre_attn_scalar."""
+    n_layer, hd = cfg["num_hidden_layers"], cfg["head_dim"]
+    n_swa, pattern = get(f"{arch}.attention.sliding_window"), get(f"{arch}.attention.sliding_window_pattern")
+    if not n_swa:
+        kinds = [FULL] * n_layer
+    elif pattern is not None and not isinstance(pattern, (int, float)):       # an array
+        kinds = [SLIDING if bool(b) else FULL for b in pattern]
+    else:
+        n = int(pattern or 6)
+        kinds = [SLIDING if n == 0 or i % n < n - 1 else FULL for i in range(n_layer)]
+    full = {"rope_type": "default", "rope_theta": float(get(f"{arch}.rope.freq_base") or 10000.0)}
+    if get(f"{arch}.rope.scaling.type") == "linear":
+        full.update(rope_type="linear", factor=float(get(f"{arch}.rope.scaling.factor")))
+    out = {"layer_types": kinds,
+           "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if n_layer == 62 else hd,
+           "final_logit_softcapping": float(get(f"{arch}.final_logit_softcapping") or 0) or None,
+           "rope_parameters": {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": float(
+               get(f"{arch}.rope.freq_base_swa") or 10000.0)}}}
+    if n_swa:
+        out["sliding_window"] = int(n_swa)
+    return out
+
+
+def spec_for_gguf(gguf_arch: str) -> ArchSpec | None:
+    return ARCHS.get(GGUF_ARCHS.get(gguf_arch, ""))
+
+
+_REQUIRED_KEYS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def get_arch(cfg: dict, source: str = "config.json") -> ArchSpec:
+    """Validate a config dict and return its ArchSpec; errors list the supported architectures."""
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not archs:
+        raise InvalidModelError(f"{source}: no 'architectures' entry; supported: {', '.join(ARCHS)}")
+    spec = ARCHS.get(archs[0])
+    if spec is None:
+        raise InvalidModelError(f"{source}: architecture {archs[0]!r} is not supported; "
+                                f"supported: {', '.join(ARCHS)}")
+    for k in _REQUIRED_KEYS:
+        v = cfg.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InvalidModelError(f"{source}: {k} must be a positive integer, found {v!r}")
+    nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if not isinstance(nkv, int) or nh % nkv:
+        raise InvalidModelError(f"{source}: num_attention_heads={nh} is not a multiple of "
+                                f"num_key_value_heads={nkv}")
+    if not cfg.get("head_dim") and cfg["hidden_size"] % nh:
+        raise InvalidModelError(f"{source}: hidden_size={cfg['hidden_size']} is not divisible by "
+                                f"num_attention_heads={nh} and no head_dim is given")
+    for kind in (FULL, SLIDING) if spec.layer_types else (FULL,):
+        rope = rope_parameters(cfg, kind)
+        if rope.get("rope_type", "default") not in ROPE_TYPES:
+            raise InvalidModelError(f"{source}: rope type {rope.get('rope_type')!r} is not supported yet; "
+                                    f"supported: {', '.join(ROPE_TYPES)}")
+    return spec
+
+
+_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")}
+
+
+def check_rope(rp: dict, source: str) -> None:
+    """A config's rope settings (rope_parameters()): a supported type with finite positive parameters."""
+    t = rp.get("rope_type")
+    if not isinstance(t, str) or t not in ROPE_TYPES:
+        raise InvalidModelError(f"{source}: rope type {str(t)[:80]!r} is not supported yet; supported: "
+                                f"{', '.join(ROPE_TYPES)}")
+    for k in ("rope_theta",) + _ROPE_KEYS.get(t, ()):
+        if not _positive_number(rp.get(k)):
+            raise InvalidModelError(f"{source}: rope {k} must be a finite positive number, found "
+                                    f"{str(rp.get(k))[:80]}")
+    if t == "llama3" and not rp["low_freq_factor"] < rp["high_freq_factor"]:
+        raise InvalidModelError(f"{source}: llama3 rope needs low_freq_factor < high_freq_factor, found "
+                                f"{rp['low_freq_factor']} and {rp['high_freq_factor']}")
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def rope_freqs(cfg: dict) -> torch.Tensor | None:
+    """The per-frequency factors llama.cpp reads from a `rope_freqs` tensor for this config's rope, or None."""
+    return llama3_rope_factors(cfg) if rope_parameters(cfg).get("rope_type") == "llama3" else None
+
+
+def rope_parameters(cfg: dict, kind: str = FULL) -> dict:
+    """Rope settings across transformers versions (`rope_parameters` in v5, `rope_scaling` before), of the layers
+    of attention kind `kind` where a config gives one per kind (Gemma 3: {"full_attention": ..., "sliding_attention":
+    ...}; its older configs: rope_theta / rope_scaling for full attention, rope_local_base_freq for sliding)."""
+    raw = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if isinstance(raw, dict) and (FULL in raw or SLIDING in raw):
+        rp = dict(raw.get(kind) or raw.get(FULL) or {})
+    elif kind == SLIDING and "rope_local_base_freq" in cfg:
+        rp = {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}
+    else:
+        rp = dict(raw)
+    if "type" in rp and "rope_type" not in rp:
+        rp["rope_type"] = rp["type"]
+    rp.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rp.setdefault("rope_type", "default")
+    return rp
+
+
+def llama3_rope_factors(cfg: dict) -> torch.Tensor:
+    """Per-frequency factors of Llama 3.1's rope scaling, as llama.cpp stores them in `rope_freqs`.
+
+    Ref: Llama 3.1 `apply_scaling`; wavelengths shorter than high_freq_wavelen keep factor 1, longer than
+    low_freq_wavelen get `factor`, and a smooth blend lies between.
+    """
+    rp = rope_parameters(cfg)
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = rp["rope_theta"]
+    factor = rp.get("factor", 8.0)
+    lo, hi = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    n_old = rp.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < n_old / hi:
+            out.append(1.0)
+        elif wavelen > n_old / lo:
+            out.append(factor)
+        else:
+            smooth = (n_old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)

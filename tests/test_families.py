@@ -1,0 +1,230 @@
+"""Model-family knowledge lives in `slimlm/arch/` only (issue 14, acceptance b): the rest of the package reaches
+a layer's parts through `slimlm.arch` (roles: q, k, v, o, gate, up, down, norms) and never names a family's module
+paths or the family itself. The check reads the code (names, attributes, strings; not comments or docstrings)."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import word_texts
+
+import slimlm
+from slimlm import arch
+from slimlm.cli import main
+
+PACKAGE = Path(slimlm.__file__).parent
+# transformers module names of the supported families' layers and models
+MODULE_NAMES = {"self_attn", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm", "embed_tokens", "lm_head", "q_norm", "k_norm", "act_fn"}
+# in strings: every name but "mlp", which is also slimlm's word for the MLP role and pruning method
+PATH_RE = re.compile(r"(?<![\w])(?:model\.layers|model\.norm|" + "|".join(sorted(MODULE_NAMES - {"mlp"})) +
+                     r")(?![\w])")
+FAMILY_RE = re.compile(r"(?<![\w-])(?:llama[0-9]?|mistral|mixtral|qwen[0-9]*(?:_moe)?|gemma[0-9]*|phi[0-9]*|deci)"
+                       r"(?![\w-])|(?:Llama|Mistral|Mixtral|Qwen[0-9]*|Gemma[0-9]*|Phi[0-9]*)\w*(?:ForCausalLM|"
+                       r"DecoderLayer|Config|Model)", re.IGNORECASE)
+# tokenizer knowledge, not model families: llama.cpp's pre-tokenizer names (a table of hashes)
+EXEMPT = {"gguf/pretokenizers.py"}
+# llama.cpp's own name, its tools, the Python binding and slimlm's pip extra for it are not the llama family
+NOT_FAMILY = re.compile(r"llama[.\-_](?:cpp|quantize|imatrix|cli|server|perplexity|bench|model)|llama_cpp|\[llama\]|"
+                        r"llama-cpp-python", re.IGNORECASE)
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def family_knowledge(source: str) -> list[tuple[int, str]]:
+    """(line, what) for every module path or family name in the code of `source`."""
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in MODULE_NAMES:
+            found.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Attribute) and node.attr in ("layers", "norm", "embed_tokens") and \
+                isinstance(node.value, ast.Attribute) and node.value.attr == "model":
+            found.append((node.lineno, f".model.{node.attr}"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            text = NOT_FAMILY.sub("", node.value)
+            for m in list(PATH_RE.finditer(text)) + list(FAMILY_RE.finditer(text)):
+                found.append((node.lineno, repr(m.group(0))))
+    return found
+
+
+def test_the_check_finds_what_it_looks_for():
+    code = '''
+"""A docstring may say q_proj and Llama."""
+x = layer.self_attn.q_proj        # attribute paths
+y = "model.layers.0.mlp.down_proj.weight"
+v = layer.mlp
+if spec.gguf_arch == "qwen2":
+    pass
+z = module.model.layers
+w = "Qwen3ForCausalLM"
+ok = "llama.cpp's graph, llama-quantize, llama_cpp"
+'''
+    got = {what for _, what in family_knowledge(code)}
+    assert {".self_attn", ".q_proj", "'model.layers'", ".mlp", "'down_proj'", "'qwen2'", ".model.layers",
+            "'Qwen3ForCausalLM'"} <= got
+    assert not any("llama" in w.lower() for w in got if w != "'Qwen3ForCausalLM'")
+
+
+def test_no_module_path_or_family_name_outside_the_family_descriptions():
+    bad = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        rel = f.relative_to(PACKAGE).as_posix()
+        if rel.startswith("arch/") or rel in EXEMPT:
+            continue
+        bad += [f"{rel}:{line}: {what}" for line, what in family_knowledge(f.read_text())]
+    assert not bad, "family knowledge outside slimlm/arch/:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_each_family_module_is_found_by_role(tiny_hf, name):
+    """family(), decoder_layers() and part() find every role of a loaded model of each family; q_norm only where
+    the family has one; set_part swaps a linear in place."""
+    m = slimlm.load(tiny_hf(name), progress=False)
+    spec = arch.family(m.module)
+    assert spec is m.spec is arch.ARCHS[name]
+    layers = arch.decoder_layers(m.module)
+    assert len(layers) == m.config["num_hidden_layers"] and arch.family(layers[0]) is spec
+    names = dict(m.module.named_parameters())
+    for role in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "ffn_norm"):
+        assert part(layers[1], role).weight is names[spec.hf_name(1, role)]
+    assert (part(layers[0], "q_norm") is not None) == spec.qk_norm
+    assert arch.embedding(m.module).weight is names[spec.embed_name]
+    new = torch.nn.Linear(1, 1)
+    arch.set_part(layers[0], "down", new)
+    assert part(layers[0], "down") is new
+
+
+def part(layer, role):
+    return arch.part(layer, role)
+
+
+def _kld(ref: torch.Tensor, got: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_each_family_gguf_runs_in_llama_cpp_as_in_transformers(tiny_hf, tmp_path, name, llama_cpp_available):
+    """Issue 14 a: per family, llama.cpp's logits of the F32 GGUF against transformers' KLD < 1e-4, of the Q8_0
+    GGUF < 0.01, on a text longer than the tiny Gemma 3's sliding window (8); the F32 GGUF loads back in slimlm
+    (transformers' GGUF loader plus the family's fields it leaves at defaults) with the same logits."""
+    from slimlm.eval.runtime import LlamaCppRunner
+    m = slimlm.load(tiny_hf(name, num_hidden_layers=4), progress=False)
+    pre = "qwen2" if m.spec.gguf_arch.startswith("qwen") else None      # see test_export
+    x = torch.randint(3, m.config["vocab_size"], (40,), generator=torch.Generator().manual_seed(5))
+    ref = m.logits(x[None])[0]
+    for t, bound in (("F32", 1e-4), ("Q8_0", 1e-2)):
+        out = tmp_path / f"m-{t}.gguf"
+        slimlm.export_gguf(m, out, t, progress=False, pre_tokenizer=pre)
+        r = LlamaCppRunner(out, 64)
+        try:
+            got = r.logits(x)
+        finally:
+            r.close()
+        assert _kld(ref, got) < bound, (name, t, _kld(ref, got))
+    back = slimlm.load(tmp_path / "m-F32.gguf", progress=False)
+    assert torch.allclose(back.logits(x[None])[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_each_family_gptq_q4_k_m_runs_in_llama_cpp(tiny_hf, tmp_path, name, llama_cpp_available):
+    """Issue 14 a: GPTQ onto Q4_K_M's grids (rows of 256: K-quants apply) for each family: every quantized block
+    linear GPTQ'd, and llama.cpp computes what the file decodes to in torch (slimlm's GGUF loader; KLD < 0.01:
+    llama.cpp also rounds the activations to 8 bits in its K-quant dot products)."""
+    from slimlm.eval.runtime import LlamaCppRunner
+    from slimlm.gguf.reader import read_gguf
+    src = tiny_hf(name, hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4,
+                  **({"query_pre_attn_scalar": 64} if arch.ARCHS[name].layer_types else {}))
+    m = slimlm.load(src, progress=False)
+    pre = ["--pre-tokenizer", "qwen2"] if m.spec.gguf_arch.startswith("qwen") else []
+    out = tmp_path / "gptq.gguf"
+    assert main(["-q", "compress", str(src), "-o", str(out), "--type", "Q4_K_M", "--method", "gptq",
+                 "--calib", "--calib-chunks", "4", "--ctx", "64", "--no-eval", *pre]) == 0
+    g = read_gguf(out)
+    types = {t.name: t.ggml_type.name for t in g.tensors}
+    assert "Q4_K" in types.values()
+    step = next(s for s in json.loads(out.with_suffix(".report.json").read_text())["steps"] if s["step"] == "gptq")
+    quantized = [n for n, t in types.items() if n.startswith("blk.") and t not in ("F32", "F16")]
+    assert step["tensors"] >= len(quantized) and not step["rtn_fallbacks"]
+    x = torch.randint(3, m.config["vocab_size"], (48,), generator=torch.Generator().manual_seed(6))
+    want = slimlm.load(out, progress=False).logits(x[None])[0]
+    r = LlamaCppRunner(out, 64)
+    try:
+        got = r.logits(x)
+    finally:
+        r.close()
+    assert _kld(want, got) < 1e-2 and _kld(m.logits(x[None])[0], got) < 1.0
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_each_family_replays_layer_by_layer_as_its_forward(tiny_hf, name):
+    """What GPTQ, pruning, sensitivity and healing replay one layer at a time (replay_inputs, run_layer; each layer
+    its attention kind's mask and rope) and the sub-block split (attention_out, mlp_out: post norms included) give
+    the model's own logits, on a text longer than the tiny Gemma 3's sliding window."""
+    from slimlm.sequential import replay_inputs, run_layer
+    m = slimlm.load(tiny_hf(name, num_hidden_layers=4), progress=False)
+    chunks = torch.randint(3, m.config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(7))
+    x, kw = replay_inputs(m.module, chunks)
+    y = x
+    for layer in arch.decoder_layers(m.module):
+        h = y + arch.attention_out(layer, y, kw)
+        split = h + arch.mlp_out(layer, h)
+        y = run_layer(layer, y, kw)
+        assert torch.allclose(split, y, atol=1e-5, rtol=1e-5)
+    logits = m.module.get_output_embeddings()(arch.final_norm(m.module)(y))
+    assert torch.allclose(logits, m.logits(chunks), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_each_family_awq_folds_its_scales_exactly(tiny_hf, name):
+    """AWQ scales folded into each family's producers (its input norms, with the family's norm offset: Gemma's
+    (1 + w); the up projection's rows) leave the float model's function unchanged."""
+    from slimlm.gguf.writer import plan_model
+    from slimlm.sequential import quantize_model
+    m = slimlm.load(tiny_hf(name), progress=False)
+    chunks = torch.randint(3, m.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(8))
+    _, _, types = plan_model(m, "Q4_0", pure=True)
+    _, module, st = quantize_model(m, chunks, types, gptq=False, awq=True, progress=False)
+    assert len(st["awq_groups"]) == 3 * m.config["num_hidden_layers"]          # q/k/v, gate/up, down per layer
+    assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), m.module.parameters(), strict=True))
+    with torch.no_grad():
+        got = module(input_ids=chunks, use_cache=False).logits
+    assert torch.allclose(got, m.logits(chunks), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_each_family_prunes_and_heals_into_a_gguf(tiny_hf, tmp_path, name, llama_cpp_available):
+    """`slimlm prune` (MLP neurons and a layer, uniform widths) then `slimlm heal` from the original for each
+    family: every stage runs, healing lowers the held-out KL, and llama.cpp evaluates the healed GGUF."""
+    train, held = tmp_path / "train.txt", tmp_path / "eval.txt"
+    for path, text in zip((train, held), word_texts(), strict=True):
+        path.write_text(text)
+    teacher = tiny_hf(name, num_hidden_layers=4)
+    pre = ["--pre-tokenizer", "qwen2"] if arch.ARCHS[name].gguf_arch.startswith("qwen") else []
+    student = tmp_path / "student"
+    assert main(["-q", "prune", str(teacher), "-o", str(student), "--ffn", "48", "--drop-layers", "2",
+                 "--allocate", "uniform", "--no-eval", "--calib", str(train), "--calib-chunks", "4",
+                 "--ctx", "64"]) == 0
+    out = tmp_path / "healed.gguf"
+    assert main(["-q", "heal", str(student), "--teacher", str(teacher), "-o", str(out), "--heal", "1024",
+                 "--data", str(train), "--text", str(held), "--seq-len", "32", "--ctx", "64", "--chunks", "2",
+                 "--no-speed", *pre]) == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    kl = [s["heldout_kl"] for s in rep["healing"]["stages"] if "heldout_kl" in s]
+    assert kl[-1] < kl[0], kl
+    assert rep["evaluation"]["model"]["runtime"] == "llama.cpp" and 0 < rep["evaluation"]["kld"] < 5
