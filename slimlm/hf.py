@@ -283,15 +283,23 @@ def _check_layer_types(cfg: dict, spec: ArchSpec, source: str) -> None:
         raise InvalidModelError(f"{source}: layer_types must list {FULL!r} or {SLIDING!r} for each of the "
                                 f"{cfg['num_hidden_layers']} layers, found {str(kinds)[:80]}")
     q = cfg.get("query_pre_attn_scalar")
-    if q is not None and q != cfg.get("head_dim"):
-        raise InvalidModelError(f"{source}: query_pre_attn_scalar={str(q)[:40]} differs from head_dim="
-                                f"{cfg.get('head_dim')}; llama.cpp's {spec.gguf_arch} graph scales attention by "
-                                f"1/sqrt(head_dim)")
-    for k in ("attn_logit_softcapping", "use_bidirectional_attention"):
-        if cfg.get(k):
+    if q is not None and q != spec.attn_scalar(cfg):
+        raise InvalidModelError(f"{source}: query_pre_attn_scalar={str(q)[:40]}, but llama.cpp's {spec.gguf_arch} "
+                                f"graph scales this model's attention by 1/sqrt({spec.attn_scalar(cfg)})")
+    if cfg.get("use_bidirectional_attention"):
+        raise InvalidModelError(f"{source}: use_bidirectional_attention is not supported by llama.cpp's "
+                                f"{spec.gguf_arch} graph")
+    for k, always in (("attn_logit_softcapping", spec.attn_softcap), ("final_logit_softcapping",
+                                                                        spec.final_softcap_always)):
+        v = cfg.get(k)
+        if k == "attn_logit_softcapping" and v is not None and not spec.attn_softcap:
             raise InvalidModelError(f"{source}: {k} is not supported by llama.cpp's {spec.gguf_arch} graph")
-    if cfg.get("final_logit_softcapping") is not None and not _positive_number(cfg["final_logit_softcapping"]):
-        raise InvalidModelError(f"{source}: final_logit_softcapping must be a positive number or null")
+        if (v is not None or always) and not _positive_number(v):
+            raise InvalidModelError(f"{source}: {k} must be a positive number"
+                                    f"{' (llama.cpp always applies it)' if always else ' or null'}, found {v!r}")
+    if spec.tied_only and not cfg.get("tie_word_embeddings", True):
+        raise InvalidModelError(f"{source}: tie_word_embeddings is false, but llama.cpp's {spec.gguf_arch} graph "
+                                f"has no output tensor (the embedding is the output projection)")
 
 
 def _check_per_layer(cfg: dict, source: str) -> None:

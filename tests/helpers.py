@@ -21,12 +21,18 @@ ARCH_EXTRA = {
                               sliding_window_pattern=2, hidden_activation="gelu_pytorch_tanh",
                               rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Gemma 2: tied only (llama.cpp has no output tensor); soft-caps low enough to bite in a tiny random model
+    "Gemma2ForCausalLM": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                              hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=3.0,
+                              final_logit_softcapping=2.0, tie_word_embeddings=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
 }
 
 
 def tiny_config(arch: str, vocab_size: int, *, tie: bool = False, **dims) -> dict:
     cfg = dict(TINY, architectures=[arch], vocab_size=vocab_size, tie_word_embeddings=tie,
-               bos_token_id=1, eos_token_id=2, **ARCH_EXTRA[arch])
+               bos_token_id=1, eos_token_id=2)
+    cfg.update(ARCH_EXTRA[arch])
     cfg.update(dims)
     return cfg
 

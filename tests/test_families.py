@@ -186,8 +186,9 @@ def test_each_family_replays_layer_by_layer_as_its_forward(tiny_hf, name):
         split = h + arch.mlp_out(layer, h)
         y = run_layer(layer, y, kw)
         assert torch.allclose(split, y, atol=1e-5, rtol=1e-5)
-    logits = m.module.get_output_embeddings()(arch.final_norm(m.module)(y))
-    assert torch.allclose(logits, m.logits(chunks), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():          # the final hidden states (normed), before the head and any soft-cap
+        want = m.module(input_ids=chunks, use_cache=False, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(arch.final_norm(m.module)(y), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(arch.ARCHS))
@@ -228,3 +229,40 @@ def test_each_family_prunes_and_heals_into_a_gguf(tiny_hf, tmp_path, name, llama
     kl = [s["heldout_kl"] for s in rep["healing"]["stages"] if "heldout_kl" in s]
     assert kl[-1] < kl[0], kl
     assert rep["evaluation"]["model"]["runtime"] == "llama.cpp" and 0 < rep["evaluation"]["kld"] < 5
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("Gemma3ForCausalLM", {"query_pre_attn_scalar": 256}, r"scales this model's attention by 1/sqrt\(32\)"),
+    ("Gemma3ForCausalLM", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping is not supported"),
+    ("Gemma3ForCausalLM", {"layer_types": ["full_attention"]}, "layer_types must list"),
+    ("Gemma3ForCausalLM", {"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported"),
+    ("Gemma2ForCausalLM", {"tie_word_embeddings": False}, "has no output tensor"),
+    ("Gemma2ForCausalLM", {"final_logit_softcapping": None}, "llama.cpp always applies it"),
+    ("LlamaForCausalLM", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+])
+def test_what_a_familys_llama_cpp_graph_cannot_run_is_refused_on_load(tiny_hf, tmp_path, name, edit, message):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_hf(name), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(slimlm.errors.InvalidModelError, match=message):
+        slimlm.load(d, progress=False)
+
+
+def test_gemma_hidden_pruning_and_a_layer_count_that_changes_the_attention_scale_are_refused(tiny_hf, tmp_path,
+                                                                                               capsys):
+    """Gemma's embedding is scaled by sqrt(hidden size) in both runtimes: --hidden is refused before any work. A
+    Gemma 3 model of 62 layers (the 27B) has its attention scaled by 1/sqrt(hidden/heads) in llama.cpp, others by
+    1/sqrt(head_dim): a GGUF plan that changes the layer count across that line is refused."""
+    from slimlm.prune.checks import check_gguf_plan
+    from slimlm.prune.structured import Plan
+    src = tiny_hf("Gemma3ForCausalLM", num_hidden_layers=4)
+    assert main(["-q", "prune", str(src), "-o", str(tmp_path / "p.gguf"), "--hidden", "48", "--no-eval"]) == 2
+    assert "scales its embedding by sqrt(hidden size)" in capsys.readouterr().err
+    cfg = dict(slimlm.load(src, progress=False).config, num_hidden_layers=62, query_pre_attn_scalar=16,
+               layer_types=["full_attention"] * 62)
+    with pytest.raises(slimlm.errors.ConfigError, match=r"1/sqrt\(32\) instead of 1/sqrt\(16\)"):
+        check_gguf_plan(cfg, Plan(drop_layers=[3]))
+    check_gguf_plan(cfg, Plan(ffn=64))                              # the same layer count: fine

@@ -32,11 +32,20 @@ ARCHS: dict[str, ArchSpec] = {
     "Gemma3ForCausalLM": ArchSpec("Gemma3ForCausalLM", "gemma3_text", "gemma3", "Gemma3DecoderLayer",
                                   permute_qk=False, qk_norm=True, layout=GEMMA_LAYOUT, gguf_head_dim="key",
                                   hf_head_dim="always", post_norms=True, norm_offset=1.0, embed_scale=True,
-                                  act_key="hidden_activation", acts=("gelu_pytorch_tanh",), layer_types=True),
+                                  act_key="hidden_activation", acts=("gelu_pytorch_tanh",), layer_types=True,
+                                  gguf_swa=(0, 6, True), gguf_hidden_scaled_layers=62),
+    # Gemma 2: as Gemma 3 without q/k norm, with attention-logit soft-capping and a final soft-cap (llama.cpp's
+    # graph applies both always), one rope base for all layers, and no output tensor (tied only)
+    "Gemma2ForCausalLM": ArchSpec("Gemma2ForCausalLM", "gemma2", "gemma2", "Gemma2DecoderLayer",
+                                  permute_qk=False, layout=GEMMA_LAYOUT, gguf_head_dim="key", hf_head_dim="always",
+                                  post_norms=True, norm_offset=1.0, embed_scale=True, act_key="hidden_activation",
+                                  acts=("gelu_pytorch_tanh",), layer_types=True, attn_softcap=True,
+                                  final_softcap_always=True, tied_only=True, gguf_swa=(4096, 2, False),
+                                  gguf_hidden_scaled_layers=46),
 }
 # GGUF general.architecture -> the HF class transformers builds for it
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-              "gemma3": "Gemma3ForCausalLM"}
+              "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 # attention kinds of config "layer_types" (each with its own rope where the family has layer types)
 FULL, SLIDING = "full_attention", "sliding_attention"
 # transformers applies a `<prefix>.<key>` of any architecture it knows to the model it builds, whatever the file's
@@ -62,34 +71,42 @@ def gguf_config_overrides(spec: ArchSpec, get, arch: str, cfg: dict) -> dict:
     if spec.gguf_head_dim == "key":        # llama.cpp: key_length, else embedding / heads
         out["head_dim"] = int(get(f"{arch}.attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
     if spec.layer_types:
-        out.update(sliding_layer_config(get, arch, {**cfg, **out}))
+        out.update(sliding_layer_config(spec, get, arch, {**cfg, **out}))
     return out
 
 
-def sliding_layer_config(get, arch: str, cfg: dict) -> dict:
+def sliding_layer_config(spec: ArchSpec, get, arch: str, cfg: dict) -> dict:
     """The config fields of a family with sliding-window layers (ArchSpec.layer_types) that transformers' GGUF
     loader leaves at its config class's defaults, read from the keys llama.cpp's graph reads (`get`: a GGUF key's
-    value or None; `cfg`: the config transformers parsed). llama.cpp: sliding_window absent or 0 means no sliding
-    layers; sliding_window_pattern is a bool per layer (true = sliding) or a period n (every n-th layer full,
-    default 6); freq_base_swa defaults to 10000; attention is scaled by 1/sqrt(head_dim) (62 layers, the 27B:
-    1/sqrt(hidden / heads)), which transformers takes from query_pre_attn_scalar."""
-    n_layer, hd = cfg["num_hidden_layers"], cfg["head_dim"]
+    value or None; `cfg`: the config transformers parsed). llama.cpp: without sliding_window, the family's default
+    window (ArchSpec.gguf_swa; 0: no sliding layers); sliding_window_pattern is a bool per layer (true = sliding)
+    or a period n (every n-th layer full; default the family's); freq_base_swa defaults to 10000 or to the full
+    layers' base; attention is scaled as ArchSpec.attn_scalar says (transformers: query_pre_attn_scalar); the
+    soft-caps default to 50 (attention) and 30 (final) where the graph always applies them."""
+    window, period, own_base = spec.gguf_swa
+    n_layer = cfg["num_hidden_layers"]
     n_swa, pattern = get(f"{arch}.attention.sliding_window"), get(f"{arch}.attention.sliding_window_pattern")
+    n_swa = window if n_swa is None else n_swa
     if not n_swa:
         kinds = [FULL] * n_layer
     elif pattern is not None and not isinstance(pattern, (int, float)):       # an array
         kinds = [SLIDING if bool(b) else FULL for b in pattern]
     else:
-        n = int(pattern or 6)
+        n = period if pattern is None else int(pattern)
         kinds = [SLIDING if n == 0 or i % n < n - 1 else FULL for i in range(n_layer)]
-    full = {"rope_type": "default", "rope_theta": float(get(f"{arch}.rope.freq_base") or 10000.0)}
+    base = float(get(f"{arch}.rope.freq_base") or 10000.0)
+    full = {"rope_type": "default", "rope_theta": base}
     if get(f"{arch}.rope.scaling.type") == "linear":
         full.update(rope_type="linear", factor=float(get(f"{arch}.rope.scaling.factor")))
-    out = {"layer_types": kinds,
-           "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if n_layer == 62 else hd,
-           "final_logit_softcapping": float(get(f"{arch}.final_logit_softcapping") or 0) or None,
-           "rope_parameters": {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": float(
-               get(f"{arch}.rope.freq_base_swa") or 10000.0)}}}
+    final = float(get(f"{arch}.final_logit_softcapping") or (30.0 if spec.final_softcap_always else 0))
+    out = {"layer_types": kinds, "query_pre_attn_scalar": spec.attn_scalar(cfg), "final_logit_softcapping": final or None}
+    if own_base:
+        out["rope_parameters"] = {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": float(
+            get(f"{arch}.rope.freq_base_swa") or 10000.0)}}
+    else:
+        out["rope_parameters"] = full
+    if spec.attn_softcap:
+        out["attn_logit_softcapping"] = float(get(f"{arch}.attn_logit_softcapping") or 50.0)
     if n_swa:
         out["sliding_window"] = int(n_swa)
     return out

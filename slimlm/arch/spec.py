@@ -140,6 +140,24 @@ class ArchSpec:
     # attention kinds per layer (config "layer_types": sliding_attention / full_attention), each with its own
     # rope; llama.cpp reads the pattern as <arch>.attention.sliding_window_pattern (a bool per layer)
     layer_types: bool = False
+    # llama.cpp's graph soft-caps the attention logits (attn_logit_softcapping) / always the final logits
+    attn_softcap: bool = False
+    final_softcap_always: bool = False
+    # llama.cpp's graph has no output tensor (the embedding is the output projection): untied models are refused
+    tied_only: bool = False
+    # llama.cpp's sliding-window defaults for a GGUF without the keys: window (0: no sliding layers), period of the
+    # layer pattern (every n-th layer full), and whether sliding layers have their own rope base (10000; else the
+    # full layers')
+    gguf_swa: tuple[int, int, bool] = (0, 6, True)
+    # the layer count of the one size whose attention llama.cpp scales by 1/sqrt(hidden / heads), not by
+    # 1/sqrt(head_dim) (transformers: query_pre_attn_scalar)
+    gguf_hidden_scaled_layers: int | None = None
+
+    def attn_scalar(self, cfg: dict) -> int:
+        """The query_pre_attn_scalar llama.cpp's graph of this family implies for this config."""
+        n = cfg["num_hidden_layers"]
+        return cfg["hidden_size"] // cfg["num_attention_heads"] if n == self.gguf_hidden_scaled_layers else \
+            cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
     # ---- names -------------------------------------------------------------------------------------
     @property

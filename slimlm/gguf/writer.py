@@ -177,6 +177,8 @@ def _add_hparams(w: gguf.GGUFWriter, model) -> None:
         w.add_rope_freq_base_swa(float(rope_parameters(cfg, SLIDING)["rope_theta"]))
     if cfg.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    if spec.attn_softcap and cfg.get("attn_logit_softcapping"):
+        w.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
     w.add_vocab_size(cfg["vocab_size"])
 
 

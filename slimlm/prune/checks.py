@@ -13,9 +13,16 @@ def check_gguf_plan(cfg: dict, plan: Plan, what: str = "this plan") -> None:
     """Refuse a plan whose GGUF llama.cpp cannot load: for the families whose loader sizes the query projection
     n_embd x n_embd (ArchSpec.attn_width_is_hidden) the query heads x head_dim must stay equal to the hidden size."""
     spec = ARCHS.get((cfg.get("architectures") or [None])[0])
-    if spec is None or not spec.attn_width_is_hidden:
+    if spec is None:
         return
     new = planned_config(cfg, plan)
+    q = cfg.get("query_pre_attn_scalar")
+    if spec.layer_types and q is not None and spec.attn_scalar(new) != q:
+        raise ConfigError(f"{what}: llama.cpp's {spec.gguf_arch} graph would scale the pruned model's attention by "
+                          f"1/sqrt({spec.attn_scalar(new)}) instead of 1/sqrt({q}) (it depends on the layer count); "
+                          f"drop a different number of layers or write an HF folder")
+    if not spec.attn_width_is_hidden:
+        return
     nh, hd, h = new["num_attention_heads"], new["head_dim"], new["hidden_size"]
     if nh * hd != h:
         raise ConfigError(f"{what}: llama.cpp's {spec.gguf_arch} arch needs query heads x head_dim = hidden size, "
