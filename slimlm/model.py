@@ -199,7 +199,7 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
         # fields transformers' GGUF loader gets wrong or leaves at its defaults for this family
-        for k, v in gguf_config_overrides(spec_for_gguf(arch), g.get, arch, config.to_dict()).items():
+        for k, v in gguf_config_overrides(spec_for_gguf(arch), g.get, arch, config.to_dict(), _f32_tensor(g)).items():
             setattr(config, k, v)
         module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=torch.float32)
     _frozen(module)
@@ -211,6 +211,19 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
     spec = get_arch(cfg, str(p))
     check_finite(module)
     return Model(module, tok, spec, cfg, source=p, gguf=g)
+
+
+def _f32_tensor(g: GGUFFile):
+    """name -> an F32 tensor of the file as a numpy array (None if absent or of another type)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    def get(name: str):
+        t = next((t for t in g.tensors if t.name == name), None)
+        if t is None or t.ggml_type != GGMLQuantizationType.F32:
+            return None
+        return np.frombuffer(np.asarray(g.raw(t)).tobytes(), dtype="<f4")
+    return get
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def tiny_hf(tmp_path_factory, smol_tokenizer_dir):
     cache = {}
 
     def make(arch: str = "LlamaForCausalLM", tie: bool = False, **dims) -> Path:
-        key = (arch, tie, tuple(sorted(dims.items())))
+        key = (arch, tie, json.dumps(dims, sort_keys=True))
         if key not in cache:
             d = tmp_path_factory.mktemp(f"tiny_{arch}_{tie}")
             cache[key] = save_tiny_hf(d / "model", arch, smol_tokenizer_dir, tie=tie, **dims)

@@ -266,3 +266,25 @@ def test_gemma_hidden_pruning_and_a_layer_count_that_changes_the_attention_scale
     with pytest.raises(slimlm.errors.ConfigError, match=r"1/sqrt\(32\) instead of 1/sqrt\(16\)"):
         check_gguf_plan(cfg, Plan(drop_layers=[3]))
     check_gguf_plan(cfg, Plan(ffn=64))                              # the same layer count: fine
+
+
+def test_llama3_rope_scaling_survives_a_gguf_round_trip(tiny_hf, tmp_path, llama_cpp_available):
+    """Llama 3.1's rope scaling (factor 8 over 8192, low/high 1/4) goes into the GGUF as llama.cpp's rope_freqs
+    tensor: llama.cpp computes transformers' logits, and slimlm loads the GGUF back with the same scaling (the
+    parameters recovered from the factors; transformers' GGUF loader alone would drop them)."""
+    from slimlm.eval.runtime import LlamaCppRunner
+    rp = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    m = slimlm.load(tiny_hf("LlamaForCausalLM", rope_parameters=rp), progress=False)
+    x = torch.randint(3, m.config["vocab_size"], (40,), generator=torch.Generator().manual_seed(9))
+    ref = m.logits(x[None])[0]
+    out = tmp_path / "m.gguf"
+    slimlm.export_gguf(m, out, "F32", progress=False)
+    r = LlamaCppRunner(out, 64)
+    try:
+        assert _kld(ref, r.logits(x)) < 1e-4
+    finally:
+        r.close()
+    back = slimlm.load(out, progress=False)
+    assert {k: back.config["rope_parameters"][k] for k in rp} == rp
+    assert torch.allclose(back.logits(x[None])[0], ref, atol=1e-4, rtol=1e-4)

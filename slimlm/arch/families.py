@@ -14,7 +14,8 @@ from .spec import GEMMA_LAYOUT, ArchSpec
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", "llama", "LlamaDecoderLayer", permute_qk=True,
                                  output_biases=True, hf_bias_flags=True, per_layer_arch="deci",
-                                 gguf_head_dim="rope", gguf_needs_kv_heads=False, gguf_refused_names=("mistral",)),
+                                 gguf_head_dim="rope", gguf_needs_kv_heads=False, gguf_refused_names=("mistral",),
+                                 gguf_rope_freqs=True),
     "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", "llama", "MistralDecoderLayer", permute_qk=True,
                                    output_biases=True, refuse_bias_flags=True, per_layer_arch="deci",
                                    gguf_head_dim="rope", gguf_needs_kv_heads=False,
@@ -64,10 +65,14 @@ def is_70b(gguf_arch: str, n_layer: int, n_gqa: int) -> bool:
     return n_layer == 80 and needs_gqa is not None and (n_gqa > 1 or not needs_gqa)
 
 
-def gguf_config_overrides(spec: ArchSpec, get, arch: str, cfg: dict) -> dict:
+def gguf_config_overrides(spec: ArchSpec, get, arch: str, cfg: dict, tensor=lambda name: None) -> dict:
     """Config fields transformers' GGUF loader gets wrong or leaves at its defaults for this family, from the keys
-    llama.cpp's graph reads (`get`: a GGUF key's value or None; `cfg`: the config transformers parsed)."""
+    llama.cpp's graph reads (`get`: a GGUF key's value or None; `cfg`: the config transformers parsed; `tensor`: a
+    tensor of the file by name, or None)."""
     out = {}
+    freqs = tensor("rope_freqs.weight") if spec.gguf_rope_freqs else None
+    if freqs is not None:
+        out["rope_parameters"] = llama3_rope_from_factors(torch.as_tensor(freqs, dtype=torch.float32).flatten(), cfg)
     if spec.gguf_head_dim == "key":        # llama.cpp: key_length, else embedding / heads
         out["head_dim"] = int(get(f"{arch}.attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
     if spec.layer_types:
@@ -193,6 +198,28 @@ def rope_parameters(cfg: dict, kind: str = FULL) -> dict:
     rp.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     rp.setdefault("rope_type", "default")
     return rp
+
+
+# Llama 3.x's rope scaling: factor 8 (3.1) or 32 (3.2) over an original 8192 context, low/high frequency factors
+# 1 and 4; searched in this order when a GGUF holds only the per-frequency factors (rope_freqs)
+_LLAMA3_FACTORS, _LLAMA3_CONTEXTS = (8.0, 32.0, 16.0, 4.0, 2.0), tuple(2 ** k for k in range(10, 18))
+
+
+def llama3_rope_from_factors(freqs: torch.Tensor, cfg: dict) -> dict:
+    """The llama3 rope parameters whose per-frequency factors (llama3_rope_factors) are exactly `freqs`, as llama.cpp
+    stores them in a GGUF's rope_freqs tensor; an error if no usual setting gives them (transformers would run
+    the model without that scaling)."""
+    base = float(cfg.get("rope_theta") or rope_parameters(cfg)["rope_theta"])
+    for factor in _LLAMA3_FACTORS:
+        for n_old in _LLAMA3_CONTEXTS:
+            rp = {"rope_type": "llama3", "rope_theta": base, "factor": factor, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": n_old}
+            got = llama3_rope_factors({**cfg, "rope_parameters": rp})
+            if got.shape == freqs.shape and torch.allclose(got, freqs, rtol=1e-6, atol=0):
+                return rp
+    raise InvalidModelError(f"rope_freqs.weight holds per-frequency rope factors that no usual Llama 3 setting gives "
+                            f"(factor {'/'.join(map(str, _LLAMA3_FACTORS))}, low/high 1/4, an original context of "
+                            f"1024..131072); transformers would run the model without them")
 
 
 def llama3_rope_factors(cfg: dict) -> torch.Tensor:

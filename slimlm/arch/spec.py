@@ -152,6 +152,8 @@ class ArchSpec:
     # the layer count of the one size whose attention llama.cpp scales by 1/sqrt(hidden / heads), not by
     # 1/sqrt(head_dim) (transformers: query_pre_attn_scalar)
     gguf_hidden_scaled_layers: int | None = None
+    # llama.cpp reads Llama 3's rope scaling from a rope_freqs tensor, which transformers' GGUF loader ignores
+    gguf_rope_freqs: bool = False
 
     def attn_scalar(self, cfg: dict) -> int:
         """The query_pre_attn_scalar llama.cpp's graph of this family implies for this config."""
