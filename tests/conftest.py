@@ -36,6 +36,12 @@ def llama_cpp_available():
 
 
 @pytest.fixture(scope="session")
+def sentencepiece_available():
+    _missing("sentencepiece", "sentencepiece is not installed (pip install 'slimlm[spm]')")
+    _missing("google.protobuf", "protobuf is not installed (pip install 'slimlm[spm]')")
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (byte-level BPE, llama.cpp pre-tokenizer 'smollm') saved in HF format."""
     _needs_default_model()

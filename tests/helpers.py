@@ -41,7 +41,7 @@ def save_tiny_hf(d: Path, arch: str, tokenizer_dir: Path, *, tie: bool = False, 
     """A tiny random model of `arch` with the given tokenizer files, saved as safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    n_vocab = max(vocab.values()) + 1
+    n_vocab = dims.pop("vocab_size", max(vocab.values()) + 1)       # more rows for added tokens
     cfg_dict = tiny_config(arch, n_vocab, tie=tie, **dims)
     cfg = AutoConfig.for_model(cfg_dict["model_type"], **{k: v for k, v in cfg_dict.items() if k != "model_type"})
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import word_texts
+from helpers import save_tiny_hf, word_texts
 
 import slimlm
 from slimlm import arch
@@ -288,3 +288,74 @@ def test_llama3_rope_scaling_survives_a_gguf_round_trip(tiny_hf, tmp_path, llama
     back = slimlm.load(out, progress=False)
     assert {k: back.config["rope_parameters"][k] for k in rp} == rp
     assert torch.allclose(back.logits(x[None])[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def _spm_tokenizer_dir(d, dummy_prefix: bool):
+    """A SentencePiece BPE model with byte fallback trained on the word texts (plus some non-ASCII text), as an HF
+    tokenizer folder (tokenizer.model, tokenizer.json): Llama-2 style (dummy prefix) or Gemma style (none)."""
+    import shutil
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    d.mkdir()
+    corpus = d / "corpus.txt"
+    corpus.write_text(word_texts()[0].replace(". ", ".\n") + "\nnaïve café — 日本語 text, numbers 12345 and CamelCase.\n")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                   add_dummy_prefix=dummy_prefix, minloglevel=2)
+    tok_dir = d / "tok"
+    tok_dir.mkdir()
+    shutil.copy(d / "sp.model", tok_dir / "tokenizer.model")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer" if dummy_prefix else "GemmaTokenizer", "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True}))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.save_pretrained(tok_dir)
+    return tok_dir, tok, spm.SentencePieceProcessor(model_file=str(d / "sp.model"))
+
+
+@pytest.mark.parametrize("name,dummy_prefix", [("LlamaForCausalLM", True), ("Gemma3ForCausalLM", False)])
+def test_sentencepiece_tokenizers_export_as_llama_cpp_tokenizes(tmp_path, name, dummy_prefix, llama_cpp_available,
+                                                                  sentencepiece_available):
+    """An HF folder with a SentencePiece tokenizer (Llama 2 / Mistral v0.x style, and Gemma style) exports as
+    llama.cpp's SentencePiece vocabulary (pieces, scores, types from tokenizer.model): llama.cpp tokenizes texts
+    (non-ASCII and byte-fallback ones included) into the ids sentencepiece and the HF tokenizer give, computes the
+    model's logits, and the GGUF loads back with the same tokenizer. (Not compared: a leading or doubled space,
+    which sentencepiece's normalizer collapses and llama.cpp keeps.)"""
+    from llama_cpp import Llama
+
+    from slimlm.eval.runtime import LlamaCppRunner
+    from slimlm.gguf.reader import read_gguf
+    tok_dir, tok, sp = _spm_tokenizer_dir(tmp_path / "spm", dummy_prefix)
+    src = save_tiny_hf(tmp_path / "m", name, tok_dir, bos_token_id=2, eos_token_id=1, vocab_size=len(tok))
+    m = slimlm.load(src, progress=False)
+    out = tmp_path / "m.gguf"
+    slimlm.export_gguf(m, out, "F32", progress=False)
+    g = read_gguf(out)
+    assert g.get("tokenizer.ggml.model") == arch.SPM_TOKENIZER and g.get("tokenizer.ggml.add_space_prefix") == \
+        dummy_prefix and len(g.get("tokenizer.ggml.scores")) == len(tok)
+    llm = Llama(str(out), n_ctx=64, verbose=False)
+    back = slimlm.load(out, progress=False)
+    for t in ("The cat runs greenly.", "naïve café — 日本語 text", "CamelCase 12345 x", "Stoneful rivers, readingly!"):
+        want = tok(t)["input_ids"]
+        assert want == [2] + sp.encode(t) == llm.tokenize(t.encode(), add_bos=True, special=False), t
+        assert back.tokenizer(t)["input_ids"] == want, t
+    del llm
+    x = torch.tensor(tok("The old town reads. Blue stones run, the river greenly.")["input_ids"])
+    r = LlamaCppRunner(out, 64)
+    try:
+        assert _kld(m.logits(x[None])[0], r.logits(x)) < 1e-4
+    finally:
+        r.close()
+
+
+def test_a_sentencepiece_tokenizer_without_its_model_file_is_refused_before_any_work(tmp_path, tiny_hf, capsys,
+                                                                                      sentencepiece_available):
+    import shutil
+
+    tok_dir, tok, _ = _spm_tokenizer_dir(tmp_path / "spm", True)
+    src = save_tiny_hf(tmp_path / "m", "LlamaForCausalLM", tok_dir, vocab_size=len(tok))
+    (src / "tokenizer.model").unlink()
+    shutil.rmtree(tmp_path / "spm")
+    assert main(["-q", "prune", str(src), "-o", str(tmp_path / "p.gguf"), "--ffn", "64", "--no-eval"]) == 2
+    assert "needs its tokenizer.model" in capsys.readouterr().err

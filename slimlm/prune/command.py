@@ -401,8 +401,8 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
     m = load(model, progress=progress)
     config.check_model(m.config, gguf_out)
     if gguf_out and m.gguf is None:      # an HF tokenizer llama.cpp must know: refused now, not after the work
-        from ..gguf.vocab import pre_tokenizer_name
-        pre_tokenizer_name(m.tokenizer, str(m.source), config.pre_tokenizer)
+        from ..gguf.vocab import check_hf_tokenizer
+        check_hf_tokenizer(m.tokenizer, m.source, config.pre_tokenizer)
     if not gguf_out and config.method in STRUCTURED and (config.hidden is not None or config.heads is not None):
         kv, q = config.parsed_heads() if config.heads is not None else (None, None)
         check_hf_plan(m, Plan(hidden=config.hidden, n_kv=kv, q_per_kv=q), "--hidden/--heads")

@@ -250,8 +250,8 @@ def _check_pair(student, teacher, job: HealJob, gguf_out: bool) -> None:
     if job.evaluate:
         check_eval_text(teacher, job.text, job.n_ctx)
     if gguf_out and student.gguf is None:
-        from ..gguf.vocab import pre_tokenizer_name
-        pre_tokenizer_name(student.tokenizer, str(student.source), job.pre_tokenizer)
+        from ..gguf.vocab import check_hf_tokenizer
+        check_hf_tokenizer(student.tokenizer, student.source, job.pre_tokenizer)
 
 
 def write_and_evaluate(model, ref, out: str | Path, gguf_out: bool, opts, *, healed: bool, ref_name: str,
