@@ -15,8 +15,10 @@ from helpers import save_tiny_hf, word_texts
 import slimlm
 from slimlm import arch
 from slimlm.cli import main
+from slimlm.gguf.vocab import _is_spm
 
 PACKAGE = Path(slimlm.__file__).parent
+
 # transformers module names of the supported families' layers and models
 MODULE_NAMES = {"self_attn", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "qkv_proj", "gate_up_proj", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -142,19 +144,27 @@ def test_each_family_gguf_runs_in_llama_cpp_as_in_transformers(tiny_hf, tmp_path
 
 
 @pytest.mark.parametrize("name", list(arch.ARCHS))
-def test_each_family_gptq_q4_k_m_runs_in_llama_cpp(tiny_hf, tmp_path, name, llama_cpp_available):
+def test_each_family_gptq_q4_k_m_runs_in_llama_cpp(tiny_hf, tmp_path, name, llama_cpp_available,
+                                                    sentencepiece_available):
     """Issue 14 a: GPTQ onto Q4_K_M's grids (rows of 256: K-quants apply) for each family: every quantized block
     linear GPTQ'd, and llama.cpp computes what the file decodes to in torch (slimlm's GGUF loader; KLD < 0.01:
     llama.cpp also rounds the activations to 8 bits in its K-quant dot products)."""
     from slimlm.eval.runtime import LlamaCppRunner
     from slimlm.gguf.reader import read_gguf
-    src = tiny_hf(name, hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4,
-                  **({"query_pre_attn_scalar": 64} if arch.ARCHS[name].layer_types else {}))
+    # a 400-piece SentencePiece vocabulary keeps the output projection's GPTQ cheap; transformers 5 builds Qwen2's
+    # own byte-level tokenizer class over any vocabulary (see test_export): SmolLM2's then
+    dims = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4,
+                **({"query_pre_attn_scalar": 64} if arch.ARCHS[name].layer_types else {}))
+    tok_dir, tok, _ = _spm_tokenizer_dir(tmp_path / "spm", True)
+    src = save_tiny_hf(tmp_path / "m", name, tok_dir, vocab_size=len(tok), bos_token_id=2, eos_token_id=1, **dims)
     m = slimlm.load(src, progress=False)
-    pre = ["--pre-tokenizer", "qwen2"] if m.spec.gguf_arch.startswith("qwen") else []
+    pre = []
+    if not _is_spm(m.tokenizer):
+        src, pre = tiny_hf(name, **dims), ["--pre-tokenizer", "qwen2"]
+        m = slimlm.load(src, progress=False)
     out = tmp_path / "gptq.gguf"
     assert main(["-q", "compress", str(src), "-o", str(out), "--type", "Q4_K_M", "--method", "gptq",
-                 "--calib", "--calib-chunks", "4", "--ctx", "64", "--no-eval", *pre]) == 0
+                 "--calib", "--calib-chunks", "2", "--ctx", "32", "--no-eval", *pre]) == 0
     g = read_gguf(out)
     types = {t.name: t.ggml_type.name for t in g.tensors}
     assert "Q4_K" in types.values()
