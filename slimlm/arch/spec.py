@@ -119,9 +119,10 @@ class ArchSpec:
     per_layer_arch: str | None = None
     # llama.cpp's loader sizes attn_q n_embd x n_embd: query heads x head_dim must stay the hidden size
     attn_width_is_hidden: bool = False
-    # transformers' GGUF loader: the head size it builds -- "rope" (rope.dimension_count, else embedding/heads),
-    # "hidden" (embedding/heads), or a fixed number (its config class's default; it reads no head size)
-    gguf_head_dim: str | int = "hidden"
+    # the head size a GGUF of this family loads with: "rope" (transformers reads rope.dimension_count, else
+    # embedding/heads), "hidden" (embedding/heads), "key" (attention.key_length, else embedding/heads, as llama.cpp;
+    # slimlm gives it to transformers: families.gguf_config_overrides)
+    gguf_head_dim: str = "hidden"
     # transformers' GGUF loader defaults a missing head_count_kv to 32 for this arch, not to head_count
     gguf_needs_kv_heads: bool = True
     # general.name values transformers' GGUF loader takes for another model type (it then cannot read the file)

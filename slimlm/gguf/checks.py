@@ -77,9 +77,7 @@ def _head_dim(g: GGUFFile, arch: str, emb: int, nh: int, hp: dict) -> int:
     embedding/heads, as llama.cpp) (ArchSpec.gguf_head_dim). A file whose key/value/rope sizes say otherwise would
     load as a different model, so it is refused."""
     rule = spec_for_gguf(arch).gguf_head_dim
-    if isinstance(rule, int):
-        hd = rule
-    elif rule == "key" and hp["attention.key_length"] is not None:
+    if rule == "key" and hp["attention.key_length"] is not None:
         hd = hp["attention.key_length"]
     elif rule == "rope" and hp["rope.dimension_count"]:
         hd = hp["rope.dimension_count"]
