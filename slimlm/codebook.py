@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .arch import prepare
 from .errors import InvalidModelError
 from .quant.kmeans import KMeansLinear, kmeans_rows, pack
 
@@ -107,7 +108,7 @@ def check_kmeans_dir(d: Path) -> tuple[dict, object, int, dict]:
             raise InvalidModelError(f"{st}: tensor {name!r} is {e.dtype} {list(e.shape)}; {cfg_path} and "
                                     f"{bits}-bit codebooks imply {'/'.join(dtypes)} {list(shape)}")
         seen.add(name)
-    for name, shape in spec.expected_shapes(cfg).items():
+    for name, shape in spec.expected_shapes(cfg, in_memory=True).items():
         base = name[:-len(".weight")]
         if spec.layer_of(name) is not None and len(shape) == 2 and f"{base}.codebook" in entries:
             need(f"{base}.codebook", (shape[0], 1 << bits), FLOAT_DTYPES)
@@ -143,7 +144,7 @@ def load_kmeans(path: str | Path):
         cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidModelError(f"{d / 'config.json'}: transformers cannot read it ({e})") from None
-    module = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    module = prepare(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))   # in-memory names, as saved
     plain = {k: v.float() for k, v in tensors.items() if not k.endswith((".codebook", ".packed"))}
     module.load_state_dict(plain, strict=False)            # names and shapes were checked above
     coded = {k[:-len(".codebook")] for k in tensors if k.endswith(".codebook")}

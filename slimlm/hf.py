@@ -179,8 +179,13 @@ def refuse_remote_code(d: Path) -> None:
     """`auto_map` in config.json or tokenizer_config.json asks for the folder's own Python code: refused."""
     for p in (d / "config.json", d / "tokenizer_config.json"):
         if p.is_file() and "auto_map" in load_json(p):
+            archs = load_json(d / "config.json").get("architectures") if (d / "config.json").is_file() else None
+            arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+            hint = (f"transformers has {arch} built in (published folders of some families still carry"
+                    f" their original code): delete 'auto_map' from {p.name} to use it") if arch in ARCHS else \
+                "Use a model with a built-in architecture"
             raise UnsafeModelError(f"{p}: 'auto_map' asks for custom code from the model folder; slimlm "
-                                   f"never runs remote code. Use a model with a built-in architecture.")
+                                   f"never runs remote code. {hint}.")
 
 
 def check_hf_dir(d: str | Path) -> tuple[dict, ArchSpec, list[Path]]:
@@ -326,7 +331,7 @@ def _check_per_layer(cfg: dict, source: str) -> None:
 
 def _check_shapes(cfg: dict, spec: ArchSpec, entries: dict[str, SafetensorsEntry], cfg_path: Path) -> None:
     n_layer = cfg["num_hidden_layers"]
-    if n_layer * len(spec.layer_suffixes()) > len(entries):  # bound the loop below by the tensors present
+    if n_layer * spec.checkpoint_layer_tensors() > len(entries):  # bound the loop below by the tensors present
         raise InvalidModelError(f"{cfg_path}: num_hidden_layers={n_layer} but the checkpoint holds only "
                                 f"{len(entries)} tensors")
     expected = spec.expected_shapes(cfg)

@@ -96,8 +96,9 @@ def save_hf(model, out: str | Path, *, dtype: str = "float32", overwrite: bool =
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tied = bool(model.config.get("tie_word_embeddings", False))
-    tensors = {n: t.detach().to(DTYPES[dtype]).contiguous() for n, t in model.module.state_dict().items()
-               if not (tied and n == model.spec.output_name)}
+    tensors = model.spec.to_checkpoint({n: t.detach().to(DTYPES[dtype]).contiguous()
+                                        for n, t in model.module.state_dict().items()
+                                        if not (tied and n == model.spec.output_name)})
     cfg = model.module.config.to_dict()
     cfg.update(_with_bias_partners(model.spec, cfg, tensors))
     cfg["torch_dtype"] = dtype

@@ -26,6 +26,7 @@ from .arch import (
     ArchSpec,
     get_arch,
     gguf_config_overrides,
+    prepare,
     spec_for_gguf,
 )
 from .errors import InvalidModelError, MissingDependencyError, NumericsError, SlimlmError
@@ -142,7 +143,7 @@ def _load_hf(d: Path, *, progress: bool) -> Model:
             module, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, use_safetensors=True,
                                                                 dtype=torch.float32, output_loading_info=True)
             _no_missing_weights(d, cfg, info)
-    _frozen(module)
+    _frozen(prepare(module))
     check_finite(module)
     return Model(module, tok, spec, module.config.to_dict(), source=d)
 
@@ -202,7 +203,7 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
         for k, v in gguf_config_overrides(spec_for_gguf(arch), g.get, arch, config.to_dict(), _f32_tensor(g)).items():
             setattr(config, k, v)
         module = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=torch.float32)
-    _frozen(module)
+    _frozen(prepare(module))
     cfg = module.config.to_dict()
     cfg.pop("quantization_config", None)
     if hasattr(module.config, "quantization_config"):

@@ -4,7 +4,7 @@ Mirrors `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's s
 file types slimlm can encode (dense Llama-family models; no Falcon, no experts) — keep in sync:
 - the output projection (output.weight, or token_embd.weight when tied) goes to Q6_K unless the preset is
   Q8_0, or to Q8_0 when its row length does not fit the preset's block;
-- attn_v: Q2_K -> Q3_K (Q4_K when n_head/n_head_kv >= 4); Q3_K_M -> Q5_K in the first 2 layers, then
+- attn_v (and a fused attn_qkv, which llama.cpp counts as attn_v): Q2_K -> Q3_K (Q4_K when n_head/n_head_kv >= 4); Q3_K_M -> Q5_K in the first 2 layers, then
   Q4_K; Q3_K_L -> Q5_K; IQ4_NL/IQ4_XS -> Q5_K when n_head/n_head_kv >= 4; Q4_K_S -> Q5_K for the first
   4 layers; Q4_K_M/Q5_K_M -> Q6_K where `use_more_bits`; a 70B model's Q3_K/Q4_K attn_v -> Q5_K;
 - ffn_down: Q2_K -> Q3_K; Q3_K_M -> Q5_K in the first n/16 layers, then Q4_K; Q3_K_L -> Q5_K;
@@ -113,7 +113,7 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_
                     t, why = F["q8_0"], "output projection: Q8_0 (row does not fit the preset's block)"
                 elif default is not F["q8_0"]:
                     t, why = F["q6_k"], "output projection: Q6_K"
-            elif name.endswith("attn_v.weight"):
+            elif name.endswith(("attn_v.weight", "attn_qkv.weight")):   # llama.cpp: category_is_attn_v
                 t, why = _attn_v(p, i_wv, n_layer, n_gqa), "attn_v"
                 if is_70b and t in (F["q3_k"], F["q4_k"]):
                     t, why = F["q5_k"], "attn_v: 70B model"

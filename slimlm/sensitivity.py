@@ -121,7 +121,8 @@ def _weight_terms(model, stats: FisherStats) -> dict[str, list[tuple]]:
     spec, cfg = model.spec, model.config
     tied = bool(cfg.get("tie_word_embeddings", False))
     out: dict[str, list[tuple]] = {}
-    for name, gsq in stats.g.items():
+    for name in [n for n in stats.inputs if n in stats.g]:     # forward order: a fused tensor's parts in row order
+        gsq = stats.g[name]
         hf = f"{name}.weight"
         rows = torch.arange(gsq.shape[0])
         if name == spec.layout.head:
@@ -129,7 +130,12 @@ def _weight_terms(model, stats: FisherStats) -> dict[str, list[tuple]]:
         else:
             gg = spec.hf_to_gguf(hf)
             rows = spec.to_gguf_tensor(hf, rows, cfg)
-        out.setdefault(gg, []).append((stats.A[stats.inputs[name]], gsq[rows]))
+        A = stats.A[stats.inputs[name]]
+        terms = out.setdefault(gg, [])
+        if terms and terms[-1][0] is A and spec.layer_of(hf) is not None:
+            terms[-1] = (A, torch.cat([terms[-1][1], gsq[rows]]))    # the next part of a fused tensor (spec.fused)
+        else:
+            terms.append((A, gsq[rows]))
     return out
 
 
@@ -252,24 +258,30 @@ def measure_effects(model, chunk: torch.Tensor, weights: dict[str, torch.Tensor]
     replay = LayerReplay(module, chunk)
 
     params = dict(module.named_parameters(remove_duplicate=False))
-    hf_of = {spec.hf_to_gguf(n): n for n in params if n.endswith(".weight")}
+    hf_of: dict[str, list[str]] = {}                       # a fused tensor's parts in row order (spec.fused)
+    for n in params:
+        if n.endswith(".weight"):
+            hf_of.setdefault(spec.hf_to_gguf(n), []).append(n)
     out = {}
     for name, Wg in tqdm(weights.items(), desc="measuring each tensor's effect", unit="tensor",
                          disable=not progress, leave=False):
-        hf = hf_of.get(name)
-        if hf is None:
+        hfs = hf_of.get(name)
+        if hfs is None:
             continue
-        p = params[hf]
-        order = spec.to_gguf_tensor(hf, torch.arange(p.shape[0]), cfg)
-        W = torch.empty_like(p)
-        W[order] = Wg.reshape(p.shape).to(p.dtype)          # GGUF row order -> HF's
-        keep = p.data.clone()
-        p.data.copy_(W)
+        ps = [params[hf] for hf in hfs]
+        keep = [p.data.clone() for p in ps]
+        Wg = Wg.reshape(sum(p.shape[0] for p in ps), -1)
+        for hf, p, Wp in zip(hfs, ps, torch.split(Wg, [p.shape[0] for p in ps]), strict=True):
+            order = spec.to_gguf_tensor(hf, torch.arange(p.shape[0]), cfg)
+            W = torch.empty_like(p)
+            W[order] = Wp.reshape(p.shape).to(p.dtype)      # GGUF row order -> HF's
+            p.data.copy_(W)
         try:
-            if spec.layer_of(hf) is not None:
-                out[name] = replay.kld(spec.layer_of(hf))
+            if spec.layer_of(hfs[0]) is not None:
+                out[name] = replay.kld(spec.layer_of(hfs[0]))
             else:
                 out[name] = replay.kld_of(module(input_ids=chunk[None], use_cache=False).logits)
         finally:
-            p.data.copy_(keep)
+            for p, k in zip(ps, keep, strict=True):
+                p.data.copy_(k)
     return out

@@ -6,6 +6,7 @@ matrix (llama-imatrix, whose default also leaves the output projection out).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -14,12 +15,13 @@ from .errors import NumericsError
 from .quant.imatrix import ImportanceMatrix
 
 
-def block_linears(model) -> dict[str, torch.nn.Linear]:
-    """GGUF tensor name -> nn.Linear for every linear inside the transformer blocks."""
-    out = {}
+def block_linears(model) -> dict[str, list[torch.nn.Linear]]:
+    """GGUF tensor name -> the nn.Linears it holds (one; a fused tensor's parts in row order, which read one input)
+    for every linear inside the transformer blocks."""
+    out: dict[str, list[torch.nn.Linear]] = {}
     for name, mod in model.module.named_modules():
         if isinstance(mod, torch.nn.Linear) and model.spec.layer_of(name) is not None:
-            out[model.spec.hf_to_gguf(f"{name}.weight")] = mod
+            out.setdefault(model.spec.hf_to_gguf(f"{name}.weight"), []).append(mod)
     return out
 
 
@@ -37,7 +39,7 @@ def collect_imatrix(model, chunks: torch.Tensor, *, dataset: str = "", progress:
             im.add(name, (x * x).sum(0).numpy(), x.shape[0])
         return f
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in block_linears(model).items()]
+    handles = [m[0].register_forward_pre_hook(hook(n)) for n, m in block_linears(model).items()]
     try:
         for chunk in tqdm(chunks, desc="importance matrix", unit="chunk", disable=not progress, leave=False):
             model.module(input_ids=chunk[None], use_cache=False)
@@ -226,8 +228,9 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
                                                  act_order=act_order, chol=e["chol"][unit])
                         mod.weight.data = Q.to(mod.weight.dtype)
                         order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)  # llama.cpp's row order
-                        encoded[name] = data[order.numpy()]
-                        damps[name] = res.damp
+                        # the parts of a fused GGUF tensor (ArchSpec.fused) are joined by rows after the layer
+                        encoded.setdefault(name, {})[n] = data[order.numpy()]
+                        damps[name] = max(res.damp, damps.get(name, 0.0))
                     secs["solve"] += time.perf_counter() - t
                 return (x, *inputs[1:]) if x is not inputs[0] else None
             return f
@@ -239,6 +242,9 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
         finally:
             for h in handles:
                 h.remove()
+        for name, parts in encoded.items():
+            if isinstance(parts, dict):
+                encoded[name] = np.concatenate([parts[n] for n in mods if n in parts], 0)
         shared.clear()
         scaled.clear()
         return y

@@ -26,6 +26,8 @@ ARCH_EXTRA = {
                               hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=3.0,
                               final_logit_softcapping=2.0, tie_word_embeddings=True,
                               rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+    # Phi3Config's default pad id (32000) is beyond a tiny vocabulary
+    "Phi3ForCausalLM": dict(model_type="phi3", rope_theta=10000.0, sliding_window=None, pad_token_id=None),
 }
 
 

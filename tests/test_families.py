@@ -249,6 +249,12 @@ def test_each_family_prunes_and_heals_into_a_gguf(tiny_hf, tmp_path, name, llama
     ("Gemma2ForCausalLM", {"tie_word_embeddings": False}, "has no output tensor"),
     ("Gemma2ForCausalLM", {"final_logit_softcapping": None}, "llama.cpp always applies it"),
     ("LlamaForCausalLM", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    # Phi-3 128k / Phi-3.5 / Phi-4-mini: LongRoPE; Phi-4-mini also rotates only part of each head
+    ("Phi3ForCausalLM", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}},
+     "rope type 'longrope' is not supported"),
+    ("Phi3ForCausalLM", {"partial_rotary_factor": 0.75, "rope_parameters": None}, "partial rotary embeddings"),
+    ("Phi3ForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial rotary embeddings"),
 ])
 def test_what_a_familys_llama_cpp_graph_cannot_run_is_refused_on_load(tiny_hf, tmp_path, name, edit, message):
     import shutil
@@ -276,6 +282,50 @@ def test_gemma_hidden_pruning_and_a_layer_count_that_changes_the_attention_scale
     with pytest.raises(slimlm.errors.ConfigError, match=r"1/sqrt\(32\) instead of 1/sqrt\(16\)"):
         check_gguf_plan(cfg, Plan(drop_layers=[3]))
     check_gguf_plan(cfg, Plan(ffn=64))                              # the same layer count: fine
+
+
+def test_phi3_fused_linears_are_split_in_memory_and_joined_in_every_file(tiny_hf, tmp_path, monkeypatch,
+                                                                         llama_cpp_available):
+    """Phi-3's qkv_proj and gate_up_proj: split on load into q/k/v and gate/up (the logits bit-identical to
+    transformers' fused model), joined again in the HF folder (transformers loads it, same logits) and in the GGUF
+    (llama.cpp's attn_qkv and a 2 x n_ff ffn_up, no attn_q or ffn_gate); a --target-size budget prices and measures
+    the fused tensors as one."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.gguf.reader import read_gguf
+    from slimlm.gguf.writer import file_bytes, plan_model
+    from slimlm.hfout import save_hf
+    src = tiny_hf("Phi3ForCausalLM")
+    m = slimlm.load(src, progress=False)
+    x = torch.randint(3, m.config["vocab_size"], (1, 30), generator=torch.Generator().manual_seed(9))
+    fused = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = fused(x).logits
+    assert torch.equal(m.logits(x), want)
+    layer = arch.decoder_layers(m.module)[0]
+    assert [part(layer, r).out_features for r in ("q", "k", "v", "gate", "up")] == [64, 32, 32, 96, 96]
+    save_hf(m, tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    names = set(back.state_dict())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and not any("q_proj" in n for n in names)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, want)
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    _, tensors, types = plan_model(m, "Q8_0")
+    target = int(0.7 * file_bytes(m, {n: types[n][0].nbytes(tuple(W.shape)) for n, _, W in tensors}))
+    cfg = CompressConfig(target_size=str(target), method="gptq", calib_chunks=2, gptq_chunks=2, n_ctx=64,
+                         sensitivity_chunks=2, max_chunks=2, speed=False, measure_effects=True)
+    rep = compress(src, tmp_path / "b.gguf", cfg, progress=False)
+    g = read_gguf(tmp_path / "b.gguf")
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in g.tensors}
+    assert shapes["blk.0.attn_qkv.weight"] == (128, 64) and shapes["blk.0.ffn_up.weight"] == (192, 64)
+    assert not any(n.endswith(("attn_q.weight", "ffn_gate.weight")) for n in shapes)
+    step = next(s for s in rep.steps if s["step"] == "mixed precision")
+    assert (tmp_path / "b.gguf").stat().st_size <= target
+    assert {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= set(step["predicted"])
+    assert all(p["measured_dkld"] >= 0 for p in step["predicted"].values())
+    assert rep.evaluation["kld"] < 1.0
 
 
 def test_llama3_rope_scaling_survives_a_gguf_round_trip(tiny_hf, tmp_path, llama_cpp_available):

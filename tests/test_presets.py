@@ -80,3 +80,27 @@ def test_pure_and_small_rows():
     assert plan["blk.0.attn_norm.weight"][0].name == "F32"
     pure = plan_types(tensors, get_preset("Q4_K_M"), n_layer=1, tied=True, pure=True)
     assert pure["blk.0.ffn_down.weight"][0].name == "Q4_K" and pure["blk.0.attn_v.weight"][0].name == "Q5_0"
+
+
+@pytest.fixture(scope="module")
+def deep_phi3_f32(tiny_hf, tmp_path_factory):
+    m = load(tiny_hf("Phi3ForCausalLM", **DEEP), progress=False)
+    p = tmp_path_factory.mktemp("deep_phi3") / "f32.gguf"
+    export_gguf(m, p, "F32", progress=False)
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "IQ4_XS"])
+def test_plan_of_fused_tensors_matches_llama_cpp(deep_phi3_f32, tmp_path, preset, llama_cpp_available):
+    """Phi-3's fused attn_qkv takes llama.cpp's attn_v rules (its category_is_attn_v), its 2 x n_ff ffn_up the
+    ffn_up ones: the plan equals llama_model_quantize's on the presets whose attn_v rules differ."""
+    from slimlm.eval.runtime import llama_cpp_quantize
+    src = read_gguf(deep_phi3_f32)
+    out = tmp_path / "lc.gguf"
+    llama_cpp_quantize(deep_phi3_f32, out, preset)
+    theirs = {t.name: t.ggml_type.name for t in read_gguf(out).tensors}
+    plan = plan_types([(t.name, t.shape) for t in src.tensors], get_preset(preset), n_layer=16, tied=False,
+                      arch="phi3", n_head=DEEP["num_attention_heads"], n_head_kv=DEEP["num_key_value_heads"])
+    assert {n: f.name for n, (f, _) in plan.items()} == theirs
+    assert "blk.0.attn_qkv.weight" in theirs

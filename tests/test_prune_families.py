@@ -11,6 +11,7 @@ import torch
 from helpers import ARCH_EXTRA
 
 from slimlm import load
+from slimlm.arch import ARCHS as ARCH_SPECS
 from slimlm.cli import main
 from slimlm.prune.structured import Plan, n_params, planned_config
 
@@ -75,13 +76,13 @@ def test_prune_every_family_to_gguf_runs_in_llama_cpp(tiny_hf, tmp_path, arch, m
     src = tiny_hf(arch, num_hidden_layers=4)
     m = load(src, progress=False)
     out = tmp_path / "p.gguf"
-    heads = arch != "Qwen2ForCausalLM"
-    if not heads:        # llama.cpp's qwen2 loader sizes attn_q n_embd x n_embd: query heads stay
+    heads = not ARCH_SPECS[arch].attn_width_is_hidden
+    if not heads:        # llama.cpp's qwen2/phi3 loaders size attn_q n_embd x n_embd: query heads stay
         with monkeypatch.context() as mp:
             mp.setattr("slimlm.calib.calibration_chunks", _no_calibration)
             assert main(["-q", "prune", str(src), "-o", str(out), "--ratio", "0.02", "--heads", "2x1"]) == 2
         err = capsys.readouterr().err
-        assert "qwen2 arch needs query heads x head_dim = hidden size" in err and "Traceback" not in err
+        assert f"{m.spec.gguf_arch} arch needs query heads x head_dim = hidden size" in err and "Traceback" not in err
     ratio = _ratio(m, 1 if heads else None, 64 if heads else 32)
     argv = [str(src), "-o", str(out), "--ratio", repr(ratio), *(["--heads", "2x1"] if heads else []), "--type",
             "F32", *CALIB]

@@ -39,6 +39,7 @@ from .modules import (
     mlp_hidden,
     mlp_out,
     part,
+    prepare,
     set_decoder_layers,
     set_part,
     unwrap,
@@ -49,5 +50,5 @@ __all__ = ["ARCHS", "ArchSpec", "EXTRA_GGUF_ARCH_PREFIXES", "FULL", "GGUF_ARCHS"
            "PER_LAYER", "PER_LAYER_FIELDS", "ROPE_TYPES", "SLIDING", "SPM_TOKENIZER", "attention_kind",
            "attention_out", "check_rope", "decoder_layers", "embedding", "family", "final_norm", "get_arch",
            "gguf_arch", "gguf_config_overrides", "hidden_norms", "hidden_readers", "hidden_writers", "is_70b",
-           "layer_dims", "layer_kwargs", "llama3_rope_factors", "mlp_hidden", "mlp_out", "part", "rope_freqs",
+           "layer_dims", "layer_kwargs", "llama3_rope_factors", "mlp_hidden", "mlp_out", "part", "prepare", "rope_freqs",
            "rope_parameters", "set_decoder_layers", "set_part", "sliding_layer_config", "spec_for_gguf", "unwrap"]

@@ -43,9 +43,17 @@ ARCHS: dict[str, ArchSpec] = {
                                   acts=("gelu_pytorch_tanh",), layer_types=True, attn_softcap=True,
                                   final_softcap_always=True, tied_only=True, gguf_swa=(4096, 2, False),
                                   gguf_hidden_scaled_layers=46),
+    # Phi-3 (mini 4k, medium, Phi-4): Llama's computation with q/k/v fused into qkv_proj and gate/up into
+    # gate_up_proj (split in memory: spec.fused, split.py; llama.cpp's phi3 takes attn_qkv and a 2 x n_ff ffn_up
+    # holding gate then up), neox rope, attention width = hidden size. llama.cpp disables its sliding window
+    # ("Phi SWA is currently disabled"): the runtimes agree up to the window (2047 in Phi-3-mini-4k)
+    "Phi3ForCausalLM": ArchSpec("Phi3ForCausalLM", "phi3", "phi3", "Phi3DecoderLayer", permute_qk=False,
+                                attn_width_is_hidden=True,
+                                fused=(("self_attn.qkv_proj", ("q", "k", "v"), "attn_qkv"),
+                                       ("mlp.gate_up_proj", ("gate", "up"), "ffn_up"))),
 }
 # GGUF general.architecture -> the HF class transformers builds for it
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+GGUF_ARCHS = {"phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 # attention kinds of config "layer_types" (each with its own rope where the family has layer types)
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -151,6 +159,10 @@ def get_arch(cfg: dict, source: str = "config.json") -> ArchSpec:
         if rope.get("rope_type", "default") not in ROPE_TYPES:
             raise InvalidModelError(f"{source}: rope type {rope.get('rope_type')!r} is not supported yet; "
                                     f"supported: {', '.join(ROPE_TYPES)}")
+        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise InvalidModelError(f"{source}: partial rotary embeddings (partial_rotary_factor "
+                                    f"{str(partial)[:40]}) are not supported yet")
     return spec
 
 

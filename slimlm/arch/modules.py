@@ -40,6 +40,15 @@ def family(obj: torch.nn.Module) -> ArchSpec:
     return _CACHE[t]
 
 
+def prepare(module: torch.nn.Module) -> torch.nn.Module:
+    """What every loaded model goes through before slimlm's passes: its fused linears split by role
+    (ArchSpec.fused; split.py). In place; returns the module."""
+    if family(module).fused:
+        from .split import split_fused
+        split_fused(unwrap(module))
+    return module
+
+
 def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM."""
     m = unwrap(module)

@@ -155,6 +155,10 @@ class ArchSpec:
     gguf_hidden_scaled_layers: int | None = None
     # llama.cpp reads Llama 3's rope scaling from a rope_freqs tensor, which transformers' GGUF loader ignores
     gguf_rope_freqs: bool = False
+    # linears the checkpoint and the GGUF hold as one tensor, rows in role order, that slimlm splits in memory so
+    # every pass sees q/k/v and gate/up (Phi-3: qkv_proj, gate_up_proj): (checkpoint path in a layer, roles, GGUF
+    # name); modules.prepare splits them on load, to_checkpoint and the GGUF writer join them again
+    fused: tuple[tuple[str, tuple[str, ...], str], ...] = ()
 
     def attn_scalar(self, cfg: dict) -> int:
         """The query_pre_attn_scalar llama.cpp's graph of this family implies for this config."""
@@ -215,6 +219,10 @@ class ArchSpec:
             out += [self.role_suffix(r) for r in ("q_norm", "k_norm")]
         return out
 
+    def checkpoint_layer_tensors(self) -> int:
+        """How many tensors each layer of a checkpoint holds at least (fused parts count once)."""
+        return len(self.layer_suffixes()) - sum(len(roles) - 1 for _, roles, _ in self.fused)
+
     def bias_suffixes(self, cfg: dict) -> list[str]:
         """Per-layer bias tensors a checkpoint with this config holds beyond layer_suffixes (the groups the config's
         attention_bias / mlp_bias switch on, for families whose config has those flags)."""
@@ -237,6 +245,8 @@ class ArchSpec:
         return {flag: any(self.role_suffix(r, "bias") in extra for r in group) for flag, group in BIAS_FLAGS.items()}
 
     def hf_to_gguf(self, hf_name: str) -> str:
+        """The GGUF tensor holding an HF tensor: a fused one (ArchSpec.fused) for each of its parts and for the
+        checkpoint's fused name."""
         g = self._global_names()
         if hf_name in g:
             return g[hf_name]
@@ -247,12 +257,38 @@ class ArchSpec:
             if kind == "bias" and role in OUTPUT_SIDE_BIASES and not self.output_biases:
                 raise InvalidModelError(f"tensor {hf_name!r}: llama.cpp's {self.gguf_arch} graph has no "
                                         f"{ROLE_GGUF[role]}.bias (only the llama family's adds such biases)")
-            return f"blk.{i}.{ROLE_GGUF[role]}.{kind}"
+            fused = self.fused_group(role)
+            return f"blk.{i}.{fused[2] if fused else ROLE_GGUF[role]}.{kind}"
+        for path, _, name in self.fused:
+            for kind in ("weight", "bias"):
+                if suffix == f"{path}.{kind}":
+                    return f"blk.{i}.{name}.{kind}"
         raise InvalidModelError(f"tensor {hf_name!r} has no GGUF name for architecture {self.hf_arch}")
 
+    def fused_group(self, role: str) -> tuple[str, tuple[str, ...], str] | None:
+        """The fused tensor (checkpoint path, roles, GGUF name) a role's linear is part of, None if it is its own."""
+        return next((f for f in self.fused if role in f[1]), None)
+
+    def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """In-memory tensors (split, ArchSpec.fused) -> the checkpoint's: each fused group's parts joined by rows."""
+        if not self.fused:
+            return tensors
+        out, roles = {}, self._suffix_roles()
+        for name, t in tensors.items():
+            rk = roles.get(self.suffix_of(name) or "")
+            group = self.fused_group(rk[0]) if rk else None
+            if group is None:
+                out[name] = t
+            elif rk[0] == group[1][0]:
+                i = self.layer_of(name)
+                parts = [tensors[f"{self.layer_prefix}{i}.{self.role_suffix(r, rk[1])}"] for r in group[1]]
+                out[f"{self.layer_prefix}{i}.{group[0]}.{rk[1]}"] = torch.cat(parts, 0)
+        return out
+
     # ---- shapes ------------------------------------------------------------------------------------
-    def expected_shapes(self, cfg: dict) -> dict[str, tuple[int, ...]]:
-        """HF tensor name -> shape implied by config.json (used to check a checkpoint before loading)."""
+    def expected_shapes(self, cfg: dict, *, in_memory: bool = False) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape implied by config.json (used to check a checkpoint before loading); in_memory:
+        with fused linears split (ArchSpec.fused), as a loaded model holds them."""
         h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
         hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
         out = {self.embed_name: (V, h), self.layout.norm + ".weight": (h,)}
@@ -263,7 +299,10 @@ class ArchSpec:
             ff, nh, nkv = layer_dims(cfg, i)
             for s in self.layer_suffixes() + self.bias_suffixes(cfg):
                 out[f"{self.layer_prefix}{i}.{s}"] = _role_shape(*roles[s], h, hd, nh, nkv, ff)
-        return out
+        if in_memory:
+            return out
+        return {k: tuple(v.shape) for k, v in self.to_checkpoint({k: torch.empty(s, device="meta")
+                                                                   for k, s in out.items()}).items()}
 
     @staticmethod
     def is_ignored(hf_name: str) -> bool:

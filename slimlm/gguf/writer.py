@@ -117,12 +117,27 @@ def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
         if spec.output_biases and hf_name.endswith(".bias") and not W.any():
             continue     # optional in llama.cpp's llama/deci graph: a zero bias would only cost an add per matmul
         out.append((spec.hf_to_gguf(hf_name), hf_name, spec.to_gguf_tensor(hf_name, W.detach(), cfg)))
+    out = _join_fused(out)
     freqs = rope_freqs(cfg)
     if freqs is not None:
         out.append(("rope_freqs.weight", "", freqs))
     if model.gguf is not None:
         order = {t.name: i for i, t in enumerate(model.gguf.tensors)}
         out.sort(key=lambda x: order.get(x[0], len(order)))
+    return out
+
+
+def _join_fused(tensors: list[tuple[str, str, torch.Tensor]]) -> list[tuple[str, str, torch.Tensor]]:
+    """Parts that one GGUF tensor holds (ArchSpec.fused: Phi-3's attn_qkv, ffn_up), joined by rows in their order,
+    at the first part's place (hf name: the first part's)."""
+    parts: dict[str, list] = {}
+    for g, hf, W in tensors:
+        parts.setdefault(g, []).append((hf, W))
+    out = []
+    for g, hf, W in tensors:
+        if g in parts:
+            p = parts.pop(g)
+            out.append((g, hf, W if len(p) == 1 else torch.cat([w for _, w in p], 0)))
     return out
 
 

@@ -101,7 +101,8 @@ def measure(model, calib: torch.Tensor, chunk: torch.Tensor, *, ratios=RATIOS, r
                 raw = encode(lin.weight.data.float().numpy(), fmt, g)
                 Wq = torch.from_numpy(gguf.quants.dequantize(raw, fmt.ggml_type).reshape(lin.weight.shape).copy())
                 v = _swap({lin: Wq}, lambda i=i: kld(i))
-                tensors.setdefault(g, {})[t] = v
+                row_t = tensors.setdefault(g, {})
+                row_t[t] = row_t.get(t, 0.0) + v       # a fused tensor's parts (ArchSpec.fused) add up
                 total += v
             row[t] = total
         rows.append(row)

@@ -145,9 +145,9 @@ def owl_sparsities(model, chunks: torch.Tensor, sparsity: float, *, lam: float =
     from ..sequential import block_linears, collect_imatrix
     im = collect_imatrix(model, chunks, progress=progress)
     per_layer: dict[int, list[torch.Tensor]] = {}
-    for name, lin in block_linears(model).items():
+    for name, lins in block_linears(model).items():
         x2 = torch.from_numpy(im.sums[name]).float()
-        score = lin.weight.detach().abs().float() * x2.clamp(min=0).sqrt()[None, :]
+        score = torch.cat([lin.weight.detach().abs().float() for lin in lins]) * x2.clamp(min=0).sqrt()[None, :]
         per_layer.setdefault(int(name.split(".")[1]), []).append(score.flatten())
     ratios = []
     for i in sorted(per_layer):
