@@ -10,7 +10,12 @@ import pytest
 import torch
 from helpers import save_tiny_hf
 
-torch.set_num_threads(2)
+# under pytest-xdist (make test runs 2 workers on 2 cores) each worker and the processes it starts use one thread
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 def _missing(module: str, why: str) -> None:

@@ -175,7 +175,7 @@ def test_two_gloo_processes_follow_the_one_process_loss_curve(src, calib, tmp_pa
     _run(src, calib, one, "budget=4096", "seq_len=32", "micro_batch=2", "accum=2", "eval_every=0",
          "checkpoint_every=0", "teacher_targets=full", "lr=3e-3")
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(WORKER), str(src), str(calib), str(two), "budget=4096", "seq_len=32", "micro_batch=2", "accum=1",
            "eval_every=0", "checkpoint_every=0", "teacher_targets=full", "lr=3e-3"]
     r = subprocess.run(cmd, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

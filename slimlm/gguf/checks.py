@@ -123,9 +123,9 @@ def check_model_gguf(g: GGUFFile) -> tuple[dict, ArchSpec]:
     if embd is None or len(embd.shape) != 2:
         raise InvalidGGUFError(f"{g.path}: tensor token_embd.weight is missing or not 2-D")
     n_vocab = embd.shape[0]
-    # every layer has >= 6 tensors (Phi-3's fused ones): bound the layer count by the tensors present before
+    # every layer holds the family's tensors (fused ones once): bound the layer count by the tensors present before
     # iterating over it
-    if n_layer * 6 > len(g.tensors):
+    if n_layer * spec.checkpoint_layer_tensors() > len(g.tensors):
         raise InvalidGGUFError(f"{g.path}: {arch}.block_count={n_layer} but the file holds only "
                                f"{len(g.tensors)} tensors")
     cfg = {"architectures": [GGUF_ARCHS[arch]], "hidden_size": emb, "vocab_size": n_vocab,
