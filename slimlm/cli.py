@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, metavar="N", help="structured: keep N hidden (embedding) channels "
                    "(Minitron-style; RMSNorm then normalizes over fewer channels: heal afterwards)")
     p.add_argument("--ffn", type=int, metavar="N", help="structured: keep N MLP neurons per layer")
+    p.add_argument("--experts", type=int, metavar="N", help="structured, mixture of experts: keep N experts per "
+                   "layer, those the router gives the most weight on the calibration text (--ratio removes "
+                   "experts for a MoE model's MLP share)")
     p.add_argument("--heads", metavar="KVxQ", help="structured: keep KV heads x query heads per KV head, e.g. 2x2")
     p.add_argument("--drop-layers", metavar="I,J,...", help="structured: remove these layers (0-based)")
     p.add_argument("--format-aware", action="store_true", help="round every width (hidden, MLP, attention = "
@@ -492,7 +495,8 @@ def cmd_prune(a) -> int:
     except ValueError:
         raise ConfigError(f"--drop-layers {a.drop_layers!r}: give comma-separated layer indices") from None
     cfg = PruneConfig(ratio=a.ratio, method=a.method, importance=a.importance, sparsity=a.sparsity,
-                      hidden=a.hidden, ffn=a.ffn, heads=a.heads, drop_layers=drop, format_aware=a.format_aware,
+                      hidden=a.hidden, ffn=a.ffn, heads=a.heads, experts=a.experts, drop_layers=drop,
+                      format_aware=a.format_aware,
                       allocate=a.allocate, layer_share=a.layer_share,
                       type=a.type, pre_tokenizer=a.pre_tokenizer, hf_dtype=a.hf_dtype, calib=a.calib,
                       calib_chunks=a.calib_chunks, n_ctx=a.ctx,

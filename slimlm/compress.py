@@ -384,8 +384,12 @@ def _check_imatrix_fits(m, imatrix: ImportanceMatrix, path: str) -> None:
 
 def check_budget(m, config: CompressConfig, imatrix) -> None:
     """Refuse a --target-size/--bpw below the smallest file this (loaded, maybe pruned) model can reach,
-    exactly (header and alignment included), before any calibration or sensitivity work."""
+    exactly (header and alignment included), before any calibration or sensitivity work. A mixture of experts is
+    refused: the sensitivity pass does not price its stacked experts yet (most of its weights)."""
     from .gguf.writer import _gguf_tensors, file_bytes
+    if m.spec.moe:
+        raise ConfigError("--target-size/--bpw: the size budget cannot price a mixture of experts' stacked experts "
+                          "yet; give a preset (--type Q4_K_M, ...) or prune experts (slimlm prune --experts N)")
     tensors = _gguf_tensors(m)
     header = file_bytes(m, {n: 0 for n, _, _ in tensors}, imatrix=imatrix, pre_tokenizer=config.pre_tokenizer)
     check_reachable({n: tuple(W.shape) for n, _, W in tensors}, target=_target(config), bpw=config.bpw,

@@ -15,7 +15,8 @@ file types slimlm can encode (dense Llama-family models; no Falcon, no experts) 
 - then a row length that does not fit the chosen block falls back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0,
   Q2_K/Q3_K->Q4_0, IQ4_XS->IQ4_NL, then F16). `pure=True` skips the rules (llama-quantize --pure) but not
   the fallback.
-Norms and other 1-D tensors stay F32.
+Norms and other 1-D tensors stay F32, and so does a mixture of experts' router (ffn_gate_inp); the stacked experts
+(ffn_*_exps) take the ffn_* rules.
 """
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_
     # llama.cpp visits tensors sorted by (layer number, name) -- its loader's weight_name_comparer -- and the
     # attn_v / ffn_down counters below follow that order, whatever the order in the file
     for name, shape in sorted(tensors, key=_visit_order):
+        if name.endswith("ffn_gate_inp.weight"):       # a router: llama.cpp's converter and quantizer keep it F32
+            out[name] = (F["f32"], "router: F32")
+            continue
         if not _quantizable(name, shape) or default.is_float:
             out[name] = (F["f32"] if len(shape) < 2 else default, "1-D tensors stay F32" if len(shape) < 2 else "")
             continue
@@ -118,7 +122,7 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], preset: Preset, *, n_
                 if is_70b and t in (F["q3_k"], F["q4_k"]):
                     t, why = F["q5_k"], "attn_v: 70B model"
                 i_wv += 1
-            elif name.endswith("ffn_down.weight"):
+            elif name.endswith(("ffn_down.weight", "ffn_down_exps.weight")):
                 # llama.cpp's layer_info() is the running count for dense models
                 t, why = _ffn_down(p, i_down, n_layer, has_imatrix), "ffn_down"
                 i_down += 1

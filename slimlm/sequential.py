@@ -10,7 +10,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import attention_kind, decoder_layers, final_norm, layer_kwargs, mlp_hidden
+from .arch import (
+    EXPERT_ROLES,
+    attention_kind,
+    decoder_layers,
+    expert_hidden,
+    experts,
+    final_norm,
+    layer_kwargs,
+    mlp_hidden,
+    part,
+)
 from .errors import NumericsError
 from .quant.imatrix import ImportanceMatrix
 
@@ -147,7 +157,7 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     awq_log: list[dict] = []
     layers = decoder_layers(module)
     groups = spec.layout.input_groups()
-    down, up = (spec.layout.path(r) for r in spec.layout.down_input)
+    down, up = (spec.layout.path(r) for r in spec.layout.down_input) if spec.layout.down_input else (None, None)
     desc = "+".join(n for n, on in (("AWQ", awq), ("GPTQ", gptq)) if on)
     def quantize_layer(i: int, layer, x: torch.Tensor) -> torch.Tensor:
         mods = dict(layer.named_modules())
@@ -237,11 +247,18 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()
                    if isinstance(m, torch.nn.Linear)]
+        ex = experts(layer) if gptq else None
+        if ex is not None:
+            ex.observer = _expert_gptq(i, layer, spec, types, encoded, damps, rtn_fallbacks, secs, act_order, damp)
         try:
             y = run_layer(layer, x, kw)
         finally:
             for h in handles:
                 h.remove()
+            if ex is not None:
+                ex.observer = None
+        if ex is not None:
+            _stack_experts(i, layer, spec, types, encoded)
         for name, parts in encoded.items():
             if isinstance(parts, dict):
                 encoded[name] = np.concatenate([parts[n] for n in mods if n in parts], 0)
@@ -266,6 +283,57 @@ def input_key(x: torch.Tensor) -> tuple:
     """Identifies one tensor fed to several linears (q/k/v, gate/up) within a forward pass; the caller holds
     the tensor while the key is in use, so its memory cannot be reused by a different input."""
     return x.data_ptr(), tuple(x.shape), x.stride()
+
+
+def _expert_gptq(i, layer, spec, types, encoded, damps, rtn_fallbacks, secs, act_order, damp):
+    """An observer for a mixture-of-experts layer (split.SplitExperts.observer): GPTQ of expert j's gate and up
+    stacks' rows on the tokens routed to it, then of its down rows on act(gate x) * up x computed with the quantized
+    gate and up (as a dense layer's down projection reads the quantized ones); the codes go to encoded[name][j]."""
+    import time
+
+    from .quant.gptq import factor, gptq_gguf
+    names = {r: spec.hf_to_gguf(f"{spec.layer_prefix}{i}.{spec.layout.path(r)}.weight") for r in EXPERT_ROLES}
+    stack = {r: part(layer, r) for r in EXPERT_ROLES}
+
+    def solve(role: str, j: int, xin: torch.Tensor) -> None:
+        name, W = names[role], stack[role].weight
+        fmt = types[name][0]
+        if fmt.is_float:
+            return
+        t = time.perf_counter()
+        H = _checked_hessian(xin, f"layer {i} expert {j} {role}")
+        try:
+            chol = factor(H, fmt.block_size, act_order=act_order, damp=damp)
+        except NumericsError as err:               # singular: this expert's rows are rounded as llama.cpp does
+            rtn_fallbacks[f"{name}[{j}]"] = str(err)
+            return
+        data, Q, res = gptq_gguf(W.data[j].float(), H, fmt.ggml_type, act_order=act_order, chol=chol)
+        W.data[j] = Q.to(W.dtype)
+        encoded.setdefault(name, {})[j] = data
+        damps[name] = max(res.damp, damps.get(name, 0.0))
+        secs["solve"] += time.perf_counter() - t
+
+    def observe(j: int, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        solve("gate_exps", j, x)
+        solve("up_exps", j, x)
+        solve("down_exps", j, expert_hidden(layer, j, x))
+    return observe
+
+
+def _stack_experts(i, layer, spec, types, encoded) -> None:
+    """Each expert stack's codes as one (experts, rows, bytes) array; an expert no calibration token reached (or
+    whose Hessian stayed singular) is rounded as the writer would."""
+    from .gguf.writer import encode
+    for role in EXPERT_ROLES:
+        mod = part(layer, role)
+        name = spec.hf_to_gguf(f"{spec.layer_prefix}{i}.{spec.layout.path(role)}.weight")
+        parts = encoded.get(name)
+        if not isinstance(parts, dict):
+            continue
+        fmt = types[name][0]
+        encoded[name] = np.stack([parts[j] if j in parts else encode(mod.weight.data[j].float().numpy(), fmt, name)
+                                  for j in range(mod.weight.shape[0])])
 
 
 def _checked_hessian(x: torch.Tensor, where: str) -> torch.Tensor:

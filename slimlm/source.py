@@ -37,7 +37,7 @@ def source_info(path: str | os.PathLike | None) -> SourceInfo:
         from .hf import check_hf_dir
         cfg, spec, _ = check_hf_dir(p)
         tied = bool(cfg.get("tie_word_embeddings", False))
-        shapes = {spec.hf_to_gguf(n): s for n, s in spec.expected_shapes(cfg).items()
+        shapes = {spec.hf_to_gguf(n): s for n, s in spec.expected_shapes(cfg, stacked=True).items()
                   if not spec.is_ignored(n) and not (tied and n == spec.output_name)}
         ctx = cfg.get("max_position_embeddings")
     elif p.is_file():

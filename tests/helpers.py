@@ -28,6 +28,9 @@ ARCH_EXTRA = {
                               rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
     # Phi3Config's default pad id (32000) is beyond a tiny vocabulary
     "Phi3ForCausalLM": dict(model_type="phi3", rope_theta=10000.0, sliding_window=None, pad_token_id=None),
+    # 8 experts, 2 per token, expert width 32 (the MLP width of a dense model of this size would be 96)
+    "Qwen3MoeForCausalLM": dict(model_type="qwen3_moe", rope_theta=10000.0, head_dim=16, num_experts=8,
+                                num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
 }
 
 

@@ -30,7 +30,7 @@ def test_f32_export_is_exact_and_matches_llama_cpp(tiny_hf, tmp_path, arch, llam
     assert g.architecture == m.spec.gguf_arch
     assert g.get(f"{g.architecture}.block_count") == 2
     assert g.get("tokenizer.ggml.pre") == (pre or "smollm")
-    sd = m.spec.to_checkpoint(m.named_weights())       # Phi-3's q/k/v and gate/up as one tensor each, as the GGUF
+    sd = m.spec.to_checkpoint(m.named_weights(), unstack=False)   # Phi-3's q/k/v and gate/up joined, as the GGUF
     for hf_name, W in sd.items():
         if hf_name == m.spec.output_name and m.config.get("tie_word_embeddings"):
             continue

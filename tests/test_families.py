@@ -102,13 +102,15 @@ def test_each_family_module_is_found_by_role(tiny_hf, name):
     layers = arch.decoder_layers(m.module)
     assert len(layers) == m.config["num_hidden_layers"] and arch.family(layers[0]) is spec
     names = dict(m.module.named_parameters())
-    for role in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "ffn_norm"):
+    mlp = ("router", *arch.EXPERT_ROLES) if spec.moe else ("gate", "up", "down")
+    for role in ("q", "k", "v", "o", *mlp, "attn_norm", "ffn_norm"):
         assert part(layers[1], role).weight is names[spec.hf_name(1, role)]
     assert (part(layers[0], "q_norm") is not None) == spec.qk_norm
+    assert (arch.experts(layers[0]) is not None) == spec.moe == (part(layers[0], "down") is None)
     assert arch.embedding(m.module).weight is names[spec.embed_name]
     new = torch.nn.Linear(1, 1)
-    arch.set_part(layers[0], "down", new)
-    assert part(layers[0], "down") is new
+    arch.set_part(layers[0], "o", new)
+    assert part(layers[0], "o") is new
 
 
 def part(layer, role):
@@ -211,7 +213,8 @@ def test_each_family_awq_folds_its_scales_exactly(tiny_hf, name):
     chunks = torch.randint(3, m.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(8))
     _, _, types = plan_model(m, "Q4_0", pure=True)
     _, module, st = quantize_model(m, chunks, types, gptq=False, awq=True, progress=False)
-    assert len(st["awq_groups"]) == 3 * m.config["num_hidden_layers"]          # q/k/v, gate/up, down per layer
+    per_layer = len(m.spec.layout.shared_inputs) + (m.spec.layout.down_input is not None)   # q/k/v, gate/up, down
+    assert len(st["awq_groups"]) == per_layer * m.config["num_hidden_layers"]
     assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), m.module.parameters(), strict=True))
     with torch.no_grad():
         got = module(input_ids=chunks, use_cache=False).logits
@@ -228,7 +231,8 @@ def test_each_family_prunes_and_heals_into_a_gguf(tiny_hf, tmp_path, name, llama
     teacher = tiny_hf(name, num_hidden_layers=4)
     pre = ["--pre-tokenizer", "qwen2"] if arch.ARCHS[name].gguf_arch.startswith("qwen") else []
     student = tmp_path / "student"
-    assert main(["-q", "prune", str(teacher), "-o", str(student), "--ffn", "48", "--drop-layers", "2",
+    mlp = ["--experts", "6"] if arch.ARCHS[name].moe else ["--ffn", "48"]          # a mixture of experts: experts
+    assert main(["-q", "prune", str(teacher), "-o", str(student), *mlp, "--drop-layers", "2",
                  "--allocate", "uniform", "--no-eval", "--calib", str(train), "--calib-chunks", "4",
                  "--ctx", "64"]) == 0
     out = tmp_path / "healed.gguf"
@@ -326,6 +330,73 @@ def test_phi3_fused_linears_are_split_in_memory_and_joined_in_every_file(tiny_hf
     assert {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= set(step["predicted"])
     assert all(p["measured_dkld"] >= 0 for p in step["predicted"].values())
     assert rep.evaluation["kld"] < 1.0
+
+
+def test_moe_prunes_experts_by_router_mass_into_a_file_llama_cpp_runs(tmp_path, capsys, llama_cpp_available,
+                                                                     sentencepiece_available):
+    """Qwen3-MoE, 25% fewer parameters (`slimlm prune --ratio 0.25`: whole layers, then experts by the routing mass
+    they carry on calibration text): the GGUF has fewer experts (expert_count and the stacks), llama.cpp computes
+    the pruned torch model, and the kept experts are those the router weighted most."""
+    from slimlm.eval.runtime import LlamaCppRunner
+    from slimlm.gguf.reader import read_gguf
+    from slimlm.prune.command import PruneConfig, structured_prune
+    from slimlm.prune.structured import n_params
+    tok_dir, tok, _ = _spm_tokenizer_dir(tmp_path / "spm", True)   # a small vocabulary: the experts dominate
+    src = save_tiny_hf(tmp_path / "m", "Qwen3MoeForCausalLM", tok_dir, vocab_size=len(tok), bos_token_id=2,
+                       eos_token_id=1, num_hidden_layers=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(word_texts()[0])
+    out = tmp_path / "p.gguf"
+    argv = ["--ratio", "0.25", "--type", "F32", "--calib", str(calib), "--calib-chunks", "2", "--ctx", "32"]
+    assert main(["-q", "prune", str(src), "-o", str(out), *argv, "--no-eval"]) == 0
+    st = json.loads(out.with_suffix(".report.json").read_text())["steps"][0]
+    m = slimlm.load(src, progress=False)
+    assert st["removed_fraction"] >= 0.25 and "experts" in st["plan"]
+    g = read_gguf(out)
+    ne = g.get("qwen3moe.expert_count")
+    assert ne < 8 and g.get("qwen3moe.expert_used_count") == 2
+    assert tuple(int(d) for d in g.tensor("blk.0.ffn_down_exps.weight").shape) == (ne, 64, 32)
+    assert all(0.5 < f <= 1.0 for f in st["expert_mass_kept"])        # the heaviest experts carry most of the mass
+    from slimlm.calib import calibration_chunks
+    chunks, _ = calibration_chunks(m, str(calib), n_ctx=32, max_chunks=2)
+    cfg = PruneConfig(ratio=0.25, type="F32", calib_chunks=2, n_ctx=32)
+    p, st2 = structured_prune(m, chunks, cfg, lambda _msg: None, False)
+    assert st2["plan"] == st["plan"] and n_params(p.config) == p.n_params()
+    x = torch.randint(3, len(tok), (24,), generator=torch.Generator().manual_seed(4))
+    r = LlamaCppRunner(out, 64)
+    try:
+        got = r.logits(x)
+    finally:
+        r.close()
+    assert _kld(p.logits(x[None])[0], got) < 1e-5
+    # refused before any work: neurons or hidden channels of experts, more experts than it has, fewer than a token uses
+    capsys.readouterr()
+    for bad, message in ((["--ffn", "16"], "no dense MLP neurons"), (["--experts", "9"], "keep between the 2"),
+                         (["--experts", "1"], "keep between the 2")):
+        assert main(["-q", "prune", str(src), "-o", str(tmp_path / "x.gguf"), *bad, *argv[2:]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    # a size budget would leave the stacked experts (most of the weights) unpriced: refused
+    assert main(["-q", "compress", str(src), "-o", str(tmp_path / "x.gguf"), "--target-size", "1GiB",
+                 "--calib", str(calib), "--ctx", "32"]) == 2
+    assert "cannot price a mixture of experts" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"norm_topk_prob": False}, "norm_topk_prob must be true"),
+    ({"mlp_only_layers": [1]}, "layers without experts"),
+    ({"num_experts_per_tok": 9}, "exceeds num_experts"),
+])
+def test_moe_configs_llama_cpp_cannot_run_are_refused(tiny_hf, tmp_path, edit, message):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_hf("Qwen3MoeForCausalLM"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(slimlm.errors.InvalidModelError, match=message):
+        slimlm.load(d, progress=False)
 
 
 def test_llama3_rope_scaling_survives_a_gguf_round_trip(tiny_hf, tmp_path, llama_cpp_available):

@@ -30,11 +30,14 @@ from .modules import (
     attention_out,
     decoder_layers,
     embedding,
+    expert_hidden,
+    experts,
     family,
     final_norm,
     hidden_norms,
     hidden_readers,
     hidden_writers,
+    keep_experts,
     layer_kwargs,
     mlp_hidden,
     mlp_out,
@@ -44,11 +47,20 @@ from .modules import (
     set_part,
     unwrap,
 )
-from .spec import PER_LAYER, PER_LAYER_FIELDS, ArchSpec, Layout, gguf_arch, layer_dims
+from .spec import (
+    EXPERT_ROLES,
+    PER_LAYER,
+    PER_LAYER_FIELDS,
+    ArchSpec,
+    Layout,
+    gguf_arch,
+    layer_dims,
+    n_experts,
+)
 
-__all__ = ["ARCHS", "ArchSpec", "EXTRA_GGUF_ARCH_PREFIXES", "FULL", "GGUF_ARCHS", "GGUF_TOKENIZER_MODELS", "Layout",
+__all__ = ["ARCHS", "EXPERT_ROLES", "ArchSpec", "EXTRA_GGUF_ARCH_PREFIXES", "FULL", "GGUF_ARCHS", "GGUF_TOKENIZER_MODELS", "Layout",
            "PER_LAYER", "PER_LAYER_FIELDS", "ROPE_TYPES", "SLIDING", "SPM_TOKENIZER", "attention_kind",
-           "attention_out", "check_rope", "decoder_layers", "embedding", "family", "final_norm", "get_arch",
-           "gguf_arch", "gguf_config_overrides", "hidden_norms", "hidden_readers", "hidden_writers", "is_70b",
-           "layer_dims", "layer_kwargs", "llama3_rope_factors", "mlp_hidden", "mlp_out", "part", "prepare", "rope_freqs",
+           "attention_out", "check_rope", "decoder_layers", "embedding", "expert_hidden", "experts", "family", "final_norm", "get_arch",
+           "gguf_arch", "gguf_config_overrides", "hidden_norms", "hidden_readers", "hidden_writers", "is_70b", "keep_experts",
+           "layer_dims", "layer_kwargs", "n_experts", "llama3_rope_factors", "mlp_hidden", "mlp_out", "part", "prepare", "rope_freqs",
            "rope_parameters", "set_decoder_layers", "set_part", "sliding_layer_config", "spec_for_gguf", "unwrap"]

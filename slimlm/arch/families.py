@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..errors import InvalidModelError
-from .spec import GEMMA_LAYOUT, ArchSpec
+from .spec import GEMMA_LAYOUT, MOE_LAYOUT, ArchSpec, n_experts
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", "llama", "LlamaDecoderLayer", permute_qk=True,
@@ -51,9 +51,14 @@ ARCHS: dict[str, ArchSpec] = {
                                 attn_width_is_hidden=True,
                                 fused=(("self_attn.qkv_proj", ("q", "k", "v"), "attn_qkv"),
                                        ("mlp.gate_up_proj", ("gate", "up"), "ffn_up"))),
+    # Qwen3-MoE: Qwen3's attention (q/k norm) and in every layer a router over stacked experts (llama.cpp's
+    # qwen3moe: ffn_gate_inp, ffn_{gate,up,down}_exps; softmax, top-k, weights always renormalized)
+    "Qwen3MoeForCausalLM": ArchSpec("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", "Qwen3MoeDecoderLayer",
+                                    permute_qk=False, qk_norm=True, layout=MOE_LAYOUT, gguf_head_dim="key",
+                                    hf_head_dim="always", moe=True),
 }
 # GGUF general.architecture -> the HF class transformers builds for it
-GGUF_ARCHS = {"phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+GGUF_ARCHS = {"phi3": "Phi3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 # attention kinds of config "layer_types" (each with its own rope where the family has layer types)
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -81,6 +86,8 @@ def gguf_config_overrides(spec: ArchSpec, get, arch: str, cfg: dict, tensor=lamb
     freqs = tensor("rope_freqs.weight") if spec.gguf_rope_freqs else None
     if freqs is not None:
         out["rope_parameters"] = llama3_rope_from_factors(torch.as_tensor(freqs, dtype=torch.float32).flatten(), cfg)
+    if spec.moe:                           # transformers' loader reads no expert size (its default is 768)
+        out["moe_intermediate_size"] = int(get(f"{arch}.expert_feed_forward_length"))
     if spec.gguf_head_dim == "key":        # llama.cpp: key_length, else embedding / heads
         out["head_dim"] = int(get(f"{arch}.attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
     if spec.layer_types:
@@ -154,6 +161,8 @@ def get_arch(cfg: dict, source: str = "config.json") -> ArchSpec:
     if not cfg.get("head_dim") and cfg["hidden_size"] % nh:
         raise InvalidModelError(f"{source}: hidden_size={cfg['hidden_size']} is not divisible by "
                                 f"num_attention_heads={nh} and no head_dim is given")
+    if spec.moe:
+        _check_moe(cfg, source)
     for kind in (FULL, SLIDING) if spec.layer_types else (FULL,):
         rope = rope_parameters(cfg, kind)
         if rope.get("rope_type", "default") not in ROPE_TYPES:
@@ -164,6 +173,22 @@ def get_arch(cfg: dict, source: str = "config.json") -> ArchSpec:
             raise InvalidModelError(f"{source}: partial rotary embeddings (partial_rotary_factor "
                                     f"{str(partial)[:40]}) are not supported yet")
     return spec
+
+
+def _check_moe(cfg: dict, source: str) -> None:
+    """A mixture-of-experts config llama.cpp's graph computes: experts in every layer, top-k weights renormalized."""
+    ne, k, eff = n_experts(cfg), cfg.get("num_experts_per_tok"), cfg.get("moe_intermediate_size")
+    for name, v in (("num_experts", ne), ("num_experts_per_tok", k), ("moe_intermediate_size", eff)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InvalidModelError(f"{source}: {name} must be a positive integer, found {str(v)[:40]}")
+    if k > ne:
+        raise InvalidModelError(f"{source}: num_experts_per_tok={k} exceeds num_experts={ne}")
+    if cfg.get("norm_topk_prob") is not True:
+        raise InvalidModelError(f"{source}: norm_topk_prob must be true: llama.cpp's graph always renormalizes the "
+                                f"top-k routing weights")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise InvalidModelError(f"{source}: layers without experts (mlp_only_layers, decoder_sparse_step) are not "
+                                f"supported: llama.cpp's graph has experts in every layer")
 
 
 _ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InvalidModelError
 from .families import ARCHS, FULL
-from .spec import ArchSpec
+from .spec import EXPERT_ROLES, ArchSpec
 
 _BY_CLASS = {name: spec for spec in ARCHS.values() for name in (spec.hf_arch, spec.layer_class)}
 _CACHE: dict[type, ArchSpec] = {}
@@ -43,9 +43,13 @@ def family(obj: torch.nn.Module) -> ArchSpec:
 def prepare(module: torch.nn.Module) -> torch.nn.Module:
     """What every loaded model goes through before slimlm's passes: its fused linears split by role
     (ArchSpec.fused; split.py). In place; returns the module."""
-    if family(module).fused:
+    spec = family(module)
+    if spec.fused:
         from .split import split_fused
         split_fused(unwrap(module))
+    if spec.moe:
+        from .split import split_experts
+        split_experts(unwrap(module))
     return module
 
 
@@ -89,6 +93,30 @@ def part(layer: torch.nn.Module, role: str) -> torch.nn.Module | None:
 def set_part(layer: torch.nn.Module, role: str, new: torch.nn.Module) -> None:
     layer = unwrap(layer)
     _set(layer, family(layer).layout.path(role), new)
+
+
+def experts(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """A mixture-of-experts layer's experts module (split.SplitExperts: gate_proj/up_proj/down_proj stacks, act_fn,
+    observer), None in a dense layer."""
+    layer = unwrap(layer)
+    spec = family(layer)
+    return layer.get_submodule(spec.layout.path("gate_exps").rsplit(".", 1)[0]) if spec.moe else None
+
+
+def expert_hidden(layer: torch.nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
+    """The input of expert j's down projection for its input rows x: act(gate_j x) * up_j x."""
+    g, u = part(layer, "gate_exps").weight[j], part(layer, "up_exps").weight[j]
+    return experts(layer).act_fn(torch.nn.functional.linear(x, g)) * torch.nn.functional.linear(x, u)
+
+
+def keep_experts(layer: torch.nn.Module, keep: torch.Tensor) -> None:
+    """Keep experts `keep` (sorted indices) of a mixture-of-experts layer: their router rows and stacks."""
+    ex, router = experts(layer), part(layer, "router")
+    router.weight = torch.nn.Parameter(router.weight.data[keep].contiguous(), requires_grad=False)
+    router.num_experts = int(keep.numel())
+    for lin in (part(layer, r) for r in EXPERT_ROLES):
+        lin.weight = torch.nn.Parameter(lin.weight.data[keep].contiguous(), requires_grad=False)
+    ex.num_experts = int(keep.numel())
 
 
 def attention_kind(layer: torch.nn.Module) -> str:

@@ -15,7 +15,10 @@ from ..errors import InvalidModelError
 ROLE_GGUF = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
              "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "ffn_norm": "ffn_norm", "gate": "ffn_gate",
              "up": "ffn_up", "down": "ffn_down", "attn_post_norm": "post_attention_norm",
-             "ffn_post_norm": "post_ffw_norm"}
+             "ffn_post_norm": "post_ffw_norm", "router": "ffn_gate_inp", "gate_exps": "ffn_gate_exps",
+             "up_exps": "ffn_up_exps", "down_exps": "ffn_down_exps"}
+# a mixture-of-experts layer's stacked expert weights (experts x out x in) and its router (experts x hidden)
+EXPERT_ROLES = ("gate_exps", "up_exps", "down_exps")
 NORM_ROLES = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm")
 # transformers' config switches biases on per group (LlamaConfig: attention_bias for q,k,v,o; mlp_bias for
 # gate,up,down); llama.cpp's llama/deci graphs add optional biases to attn_output and ffn_gate/up/down
@@ -31,6 +34,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # model becomes llama.cpp's per-layer architecture (ArchSpec.per_layer_arch), whose arrays carry the same numbers.
 PER_LAYER = "slimlm_per_layer"
 PER_LAYER_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def n_experts(cfg: dict) -> int:
+    """A mixture-of-experts config's expert count (transformers saves Qwen3-MoE's as num_local_experts); 0 if dense."""
+    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
 
 
 def layer_dims(cfg: dict, i: int) -> tuple[int, int, int]:
@@ -51,10 +59,12 @@ def gguf_arch(spec: ArchSpec, cfg: dict) -> str:
     return spec.gguf_arch
 
 
-def _role_shape(role: str, kind: str, h: int, hd: int, nh: int, nkv: int, ff: int) -> tuple[int, ...]:
-    """Shape of a layer part's weight or bias (torch layout: out x in)."""
+def _role_shape(role: str, kind: str, h: int, hd: int, nh: int, nkv: int, ff: int, ne: int = 0,
+                eff: int = 0) -> tuple[int, ...]:
+    """Shape of a layer part's weight or bias (torch layout: out x in; experts x out x in)."""
     out_in = {"q": (nh * hd, h), "k": (nkv * hd, h), "v": (nkv * hd, h), "o": (h, nh * hd),
-              "gate": (ff, h), "up": (ff, h), "down": (h, ff)}
+              "gate": (ff, h), "up": (ff, h), "down": (h, ff), "router": (ne, h), "gate_exps": (ne, eff, h),
+              "up_exps": (ne, eff, h), "down_exps": (ne, h, eff)}
     if role in out_in:
         return out_in[role] if kind == "weight" else out_in[role][:1]
     return (hd,) if role in ("q_norm", "k_norm") else (h,)
@@ -74,7 +84,7 @@ class Layout:
     # linear's rows, so the exported graph is unchanged); the down projection reads act(gate) * up: 1/s into up
     shared_inputs: tuple[tuple[tuple[str, ...], str], ...] = ((("q", "k", "v"), "attn_norm"),
                                                               (("gate", "up"), "ffn_norm"))
-    down_input: tuple[str, str] = ("down", "up")
+    down_input: tuple[str, str] | None = ("down", "up")     # None: no dense MLP (mixture of experts)
 
     def path(self, role: str) -> str:
         return dict(self.parts)[role]
@@ -92,6 +102,14 @@ LLAMA_LAYOUT = Layout(layers="model.layers", embed="model.embed_tokens", norm="m
                       parts=_ATTN_MLP + (("ffn_norm", "post_attention_layernorm"),))
 # Gemma 2/3: "sandwich" norms -- the attention and the MLP outputs are normed before the residual add; the MLP's
 # input norm is pre_feedforward_layernorm, and post_attention_layernorm is the attention's output norm
+# Qwen3-MoE: the MLP is a router (mlp.gate) and stacked experts, split in memory into gate/up/down stacks
+# (split.py); AWQ folds only into the attention's input norm
+MOE_LAYOUT = Layout(layers="model.layers", embed="model.embed_tokens", norm="model.norm", head="lm_head",
+                    parts=tuple(p for p in _ATTN_MLP if p[0] not in ("gate", "up", "down")) +
+                    (("ffn_norm", "post_attention_layernorm"), ("router", "mlp.gate"),
+                     ("gate_exps", "mlp.experts.gate_proj"), ("up_exps", "mlp.experts.up_proj"),
+                     ("down_exps", "mlp.experts.down_proj")),
+                    shared_inputs=((("q", "k", "v"), "attn_norm"),), down_input=None)
 GEMMA_LAYOUT = Layout(layers="model.layers", embed="model.embed_tokens", norm="model.norm", head="lm_head",
                       parts=_ATTN_MLP + (("ffn_norm", "pre_feedforward_layernorm"),
                                          ("attn_post_norm", "post_attention_layernorm"),
@@ -159,6 +177,9 @@ class ArchSpec:
     # every pass sees q/k/v and gate/up (Phi-3: qkv_proj, gate_up_proj): (checkpoint path in a layer, roles, GGUF
     # name); modules.prepare splits them on load, to_checkpoint and the GGUF writer join them again
     fused: tuple[tuple[str, tuple[str, ...], str], ...] = ()
+    # mixture of experts in every layer (router + stacked experts, llama.cpp's *_exps tensors): the checkpoint holds
+    # one tensor per expert (experts.{j}.gate_proj ...), memory and the GGUF one stack per role
+    moe: bool = False
 
     def attn_scalar(self, cfg: dict) -> int:
         """The query_pre_attn_scalar llama.cpp's graph of this family implies for this config."""
@@ -209,7 +230,8 @@ class ArchSpec:
                 if k == "weight" or r not in NORM_ROLES}
 
     def layer_suffixes(self) -> list[str]:
-        roles = ["attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down"]
+        roles = ["attn_norm", "q", "k", "v", "o", "ffn_norm"]
+        roles += ["router", *EXPERT_ROLES] if self.moe else ["gate", "up", "down"]
         if self.post_norms:
             roles += ["attn_post_norm", "ffn_post_norm"]
         out = [self.role_suffix(r) for r in roles]
@@ -220,7 +242,8 @@ class ArchSpec:
         return out
 
     def checkpoint_layer_tensors(self) -> int:
-        """How many tensors each layer of a checkpoint holds at least (fused parts count once)."""
+        """How many tensors each layer of a checkpoint or GGUF holds at least (fused parts count once; a stack of
+        experts once, though a checkpoint holds one tensor per expert)."""
         return len(self.layer_suffixes()) - sum(len(roles) - 1 for _, roles, _ in self.fused)
 
     def bias_suffixes(self, cfg: dict) -> list[str]:
@@ -269,15 +292,19 @@ class ArchSpec:
         """The fused tensor (checkpoint path, roles, GGUF name) a role's linear is part of, None if it is its own."""
         return next((f for f in self.fused if role in f[1]), None)
 
-    def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """In-memory tensors (split, ArchSpec.fused) -> the checkpoint's: each fused group's parts joined by rows."""
-        if not self.fused:
+    def to_checkpoint(self, tensors: dict[str, torch.Tensor], *, unstack: bool = True) -> dict[str, torch.Tensor]:
+        """In-memory tensors (split, ArchSpec.fused) -> the checkpoint's: each fused group's parts joined by rows,
+        stacked experts one tensor per expert (unstack=False: kept stacked, as the GGUF holds them)."""
+        if not self.fused and not self.moe:
             return tensors
         out, roles = {}, self._suffix_roles()
         for name, t in tensors.items():
             rk = roles.get(self.suffix_of(name) or "")
             group = self.fused_group(rk[0]) if rk else None
-            if group is None:
+            if rk and rk[0] in EXPERT_ROLES and unstack:   # experts.{j}.<proj>.weight, as transformers saves them
+                i, (path, proj) = self.layer_of(name), self.layout.path(rk[0]).rsplit(".", 1)
+                out.update({f"{self.layer_prefix}{i}.{path}.{j}.{proj}.weight": t[j] for j in range(t.shape[0])})
+            elif group is None:
                 out[name] = t
             elif rk[0] == group[1][0]:
                 i = self.layer_of(name)
@@ -286,23 +313,25 @@ class ArchSpec:
         return out
 
     # ---- shapes ------------------------------------------------------------------------------------
-    def expected_shapes(self, cfg: dict, *, in_memory: bool = False) -> dict[str, tuple[int, ...]]:
+    def expected_shapes(self, cfg: dict, *, in_memory: bool = False, stacked: bool = False) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape implied by config.json (used to check a checkpoint before loading); in_memory:
-        with fused linears split (ArchSpec.fused), as a loaded model holds them."""
+        with fused linears split (ArchSpec.fused), as a loaded model holds them; stacked: experts kept stacked (the
+        names to map to GGUF)."""
         h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
         hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
         out = {self.embed_name: (V, h), self.layout.norm + ".weight": (h,)}
         if not cfg.get("tie_word_embeddings", False):
             out[self.output_name] = (V, h)
         roles = self._suffix_roles()
+        ne, eff = n_experts(cfg), int(cfg.get("moe_intermediate_size") or 0)
         for i in range(L):
             ff, nh, nkv = layer_dims(cfg, i)
             for s in self.layer_suffixes() + self.bias_suffixes(cfg):
-                out[f"{self.layer_prefix}{i}.{s}"] = _role_shape(*roles[s], h, hd, nh, nkv, ff)
+                out[f"{self.layer_prefix}{i}.{s}"] = _role_shape(*roles[s], h, hd, nh, nkv, ff, ne, eff)
         if in_memory:
             return out
         return {k: tuple(v.shape) for k, v in self.to_checkpoint({k: torch.empty(s, device="meta")
-                                                                   for k, s in out.items()}).items()}
+                                                                   for k, s in out.items()}, unstack=not stacked).items()}
 
     @staticmethod
     def is_ignored(hf_name: str) -> bool:

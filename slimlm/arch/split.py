@@ -70,3 +70,47 @@ def split_fused(module: torch.nn.Module) -> None:
             setattr(m, name, _linear(fused.weight.data[idx], None if fused.bias is None else fused.bias.data[idx]))
         delattr(m, fused_name)
         m.__class__ = cls
+
+
+class StackedLinear(torch.nn.Module):
+    """One linear per expert, stacked: weight (experts, out, in) -- llama.cpp's *_exps tensor."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+
+
+class SplitExperts(torch.nn.Module):
+    """transformers' stacked experts (gate_up_proj: experts x 2I x H, gate rows first; down_proj) as three stacks,
+    gate_proj, up_proj and down_proj; the same routing loop. `observer(j, x)`, when set, sees the input rows each
+    expert j receives (calibration statistics)."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        gate, up = experts.gate_up_proj.data.chunk(2, dim=1)
+        self.gate_proj, self.up_proj = StackedLinear(gate), StackedLinear(up)
+        self.down_proj = StackedLinear(experts.down_proj.data)
+        self.act_fn = experts.act_fn
+        self.num_experts = gate.shape[0]
+        self.observer = None
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        for j in torch.unique(top_k_index).tolist():
+            token, pos = torch.where(top_k_index == j)
+            x = hidden_states[token]
+            if self.observer is not None:
+                self.observer(j, x)
+            h = self.act_fn(torch.nn.functional.linear(x, self.gate_proj.weight[j])) * \
+                torch.nn.functional.linear(x, self.up_proj.weight[j])
+            y = torch.nn.functional.linear(h, self.down_proj.weight[j]) * top_k_weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def split_experts(module: torch.nn.Module) -> None:
+    """Each stacked-experts module of a loaded mixture-of-experts model as three stacks (in place)."""
+    for m in list(module.modules()):
+        for name, child in list(m.named_children()):
+            if hasattr(child, "gate_up_proj") and hasattr(child, "down_proj") and not isinstance(child, SplitExperts):
+                setattr(m, name, SplitExperts(child))

@@ -134,8 +134,13 @@ def check_model_gguf(g: GGUFFile) -> tuple[dict, ArchSpec]:
            "intermediate_size": hp["feed_forward_length"], "max_position_embeddings": hp["context_length"],
            "rms_norm_eps": eps, "rope_theta": theta or 10000.0,
            "tie_word_embeddings": "output.weight" not in by_name, "head_dim": _head_dim(g, arch, emb, nh, hp)}
+    if uint32(g, f"{arch}.expert_count", required=False):     # llama.cpp always normalizes the top-k weights
+        cfg.update(num_experts=uint32(g, f"{arch}.expert_count", required=True),
+                   num_experts_per_tok=uint32(g, f"{arch}.expert_used_count", required=True),
+                   moe_intermediate_size=uint32(g, f"{arch}.expert_feed_forward_length", required=True),
+                   norm_topk_prob=True)
     spec = get_arch(cfg, str(g.path))
-    expected = {spec.hf_to_gguf(k): s for k, s in spec.expected_shapes(cfg).items()}
+    expected = {spec.hf_to_gguf(k): s for k, s in spec.expected_shapes(cfg, stacked=True).items()}
     for name, shape in expected.items():
         t = by_name.get(name)
         if t is None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import PER_LAYER, SLIDING, gguf_arch, layer_dims, rope_freqs, rope_parameters
+from ..arch import PER_LAYER, SLIDING, gguf_arch, layer_dims, n_experts, rope_freqs, rope_parameters
 from ..errors import ConfigError, NumericsError, OutputError
 from ..formats import BY_GGML_TYPE, QuantFormat
 from ..io import atomic_output, check_output_path, ensure_free_space
@@ -152,6 +152,10 @@ def encode(x: np.ndarray, fmt: QuantFormat, name: str, imatrix: np.ndarray | Non
             raise NumericsError(f"tensor {name} has |value| {amax:.4g} beyond F16's range ({_F16_MAX}); "
                                 f"use BF16 or F32")
         return x.astype(np.float16)
+    if x.ndim == 3 and fmt.ggml_type in ENCODERS:     # stacked experts: each expert's rows, its own importance
+        per = imatrix.reshape(x.shape[0], -1) if imatrix is not None and imatrix.size == x.shape[0] * x.shape[2] \
+            else [imatrix] * x.shape[0]
+        return np.stack([encode(e, fmt, name, imp) for e, imp in zip(x, per, strict=True)])
     if fmt.ggml_type in ENCODERS:
         return ENCODERS[fmt.ggml_type](np.ascontiguousarray(x, dtype=np.float32), imatrix)
     return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), fmt.ggml_type)
@@ -174,6 +178,10 @@ def _add_hparams(w: gguf.GGUFWriter, model) -> None:
         w.add_feed_forward_length(cfg["intermediate_size"])
         w.add_head_count(nh)
         w.add_head_count_kv(cfg.get("num_key_value_heads") or nh)
+    if spec.moe:
+        w.add_expert_count(n_experts(cfg))
+        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+        w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     rp = rope_parameters(cfg)
     w.add_rope_freq_base(float(rp["rope_theta"]))

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arch import layer_dims
+from ..arch import layer_dims, n_experts
 from ..errors import ConfigError
 from .checks import check_gguf_plan, check_hf_plan, check_hidden, per_layer_ok, written_arch
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
@@ -32,6 +32,7 @@ class PruneConfig:
     hidden: int | None = None          # explicit widths (override what --ratio would choose)
     ffn: int | None = None
     heads: str | None = None           # "KVxQ": KV heads kept x query heads per KV head
+    experts: int | None = None         # mixture of experts: experts kept per layer (by routing mass)
     drop_layers: tuple[int, ...] = ()
     layer_share: float = LAYER_SHARE   # mlp+layers: share of --ratio removed as whole layers
     format_aware: bool = False         # round every width to the output type's block size
@@ -139,6 +140,17 @@ class PruneConfig:
             raise ConfigError(f"--allocate {self.allocate} gives per-layer MLP widths, which llama.cpp has no "
                               f"architecture for in this family; {cfg['architectures'][0]} takes --allocate "
                               f"uniform")
+        moe = n_experts(cfg) > 0
+        if moe and self.steps > 1:
+            raise ConfigError("--steps: iterative pruning of a mixture of experts is not supported yet; prune in "
+                              "one step (--steps 1) and heal")
+        if moe and self.method in STRUCTURED and (self.ffn is not None or self.hidden is not None):
+            raise ConfigError("--ffn/--hidden: a mixture of experts has no dense MLP neurons to prune, and its hidden "
+                              "size is in every expert; prune experts (--experts N), heads or layers")
+        if self.experts is not None and (not moe or not cfg["num_experts_per_tok"] <= self.experts <= n_experts(cfg)):
+            raise ConfigError(f"--experts {self.experts}: " + (
+                f"keep between the {cfg['num_experts_per_tok']} experts each token uses and the model's "
+                f"{n_experts(cfg)}" if moe else "the model has no experts"))
         bad = [i for i in self.drop_layers if i >= d["n_layer"]]
         if bad:
             raise ConfigError(f"--drop-layers {','.join(map(str, bad))}: the model has layers 0..{d['n_layer'] - 1}")
@@ -175,7 +187,7 @@ class PruneConfig:
 
     @property
     def explicit(self) -> bool:
-        return any(v is not None for v in (self.hidden, self.ffn, self.heads)) or bool(self.drop_layers)
+        return any(v is not None for v in (self.hidden, self.ffn, self.heads, self.experts)) or bool(self.drop_layers)
 
     def parsed_heads(self) -> tuple[int, int]:
         try:
@@ -232,7 +244,8 @@ def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan
             raise ConfigError(f"the hidden size {d['hidden']} is not a multiple of {mult}: give --hidden "
                               f"{d['hidden'] // mult * mult} (or less) for format-aware pruning")
     base = Plan(hidden=config.hidden, ffn=config.ffn, drop_layers=sorted(config.drop_layers),
-                n_kv=heads[0] if heads else None, q_per_kv=heads[1] if heads else None)
+                n_kv=heads[0] if heads else None, q_per_kv=heads[1] if heads else None, experts=config.experts)
+    moe = n_experts(cfg) > 0
     if config.ratio is None:
         return base
     from .structured import planned_config
@@ -241,7 +254,7 @@ def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan
     from .structured import n_params
     left = 1.0 - (1.0 - config.ratio) * n_params(cfg) / n_params(pre)     # what the method still has to remove
     if left <= 0:
-        if config.ffn is None and config.method == "mlp" and d["ffn"] % mult:
+        if config.ffn is None and config.method == "mlp" and d["ffn"] % mult and not moe:
             base.ffn = d["ffn"] // mult * mult
         return base
     p = plan_for_ratio(pre, left, method=config.method, round_to=mult,
@@ -252,6 +265,8 @@ def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan
         base.drop_layers = sorted(base.drop_layers + [kept[i] for i in p.drop_layers])
     if config.ffn is None and p.ffn is not None:
         base.ffn = p.ffn
+    if config.experts is None and p.experts is not None:
+        base.experts = p.experts
     if p.q_per_kv is not None and base.q_per_kv is None:
         base.q_per_kv = p.q_per_kv
     return base

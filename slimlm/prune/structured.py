@@ -42,11 +42,14 @@ from ..arch import (
     PER_LAYER,
     decoder_layers,
     embedding,
+    experts,
     final_norm,
     hidden_norms,
     hidden_readers,
     hidden_writers,
+    keep_experts,
     layer_dims,
+    n_experts,
     part,
     set_decoder_layers,
     set_part,
@@ -65,6 +68,7 @@ class Plan:
     hidden: int | None = None              # residual-stream width
     drop_layers: list[int] = field(default_factory=list)
     ffn_per_layer: list[int] | None = None # per remaining layer (llama.cpp's `deci` arch); overrides ffn
+    experts: int | None = None             # experts kept per layer (mixture of experts), by router statistics
 
     def describe(self) -> str:
         parts = []
@@ -80,6 +84,8 @@ class Plan:
                          f"{'all' if self.q_per_kv is None else self.q_per_kv} q")
         if self.hidden is not None:
             parts.append(f"hidden {self.hidden}")
+        if self.experts is not None:
+            parts.append(f"experts {self.experts}")
         return ", ".join(parts) or "nothing"
 
 
@@ -106,6 +112,8 @@ def planned_config(cfg: dict, plan: Plan) -> dict:
     if ffn_per_layer is None and plan.ffn is None and cfg.get(PER_LAYER):   # per-layer widths stay with their layers
         ffn_per_layer = [layer_dims(cfg, i)[0] for i in range(d["n_layer"]) if i not in set(plan.drop_layers)]
     out.pop(PER_LAYER, None)
+    if plan.experts is not None:
+        out["num_local_experts" if "num_local_experts" in cfg else "num_experts"] = plan.experts
     if isinstance(cfg.get("layer_types"), list):          # per-layer attention kinds: those of the kept layers
         out["layer_types"] = [t for i, t in enumerate(cfg["layer_types"]) if i not in set(plan.drop_layers)]
     if ffn_per_layer is not None:
@@ -150,6 +158,8 @@ def plan_for_ratio(cfg: dict, ratio: float, *, method: str = "mlp", round_to: in
                 return p
         raise ConfigError(f"removing layers cannot reach {ratio:.0%} fewer parameters while keeping one")
     plan = Plan()
+    if ARCHS[cfg["architectures"][0]].moe and method in ("mlp", "width"):   # no dense MLP: whole experts go
+        return _experts_for_ratio(cfg, goal, ratio)
     if method == "width":
         q_per = d["n_head"] // d["n_kv"]
         frac = ratio * total / (total - d["vocab"] * d["hidden"] * (1 if d["tied"] else 2))
@@ -166,6 +176,38 @@ def plan_for_ratio(cfg: dict, ratio: float, *, method: str = "mlp", round_to: in
                           f"use a smaller --ratio or add layer pruning")
     plan.ffn = min(ffn, d["ffn"] // round_to * round_to)
     return plan
+
+
+def _experts_for_ratio(cfg: dict, goal: float, ratio: float) -> Plan:
+    """The most experts per layer that leave at most `goal` parameters (at least the experts each token uses)."""
+    ne, k = n_experts(cfg), int(cfg["num_experts_per_tok"])
+    for keep in range(ne - 1, k - 1, -1):
+        if n_params(planned_config(cfg, Plan(experts=keep))) <= goal:
+            return Plan(experts=keep)
+    raise ConfigError(f"removing experts cannot reach {ratio:.0%} fewer parameters while keeping the {k} each token "
+                      f"uses; use a smaller --ratio or add layer pruning")
+
+
+@torch.no_grad()
+def router_mass(module, chunks: torch.Tensor, *, progress: bool = True) -> list[torch.Tensor]:
+    """Per mixture-of-experts layer, each expert's routing mass on calibration text: the sum over tokens of the
+    (renormalized top-k) weight the router gives it -- how much of the layer's output each expert carries."""
+    layers = decoder_layers(module)
+    mass = [torch.zeros(experts(l).num_experts, dtype=torch.float64) for l in layers]
+
+    def hook(i):
+        def f(_mod, _inp, out):
+            _, scores, idx = out
+            mass[i].index_add_(0, idx.reshape(-1), scores.reshape(-1).double())
+        return f
+    hs = [part(l, "router").register_forward_hook(hook(i)) for i, l in enumerate(layers)]
+    try:
+        for c in tqdm(chunks, desc="router statistics", unit="chunk", disable=not progress, leave=False):
+            module(input_ids=c[None], use_cache=False)
+    finally:
+        for h in hs:
+            h.remove()
+    return mass
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -412,6 +454,8 @@ def _set_config(module, cfg: dict) -> None:
         delattr(module.config, PER_LAYER)
     if cfg.get("layer_types") is not None:
         module.config.layer_types = list(cfg["layer_types"])
+    if n_experts(cfg):
+        module.config.num_experts = n_experts(cfg)
 
 
 def shape_layers(module, cfg: dict) -> None:
@@ -469,6 +513,15 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
         raise ConfigError(f"ffn {plan.ffn} must be between 1 and {d['ffn']}")
     if plan.hidden is not None and not 1 <= plan.hidden <= d["hidden"]:
         raise ConfigError(f"hidden {plan.hidden} must be between 1 and {d['hidden']}")
+    if model.spec.moe and (plan.ffn not in (None, d["ffn"]) or plan.ffn_per_layer is not None or
+                           plan.hidden not in (None, d["hidden"])):
+        raise ConfigError("a mixture of experts has no dense MLP neurons to prune, and its hidden size is in every "
+                          "expert: prune experts (--experts N), attention heads or layers")
+    if plan.experts is not None and not (model.spec.moe and
+                                         int(model.config["num_experts_per_tok"]) <= plan.experts <= n_experts(model.config)):
+        raise ConfigError(f"--experts {plan.experts}: " + (
+            f"keep between the {model.config['num_experts_per_tok']} experts each token uses and the model's "
+            f"{n_experts(model.config)}" if model.spec.moe else "the model has no experts"))
     if plan.hidden not in (None, d["hidden"]) and model.spec.embed_scale:
         from .checks import check_hidden
         check_hidden(model.config)
@@ -486,13 +539,22 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
         raise ConfigError(f"per-layer ffn widths must be between 1 and each layer's width today ({now})")
     width = plan.ffn not in (None, d["ffn"]) or n_kv != d["n_kv"] or q_per != q_per0 or \
         (plan.ffn_per_layer is not None and plan.ffn_per_layer != now)
-    if chunks is None and (plan.hidden not in (None, d["hidden"]) or (width and importance != "magnitude")):
+    drop_experts = plan.experts is not None and plan.experts < n_experts(model.config)
+    if chunks is None and (plan.hidden not in (None, d["hidden"]) or (width and importance != "magnitude")
+                           or drop_experts):
         raise ConfigError("this plan needs calibration text (chunks)")
     out = copy.copy(model)
     out.module = module = copy.deepcopy(model.module)
     out.config = new_cfg
     out.history = list(model.history)
     stats: dict = {"plan": plan.describe(), "params_before": model.n_params(), "importance": importance}
+    if drop_experts:                 # router statistics of the original model, before anything else changes
+        mass = router_mass(module, chunks, progress=progress)
+        kept = [i for i in range(d["n_layer"]) if i not in set(plan.drop_layers)]
+        for layer, i in zip(decoder_layers(module), range(d["n_layer"]), strict=True):
+            keep_experts(layer, torch.sort(torch.argsort(mass[i], descending=True)[:plan.experts]).values)
+        stats["expert_mass_kept"] = [round(float(mass[i].sort(descending=True).values[:plan.experts].sum()
+                                                 / mass[i].sum().clamp(min=1e-12)), 4) for i in kept]
     if plan.drop_layers:
         drop_layers(module, plan.drop_layers)
     if plan.hidden not in (None, d["hidden"]):
@@ -565,7 +627,7 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     for li, (layer, ffn) in enumerate(zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
                                                disable=not progress, leave=False), ffns, strict=True)):
         res: dict = {}
-        do_mlp = ffn != part(layer, "down").weight.shape[1]
+        do_mlp = part(layer, "down") is not None and ffn != part(layer, "down").weight.shape[1]
 
         def attn(mod, inputs, res=res, li=li):
             W = mod.weight.data
