@@ -49,13 +49,29 @@ def probe_writable(folder: Path, out: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable")
     probe = folder / temp_name(out).name
+    with _signals_deferred():      # a Ctrl-C or SIGTERM between create and unlink would leave the probe behind
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise OutputError(f"output folder {folder} is not writable: {_why(e)} (creating {probe.name})") from None
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held back (delivered on exit) where the platform can block signals."""
+    import signal
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise OutputError(f"output folder {folder} is not writable: {_why(e)} (creating {probe.name})") from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:

@@ -18,6 +18,13 @@ else:
     torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the long real-model tests (marked slow; the demo alone takes minutes) start first and the
+    short ones fill the gaps, instead of one long test running alone at the end."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _missing(module: str, why: str) -> None:
     """Skip a test whose optional dependency is missing, except under `make test` (SLIMLM_REQUIRE_DEPS=1),
     which installs every dependency: there a missing one fails the run instead of hiding tests."""
