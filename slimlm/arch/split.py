@@ -43,7 +43,8 @@ _SPLIT = {phi3.Phi3Attention: (Phi3SplitAttention, "qkv_proj", ("q_proj", "k_pro
 
 
 def _linear(W: torch.Tensor, b: torch.Tensor | None) -> torch.nn.Linear:
-    out = torch.nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=W.dtype, device=W.device)
+    """A linear holding copies of W and b (built on the meta device: no random init of a weight replaced at once)."""
+    out = torch.nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=W.dtype, device="meta")
     out.weight = torch.nn.Parameter(W.clone(), requires_grad=False)
     if b is not None:
         out.bias = torch.nn.Parameter(b.clone(), requires_grad=False)
