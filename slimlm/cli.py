@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "quantization of the same model (F32 GGUF -> llama_model_quantize, with the importance matrix "
                    "of the same calibration text when slimlm uses one) at TYPE (default: --type), write it as "
                    "OUT.llama-cpp.gguf, evaluate both on the same tokens and print slimlm / llama.cpp ratios")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto", help="read an HF folder's weights "
+                   "one decoder layer at a time (calibration, importance matrix, GPTQ/AWQ and the writer hold about "
+                   "one layer, not the model): on, off, or auto (default: when the float32 model and its working "
+                   "copies would not fit the memory available). A streamed run cannot --prune, --heal, use a size "
+                   "budget, --compare or evaluate (give --no-eval): those need the whole model; they are refused "
+                   "before any weight is read")
     _add_eval_args(p)
     _add_heal_args(p, command=False)
 
@@ -379,7 +385,7 @@ def cmd_compress(a) -> int:
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, format_aware=a.format_aware, compare=a.compare,
-                         heal=_heal_config(a))
+                         heal=_heal_config(a), stream=a.stream)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
     if rep is None:                     # a non-writing rank of a distributed launch

@@ -9,7 +9,6 @@ Every argument is validated before weights are loaded, and the output path befor
 """
 from __future__ import annotations
 
-import copy
 import shutil
 import sys
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ class CompressConfig:
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
     heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal)
+    stream: str = "auto"              # auto | on | off: an HF folder's weights read one layer at a time (lazy.py)
 
     def __post_init__(self):
         from .calib import check_text_file
@@ -108,10 +108,28 @@ class CompressConfig:
                               "on a model pruned before)")
         if self.compare is not None:
             self.compare_type()
+        from .lazy import STREAM_MODES
+        if self.stream not in STREAM_MODES:
+            raise ConfigError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {self.stream!r}")
+        if self.stream == "on":
+            self.check_streamable()
         for flag, v in (("--gptq-chunks", self.gptq_chunks), ("--sensitivity-chunks", self.sensitivity_chunks),
                         ("--calib-chunks", self.calib_chunks)):
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
+
+    def check_streamable(self, why: str = "with --stream on") -> None:
+        """The steps that hold the whole model (or its whole original, to evaluate against) are refused when the
+        model is streamed: `why` says why it is."""
+        steps = [(self.prune is not None, "--prune"), (self.heal is not None, "--heal"),
+                 (self.budgeted, "--target-size/--bpw"), (self.compare is not None, "--compare"),
+                 (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
+        bad = [name for on, name in steps if on]
+        if bad:
+            raise ConfigError(f"{why}, slimlm reads the model one layer at a time, and {', '.join(bad)} "
+                              f"need{'s' if len(bad) == 1 else ''} the whole model in memory: give --no-eval and "
+                              f"no {', '.join(b for b in bad if b.startswith('--')) or 'such step'}, or --stream off "
+                              f"on a machine with the memory")
 
     def prune_config(self):
         from .prune.command import PruneConfig
@@ -188,8 +206,9 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         steps.append({"step": "imatrix", "source": config.imatrix, "tensors": len(imatrix.sums)})
     if config.budgeted and config.prune is None:
         check_reachable(info.shapes, target=_target(config), bpw=config.bpw, what=str(info.path))
-    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
-    m = load(model, progress=progress)
+    stream = _decide_stream(config, model, info)
+    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}{' (streamed: one layer at a time)' if stream else ''} ...")
+    m = load(model, progress=progress, stream=stream)
     if imatrix is not None:
         _check_imatrix_fits(m, imatrix, config.imatrix)
     if config.evaluate:
@@ -263,9 +282,38 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                                     f"--method {config.method}",
                  source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
                  steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
-                 source_bytes=source_bytes(m.source), baseline=baseline, healing=rec_heal, unhealed=unhealed)
+                 source_bytes=source_bytes(m.source), baseline=baseline, healing=rec_heal, unhealed=unhealed,
+                 memory={"streamed": stream, "fp32_bytes": 4 * info.n_params, "peak_rss_bytes": peak_rss()})
     rep.write(out)
     return rep
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _decide_stream(config: CompressConfig, model, info) -> bool:
+    """--stream auto|on|off against the source: `on` needs an HF folder; `auto` streams an HF folder whose float32
+    weights and working copies would not fit the memory available, and then refuses (with the memory it would
+    need) the steps that cannot stream, before any weight is read."""
+    from pathlib import Path
+
+    from .lazy import available_memory, should_stream
+    hf_dir = model is not None and Path(model).is_dir()
+    if config.stream == "on" and not hf_dir:
+        raise ConfigError(f"--stream on reads an HF folder's safetensors one layer at a time; {info.path} is a "
+                          f"GGUF file, loaded whole (give --stream off)")
+    if not hf_dir:
+        return False
+    need = 4 * info.n_params
+    stream = should_stream(config.stream, need)
+    if stream and config.stream == "auto":
+        avail = available_memory()
+        config.check_streamable(f"the model takes {need / 2**30:.2f} GiB in float32 (about twice that to work on "
+                                f"whole) and {(avail or 0) / 2**30:.2f} GiB are available, so")
+    return stream
 
 
 def _put_in_place(src: Path, dst: Path, overwrite: bool) -> Path:
@@ -287,8 +335,10 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
         steps.append({"step": "imatrix", "source": prov, "tensors": len(imatrix.sums)})
+    from .io import clean_stale_temps, temp_name
+    from .lazy import streamed
     unscaled = imatrix                                    # AWQ rescales `imatrix` below
-    encoded, label, overrides = None, config.type, None
+    encoded, label, overrides, spill = None, config.type, None, None
     if config.budgeted:
         say("measuring each tensor's sensitivity to each block type ...")
         label, overrides, st = budget_types(m, chunks[:config.sensitivity_chunks], config, imatrix, progress)
@@ -300,10 +350,19 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         gptq, awq = "gptq" in config.method, "awq" in config.method
         say(f"{config.method.upper()} onto {label}'s block grids, layer by layer ...")
         _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
-        encoded, module, st = quantize_model(m, chunks[:config.gptq_chunks], {**types, **(overrides or {})},
-                                             gptq=gptq, awq=awq, act_order=config.act_order, progress=progress)
-        written = copy.copy(m)
-        written.module = module
+        if streamed(m):                       # GPTQ's codes wait on disk beside the output, not in memory
+            clean_stale_temps(out)
+            spill = temp_name(out)
+            spill.mkdir()
+        try:
+            encoded, changed, st = quantize_model(m, chunks[:config.gptq_chunks], {**types, **(overrides or {})},
+                                                  gptq=gptq, awq=awq, act_order=config.act_order,
+                                                  progress=progress, spill=spill)
+        except BaseException:
+            if spill is not None:
+                shutil.rmtree(spill, ignore_errors=True)
+            raise
+        written = m.with_changes(changed)
         scales = st.pop("awq_scales")
         if imatrix is not None and scales:
             imatrix = imatrix.scaled(scales)                  # importance of the scaled inputs: / s^2
@@ -311,9 +370,13 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         for n, why in st["rtn_fallbacks"].items():
             say(f"warning: {n}: GPTQ fell back to llama.cpp's rounding ({why})")
     say(f"writing {out} ({label}{', mixed' if overrides else ''}) ...")
-    rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
-                      pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,
-                      types=overrides)
+    try:
+        rec = export_gguf(written, out, label, overwrite=overwrite, progress=progress,
+                          pre_tokenizer=config.pre_tokenizer, imatrix=imatrix, pure=config.pure, encoded=encoded,
+                          types=overrides)
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     if measure and overrides:
         say("measuring each tensor's effect alone (one calibration chunk) ...")
         _measure(m, out, chunks[0], steps, progress)

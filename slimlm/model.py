@@ -47,6 +47,10 @@ class Model:
     source: Path | None = None       # the file or folder it was loaded from
     gguf: GGUFFile | None = None     # the parsed source GGUF (its tokenizer metadata is carried over)
     history: list[dict] = field(default_factory=list)
+    # streamed (lazy.py): the matrices stay on disk (meta tensors in `module`), read one layer at a time
+    weights: object | None = None
+    # HF name -> tensor: weights a pass changed (GPTQ/AWQ) without changing `module` (see `with_changes`)
+    changes: dict = field(default_factory=dict)
 
     @property
     def add_bos(self) -> bool:
@@ -67,8 +71,18 @@ class Model:
         return sum(p.numel() for p in self.module.parameters())
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """HF name -> tensor, tied weights once."""
-        return dict(self.module.state_dict())
+        """HF name -> tensor, tied weights once (meta tensors for a streamed model's matrices: lazy.read_weight
+        reads one), with `changes` in place of the module's own."""
+        out = dict(self.module.state_dict())
+        out.update({k: v for k, v in self.changes.items() if k in out})
+        return out
+
+    def with_changes(self, changes: dict[str, torch.Tensor]) -> Model:
+        """The same model with some weights replaced (HF name -> tensor), sharing everything else."""
+        import copy
+        m = copy.copy(self)
+        m.changes = {**self.changes, **changes}
+        return m
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,11 +102,15 @@ def default_model_path() -> Path:
     return p
 
 
-def load(path: str | os.PathLike | None = None, *, progress: bool = True) -> Model:
-    """Load a model: an HF folder, a .gguf file, or (no argument) the embedded SmolLM2-135M-Instruct."""
+def load(path: str | os.PathLike | None = None, *, progress: bool = True, stream: bool = False) -> Model:
+    """Load a model: an HF folder, a .gguf file, or (no argument) the embedded SmolLM2-135M-Instruct. `stream`
+    (HF folders): keep the matrices on disk and read them one layer at a time (lazy.py)."""
     p = default_model_path() if path is None else Path(path)
     if p.is_dir():
-        return _load_hf(p, progress=progress)
+        return _load_hf_streamed(p) if stream else _load_hf(p, progress=progress)
+    if stream:
+        raise InvalidModelError(f"{p}: streaming reads an HF folder's safetensors; a GGUF source is loaded whole "
+                                f"(convert it to an HF folder, or give --stream off)")
     if p.is_file():
         return _load_gguf(p, progress=progress)
     raise InvalidModelError(f"{p}: no such file or folder (give an HF model folder or a .gguf file)")
@@ -146,6 +164,28 @@ def _load_hf(d: Path, *, progress: bool) -> Model:
     _frozen(prepare(module))
     check_finite(module)
     return Model(module, tok, spec, module.config.to_dict(), source=d)
+
+
+def _load_hf_streamed(d: Path) -> Model:
+    """An HF folder with its matrices left on disk (lazy.py): the module is built on the meta device, every
+    weight's name and shape checked against the checkpoint, the vectors (norms, biases) read."""
+    from . import lazy
+    cfg, spec, files = check_hf_dir(d)
+    if spec.fused or spec.moe or cfg.get(PER_LAYER):
+        what = "fused" if spec.fused else "mixture-of-experts" if spec.moe else "per-layer width"
+        raise InvalidModelError(f"{d}: a {what} model cannot be streamed yet; give --stream off (it is loaded whole)")
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoTokenizer
+    with _library_errors(d):
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(d, trust_remote_code=False)
+        module = lazy.empty_module(config, d)
+    lazy.return_freed_memory()
+    weights = lazy.SafetensorsWeights(files)
+    tied = spec.output_name if cfg.get("tie_word_embeddings", False) else None
+    lazy.load_vectors(module, weights, d, tied)
+    _frozen(prepare(module))
+    return Model(module, tok, spec, module.config.to_dict(), source=d, weights=weights)
 
 
 def _no_missing_weights(d: Path, cfg: dict, info: dict) -> None:

@@ -43,6 +43,7 @@ class Report:
     baseline: dict | None = None       # compress --compare: llama.cpp's own file and its evaluation (baseline.py)
     healing: dict | None = None        # train.heal.heal_model's record (+ budget, student, teacher, loss_plot)
     unhealed: dict | None = None       # compress --heal: the unhealed pruned model's file and its evaluation
+    memory: dict | None = None         # compress: streamed or not, the float32 model's bytes, the peak resident set
     versions: dict = field(default_factory=versions)
 
     # ---- headline ------------------------------------------------------------------------------------
@@ -69,6 +70,8 @@ class Report:
             lines.append(f"  llama.cpp     {h['prompt_tps']:.1f} prompt tok/s, {h['gen_tps']:.1f} generation tok/s")
         for f in self.export.get("fallbacks", []):
             lines.append(f"  fallback      {f}")
+        if self.memory:
+            lines.append(f"  memory        {memory_line(self.memory)}")
         if self.healing:
             lines += healing_lines(self.healing)
         if self.unhealed and self.unhealed.get("evaluation") and self.evaluation:
@@ -90,6 +93,8 @@ class Report:
                f"| size on disk | {_mib(self.source_bytes)} | {_mib(h['file_bytes'])} |",
                f"| bits/weight | {e['ref']['bits_per_weight']:.3f} | {h['bits_per_weight']:.3f} |" if e else
                f"| bits/weight | | {h['bits_per_weight']:.3f} |"]
+        if self.memory:
+            md += [f"| memory (peak resident) | | {memory_line(self.memory)} |"]
         if e:
             md += [f"| perplexity | {e['ref_ppl']:.4f} | {e['ppl']:.4f} |",
                    f"| KL divergence (mean / max) | | {e['kld']:.6f} / {e['kld_max']:.4f} |",
@@ -173,6 +178,13 @@ def _measured(rec: dict) -> list[dict]:
 def _e2e(rec: dict) -> dict | None:
     return next((s["detail"] for s in rec["stages"] if s["stage"] == "end-to-end distillation" and s.get("detail")),
                 None)
+
+
+def memory_line(mem: dict) -> str:
+    """The peak resident memory of a run, and whether the model was streamed."""
+    how = "streamed, one layer at a time" if mem.get("streamed") else "whole model in memory"
+    return (f"peak {mem['peak_rss_bytes'] / 2**30:.2f} GiB resident ({how}; the model takes "
+            f"{mem['fp32_bytes'] / 2**30:.2f} GiB in float32)")
 
 
 def healing_lines(rec: dict) -> list[str]:

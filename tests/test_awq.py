@@ -35,10 +35,11 @@ def tiny(tiny_hf):
 def test_folded_scales_keep_the_float_function(tiny):
     from slimlm.calib import calibration_chunks
     from slimlm.gguf.writer import plan_model
-    from slimlm.sequential import quantize_model
+    from slimlm.sequential import changed_module, quantize_model
     chunks, _ = calibration_chunks(tiny, None, n_ctx=64, max_chunks=4)
     _, _, types = plan_model(tiny, "Q4_0")
-    enc, mod, st = quantize_model(tiny, chunks, types, gptq=False, awq=True, progress=False)
+    enc, changed, st = quantize_model(tiny, chunks, types, gptq=False, awq=True, progress=False)
+    mod = changed_module(tiny, changed)
     assert enc == {} and len(st["awq_groups"]) == 3 * 2                  # qkv, gate/up, down per layer
     assert any(g["alpha"] > 0 for g in st["awq_groups"])
     assert all(g["err"] <= g["err_plain"] for g in st["awq_groups"])
@@ -59,12 +60,12 @@ def test_awq_gptq_file_decodes_to_the_torch_weights_and_runs_in_llama_cpp(tiny, 
     from slimlm.eval.runtime import LlamaCppRunner
     from slimlm.gguf.reader import read_gguf
     from slimlm.gguf.writer import plan_model
-    from slimlm.sequential import quantize_model
+    from slimlm.sequential import changed_module, quantize_model
     chunks, _ = calibration_chunks(tiny, None, n_ctx=64, max_chunks=4)
     _, _, types = plan_model(tiny, "Q4_K_M")
-    enc, mod, st = quantize_model(tiny, chunks, types, gptq=True, awq=True, progress=False)
-    m2 = __import__("copy").copy(tiny)
-    m2.module = mod
+    enc, changed, st = quantize_model(tiny, chunks, types, gptq=True, awq=True, progress=False)
+    mod = changed_module(tiny, changed)
+    m2 = tiny.with_changes(changed)
     out = tmp_path / "a.gguf"
     export_gguf(m2, out, "Q4_K_M", progress=False, encoded=enc)
     g = read_gguf(out)

@@ -208,11 +208,12 @@ def test_each_family_awq_folds_its_scales_exactly(tiny_hf, name):
     """AWQ scales folded into each family's producers (its input norms, with the family's norm offset: Gemma's
     (1 + w); the up projection's rows) leave the float model's function unchanged."""
     from slimlm.gguf.writer import plan_model
-    from slimlm.sequential import quantize_model
+    from slimlm.sequential import changed_module, quantize_model
     m = slimlm.load(tiny_hf(name), progress=False)
     chunks = torch.randint(3, m.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(8))
     _, _, types = plan_model(m, "Q4_0", pure=True)
-    _, module, st = quantize_model(m, chunks, types, gptq=False, awq=True, progress=False)
+    _, changed, st = quantize_model(m, chunks, types, gptq=False, awq=True, progress=False)
+    module = changed_module(m, changed)
     per_layer = len(m.spec.layout.shared_inputs) + (m.spec.layout.down_input is not None)   # q/k/v, gate/up, down
     assert len(st["awq_groups"]) == per_layer * m.config["num_hidden_layers"]
     assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), m.module.parameters(), strict=True))

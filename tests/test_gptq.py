@@ -137,14 +137,15 @@ def test_gptq_model_export_decodes_to_the_quantized_torch_weights(tiny_hf, tmp_p
     from slimlm.eval.runtime import LlamaCppRunner
     from slimlm.gguf.reader import read_gguf
     from slimlm.gguf.writer import plan_model
-    from slimlm.sequential import gptq_model
+    from slimlm.sequential import changed_module, gptq_model
 
     m = load(tiny_hf("LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                      num_key_value_heads=2))
     before = {k: v.clone() for k, v in m.named_weights().items()}
     chunks, _ = calibration_chunks(m, None, n_ctx=64, max_chunks=8)
     _, _, types = plan_model(m, "Q4_K_M")
-    encoded, qmod, stats = gptq_model(m, chunks, types, progress=False)
+    encoded, changed, stats = gptq_model(m, chunks, types, progress=False)
+    qmod = changed_module(m, changed)
     assert stats["tensors"] == 2 * 7 + 1 and "output.weight" in encoded and all(torch.equal(v, m.named_weights()[k]) for k, v in before.items())
     out = tmp_path / "g.gguf"
     export_gguf(m, out, "Q4_K_M", progress=False, encoded=encoded)

@@ -105,6 +105,71 @@ class Writer(gguf.GGUFWriter):
             ti.tensor = None
         self.state = gguf.gguf_writer.WriterState.WEIGHTS
 
+    def write_streamed(self, produce, *, desc: str = "", progress: bool = False) -> None:
+        """Tensor data made one tensor at a time, after the header and tensor directory (`add_tensor_info` for
+        every tensor, then `write_header_to_file`, `write_kv_data_to_file`): `produce` yields each tensor's data
+        in directory order (an array, or an iterator of arrays: consecutive row slabs), so only one tensor, or
+        one slab of a big one, is in memory at a time (the same bytes as `add_tensor` + write_tensors_to_file)."""
+        self.write_ti_data_to_file()
+        fout = self.fout[0]
+        self.write_padding(fout, fout.tell())
+        infos = list(self.tensors[0].items())
+        for (name, ti), data in tqdm(zip(infos, produce, strict=True), total=len(infos), desc=desc, unit="tensor",
+                                     disable=not progress, leave=False):
+            n = 0
+            for part in (data,) if isinstance(data, np.ndarray) else data:
+                if part.nbytes:
+                    fout.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                n += part.nbytes
+            if n != ti.nbytes:
+                raise OutputError(f"{name}: {n} bytes of data for a tensor of {ti.nbytes}")
+            self.write_padding(fout, ti.nbytes)
+        self.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def _stored(f: QuantFormat, shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.dtype, object]:
+    """(shape, numpy dtype, raw ggml type) of a tensor's encoded data as gguf-py's add_tensor records it."""
+    if f.name == "F32":
+        return shape, np.dtype(np.float32), None
+    if f.name == "F16":
+        return shape, np.dtype(np.float16), None
+    block, type_size = gguf.GGML_QUANT_SIZES[f.ggml_type]
+    return (*shape[:-1], shape[-1] // block * type_size), np.dtype(np.uint8), f.ggml_type
+
+
+def tensor_value(model, hf_name: str, W: torch.Tensor) -> torch.Tensor:
+    """A `_gguf_tensors` entry's values: W itself, or for a streamed model's matrix (a meta tensor) the weight read
+    from disk in llama.cpp's layout."""
+    if not W.is_meta:
+        return W
+    from ..lazy import read_weight
+    return model.spec.to_gguf_tensor(hf_name, read_weight(model, hf_name), model.config)
+
+
+def row_slabs(model, hf_name: str, W: torch.Tensor):
+    """(first row, float32 rows in llama.cpp's layout) over a 2-D tensor, a slab at a time: the embedding and
+    the output projection (no layout change) of a streamed model are read slab by slab, every other tensor whole
+    (a slab of a tensor in memory is a view)."""
+    from ..lazy import ROWS_PER_READ, weight_row_slabs
+    spec = model.spec
+    if W.is_meta and hf_name in (spec.embed_name, spec.output_name):
+        yield from weight_row_slabs(model, hf_name)
+        return
+    W = tensor_value(model, hf_name, W)
+    for lo in range(0, W.shape[0], ROWS_PER_READ):
+        yield lo, W[lo:lo + ROWS_PER_READ]
+
+
+def encode_slabs(model, name: str, hf_name: str, W: torch.Tensor, fmt: QuantFormat, imatrix):
+    """A tensor's encoded data, slab by slab of rows (every format encodes rows independently: the slabs join to
+    the whole tensor's encoding, byte for byte)."""
+    imp = imatrix.importance(name) if imatrix is not None and fmt.ggml_type in ENCODERS else None
+    if W.ndim != 2:
+        yield encode(tensor_value(model, hf_name, W).float().numpy(), fmt, name, imp)
+        return
+    for _, rows in row_slabs(model, hf_name, W):
+        yield encode(rows.float().numpy(), fmt, name, imp)
+
 
 def _gguf_tensors(model) -> list[tuple[str, str, torch.Tensor]]:
     """(gguf name, hf name, tensor in llama.cpp layout) in the source's order when it was a GGUF."""
@@ -304,24 +369,27 @@ def export_gguf(model, out: str | Path, type: str = "Q8_0", *, overwrite: bool =
     # obviously short: not even the tensor data fits (a shortage within the header is caught at the write)
     ensure_free_space(out.parent, sum(f.nbytes(tuple(W.shape)) for _, _, W, f, _ in plan))
     records = []
+
+    def data(name, hf, W, f):
+        if encoded is not None and name in encoded:
+            d = encoded[name]
+            if d.dtype != np.uint8 or d.nbytes != f.nbytes(tuple(W.shape)) or d.shape[0] != W.shape[0]:
+                raise OutputError(f"pre-encoded {name} does not fit {f.name} {list(W.shape)}")
+            return d
+        return encode_slabs(model, name, hf, W, f, imatrix)
+
     with atomic_output(out, overwrite=overwrite, inputs=[model.source] if model.source else []) as tmp:
         w = Writer(tmp, gguf_arch(model.spec, model.config))
         _metadata(w, model, preset, imatrix, pre_tokenizer)
-        for name, _hf, W, f, note in tqdm(plan, desc=f"encoding {preset.name}", unit="tensor",
-                                          disable=not progress, leave=False):
-            if encoded is not None and name in encoded:
-                data = encoded[name]
-                if data.dtype != np.uint8 or data.nbytes != f.nbytes(tuple(W.shape)) or data.shape[0] != W.shape[0]:
-                    raise OutputError(f"pre-encoded {name} does not fit {f.name} {list(W.shape)}")
-            else:
-                imp = imatrix.importance(name) if imatrix is not None and f.ggml_type in ENCODERS else None
-                data = encode(W.float().numpy(), f, name, imp)
-            w.add_tensor(name, data, raw_dtype=None if f.is_float and f.name != "BF16" else f.ggml_type)
+        for name, _hf, W, f, note in plan:       # the directory first: every size is known from the plan
+            shape, dtype, raw = _stored(f, tuple(W.shape))
+            w.add_tensor_info(name, shape, dtype, f.nbytes(tuple(W.shape)), raw_dtype=raw)
             records.append(TensorRecord(name, tuple(W.shape), f.name, preset.name, f.nbytes(tuple(W.shape)), note))
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_tensors_to_file(progress=False)
+            w.write_streamed((data(name, hf, W, f) for name, hf, W, f, _ in plan), desc=f"encoding {preset.name}",
+                             progress=progress)
         finally:
             w.close()
         validate_written(tmp, records)

@@ -58,25 +58,52 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     float32 (activations: the float64 product would cost several times as much) and then widened."""
     X = X.reshape(-1, X.shape[-1])
     M = X.T @ X if X.dtype == torch.float64 else (X.float().T @ X.float()).double()
-    return M * (2.0 / max(X.shape[0], 1))
+    return M.mul_(2.0 / max(X.shape[0], 1))
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int) -> tuple[torch.Tensor, float]:
-    mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+def _diag(H: torch.Tensor) -> torch.Tensor:
+    """The diagonal of a Hessian, or H itself when only its diagonal is kept (1-D: after `factor`, which is all
+    the solver still reads)."""
+    return H if H.ndim == 1 else torch.diagonal(H)
+
+
+def _inverse_cholesky(make_JHJ: Callable[[], torch.Tensor], damp: float, max_tries: int) -> tuple[torch.Tensor, float]:
+    """make_JHJ(): a fresh float64 copy of the (permuted) Hessian in reversed order, J H J, made again for each
+    dampening retry. Every step works in place, so at most two n x n matrices are alive besides the caller's H (a
+    14336-wide MLP's Hessian takes 1.6 GB in float64)."""
     # The upper Cholesky factor U of H^-1 (H^-1 = U^T U) without forming H^-1: with J the order reversal and
     # J H J = L L^T, U = J L^-1 J is upper triangular with a positive diagonal and U^T U = J (J H J)^-1 J = H^-1.
     # One factorization and one triangular inverse instead of a factorization, an inverse and a factorization.
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex((H + damp * mean_diag * eye).flip(0, 1))
+        A = make_JHJ()
+        A.diagonal().add_(damp * float(torch.diagonal(A).mean()))
+        info = torch.empty((), dtype=torch.int32)
+        # in place, and through the transposed view: LAPACK works column-major, so A.mT (the same symmetric
+        # matrix) needs no copy; its upper factor read row-major is L, in A's lower triangle
+        torch.linalg.cholesky_ex(A.mT, upper=True, out=(A.mT, info))
         if int(info) == 0:
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            U = Linv.flip(0, 1)
+            U = _reversed_inverse(A)
+            del A
             if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
                 return U, damp
         damp = damp * 10 if damp > 0 else 1e-6
     raise NumericsError(f"the Hessian stays singular with dampening up to {damp / 10:g} x mean(diag H); the "
                         f"calibration inputs are degenerate for this layer")
+
+
+def _reversed_inverse(L: torch.Tensor, width: int = 512) -> torch.Tensor:
+    """J L^-1 J for a lower triangular L (its lower triangle is read), solved `width` columns of L^-1 at a time
+    straight into the result: no identity matrix, no flipped copy and no column-major copy of L (the transposed
+    system, L^T read column-major from L's storage) beside L and the result."""
+    n = L.shape[0]
+    U = torch.empty_like(L)
+    for c0 in range(0, n, width):
+        c1 = min(n, c0 + width)
+        E = torch.zeros(n, c1 - c0, dtype=L.dtype)
+        E[torch.arange(c0, c1), torch.arange(c1 - c0)] = 1
+        X = torch.linalg.solve_triangular(L.mT, E.mT, upper=True, left=False).mT   # columns c0..c1 of L^-1
+        U[:, n - c1:n - c0] = X.flip(0, 1)
+    return U
 
 
 _SUB = 32      # columns per compiled sub-block: the per-column update stays this narrow, the rest is BLAS
@@ -118,7 +145,7 @@ def _solve_sub(W1, U1, s0, s1, a, b, c0, table, uniform, L, Q1, E1):
 def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[np.ndarray, int], UnitGrid],
          block_units: int | None = None, damp: float = 0.01, max_tries: int = 6, act_order: bool = False,
          dtype: torch.dtype = torch.float32, chol: tuple[torch.Tensor, float] | None = None) -> GPTQResult:
-    """Quantize W (rows, cols) against Hessian H (cols, cols). `fit(W_unit (rows, unit) numpy, u)` returns the
+    """Quantize W (rows, cols) against Hessian H (cols, cols; or its diagonal (cols,) with `chol`). `fit(W_unit (rows, unit) numpy, u)` returns the
     grid of unit u (its columns are u*unit ... u*unit+unit-1 of W); the solver fills in its levels L.
     Lazy updates are applied every `block_units` units (default: as many as fit in 128 columns, at least
     one); inside a lazy block the columns go through a compiled kernel 32 at a time, each group's errors
@@ -126,7 +153,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[np.ndarr
     rounded values are computed in the grid's own dtype). `chol`: a (U, damp) from `factor()` for this H
     and act_order, when several weights share one Hessian."""
     rows, cols = W.shape
-    if cols % unit or H.shape != (cols, cols):
+    if cols % unit or H.shape not in ((cols, cols), (cols,)) or (H.ndim == 1 and chol is None):
         raise ValueError(f"W {tuple(W.shape)} and H {tuple(H.shape)} do not fit units of {unit} columns")
     npdt = torch.empty(0, dtype=dtype).numpy().dtype
     order, perm, dead = _order(H, unit, act_order)
@@ -169,10 +196,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, unit: int, fit: Callable[[np.ndarr
 
 def _order(H: torch.Tensor, unit: int, act_order: bool) -> tuple[list[int], np.ndarray, torch.Tensor]:
     n_units = H.shape[0] // unit
-    dead = torch.diagonal(H) == 0
+    dead = _diag(H) == 0
     order = list(range(n_units))
     if act_order:
-        imp = torch.where(dead, 1.0, torch.diagonal(H).double()).reshape(n_units, unit).sum(1)
+        imp = torch.where(dead, 1.0, _diag(H).double()).reshape(n_units, unit).sum(1)
         order = [int(u) for u in torch.argsort(imp, descending=True, stable=True)]
     perm = np.concatenate([np.arange(u * unit, (u + 1) * unit) for u in order])
     return order, perm, dead
@@ -182,14 +209,20 @@ def factor(H: torch.Tensor, unit: int, *, act_order: bool = False, damp: float =
            max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of the dampened inverse Hessian in the solver's column order, and the
     dampening used: computed once for weights that share H (q/k/v, gate/up)."""
-    H = H.detach().double().clone()
+    H = H.detach()
     if not bool(torch.isfinite(H).all()):
         raise NumericsError("the Hessian holds NaN/Inf: the calibration activations reaching this layer are not "
                             "finite (a weight or an earlier layer overflows)")
     _, perm, dead = _order(H, unit, act_order)
-    H[dead, dead] = 1      # no input, no coupling: such a column is rounded plainly, its weights are kept
-    p = torch.from_numpy(perm)
-    return _inverse_cholesky(H[p][:, p], damp, max_tries)
+    q = torch.from_numpy(perm[::-1].copy())                  # the solver's order, reversed (J)
+
+    identity = bool((np.diff(perm) == 1).all())
+
+    def reversed_permuted() -> torch.Tensor:                  # a new matrix, H stays as it is
+        A = H.double().flip(0, 1) if identity else H.double().index_select(0, q).index_select(1, q)
+        A.diagonal()[dead[q]] = 1     # no input, no coupling: such a column is rounded plainly, its weights are kept
+        return A
+    return _inverse_cholesky(reversed_permuted, damp, max_tries)
 
 
 def gptq_gguf(W: torch.Tensor, H: torch.Tensor, qtype, **kw) -> tuple[np.ndarray, torch.Tensor, GPTQResult]:
@@ -205,7 +238,7 @@ def gptq_gguf(W: torch.Tensor, H: torch.Tensor, qtype, **kw) -> tuple[np.ndarray
     from . import grid as G
 
     unit, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    imp = (torch.diagonal(H).double() / 2).float().numpy()
+    imp = (_diag(H).double() / 2).float().numpy()
     table = G.TABLES[qtype]
 
     def fit(Wu: np.ndarray, u: int) -> UnitGrid:
