@@ -112,19 +112,32 @@ def _float(name: str, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
     return t
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def return_freed_memory() -> None:
     """Ask glibc to give freed blocks of 1 MiB and more back to the system at once (mmap'd, not kept in the heap):
     a streamed pass allocates and frees a layer's worth of tensors per layer, and a heap that keeps them grows the
     resident set by the largest layer's worth of fragments. No effect where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 20)
         libc.mallopt(m_trim_threshold, 1 << 20)
-    except (OSError, AttributeError):
-        pass
+
+
+def trim_heap() -> None:
+    """Give the memory freed inside glibc's heaps (every thread's arena) back to the system: measured here, a
+    streamed layer pass leaves 0.3-0.5 GiB of freed small blocks resident until this runs."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def streamed(model) -> bool:
@@ -212,6 +225,8 @@ def onload(model, module: torch.nn.Module, prefix: str, *, copy_weights: bool = 
         for n, p in {**meta, **kept}.items():
             owner, _, leaf = n.rpartition(".")
             setattr(module.get_submodule(owner) if owner else module, leaf, p)
+        del values
+        trim_heap()
 
 
 def available_memory() -> int | None:
