@@ -89,27 +89,13 @@ class Writer(gguf.GGUFWriter):
             return super()._pack_val(val, vtype, add_vtype, sub_type)  # gguf-py raises the range error
         return head + arr.astype(_BULK[ltype]).tobytes()
 
-    def write_tensors_to_file(self, *, progress: bool = False) -> None:
-        """gguf-py's loop (same bytes), writing through the file object: numpy's `tofile` reports a full disk as
-        "N requested and M written" without the errno, this write raises OSError(ENOSPC) like every other."""
-        if self.temp_file is not None or len(self.fout or ()) != 1:
-            return super().write_tensors_to_file(progress=progress)
-        self.write_ti_data_to_file()
-        fout = self.fout[0]
-        self.write_padding(fout, fout.tell())
-        for ti in self.tensors[0].values():
-            assert ti.tensor is not None and ti.tensor.nbytes == ti.nbytes
-            if ti.nbytes:
-                fout.write(memoryview(np.ascontiguousarray(ti.tensor)).cast("B"))
-            self.write_padding(fout, ti.nbytes)
-            ti.tensor = None
-        self.state = gguf.gguf_writer.WriterState.WEIGHTS
-
     def write_streamed(self, produce, *, desc: str = "", progress: bool = False) -> None:
         """Tensor data made one tensor at a time, after the header and tensor directory (`add_tensor_info` for
         every tensor, then `write_header_to_file`, `write_kv_data_to_file`): `produce` yields each tensor's data
         in directory order (an array, or an iterator of arrays: consecutive row slabs), so only one tensor, or
-        one slab of a big one, is in memory at a time (the same bytes as `add_tensor` + write_tensors_to_file)."""
+        one slab of a big one, is in memory at a time (the same bytes as `add_tensor` + write_tensors_to_file).
+        Written through the file object: a full disk raises OSError(ENOSPC) (numpy's `tofile` would report
+        "N requested and M written" without the errno)."""
         self.write_ti_data_to_file()
         fout = self.fout[0]
         self.write_padding(fout, fout.tell())
