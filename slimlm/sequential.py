@@ -30,7 +30,7 @@ from .arch import (
     part,
 )
 from .errors import NumericsError
-from .lazy import SpilledArrays, embedding_rows, onload, streamed, weight_row_slabs
+from .lazy import SpilledArrays, embedding_rows, onload, streamed, trim_heap, weight_row_slabs
 from .quant.imatrix import ImportanceMatrix
 
 
@@ -153,13 +153,15 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     """AWQ scaling and/or GPTQ of every block linear whose planned type (`types`: GGUF name -> (QuantFormat,
     why), as writer.plan_model gives) is a block type, one decoder layer at a time and, inside a layer, one
     linear at a time in forward order ("true sequential"): each linear's Hessian comes from inputs produced
-    by everything quantized before it, the earlier layers and the earlier linears of its own layer. The
-    calibration chunks go through each layer as one batch, once: a pre-hook on the first linear of each
-    input group searches the group's AWQ scales (quant/awq.py) and folds them into the weights and the
-    producer of the input; a pre-hook on each linear computes its Hessian from that batch's input and GPTQs
-    the weight before the linear runs. Linears reading the same tensor (q/k/v, gate/up) share the Hessian
-    and its factorization. With `output`, GPTQ then quantizes the output projection on the final normalized
-    hidden states (for a tied embedding that is token_embd: its input side then reads the same quantized
+    by everything quantized before it, the earlier layers and the earlier linears of its own layer. A layer
+    goes stage by stage, one per input group in forward order (q/k/v, o, gate/up, down): the calibration chunks run
+    through the layer as it is so far, in micro-batches of about MICRO_TOKENS tokens, each stopped at the group's
+    input, whose statistics add up over all chunks (capture_group); then the group's AWQ scales are searched
+    (quant/awq.py) and folded into its weights and the input's producer, and its linears are GPTQ'd. A last pass
+    computes the layer's output for the next layer. So only a micro-batch's activations are alive at once, not all
+    chunks' (a wide MLP's hidden states), and the Hessian is factored in its own storage. Linears reading the same
+    tensor share the Hessian and its factorization. With `output`, GPTQ then quantizes the output projection on
+    the final normalized hidden states (for a tied embedding that is token_embd: its input side then reads the same quantized
     rows). The caller's model is never modified: each layer is changed in a copy (lazy.onload), one at a time.
 
     Returns (GGUF name -> bytes (rows, bytes_per_row) in llama.cpp's row order for every GPTQ'd tensor, HF name ->
@@ -190,26 +192,27 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     down, up = (spec.layout.path(r) for r in spec.layout.down_input) if spec.layout.down_input else (None, None)
     desc = "+".join(n for n, on in (("AWQ", awq), ("GPTQ", gptq)) if on)
     touched: set[str] = set()       # the current layer's changed parameters (names inside the layer)
+    awq_names = {n for names, _ in groups for n in names}
+
     def quantize_layer(i: int, layer, x: torch.Tensor) -> torch.Tensor:
         mods = dict(layer.named_modules())
         enc: dict = {}                             # GGUF name -> codes (or a fused tensor's / experts' parts)
         gguf_name = {n: spec.hf_to_gguf(f"{spec.layer_prefix}{i}.{n}.weight") for n, m in mods.items()
                      if isinstance(m, torch.nn.Linear)}
         qtype = {n: (None if types[g][0].is_float else types[g][0].ggml_type) for n, g in gguf_name.items()}
-        shared: dict[tuple, dict] = {}
-        scaled: dict[tuple, torch.Tensor] = {}     # input key -> the input divided by its group's scales
+        pending = {n for n, t in qtype.items() if t is not None and (gptq or n in awq_names)}
+        ex = experts(layer) if gptq else None
+        micro = micro_batches(x) if ex is None else [slice(None)]   # an expert's GPTQ sees all its tokens at once
 
-        def search_fold(names, producer, xin, rows_of=False):
-            """AWQ for linears `names` reading xin: search, fold; returns s or None."""
+        def search_fold(names, producer, st: InputStats, rows_of=False):
+            """AWQ for linears `names` reading the input st describes: search, fold; returns s or None."""
             names = [n for n in names if n in mods]
             quant = [n for n in names if qtype.get(n) is not None]
             if not quant or producer not in mods:
                 return None
             t = time.perf_counter()
-            x2 = xin.reshape(-1, xin.shape[-1]).float()
-            H = (x2.T @ x2).double() / x2.shape[0]
-            res = awq_search([mods[n].weight.data.float() for n in quant], [qtype[n] for n in quant], H,
-                             x2.abs().mean(0))
+            res = awq_search([mods[n].weight.data.float() for n in quant], [qtype[n] for n in quant], st.mean(),
+                             st.absmean())
             s = res.s
             for n in names:
                 mods[n].weight.data = (mods[n].weight.data.float() * s[None, :]).to(mods[n].weight.dtype)
@@ -227,73 +230,70 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
             secs["awq"] += time.perf_counter() - t
             return s
 
-        def awq_pre(n, x):
-            """The input linear n should read: scaled by its group's AWQ scales (searched on first sight)."""
-            key = input_key(x)
-            if key in scaled:
-                return scaled[key][0]
-            for names, producer in groups:
-                if n in names:
-                    s = search_fold(names, producer, x)
-                    xs = x if s is None else x / s
-                    if s is not None and up in names:       # down reads act(gate) * up: 1/s into up's rows
-                        search_fold([down], up, mlp_hidden(layer, xs), rows_of=True)
-                    scaled.clear()              # forward order: an earlier input is not read again
-                    scaled[key] = (xs, x)       # holding x keeps its memory from being reused
-                    return xs
-            return x
+        def solve(names: list[str], st: InputStats, s) -> None:
+            """GPTQ of the linears `names` reading one input, on its Hessian 2/n X^T X (for input X / s after AWQ);
+            one factorization for all of them (per block size with act_order)."""
+            t = time.perf_counter()
+            trim_heap()          # the capture's freed activations: back to the system before the largest step
+            H = st.hessian(s)
+            diag = torch.diagonal(H).clone()
+            chol: dict = {}
+            for n in names:
+                name = gguf_name[n]
+                fmt = types[name][0]
+                unit = fmt.block_size if act_order else None    # the column order depends on the unit only
+                if unit not in chol:                            # when it is sorted by importance
+                    try:               # without act_order one factorization, in H's own storage
+                        chol[unit] = factor(H, fmt.block_size, act_order=act_order, damp=damp, consume=not act_order)
+                    except NumericsError as err:                # singular after every dampening retry
+                        chol[unit] = err
+                    if not act_order:
+                        H = None                                # spent by the factorization
+                if isinstance(chol[unit], NumericsError):
+                    rtn_fallbacks[name] = str(chol[unit])       # the writer rounds it as llama.cpp does
+                    continue
+                hf = f"{spec.layer_prefix}{i}.{n}.weight"
+                mod = mods[n]
+                data, Q, res = gptq_gguf(mod.weight.data.float(), H if act_order else diag, fmt.ggml_type,
+                                         act_order=act_order, chol=chol[unit])
+                mod.weight.data = Q.to(mod.weight.dtype)
+                touched.add(f"{n}.weight")
+                order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)  # llama.cpp's row order
+                # the parts of a fused GGUF tensor (ArchSpec.fused) are joined by rows after the layer
+                enc.setdefault(name, {})[n] = data[order.numpy()]
+                damps[name] = max(res.damp, damps.get(name, 0.0))
+            secs["solve"] += time.perf_counter() - t
 
-        def hook(n):
-            hf = f"{spec.layer_prefix}{i}.{n}.weight"
-            name = gguf_name[n]
-            fmt = types[name][0]
-
-            def f(mod, inputs):
-                x = inputs[0]
-                if awq:
-                    x = awq_pre(n, x)
-                if gptq and not fmt.is_float:
-                    key = input_key(x)
-                    if key not in shared:  # holding x keeps its memory from being reused by another input
-                        shared.clear()     # forward order (q/k/v, o, gate/up, down): no earlier input comes back
-                        t = time.perf_counter()
-                        shared[key] = {"x": x, "H": _checked_hessian(x, f"layer {i} {n}"), "chol": {}}
-                        secs["hessian"] += time.perf_counter() - t
+        while pending:    # one stage per input group, in forward order: its statistics, then AWQ and GPTQ
+            t = time.perf_counter()
+            found = capture_group(layer, x, kw, micro, pending, absolute=awq)
+            secs["hessian"] += time.perf_counter() - t
+            if found is None:
+                break
+            names, st = found
+            pending.difference_update(names)
+            st.check(f"layer {i} {names[0]}")
+            s = None
+            group = next(((g, p) for g, p in groups if names[0] in g), None) if awq else None
+            if group is not None:
+                s = search_fold(group[0], group[1], st)
+                if s is not None and up in group[0]:    # down reads act(gate) * up: 1/s into up's rows
                     t = time.perf_counter()
-                    e = shared[key]
-                    unit = fmt.block_size if act_order else None    # the column order depends on the unit only
-                    if unit not in e["chol"]:                       # when it is sorted by importance
-                        try:
-                            e["chol"][unit] = factor(e["H"], fmt.block_size, act_order=act_order, damp=damp)
-                        except NumericsError as err:     # singular after every dampening retry
-                            e["chol"][unit] = err
-                        if not act_order:                # the solver reads only the diagonal from now on
-                            e["H"] = torch.diagonal(e["H"]).clone()
-                    if isinstance(e["chol"][unit], NumericsError):
-                        rtn_fallbacks[name] = str(e["chol"][unit])   # the writer rounds it as llama.cpp does
-                    else:
-                        data, Q, res = gptq_gguf(mod.weight.data.float(), e["H"], fmt.ggml_type,
-                                                 act_order=act_order, chol=e["chol"][unit])
-                        mod.weight.data = Q.to(mod.weight.dtype)
-                        touched.add(f"{n}.weight")
-                        order = spec.to_gguf_tensor(hf, torch.arange(Q.shape[0]), cfg)  # llama.cpp's row order
-                        # the parts of a fused GGUF tensor (ArchSpec.fused) are joined by rows after the layer
-                        enc.setdefault(name, {})[n] = data[order.numpy()]
-                        damps[name] = max(res.damp, damps.get(name, 0.0))
-                    secs["solve"] += time.perf_counter() - t
-                return (x, *inputs[1:]) if x is not inputs[0] else None
-            return f
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()
-                   if isinstance(m, torch.nn.Linear)]
-        ex = experts(layer) if gptq else None
+                    hidden = capture_input(layer, x, kw, micro, names[0], lambda v: mlp_hidden(layer, v))
+                    secs["hessian"] += time.perf_counter() - t
+                    hidden.check(f"layer {i} {down}")
+                    search_fold([down], up, hidden, rows_of=True)
+                    del hidden
+            if gptq:
+                solve([n for n in names if qtype[n] is not None], st, s)
+            del st
         if ex is not None:
             ex.observer = _expert_gptq(i, layer, spec, types, enc, damps, rtn_fallbacks, secs, act_order, damp)
         try:
-            y = run_layer(layer, x, kw)
+            y = torch.empty_like(x)
+            for sl in micro:
+                y[sl] = run_layer(layer, x[sl], kw)
         finally:
-            for h in handles:
-                h.remove()
             if ex is not None:
                 ex.observer = None
         if ex is not None:
@@ -302,8 +302,6 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
         for name, parts in enc.items():       # this layer's codes (with a spill folder: written to disk)
             encoded[name] = np.concatenate([parts[n] for n in mods if n in parts], 0) \
                 if isinstance(parts, dict) else parts
-        shared.clear()
-        scaled.clear()
         return y
     changed: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress, leave=False):
@@ -326,6 +324,128 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     return encoded, changed, stats
 
 
+MICRO_TOKENS = 2048      # calibration tokens per micro-batch of a layer pass: bounds the activations alive at once
+
+
+def micro_batches(x: torch.Tensor, tokens: int = MICRO_TOKENS) -> list[slice]:
+    """Slices of the chunks of x (chunks, n_ctx, hidden) holding about `tokens` tokens each (at least one chunk)."""
+    n = max(1, tokens // max(1, x.shape[1]))
+    return [slice(a, a + n) for a in range(0, x.shape[0], n)]
+
+
+class InputStats:
+    """Sums over calibration tokens of one linear's input X (tokens, cols), added a micro-batch at a time: X^T X in
+    float64 (each micro-batch's product in float32, a slab of rows at a time), sum |X| when `absolute` (AWQ), the
+    token count. Spent by mean() or hessian(), which turn the sum into the result in its own storage."""
+
+    def __init__(self, absolute: bool = False):
+        self.xtx: torch.Tensor | None = None
+        self.abssum = torch.zeros(0, dtype=torch.float64) if absolute else None
+        self.n = 0
+        self._mean = False
+
+    def add(self, x: torch.Tensor, rows: int = 512) -> None:
+        X = x.reshape(-1, x.shape[-1]).float()
+        c = X.shape[1]
+        if self.xtx is None:
+            self.xtx = torch.zeros(c, c, dtype=torch.float64)
+        for r in range(0, c, rows):        # a slab of rows at a time: no c x c product beside the sum
+            self.xtx[r:r + rows].add_(X[:, r:r + rows].T @ X)
+        if self.abssum is not None:
+            a = X.abs().sum(0, dtype=torch.float64)
+            self.abssum = a if self.abssum.numel() == 0 else self.abssum.add_(a)
+        self.n += X.shape[0]
+
+    def check(self, where: str) -> None:
+        if self.xtx is None or not torch.isfinite(torch.diagonal(self.xtx)).all():
+            raise NumericsError(f"non-finite calibration activation entering {where}")
+
+    def mean(self) -> torch.Tensor:
+        """E[x x^T] (float64; in place of the sum)."""
+        if not self._mean:
+            self.xtx.div_(max(self.n, 1))
+            self._mean = True
+        return self.xtx
+
+    def absmean(self) -> torch.Tensor:
+        return self.abssum / max(self.n, 1)
+
+    def hessian(self, s: torch.Tensor | None = None) -> torch.Tensor:
+        """GPTQ's Hessian 2 E[x x^T], of the input x / s when AWQ scales s divide it; in place, the stats are spent."""
+        H = self.mean().mul_(2.0)
+        if s is not None:
+            sd = s.double()
+            H.div_(sd[:, None]).div_(sd[None, :])
+        self.xtx = None
+        return H
+
+
+def capture_group(layer, x: torch.Tensor, kw: dict, micro: list[slice], pending: set[str], *,
+                  absolute: bool = False) -> tuple[list[str], InputStats] | None:
+    """(the linears of `layer` that read the first input reaching a linear still in `pending`, that input's
+    statistics over all chunks of x), or None when no pending linear is reached. Each micro-batch of chunks runs
+    through the layer as it is now (the linears already quantized, quantized) and stops there: the first one also
+    runs the linears sharing the input (q/k/v, gate/up: one tensor, read one after another) to find them."""
+    st, names = InputStats(absolute), []
+
+    def hook(n):
+        def f(_mod, inputs):
+            key = input_key(inputs[0])
+            if cur[0] is None:
+                if n not in pending or (names and n != names[0]):
+                    return None
+                cur[0] = key
+                held[0] = inputs[0]    # holding it keeps its memory from being reused by a later input (same key)
+                st.add(inputs[0])
+                if names:                      # a later micro-batch: the group is known
+                    raise _Stop
+                names.append(n)
+            elif key == cur[0]:
+                if n in pending and n not in names:
+                    names.append(n)
+            else:
+                raise _Stop
+            return None
+        return f
+    cur: list = [None]
+    held: list = [None]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    try:
+        for sl in micro:
+            cur[0] = held[0] = None
+            try:
+                run_layer(layer, x[sl], kw)
+            except _Stop:
+                pass
+            held[0] = None
+            if not names:
+                return None
+    finally:
+        for h in handles:
+            h.remove()
+    return names, st
+
+
+def capture_input(layer, x: torch.Tensor, kw: dict, micro: list[slice], at: str, fn) -> InputStats:
+    """Statistics (with sum |.|) of fn(input of linear `at`) over all chunks of x, each micro-batch stopped there."""
+    st = InputStats(absolute=True)
+
+    def f(_mod, inputs):
+        st.add(fn(inputs[0]))
+        raise _Stop
+    h = layer.get_submodule(at).register_forward_pre_hook(f)
+    try:
+        for sl in micro:
+            try:
+                run_layer(layer, x[sl], kw)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return st
+
+
 def changed_module(model, changed: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A copy of an in-memory model's module with quantize_model's changed weights in place (a tied embedding's
     change reaches its output projection too)."""
@@ -339,7 +459,7 @@ def changed_module(model, changed: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 def input_key(x: torch.Tensor) -> tuple:
     """Identifies one tensor fed to several linears (q/k/v, gate/up) within a forward pass; the caller holds
-    the tensor while the key is in use, so its memory cannot be reused by a different input."""
+    the tensor (or the forward does) while the key is in use, so its memory cannot be reused by a different input."""
     return x.data_ptr(), tuple(x.shape), x.stride()
 
 
