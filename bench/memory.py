@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Memory benchmark (issue 15): peak resident memory and time of `slimlm compress` against the model's size.
+"""Memory benchmark (issue 15): peak resident memory and time of `slimlm compress` and `slimlm prune` against the
+model's size.
 
 Builds random Llama-architecture HF folders (bfloat16 safetensors, one shard per decoder layer, SmolLM2's
 tokenizer from the embedded model) of growing depth at one width, tensor by tensor: no model is ever whole in
-memory, here or in slimlm. Each step runs `slimlm compress` as a child process and reads the child's peak
-resident set from the kernel (wait4's ru_maxrss: file pages it mapped count too), with its wall time:
+memory, here or in slimlm. Each step runs slimlm as a child process and reads the child's peak resident set from
+the kernel (wait4's ru_maxrss: file pages it mapped count too), with its wall time:
 
-- gptq:   --method gptq --type Q4_K_M --stream on --no-eval (GPTQ on the bundled calibration text)
-- calib:  --type Q4_K_M --calib --stream on --no-eval (importance matrix, then llama.cpp's rounding)
+- gptq:   compress --method gptq --type Q4_K_M --stream on --no-eval (GPTQ on the bundled calibration text)
+- calib:  compress --type Q4_K_M --calib --stream on --no-eval (importance matrix, then llama.cpp's rounding)
+- prune:  prune --ratio 0.25 --stream on --no-eval (the default mlp+layers: block influence, OBS curves, OBS
+          refit; a Q8_0 GGUF)
 - whole:  the gptq step with --stream off on the smallest model (the in-memory path, for comparison)
 
-Acceptance (a): the largest model (>= 2.7 GB on disk by default: 28 layers of width 2048) stays <= 1.5 GB (10^9 bytes) in
-both steps, while time grows about linearly with the layers. Prints one row per model and step, and a JSON file.
+Acceptance (a, c): the largest model (>= 2.7 GB on disk by default: 28 layers of width 2048) stays <= 1.5 GB (10^9
+bytes) in the gptq, calib and prune steps, while time grows about linearly with the layers. Prints one row per
+model and step, and a JSON file.
 
     python bench/memory.py [--layers 2,8,28] [--hidden 2048] [--ffn 5632] [--heads 32] [--kv-heads 4]
-                           [--steps gptq,calib,whole] [--work DIR] [--limit-gb 1.5]
+                           [--steps gptq,calib,prune,whole] [--work DIR] [--limit-gb 1.5]
 """
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEPS = {"gptq": ["--method", "gptq", "--type", "Q4_K_M", "--stream", "on", "--no-eval"],
-         "calib": ["--type", "Q4_K_M", "--calib", "--stream", "on", "--no-eval"],
-         "whole": ["--method", "gptq", "--type", "Q4_K_M", "--stream", "off", "--no-eval"]}
+STEPS = {"gptq": ["compress", "--method", "gptq", "--type", "Q4_K_M", "--stream", "on", "--no-eval"],
+         "calib": ["compress", "--type", "Q4_K_M", "--calib", "--stream", "on", "--no-eval"],
+         "prune": ["prune", "--ratio", "0.25", "--stream", "on", "--no-eval"],
+         "whole": ["compress", "--method", "gptq", "--type", "Q4_K_M", "--stream", "off", "--no-eval"]}
 
 
 def build_model(d: Path, n_layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, seed: int = 0) -> Path:
@@ -91,8 +96,8 @@ def build_model(d: Path, n_layers: int, hidden: int, ffn: int, heads: int, kv_he
 
 
 def run_step(model: Path, out: Path, args: list[str]) -> dict:
-    """`slimlm compress` in a child process: its peak resident set (kernel's ru_maxrss) and wall time."""
-    cmd = [sys.executable, "-m", "slimlm", "-q", "compress", str(model), "-o", str(out), "--overwrite", *args]
+    """`slimlm compress|prune` in a child process: its peak resident set (kernel's ru_maxrss) and wall time."""
+    cmd = [sys.executable, "-m", "slimlm", "-q", args[0], str(model), "-o", str(out), "--overwrite", *args[1:]]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -113,7 +118,7 @@ def main() -> int:
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--steps", default="gptq,calib,whole", help=f"of {', '.join(STEPS)}")
+    ap.add_argument("--steps", default="gptq,calib,prune,whole", help=f"of {', '.join(STEPS)}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/slimlm-memory"), help="models and outputs (kept)")
     ap.add_argument("--limit-gb", type=float, default=1.5, help="acceptance: peak of the largest model, GB (10^9 bytes)")
     a = ap.parse_args()
@@ -138,7 +143,7 @@ def main() -> int:
                   f"{r['peak_rss_bytes'] / 2**30:>8.2f}GiB {r['seconds'] / 60:>8.1f} {r['seconds'] / n:>8.1f}",
                   flush=True)
     (a.work / "memory.json").write_text(json.dumps(rows, indent=1))
-    big = [r for r in rows if r["layers"] == layers[-1] and r["step"] in ("gptq", "calib")]
+    big = [r for r in rows if r["layers"] == layers[-1] and r["step"] in ("gptq", "calib", "prune")]
     ok = all(r["peak_rss_bytes"] <= a.limit_gb * 1e9 for r in big)
     for r in big:
         print(f"check (a) {r['step']}: {r['disk_bytes'] / 1e9:.2f} GB model, peak {r['peak_rss_bytes'] / 2**30:.2f} GiB "

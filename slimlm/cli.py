@@ -287,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the bundled calibration split)")
     p.add_argument("--calib-chunks", type=int, default=16, metavar="N", help="calibration chunks (default 16)")
     p.add_argument("--no-eval", action="store_true", help="write without evaluating")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto", help="read an HF folder's weights "
+                   "one decoder layer at a time (block influence, MLP curves, OBS and the writer hold about one "
+                   "layer; pruned layers wait on disk beside the output): on, off, or auto (default: when the "
+                   "float32 model and its working copies would not fit the memory available). A streamed prune "
+                   "removes layers, heads and MLP neurons (obs, activation or magnitude importance) into a GGUF; "
+                   "weight pruning, --hidden, --experts, taylor importance, --allocate sensitivity, --heal and the "
+                   "evaluation (give --no-eval) need the whole model and are refused before any weight is read")
     _add_eval_args(p)
     _add_heal_args(p, command=False)
 
@@ -507,7 +514,7 @@ def cmd_prune(a) -> int:
                       type=a.type, pre_tokenizer=a.pre_tokenizer, hf_dtype=a.hf_dtype, calib=a.calib,
                       calib_chunks=a.calib_chunks, n_ctx=a.ctx,
                       text=a.text, max_chunks=a.chunks or None, speed=not a.no_speed, evaluate=not a.no_eval,
-                      heal=_heal_config(a), steps=a.steps)
+                      heal=_heal_config(a), steps=a.steps, stream=a.stream)
     rep = prune(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                 command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
     return _print_report(rep)

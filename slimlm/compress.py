@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .eval import evaluate_many
 from .gguf.writer import export_gguf, plan_model
 from .io import check_output_path
+from .lazy import decide_stream, peak_rss
 from .mixed import check_reachable, parse_size
 from .model import load
 from .presets import get_preset
@@ -288,32 +289,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     return rep
 
 
-def peak_rss() -> int:
-    """This process's peak resident set so far, in bytes (Linux reports ru_maxrss in KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _decide_stream(config: CompressConfig, model, info) -> bool:
-    """--stream auto|on|off against the source: `on` needs an HF folder; `auto` streams an HF folder whose float32
-    weights and working copies would not fit the memory available, and then refuses (with the memory it would
-    need) the steps that cannot stream, before any weight is read."""
-    from pathlib import Path
-
-    from .lazy import available_memory, should_stream
-    hf_dir = model is not None and Path(model).is_dir()
-    if config.stream == "on" and not hf_dir:
-        raise ConfigError(f"--stream on reads an HF folder's safetensors one layer at a time; {info.path} is a "
-                          f"GGUF file, loaded whole (give --stream off)")
-    if not hf_dir:
-        return False
-    need = 4 * info.n_params
-    stream = should_stream(config.stream, need)
-    if stream and config.stream == "auto":
-        avail = available_memory()
-        config.check_streamable(f"the model takes {need / 2**30:.2f} GiB in float32 (about twice that to work on "
-                                f"whole) and {(avail or 0) / 2**30:.2f} GiB are available, so")
-    return stream
+    return decide_stream(config.stream, model, info, config.check_streamable)
 
 
 def _put_in_place(src: Path, dst: Path, overwrite: bool) -> Path:

@@ -35,14 +35,30 @@ class SafetensorsWeights:
     """Tensor name -> its safetensors file, for an HF folder's (sharded) checkpoint; `read` gives float32 copies."""
 
     def __init__(self, files: Iterable[Path]):
-        from safetensors import safe_open
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.stored: dict[str, str] = {}     # name -> its name inside the file, where they differ (renamed())
+        self.add(files)
+
+    def add(self, files: Iterable[Path]) -> None:
+        """Index more files; a tensor they hold replaces the one of that name indexed before."""
+        from safetensors import safe_open
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
                     self.where[k] = Path(f)
                     self.shapes[k] = tuple(st.get_slice(k).get_shape())
+                    self.stored.pop(k, None)
+
+    def renamed(self, names: dict[str, str]) -> SafetensorsWeights:
+        """A new index holding the tensors `names` maps to (new name -> name here): a model whose layers were
+        dropped reads its layer i from the original's layer it was."""
+        out = SafetensorsWeights(())
+        for new, old in names.items():
+            out.where[new], out.shapes[new] = self.where[old], self.shapes[old]
+            if self.stored.get(old, old) != new:
+                out.stored[new] = self.stored.get(old, old)
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -57,14 +73,14 @@ class SafetensorsWeights:
         for f, ns in by_file.items():
             with safe_open(str(f), framework="pt") as st:
                 for n in ns:
-                    out[n] = _float(n, st.get_tensor(n))
+                    out[n] = _float(n, st.get_tensor(self.stored.get(n, n)))
         return out
 
     def read_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows lo:hi of a tensor as float32: the rest of the tensor is not read."""
         from safetensors import safe_open
         with safe_open(str(self.where[name]), framework="pt") as st:
-            return _float(name, st.get_slice(name)[lo:hi], offset=lo)
+            return _float(name, st.get_slice(self.stored.get(name, name))[lo:hi], offset=lo)
 
     def row_slabs(self, name: str, rows: int = ROWS_PER_READ) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, float32 rows) over the tensor, `rows` at a time (each read opens and closes the file)."""
@@ -254,6 +270,33 @@ def should_stream(mode: str, fp32: int) -> bool:
         return mode == "on"
     avail = available_memory()
     return avail is not None and _IN_MEMORY_FACTOR * fp32 > avail
+
+
+def decide_stream(mode: str, model, info, check_streamable) -> bool:
+    """--stream auto|on|off against the source (`model`: its path, `info`: source.source_info's): `on` needs an HF
+    folder; `auto` streams an HF folder whose float32 weights and working copies would not fit the memory
+    available, and then refuses through `check_streamable(why)` (with the memory it would need) the steps that
+    cannot stream, before any weight is read."""
+    from .errors import ConfigError
+    hf_dir = model is not None and Path(model).is_dir()
+    if mode == "on" and not hf_dir:
+        raise ConfigError(f"--stream on reads an HF folder's safetensors one layer at a time; {info.path} is a "
+                          f"GGUF file, loaded whole (give --stream off)")
+    if not hf_dir:
+        return False
+    need = 4 * info.n_params
+    stream = should_stream(mode, need)
+    if stream and mode == "auto":
+        avail = available_memory()
+        check_streamable(f"the model takes {need / 2**30:.2f} GiB in float32 (about twice that to work on whole) "
+                         f"and {(avail or 0) / 2**30:.2f} GiB are available, so")
+    return stream
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def empty_module(config, hf_dir: Path):

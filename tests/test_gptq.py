@@ -214,3 +214,33 @@ def test_singular_hessian_falls_back_to_rounding_and_is_reported(tiny_hf, tmp_pa
     assert len(gptqd) == 2 * 7 + 1
     for t in gptqd:  # exactly the fallen-back tensors carry RTN's bytes, every other one GPTQ's
         assert np.array_equal(g.raw(t), r.raw(rt[t.name])) == (t.name in fb), t.name
+
+
+def test_factor_in_the_hessians_own_storage_equals_the_copying_one():
+    """factor(consume=True) runs in H's storage (only H and the result alive) and gives the very same factor and
+    dampening, also when the first tries fail and H has to be read back for a stronger dampening."""
+    from slimlm.quant.gptq import all_finite, factor
+    _, H = _layer()
+    U, d = factor(H, 32)
+    U2, d2 = factor(H.clone(), 32, consume=True)
+    assert U.dtype == torch.float32 and torch.equal(U, U2) and d == d2 == 0.01
+    bad = torch.eye(96, dtype=torch.float64)              # eigenvalues 2.05 and -0.05: 0.01 x mean(diag) is too
+    bad[0, 1] = bad[1, 0] = 1.05                          # little, 0.1 x is enough
+    U, d = factor(bad, 32)
+    Hc = bad.clone()
+    U2, d2 = factor(Hc, 32, consume=True)
+    assert d == d2 == pytest.approx(0.1) and torch.equal(U, U2)
+    assert not torch.equal(Hc, bad)                       # it was consumed
+    assert all_finite(U) and not all_finite(torch.tensor([[1.0, float("nan")]] * 300))
+
+
+def test_gptq_packs_units_as_they_finish():
+    """done(grid) replaces each unit's grid once its columns are rounded, in the original unit order."""
+    W, H = _layer()
+    seen = []
+    r = gptq(W, H, unit=32, fit=_fit, block_units=2, act_order=True,
+             done=lambda g: seen.append(g) or ("unit", g.L.copy()))
+    plain = gptq(W, H, unit=32, fit=_fit, block_units=2, act_order=True)
+    assert len(seen) == len(r.grids) == 4 and torch.equal(r.Q, plain.Q)
+    for u, g in enumerate(r.grids):
+        assert g[0] == "unit" and np.array_equal(g[1], plain.grids[u].L)

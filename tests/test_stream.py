@@ -100,3 +100,68 @@ def test_a_fused_model_is_not_streamed_yet(tiny_hf):
     from slimlm import load
     with pytest.raises(InvalidModelError, match="cannot be streamed yet"):
         load(tiny_hf("Phi3ForCausalLM"), stream=True)
+
+
+def test_layer_stages_follow_the_forward_and_sum_over_micro_batches(sharded):
+    """capture_group finds a Llama layer's input groups in forward order (q/k/v, o, gate/up, down), and their
+    statistics summed over micro-batches of chunks equal one batch's (float32 products, float64 sums)."""
+    from slimlm import load
+    from slimlm.arch import decoder_layers
+    from slimlm.sequential import capture_group, micro_batches, replay_inputs
+    m = load(sharded)
+    chunks = torch.randint(0, 1000, (6, 32), generator=torch.Generator().manual_seed(0))
+    x, kw = replay_inputs(m.module, chunks)
+    layer = decoder_layers(m.module)[0]
+    lin = {n for n, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+    seen, pending = [], set(lin)
+    while pending:
+        names, st = capture_group(layer, x, kw, micro_batches(x, tokens=64), pending)   # 2 chunks at a time
+        pending -= set(names)
+        seen.append(sorted(names))
+        one_names, one = capture_group(layer, x, kw, [slice(None)], set(names))
+        assert one_names == names and st.n == one.n == 6 * 32
+        a, b = st.mean(), one.mean()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    assert seen == [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert capture_group(layer, x, kw, micro_batches(x), set()) is None
+
+
+PRUNE_DIMS = dict(hidden_size=128, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def sharded_deep(tiny_hf, tmp_path_factory):
+    return _bf16_shards(tiny_hf("LlamaForCausalLM", tie=True, **PRUNE_DIMS), tmp_path_factory.mktemp("bf16d") / "m")
+
+
+@pytest.mark.parametrize("args", [dict(ratio=0.2), dict(ratio=0.2, method="mlp", allocate="uniform",
+                                                       importance="activation", heads="2x1")])
+def test_streamed_prune_is_bit_identical_to_the_in_memory_one(sharded_deep, tmp_path, args):
+    """`prune --stream on` (layers dropped by block influence, per-layer MLP widths from the OBS curves, OBS refit,
+    or heads and neurons by activation) writes the same GGUF as `--stream off`, and leaves no spill folder."""
+    from slimlm.prune.command import PruneConfig, prune
+    outs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.gguf"
+        rep = prune(sharded_deep, out, PruneConfig(evaluate=False, stream=mode, calib_chunks=4, n_ctx=64, **args),
+                    progress=False)
+        assert rep.memory["streamed"] is (mode == "on")
+        outs[mode] = out.read_bytes()
+    assert outs["on"] == outs["off"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".md") and
+                  not p.name.endswith(".json")) == ["off.gguf", "on.gguf"]
+
+
+def test_streamed_prune_refuses_what_needs_the_whole_model(sharded_deep, tmp_path):
+    from slimlm.prune.command import PruneConfig, prune
+    with pytest.raises(ConfigError, match="--no-eval"):
+        PruneConfig(ratio=0.2, stream="on")
+    with pytest.raises(ConfigError, match="--hidden"):
+        PruneConfig(hidden=64, stream="on", evaluate=False)
+    with pytest.raises(ConfigError, match="weight pruning"):
+        PruneConfig(method="wanda", sparsity="0.5", stream="on", evaluate=False)
+    with pytest.raises(ConfigError, match="HF folder"):
+        prune(sharded_deep, tmp_path / "hf", PruneConfig(ratio=0.2, stream="on", evaluate=False), progress=False)
+    assert not (tmp_path / "hf").exists()

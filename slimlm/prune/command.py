@@ -2,6 +2,7 @@
 an HF folder, evaluated against the original, with a report."""
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ..arch import layer_dims, n_experts
 from ..errors import ConfigError
+from ..lazy import STREAM_MODES
 from .checks import check_gguf_plan, check_hf_plan, check_hidden, per_layer_ok, written_arch
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
@@ -50,6 +52,7 @@ class PruneConfig:
     evaluate: bool = True
     heal: object | None = None         # train.heal.HealConfig: heal the pruned model from the original (--heal)
     steps: int = 1                     # iterative: K rounds of prune k/K of the way -> heal with 1/K of the budget
+    stream: str = "auto"               # auto | on | off: an HF folder's weights read one layer at a time (lazy.py)
 
     def __post_init__(self):
         """Every check that needs no model, so a bad value is refused before anything is loaded."""
@@ -105,6 +108,10 @@ class PruneConfig:
                 raise ConfigError(f"--ratio must be between 0 and 1, got {self.ratio}")
         if self.heads is not None:
             self.parsed_heads()
+        if self.stream not in STREAM_MODES:
+            raise ConfigError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {self.stream!r}")
+        if self.stream == "on":
+            self.check_streamable()
         if not 0.0 <= self.layer_share <= 1.0:
             raise ConfigError(f"--layer-share must be between 0 and 1, got {self.layer_share}")
         if self.allocate is not None and self.allocate not in ALLOCATE:
@@ -126,6 +133,21 @@ class PruneConfig:
             if not WEIGHT_SPAN < parse_sparsity(self.sparsity)[0] < 1.0 - WEIGHT_SPAN:
                 raise ConfigError(f"--allocate sensitivity varies each layer's sparsity by +-{WEIGHT_SPAN}: give a "
                                   f"--sparsity between {WEIGHT_SPAN} and {1 - WEIGHT_SPAN:g}")
+
+    def check_streamable(self, why: str = "with --stream on") -> None:
+        """What needs the whole model in memory is refused when the model is streamed: `why` says why it is."""
+        steps = [(self.method in WEIGHT_METHODS, f"--method {self.method} (weight pruning)"),
+                 (self.heal is not None, "--heal"), (self.steps > 1, "--steps"),
+                 (self.importance == "taylor", "--importance taylor"),
+                 (self.allocate == "sensitivity", "--allocate sensitivity"), (self.hidden is not None, "--hidden"),
+                 (self.experts is not None, "--experts"),
+                 (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
+        bad = [name for on, name in steps if on]
+        if bad:
+            raise ConfigError(f"{why}, slimlm reads the model one layer at a time, and {', '.join(bad)} "
+                              f"need{'s' if len(bad) == 1 else ''} the whole model in memory: give --no-eval and "
+                              f"no {', '.join(b for b in bad if b.startswith('--')) or 'such step'}, or --stream off "
+                              f"on a machine with the memory")
 
     @property
     def allocation(self) -> str:
@@ -310,10 +332,11 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
 
 
 def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_out: bool = True,
-                     heal_rounds=None):
+                     heal_rounds=None, spill: Path | None = None):
     """Plan (widths for --ratio, per-layer allocation) and apply structured pruning; (pruned model, stats).
     `gguf_out`: the result is written as a GGUF (the plan must be one llama.cpp loads). `heal_rounds`: with
-    config.steps > 1, the healing of each round (see _iterative)."""
+    config.steps > 1, the healing of each round (see _iterative). `spill`: a streamed model's pruned layers
+    (prune_structured)."""
     from .structured import block_influence, prune_structured
     config.check_model(m.config, gguf_out)
     config = config.for_model(m.config)
@@ -333,7 +356,7 @@ def structured_prune(m, chunks, config: PruneConfig, say, progress: bool, gguf_o
     if heal_rounds is not None:
         return _iterative(m, chunks, plan, order, config, say, progress, heal_rounds)
     say(f"structured pruning: {plan.describe()} ({config.importance} importance) ...")
-    pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress)
+    pruned, st = prune_structured(m, chunks, plan, importance=config.importance, progress=progress, spill=spill)
     return pruned, _finish_stats(m, pruned, st, plan, say)
 
 
@@ -412,8 +435,15 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         healing.check_work_folder(out, resume)
         healing.check_models_fit(config.heal, [source_info(model)])
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'} ...")
-    m = load(model, progress=progress)
+    from ..lazy import decide_stream, peak_rss
+    from ..source import source_info
+    info = source_info(model)
+    stream = decide_stream(config.stream, model, info, config.check_streamable)
+    if stream and not gguf_out:
+        raise ConfigError("a streamed prune writes a GGUF (out ending in .gguf); an HF folder output holds the "
+                          "whole model: give --stream off on a machine with the memory")
+    say(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}{' (streamed: one layer at a time)' if stream else ''} ...")
+    m = load(model, progress=progress, stream=stream)
     config.check_model(m.config, gguf_out)
     if gguf_out and m.gguf is None:      # an HF tokenizer llama.cpp must know: refused now, not after the work
         from ..gguf.vocab import check_hf_tokenizer
@@ -426,51 +456,63 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         check_eval_text(m, config.text, config.n_ctx)
     chunks, prov = calibration_chunks(m, None if config.calib in (None, "default") else config.calib,
                                       n_ctx=config.n_ctx, max_chunks=config.calib_chunks)
-    t0 = time.perf_counter()
-    if config.method in WEIGHT_METHODS:
-        sp, nm = parse_sparsity(config.sparsity)
-        say(f"{config.method} weight pruning at {config.sparsity} ...")
-        per = None
-        if config.allocate == "sensitivity":
-            from .sensitivity import weight_sparsities
-            if chunks.shape[0] < 2:
-                raise ConfigError("--allocate sensitivity needs at least 2 calibration chunks")
-            say("measuring each layer's sensitivity to weight pruning (KLD on a held-out calibration chunk) ...")
-            per = weight_sparsities(m, chunks[:-1], chunks[-1], config.method, sp, progress=progress)["sparsities"]
-        pruned, st = prune_weights_model(m, chunks, config.method, sp, nm, owl=config.allocate == "owl",
-                                         sparsities=per, progress=progress)
-        step = {"step": "weight pruning", "source": prov, **st}
-        say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
-            f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")
-    else:
-        rounds = _heal_rounds(m, out, config, resume, progress, say) if config.steps > 1 else None
-        pruned, st = structured_prune(m, chunks, config, say, progress, gguf_out, heal_rounds=rounds)
-        step = {"step": "structured pruning", "source": prov, **st}
-    step["seconds"] = time.perf_counter() - t0
-    steps, rec_heal = [step], None
-    if config.steps > 1:
-        rec_heal = dict(st["rounds"][-1]["heal"], rounds=[{k: v for k, v in r.items() if k != "heal"} | {
-            "heldout_kl": r["heal"]["heldout_kl"], "heldout_kl_unhealed": r["heal"]["stages"][0]["heldout_kl"],
-            "seconds": r["heal"]["seconds"]} for r in st["rounds"]])
-        for r in st["rounds"]:
-            r.pop("heal")
-        steps.append(healing.healing_step_record(rec_heal))
-        if not healing.is_main_process():
-            return None
-    elif config.heal is not None:
-        from ..train.stages import layer_map_from
-        rec_heal = healing.heal_step(pruned, m, config.heal, out, resume=resume,
-                                     layer_map=layer_map_from(m.config, st["drop_layers"]), text=config.text,
-                                     progress=progress, say=say, student_label="the pruned model")
-        steps.append(healing.healing_step_record(rec_heal))
-        if not healing.is_main_process():
-            return None
-    rec, ev = healing.write_and_evaluate(pruned, m, out, gguf_out, config, healed=config.heal is not None,
-                                         ref_name="original", overwrite=overwrite, progress=progress, say=say)
-    step["arch"] = written_arch(out)
-    rep = Report(command=command or f"prune {model or '(default)'} -o {out} --method {config.method}",
-                 source=str(m.source), output=str(out), type=rec["type"], export=rec, evaluation=ev,
-                 steps=steps + [{"step": "export", "type": rec["type"], "seconds": rec["seconds"]}],
-                 source_bytes=source_bytes(m.source), healing=rec_heal)
-    rep.written = rep.write(out)
-    return rep
+    spill = None
+    if stream:                             # the pruned layers wait on disk beside the output, not in memory
+        from ..io import clean_stale_temps, temp_name
+        clean_stale_temps(out)
+        spill = temp_name(out)
+        spill.mkdir()
+    try:
+        t0 = time.perf_counter()
+        if config.method in WEIGHT_METHODS:
+            sp, nm = parse_sparsity(config.sparsity)
+            say(f"{config.method} weight pruning at {config.sparsity} ...")
+            per = None
+            if config.allocate == "sensitivity":
+                from .sensitivity import weight_sparsities
+                if chunks.shape[0] < 2:
+                    raise ConfigError("--allocate sensitivity needs at least 2 calibration chunks")
+                say("measuring each layer's sensitivity to weight pruning (KLD on a held-out calibration chunk) ...")
+                per = weight_sparsities(m, chunks[:-1], chunks[-1], config.method, sp, progress=progress)["sparsities"]
+            pruned, st = prune_weights_model(m, chunks, config.method, sp, nm, owl=config.allocate == "owl",
+                                             sparsities=per, progress=progress)
+            step = {"step": "weight pruning", "source": prov, **st}
+            say(f"pruned {st['pruned_weights']} weights ({st['sparsity']:.1%} of the decoder-layer linears); "
+                f"note: zeros make a GGUF neither smaller nor faster in llama.cpp")
+        else:
+            rounds = _heal_rounds(m, out, config, resume, progress, say) if config.steps > 1 else None
+            pruned, st = structured_prune(m, chunks, config, say, progress, gguf_out, heal_rounds=rounds,
+                                          spill=spill)
+            step = {"step": "structured pruning", "source": prov, **st}
+        step["seconds"] = time.perf_counter() - t0
+        steps, rec_heal = [step], None
+        if config.steps > 1:
+            rec_heal = dict(st["rounds"][-1]["heal"], rounds=[{k: v for k, v in r.items() if k != "heal"} | {
+                "heldout_kl": r["heal"]["heldout_kl"], "heldout_kl_unhealed": r["heal"]["stages"][0]["heldout_kl"],
+                "seconds": r["heal"]["seconds"]} for r in st["rounds"]])
+            for r in st["rounds"]:
+                r.pop("heal")
+            steps.append(healing.healing_step_record(rec_heal))
+            if not healing.is_main_process():
+                return None
+        elif config.heal is not None:
+            from ..train.stages import layer_map_from
+            rec_heal = healing.heal_step(pruned, m, config.heal, out, resume=resume,
+                                         layer_map=layer_map_from(m.config, st["drop_layers"]), text=config.text,
+                                         progress=progress, say=say, student_label="the pruned model")
+            steps.append(healing.healing_step_record(rec_heal))
+            if not healing.is_main_process():
+                return None
+        rec, ev = healing.write_and_evaluate(pruned, m, out, gguf_out, config, healed=config.heal is not None,
+                                             ref_name="original", overwrite=overwrite, progress=progress, say=say)
+        step["arch"] = written_arch(out)
+        rep = Report(command=command or f"prune {model or '(default)'} -o {out} --method {config.method}",
+                     source=str(m.source), output=str(out), type=rec["type"], export=rec, evaluation=ev,
+                     steps=steps + [{"step": "export", "type": rec["type"], "seconds": rec["seconds"]}],
+                     source_bytes=source_bytes(m.source), healing=rec_heal,
+                     memory={"streamed": stream, "fp32_bytes": 4 * info.n_params, "peak_rss_bytes": peak_rss()})
+        rep.written = rep.write(out)
+        return rep
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -211,51 +212,64 @@ def router_mass(module, chunks: torch.Tensor, *, progress: bool = True) -> list[
 
 
 # ---------------------------------------------------------------------------------------------- scores
+def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: bool):
+    """The calibration chunks through decoder layers 0..last one layer at a time (lazy.onload: a streamed model
+    reads one layer), in micro-batches: yields (i, layer, micro-batches, x, y, kw, later) with x the layer's input
+    for every chunk and y its output, to be filled by the caller (`y[sl] = run_layer(layer, x[sl], kw)`, with its
+    own hooks) while the layer is loaded; the callables the caller appends to `later` run once the layer is put
+    back (work on a tensor taken from it, in less memory)."""
+    from ..lazy import onload
+    from ..sequential import micro_batches, replay_inputs
+    x, kw = replay_inputs(model.module, chunks, model)
+    layers = decoder_layers(model.module)
+    for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress, leave=False):
+        later: list = []
+        with onload(model, layers[i], f"{model.spec.layer_prefix}{i}.") as layer:
+            y = torch.empty_like(x)
+            yield i, layer, micro_batches(x), x, y, kw, later
+        for f in later:
+            f()
+        x = y
+
+
 @torch.no_grad()
 def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> list[float]:
-    """Per layer: 1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence)."""
-    layers = decoder_layers(model.module)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
-
-    def hook(i):
-        def f(_mod, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-            sums[i] += (1.0 - cos).sum()
-        return f
-
-    handles = [l.register_forward_hook(hook(i), with_kwargs=True) for i, l in enumerate(layers)]
-    try:
-        for c in tqdm(chunks, desc="block influence", unit="chunk", disable=not progress, leave=False):
-            model.module(input_ids=c[None], use_cache=False)
-            count += c.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / count).tolist()
+    """Per layer: 1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence), one layer
+    at a time over all chunks."""
+    from ..sequential import run_layer
+    out = []
+    for _, layer, micro, x, y, kw, _ in _layer_pass(model, chunks, len(decoder_layers(model.module)) - 1,
+                                                    "block influence", progress):
+        s = torch.zeros((), dtype=torch.float64)
+        for sl in micro:
+            y[sl] = run_layer(layer, x[sl], kw)
+            s += (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y[sl].double(), dim=-1)).sum()
+        out.append(float(s / chunks.numel()))
+    return out
 
 
 def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, *, damp: float = 0.01,
                allowed=None, steps: int = 64, per_round: int | None = None,
-               trace: list | None = None) -> tuple[torch.Tensor, list[int]]:
+               trace: list | None = None, consume: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Greedy OBS removal of `n_remove` groups of `group` consecutive input columns of W (rows, cols) given the
     input second moment C (cols, cols). Returns (W with the removed columns zero and the rest refit by least
     squares on C, removed group indices in order). At most `steps` rounds: each removes the ceil(n / steps)
     groups whose removal (judged one at a time) costs least, then updates W and the inverse for all of them at
     once (exact for the set; only the choice within a round ignores their interaction). `allowed(removed, g)`
     can veto a group (then one group per round). `per_round` fixes the groups per round; `trace` receives
-    (groups removed so far, output error added by the round) after every round."""
+    (groups removed so far, output error added by the round) after every round. `consume`: C (float64) is the
+    caller's to give away (its storage holds the inverse's factorization), so only one n x n matrix besides it is
+    alive: a 14336-wide MLP's takes 1.6 GB in float64."""
     W = W.detach().double().clone()
-    C = C.double()
-    n = C.shape[0]
-    d = torch.diagonal(C)
+    Cd = C.double() if consume else C.double().clone()
+    n = Cd.shape[0]
+    d = torch.diagonal(Cd)
     dead = d <= 0
     scale = float(d[~dead].mean()) if (~dead).any() else 1.0
-    Cd = C + damp * scale * torch.eye(n, dtype=C.dtype)
-    Cd[dead, dead] = 1.0            # never-active inputs: free to remove, nothing to refit
-    Ci = torch.linalg.inv(Cd)
+    d.add_(damp * scale)
+    d[dead] = 1.0                   # never-active inputs: free to remove, nothing to refit
+    Ci = _spd_inverse(Cd)
+    del Cd, d
     G = n // group
     removed: list[int] = []
     alive = torch.ones(G, dtype=torch.bool)
@@ -281,8 +295,9 @@ def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, 
         B = torch.linalg.inv(Ci[cols][:, cols])
         if trace is not None:    # output error the round adds: tr(W_S B W_S^T)
             trace.append((len(removed) + k, float(torch.einsum("rk,kl,rl->", W[:, cols], B, W[:, cols]))))
-        W -= W[:, cols] @ B @ Ci[cols, :]
-        Ci -= Ci[:, cols] @ B @ Ci[cols, :]
+        R = Ci[cols, :].clone()
+        W.addmm_(W[:, cols] @ B, R, alpha=-1)          # in place: no (rows, n) or n x n temporary
+        Ci.addmm_(Ci[:, cols] @ B, R, alpha=-1)
         W[:, cols] = 0.0
         Ci[cols, :] = 0.0
         Ci[:, cols] = 0.0
@@ -291,6 +306,28 @@ def obs_remove(W: torch.Tensor, C: torch.Tensor, n_remove: int, group: int = 1, 
     if not torch.isfinite(W).all():
         raise NumericsError("structured pruning produced non-finite weights (calibration activations degenerate)")
     return W, removed
+
+
+def _spd_inverse(A: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The inverse of a symmetric positive definite A (a dampened second moment), in A's own storage: the sweep
+    operator (Goodnight 1979) over blocks of `block` pivots, each an in-place rank-`block` update, so nothing of
+    A's size is allocated beside it. Sweeping every pivot leaves -A^-1; a pivot block that is not positive
+    definite means the calibration activations are degenerate."""
+    n = A.shape[0]
+    for k0 in range(0, n, block):
+        K = slice(k0, min(n, k0 + block))
+        R = A[K, :].clone()                                   # rows K: (b, n)
+        L, info = torch.linalg.cholesky_ex(R[:, K])
+        if int(info) != 0:
+            raise NumericsError("the input second moment is not positive definite: the calibration activations "
+                                "are degenerate for this layer (give more calibration text)")
+        Dinv = torch.cholesky_inverse(L)
+        B = A[:, K] @ Dinv                                    # A_IK D^-1
+        A.addmm_(B, R, alpha=-1)                              # A_IJ - A_IK D^-1 A_KJ
+        A[:, K] = B
+        A[K, :] = B.T
+        A[K, K] = -Dinv
+    return A.neg_()
 
 
 @torch.no_grad()
@@ -302,32 +339,35 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
     layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style). `layers`:
     only these layers (by index; the others are to be dropped) get widths, in that order."""
-    all_layers = decoder_layers(model.module)
-    which = list(range(len(all_layers))) if layers is None else list(layers)
+    from ..sequential import InputStats, run_layer
+    which = list(range(len(decoder_layers(model.module)))) if layers is None else list(layers)
     ff = dims(model.config)["ffn"]
-    resid = {i: torch.zeros((), dtype=torch.float64) for i in which}
-
-    def post(i):
-        def f(_mod, _args, out):
-            y = out[0] if isinstance(out, tuple) else out
-            resid[i] += y.double().pow(2).mean(-1).sum()
-        return f
-    hs = [all_layers[i].register_forward_hook(post(i)) for i in which]
-    try:
-        sums, count = input_moments(model.module, chunks, [part(all_layers[i], "down") for i in which],
-                                    "MLP curves: activations", progress)
-    finally:
-        for h in hs:
-            h.remove()
-    C = dict(zip(which, sums, strict=True))
     n_max = int(ff * max_frac) // round_to * round_to
-    curves = []
-    for i in tqdm(which, desc="MLP curves: OBS", unit="layer", disable=not progress, leave=False):
-        trace: list = []
-        obs_remove(part(all_layers[i], "down").weight.data, C[i] / count, n_max, per_round=round_to, damp=damp,
-                   trace=trace)
-        curves.append([err / round_to / float(resid[i] / count) for _, err in trace])
-    return greedy_widths(curves, ff, n_remove, round_to)
+    curves = {}
+    for i, layer, micro, x, y, kw, later in _layer_pass(model, chunks, max(which), "MLP curves (OBS)", progress):
+        if i not in which:
+            for sl in micro:
+                y[sl] = run_layer(layer, x[sl], kw)
+            continue
+        st, resid = InputStats(), torch.zeros((), dtype=torch.float64)
+        down = part(layer, "down")
+        h = down.register_forward_pre_hook(lambda _m, inputs, st=st: st.add(inputs[0]))
+        try:
+            for sl in micro:
+                y[sl] = run_layer(layer, x[sl], kw)
+                resid += y[sl].double().pow(2).mean(-1).sum()
+        finally:
+            h.remove()
+        st.check(f"layer {i} MLP down projection")
+        r = float(resid / chunks.numel())
+
+        def curve(i=i, W=down.weight.data, st=st, resid=r):
+            trace: list = []
+            obs_remove(W, st.mean(), n_max, per_round=round_to, damp=damp, trace=trace, consume=True)
+            curves[i] = [err / round_to / resid for _, err in trace]
+        later.append(curve)           # once the layer is put back: only its down projection stays
+        del st
+    return greedy_widths([curves[i] for i in which], ff, n_remove, round_to)
 
 
 def greedy_widths(curves: list[list[float]], ffn: int, n_remove: int, round_to: int) -> list[int]:
@@ -377,11 +417,11 @@ def input_moments(module, chunks: torch.Tensor, linears: list, desc: str,
 
 # ---------------------------------------------------------------------------------------------- surgery
 def _linear(W: torch.Tensor, b: torch.Tensor | None, like: torch.nn.Linear) -> torch.nn.Linear:
-    out = torch.nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=like.weight.dtype)
-    out.weight.data = W.to(like.weight.dtype).contiguous()
+    out = torch.nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=like.weight.dtype, device="meta")
+    out.weight = torch.nn.Parameter(W.to(like.weight.dtype).contiguous(), requires_grad=False)
     if b is not None:
-        out.bias.data = b.to(like.weight.dtype).contiguous()
-    return out.requires_grad_(False)
+        out.bias = torch.nn.Parameter(b.to(like.weight.dtype).contiguous(), requires_grad=False)
+    return out
 
 
 def _rows(lin: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
@@ -496,10 +536,13 @@ def _hidden_scores(model, chunks: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importance: str = "obs",
-                     damp: float = 0.01, progress: bool = True):
+                     damp: float = 0.01, progress: bool = True, spill: Path | None = None):
     """Apply `plan` to a copy of `model`; returns (the pruned Model, stats). The caller's model is unchanged.
     Order: layers are dropped first (their scores come from the unpruned model), then hidden channels, then
-    every remaining layer's heads and neurons, sequentially on calibration activations."""
+    every remaining layer's heads and neurons, sequentially on calibration activations, one layer at a time.
+    A streamed model (lazy.py) stays streamed: its pruned layers are written to `spill` (a folder that must
+    outlive the pruned model) and its other tensors are read from the original's files."""
+    from ..lazy import streamed
     if importance not in IMPORTANCE:
         raise ConfigError(f"unknown importance {importance!r}; choose {', '.join(IMPORTANCE)}")
     d = dims(model.config)
@@ -543,8 +586,13 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
     if chunks is None and (plan.hidden not in (None, d["hidden"]) or (width and importance != "magnitude")
                            or drop_experts):
         raise ConfigError("this plan needs calibration text (chunks)")
+    if streamed(model) and (spill is None or plan.hidden not in (None, d["hidden"]) or drop_experts
+                            or importance == "taylor"):
+        raise ConfigError("a streamed model (read one layer at a time) is pruned by layers, heads and MLP neurons "
+                          "with obs, activation or magnitude importance, into a spill folder; --hidden, --experts "
+                          "and taylor importance need the whole model in memory (--stream off)")
     out = copy.copy(model)
-    out.module = module = copy.deepcopy(model.module)
+    out.module = module = copy.deepcopy(model.module)         # a streamed model's matrices are on the meta device
     out.config = new_cfg
     out.history = list(model.history)
     stats: dict = {"plan": plan.describe(), "params_before": model.n_params(), "importance": importance}
@@ -557,13 +605,15 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
                                                  / mass[i].sum().clamp(min=1e-12)), 4) for i in kept]
     if plan.drop_layers:
         drop_layers(module, plan.drop_layers)
+        if streamed(model):
+            out.weights = model.weights.renamed(_renumbered(model, plan.drop_layers))
     if plan.hidden not in (None, d["hidden"]):
         tmp = copy.copy(out)
         tmp.config = dict(model.config, num_hidden_layers=d["n_layer"] - len(plan.drop_layers))
         keep = torch.sort(torch.argsort(_hidden_scores(tmp, chunks), descending=True)[:plan.hidden]).values
         keep_hidden(module, keep)
     if width:
-        _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats)
+        _prune_widths(out, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats, spill)
     _set_config(module, new_cfg)
     got = out.n_params()
     # output biases that healing's bias compensation added (o_proj/down_proj: over the hidden size, which a plan
@@ -575,6 +625,22 @@ def prune_structured(model, chunks: torch.Tensor | None, plan: Plan, *, importan
     stats["params_after"] = got
     out.history.append({"step": "prune", **stats})
     return out, stats
+
+
+def _renumbered(model, drop: list[int]) -> dict[str, str]:
+    """New tensor name -> the original's, once layers `drop` are gone (the kept layers renumbered from 0)."""
+    import re
+    pre = model.spec.layer_prefix
+    kept = {old: new for new, old in enumerate(i for i in range(model.config["num_hidden_layers"]) if i not in drop)}
+    pat = re.compile(re.escape(pre) + r"(\d+)\.(.*)")
+    out = {}
+    for name in model.weights.where:
+        m = pat.fullmatch(name)
+        if m is None:
+            out[name] = name
+        elif int(m.group(1)) in kept:
+            out[f"{pre}{kept[int(m.group(1))]}.{m.group(2)}"] = name
+    return out
 
 
 def _taylor_scores(module, chunks: torch.Tensor, hd: int, progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -611,8 +677,16 @@ def _taylor_scores(module, chunks: torch.Tensor, hd: int, progress: bool) -> lis
     return [(sums[i] / n, (sums[L + i] / n).reshape(-1, hd).sum(1)) for i in range(L)]
 
 
-def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats) -> None:
-    from ..sequential import _checked_hessian, _layer_inputs, run_layer
+def _prune_widths(out, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, progress, stats,
+                  spill: Path | None = None) -> None:
+    """Prune every layer's heads and MLP neurons, one layer at a time (lazy.onload): for activation-based
+    importance the calibration chunks go through the layer in micro-batches, the attention output's input
+    statistics first (heads removed, o refit), then the down projection's (through the pruned attention), then the
+    layer's output for the next layer. The pruned layer replaces the module's; for a streamed model (`out.weights`)
+    its matrices go to a safetensors file in `spill`, which the model reads them from from then on."""
+    from ..lazy import _set_param, onload, streamed
+    from ..sequential import capture_input, micro_batches, replay_inputs, run_layer
+    module = out.module
     hd, nkv0 = d["head_dim"], d["n_kv"]
     layers = decoder_layers(module)
     ffns = plan.ffn_per_layer or [plan.ffn if plan.ffn is not None else d["ffn"]] * len(layers)
@@ -620,76 +694,87 @@ def _prune_widths(module, chunks, d, plan, n_kv, q_per, q_per0, importance, damp
     x = kw = None
     taylor = _taylor_scores(module, chunks, hd, progress) if importance == "taylor" else None
     if chunks is not None and importance not in ("magnitude", "taylor"):
-        cache = _layer_inputs(module, chunks)
-        x, kw = torch.cat([c[0] for c in cache]), cache[0][1]
-        del cache
-    keeps = []
-    for li, (layer, ffn) in enumerate(zip(tqdm(layers, desc=f"pruning widths ({importance})", unit="layer",
-                                               disable=not progress, leave=False), ffns, strict=True)):
+        x, kw = replay_inputs(module, chunks, out)
+    on_disk = streamed(out)
+    keeps, files = [], []
+    for li in tqdm(range(len(layers)), desc=f"pruning widths ({importance})", unit="layer", disable=not progress,
+                   leave=False):
+        ffn, prefix = ffns[li], f"{out.spec.layer_prefix}{li}."
         res: dict = {}
-        do_mlp = part(layer, "down") is not None and ffn != part(layer, "down").weight.shape[1]
+        with onload(out, layers[li], prefix, copy_weights=True) as layer:
+            do_mlp = part(layer, "down") is not None and ffn != part(layer, "down").weight.shape[1]
+            micro = None if x is None else micro_batches(x)
 
-        def attn(mod, inputs, res=res, li=li):
-            W = mod.weight.data
-            if importance == "obs":
-                Wn, gone = _obs_heads(W, _checked_hessian(inputs[0], f"layer {li} attention output"), nkv0, q_per0, n_kv, q_per, hd, damp)
-            else:
-                if importance == "activation":
-                    s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0).reshape(-1, hd).norm(dim=1)
-                elif importance == "taylor":
-                    s = taylor[li][1]
+            def stats_of(role, layer=layer, x=x, micro=micro):     # a linear's input statistics, every chunk
+                return capture_input(layer, x, kw, micro, out.spec.layout.path(role), lambda v: v)
+
+            if do_heads:
+                mod = part(layer, "o")
+                W = mod.weight.data
+                if importance == "obs":
+                    st = stats_of("o")
+                    st.check(f"layer {li} attention output")
+                    Wn, gone = _obs_heads(W, st.hessian(), nkv0, q_per0, n_kv, q_per, hd, damp)
                 else:
-                    s = W.double().reshape(W.shape[0], -1, hd).norm(dim=(0, 2))
-                gone = _rank_heads(s, nkv0, q_per0, n_kv, q_per)
-                Wn = W.clone()
-                for h in gone:
-                    Wn[:, h * hd:(h + 1) * hd] = 0
-            mod.weight.data = Wn.to(W.dtype)
-            res["heads"] = sorted(set(range(nkv0 * q_per0)) - set(gone))
-
-        def mlp(mod, inputs, layer=layer, res=res, ffn=ffn, li=li):
-            W = mod.weight.data
-            n_rm = W.shape[1] - ffn
-            if importance == "obs":
-                Wn, gone = obs_remove(W, _checked_hessian(inputs[0], f"layer {li} MLP down projection"), n_rm, damp=damp)
-            else:
-                if importance == "activation":
-                    s = inputs[0].reshape(-1, W.shape[1]).abs().double().mean(0)
-                elif importance == "taylor":
-                    s = taylor[li][0]
-                else:   # |down column| x geometric mean of |gate row| and |up row|
-                    g, u = part(layer, "gate").weight.double(), part(layer, "up").weight.double()
-                    s = W.double().norm(dim=0) * (g.norm(dim=1) * u.norm(dim=1)).sqrt()
-                gone = torch.argsort(s)[:n_rm].tolist()
-                Wn = W.clone()
-                Wn[:, gone] = 0
-            mod.weight.data = Wn.to(W.dtype)
-            res["ffn"] = torch.tensor(sorted(set(range(W.shape[1])) - set(gone)))
-
-        if x is None:            # magnitude, taylor: scores known, no activations needed
-            if do_heads:
-                attn(part(layer, "o"), (None,))
+                    if importance == "activation":
+                        s = stats_of("o").absmean().reshape(-1, hd).norm(dim=1)
+                    elif importance == "taylor":
+                        s = taylor[li][1]
+                    else:
+                        s = W.double().reshape(W.shape[0], -1, hd).norm(dim=(0, 2))
+                    gone = _rank_heads(s, nkv0, q_per0, n_kv, q_per)
+                    Wn = W.clone()
+                    for h in gone:
+                        Wn[:, h * hd:(h + 1) * hd] = 0
+                mod.weight.data = Wn.to(W.dtype)
+                res["heads"] = sorted(set(range(nkv0 * q_per0)) - set(gone))
             if do_mlp:
-                mlp(part(layer, "down"), (None,))
+                mod = part(layer, "down")
+                W = mod.weight.data
+                n_rm = W.shape[1] - ffn
+                if importance == "obs":
+                    st = stats_of("down")
+                    st.check(f"layer {li} MLP down projection")
+                    Wn, gone = obs_remove(W, st.hessian(), n_rm, damp=damp, consume=True)
+                else:
+                    if importance == "activation":
+                        s = stats_of("down").absmean()
+                    elif importance == "taylor":
+                        s = taylor[li][0]
+                    else:   # |down column| x geometric mean of |gate row| and |up row|
+                        g, u = part(layer, "gate").weight.double(), part(layer, "up").weight.double()
+                        s = W.double().norm(dim=0) * (g.norm(dim=1) * u.norm(dim=1)).sqrt()
+                    gone = torch.argsort(s)[:n_rm].tolist()
+                    Wn = W.clone()
+                    Wn[:, gone] = 0
+                mod.weight.data = Wn.to(W.dtype)
+                res["ffn"] = torch.tensor(sorted(set(range(W.shape[1])) - set(gone)))
+            if x is not None:                    # the next layer's input, through the pruned layer
+                y = torch.empty_like(x)
+                for sl in micro:
+                    y[sl] = run_layer(layer, x[sl], kw)
+                x = y
+            if "heads" in res:
+                heads = res["heads"]
+                keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, part(layer, "o").weight.data)
+            if "ffn" in res:
+                keep_mlp(layer, res["ffn"], part(layer, "down").weight.data)
+            pruned = {n: p.data for n, p in layer.named_parameters()}
+            if on_disk and res:
+                from safetensors.torch import save_file
+                f = Path(spill) / f"layer-{li:05d}.safetensors"
+                save_file({prefix + n: t.contiguous() for n, t in pruned.items() if t.ndim >= 2}, str(f))
+                files.append(f)
+        if on_disk:                     # the layer's new shapes on the meta device, its vectors in memory
+            for n, t in pruned.items():
+                _set_param(layers[li], n, t.to("meta") if t.ndim >= 2 else t)
         else:
-            hs = []
-            if do_heads:
-                hs.append(part(layer, "o").register_forward_pre_hook(attn))
-            if do_mlp:
-                hs.append(part(layer, "down").register_forward_pre_hook(mlp))
-            try:
-                x = run_layer(layer, x, kw)
-            finally:
-                for h in hs:
-                    h.remove()
+            layers[li] = layer
+        del pruned
         keeps.append(res)
+    if files:
+        out.weights.add(files)
     stats["kept"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()} for r in keeps]
-    for layer, res in zip(layers, keeps, strict=True):
-        if "heads" in res:
-            heads = res["heads"]
-            keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, part(layer, "o").weight.data)
-        if "ffn" in res:
-            keep_mlp(layer, res["ffn"], part(layer, "down").weight.data)
 
 
 def _head_constraint(nkv0: int, q_per0: int, n_kv: int, q_per: int):
