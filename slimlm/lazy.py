@@ -299,7 +299,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def empty_module(config, hf_dir: Path):
+def empty_module(config):
     """The *ForCausalLM of `config` with its parameters on the meta device and its buffers computed in memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

@@ -179,7 +179,7 @@ def _load_hf_streamed(d: Path) -> Model:
     with _library_errors(d):
         tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
         config = AutoConfig.from_pretrained(d, trust_remote_code=False)
-        module = lazy.empty_module(config, d)
+        module = lazy.empty_module(config)
     lazy.return_freed_memory()
     weights = lazy.SafetensorsWeights(files)
     tied = spec.output_name if cfg.get("tie_word_embeddings", False) else None

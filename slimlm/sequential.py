@@ -289,10 +289,9 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
             del st
         if ex is not None:
             ex.observer = _expert_gptq(i, layer, spec, types, enc, damps, rtn_fallbacks, secs, act_order, damp)
-        try:
-            y = torch.empty_like(x)
-            for sl in micro:
-                y[sl] = run_layer(layer, x[sl], kw)
+        try:                # in place: each micro-batch's output replaces its input (one (chunks, n_ctx,
+            for sl in micro:                                    # hidden) tensor alive, not two)
+                x[sl] = run_layer(layer, x[sl], kw)
         finally:
             if ex is not None:
                 ex.observer = None
@@ -302,7 +301,7 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
         for name, parts in enc.items():       # this layer's codes (with a spill folder: written to disk)
             encoded[name] = np.concatenate([parts[n] for n in mods if n in parts], 0) \
                 if isinstance(parts, dict) else parts
-        return y
+        return x
     changed: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress, leave=False):
         prefix = f"{spec.layer_prefix}{i}."
@@ -324,7 +323,7 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
     return encoded, changed, stats
 
 
-MICRO_TOKENS = 2048      # calibration tokens per micro-batch of a layer pass: bounds the activations alive at once
+MICRO_TOKENS = 1024      # calibration tokens per micro-batch of a layer pass: bounds the activations alive at once
 
 
 def micro_batches(x: torch.Tensor, tokens: int = MICRO_TOKENS) -> list[slice]:

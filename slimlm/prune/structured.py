@@ -214,10 +214,10 @@ def router_mass(module, chunks: torch.Tensor, *, progress: bool = True) -> list[
 # ---------------------------------------------------------------------------------------------- scores
 def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: bool):
     """The calibration chunks through decoder layers 0..last one layer at a time (lazy.onload: a streamed model
-    reads one layer), in micro-batches: yields (i, layer, micro-batches, x, y, kw, later) with x the layer's input
-    for every chunk and y its output, to be filled by the caller (`y[sl] = run_layer(layer, x[sl], kw)`, with its
-    own hooks) while the layer is loaded; the callables the caller appends to `later` run once the layer is put
-    back (work on a tensor taken from it, in less memory)."""
+    reads one layer), in micro-batches: yields (i, layer, micro-batches, x, kw, later) with x the layer's input for
+    every chunk, which the caller replaces by the layer's output while the layer is loaded (`x[sl] =
+    run_layer(layer, x[sl], kw)`, with its own hooks: in place, one such tensor alive); the callables it appends
+    to `later` run once the layer is put back (work on a tensor taken from it, in less memory)."""
     from ..lazy import onload
     from ..sequential import micro_batches, replay_inputs
     x, kw = replay_inputs(model.module, chunks, model)
@@ -225,11 +225,9 @@ def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: boo
     for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress, leave=False):
         later: list = []
         with onload(model, layers[i], f"{model.spec.layer_prefix}{i}.") as layer:
-            y = torch.empty_like(x)
-            yield i, layer, micro_batches(x), x, y, kw, later
-        for f in later:
-            f()
-        x = y
+            yield i, layer, micro_batches(x), x, kw, later
+        while later:               # each dropped once it ran: what it holds (a Hessian's storage) goes with it
+            later.pop(0)()
 
 
 @torch.no_grad()
@@ -238,12 +236,13 @@ def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> li
     at a time over all chunks."""
     from ..sequential import run_layer
     out = []
-    for _, layer, micro, x, y, kw, _ in _layer_pass(model, chunks, len(decoder_layers(model.module)) - 1,
-                                                    "block influence", progress):
+    for _, layer, micro, x, kw, _ in _layer_pass(model, chunks, len(decoder_layers(model.module)) - 1,
+                                                 "block influence", progress):
         s = torch.zeros((), dtype=torch.float64)
         for sl in micro:
-            y[sl] = run_layer(layer, x[sl], kw)
-            s += (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y[sl].double(), dim=-1)).sum()
+            y = run_layer(layer, x[sl], kw)
+            s += (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y.double(), dim=-1)).sum()
+            x[sl] = y
         out.append(float(s / chunks.numel()))
     return out
 
@@ -344,18 +343,19 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     ff = dims(model.config)["ffn"]
     n_max = int(ff * max_frac) // round_to * round_to
     curves = {}
-    for i, layer, micro, x, y, kw, later in _layer_pass(model, chunks, max(which), "MLP curves (OBS)", progress):
+    for i, layer, micro, x, kw, later in _layer_pass(model, chunks, max(which), "MLP curves (OBS)", progress):
         if i not in which:
             for sl in micro:
-                y[sl] = run_layer(layer, x[sl], kw)
+                x[sl] = run_layer(layer, x[sl], kw)
             continue
         st, resid = InputStats(), torch.zeros((), dtype=torch.float64)
         down = part(layer, "down")
         h = down.register_forward_pre_hook(lambda _m, inputs, st=st: st.add(inputs[0]))
         try:
             for sl in micro:
-                y[sl] = run_layer(layer, x[sl], kw)
-                resid += y[sl].double().pow(2).mean(-1).sum()
+                y = run_layer(layer, x[sl], kw)
+                resid += y.double().pow(2).mean(-1).sum()
+                x[sl] = y
         finally:
             h.remove()
         st.check(f"layer {i} MLP down projection")
@@ -749,11 +749,9 @@ def _prune_widths(out, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, p
                     Wn[:, gone] = 0
                 mod.weight.data = Wn.to(W.dtype)
                 res["ffn"] = torch.tensor(sorted(set(range(W.shape[1])) - set(gone)))
-            if x is not None:                    # the next layer's input, through the pruned layer
-                y = torch.empty_like(x)
+            if x is not None:           # the next layer's input, through the pruned layer (in place)
                 for sl in micro:
-                    y[sl] = run_layer(layer, x[sl], kw)
-                x = y
+                    x[sl] = run_layer(layer, x[sl], kw)
             if "heads" in res:
                 heads = res["heads"]
                 keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, part(layer, "o").weight.data)
