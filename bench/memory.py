@@ -127,7 +127,7 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"random Llama models, width {a.hidden}, MLP {a.ffn}, {a.heads} heads ({a.kv_heads} KV), bf16 safetensors; "
-          f"slimlm compress on the bundled calibration text (32 chunks of 512 tokens, GPTQ on 16)", flush=True)
+          f"slimlm compress and prune on the bundled calibration text (32 chunks of 512 tokens; GPTQ and pruning on 16)", flush=True)
     print(f"{'layers':>6} {'params':>8} {'on disk':>10} {'step':>6} {'peak RSS':>10} {'minutes':>8} {'s/layer':>8}",
           flush=True)
     for n in layers:

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .eval import evaluate_many
 from .gguf.writer import export_gguf, plan_model
 from .io import check_output_path
-from .lazy import decide_stream, peak_rss
+from .lazy import decide_stream, peak_rss, refuse_unstreamable
 from .mixed import check_reachable, parse_size
 from .model import load
 from .presets import get_preset
@@ -125,12 +125,7 @@ class CompressConfig:
         steps = [(self.prune is not None, "--prune"), (self.heal is not None, "--heal"),
                  (self.budgeted, "--target-size/--bpw"), (self.compare is not None, "--compare"),
                  (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
-        bad = [name for on, name in steps if on]
-        if bad:
-            raise ConfigError(f"{why}, slimlm reads the model one layer at a time, and {', '.join(bad)} "
-                              f"need{'s' if len(bad) == 1 else ''} the whole model in memory: give --no-eval and "
-                              f"no {', '.join(b for b in bad if b.startswith('--')) or 'such step'}, or --stream off "
-                              f"on a machine with the memory")
+        refuse_unstreamable(why, steps)
 
     def prune_config(self):
         from .prune.command import PruneConfig

@@ -293,6 +293,18 @@ def decide_stream(mode: str, model, info, check_streamable) -> bool:
     return stream
 
 
+def refuse_unstreamable(why: str, steps: list[tuple[bool, str]]) -> None:
+    """steps: (asked for, its name) of what needs the whole model in memory; those asked for are refused (a streamed
+    model), `why` saying why the model is streamed."""
+    from .errors import ConfigError
+    bad = [name for on, name in steps if on]
+    if bad:
+        raise ConfigError(f"{why}, slimlm reads the model one layer at a time, and {', '.join(bad)} "
+                          f"need{'s' if len(bad) == 1 else ''} the whole model in memory: give --no-eval and "
+                          f"no {', '.join(b for b in bad if b.startswith('--')) or 'such step'}, or --stream off "
+                          f"on a machine with the memory")
+
+
 def peak_rss() -> int:
     """This process's peak resident set so far, in bytes (Linux reports ru_maxrss in KiB)."""
     import resource

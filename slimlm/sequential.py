@@ -7,6 +7,9 @@ matrix (llama-imatrix, whose default also leaves the output projection out).
 Every pass here goes one decoder layer at a time over all chunks (`replay_inputs`, `run_layer`), and asks
 lazy.onload for the layer's weights: a streamed model reads them from disk for that layer only, so a model
 bigger than RAM is calibrated and quantized in about one layer's memory; an in-memory model runs the same code.
+Inside a layer, GPTQ/AWQ (and structured pruning, prune/structured.py) run the chunks in micro-batches of
+MICRO_TOKENS, stopped at the input a stage needs (`capture_group`, `capture_input`), its statistics summed over
+all of them (`InputStats`): only a micro-batch's activations are alive at once.
 """
 from __future__ import annotations
 

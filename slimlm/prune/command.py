@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..arch import layer_dims, n_experts
 from ..errors import ConfigError
-from ..lazy import STREAM_MODES
+from ..lazy import STREAM_MODES, refuse_unstreamable
 from .checks import check_gguf_plan, check_hf_plan, check_hidden, per_layer_ok, written_arch
 from .structured import IMPORTANCE, Plan, dims, plan_for_ratio
 from .weights import WEIGHT_METHODS, parse_sparsity
@@ -142,12 +142,7 @@ class PruneConfig:
                  (self.allocate == "sensitivity", "--allocate sensitivity"), (self.hidden is not None, "--hidden"),
                  (self.experts is not None, "--experts"),
                  (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
-        bad = [name for on, name in steps if on]
-        if bad:
-            raise ConfigError(f"{why}, slimlm reads the model one layer at a time, and {', '.join(bad)} "
-                              f"need{'s' if len(bad) == 1 else ''} the whole model in memory: give --no-eval and "
-                              f"no {', '.join(b for b in bad if b.startswith('--')) or 'such step'}, or --stream off "
-                              f"on a machine with the memory")
+        refuse_unstreamable(why, steps)
 
     @property
     def allocation(self) -> str:
