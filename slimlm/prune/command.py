@@ -425,14 +425,13 @@ def prune(model, out: str | Path, config: PruneConfig, *, overwrite: bool = Fals
         from ..io import check_output_folder
         out = check_folder(model, out, overwrite=overwrite)
         check_output_folder(out, overwrite=overwrite, inputs=inputs)
-    if config.heal is not None:
-        from ..source import source_info
-        healing.check_work_folder(out, resume)
-        healing.check_models_fit(config.heal, [source_info(model)])
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     from ..lazy import decide_stream, peak_rss
     from ..source import source_info
-    info = source_info(model)
+    info = source_info(model)              # checked once: healing's memory check and the stream decision
+    if config.heal is not None:
+        healing.check_work_folder(out, resume)
+        healing.check_models_fit(config.heal, [info])
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     stream = decide_stream(config.stream, model, info, config.check_streamable)
     if stream and not gguf_out:
         raise ConfigError("a streamed prune writes a GGUF (out ending in .gguf); an HF folder output holds the "
