@@ -70,36 +70,71 @@ def _iq4xs_scales(blocks: np.ndarray) -> np.ndarray:
     return ls - 32                                                                    # (n, 8)
 
 
-def params(qtype, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) per weight, float32 (n, block), such that value = a * T[level] + b."""
+# byte offsets of the fp16 block scale d and (types with a minimum) dmin / m in a block
+D_OFFSET = {T.Q8_0: 0, T.Q4_0: 0, T.Q5_0: 0, T.IQ4_NL: 0, T.Q4_1: 0, T.Q5_1: 0, T.Q2_K: 80, T.Q3_K: 108,
+            T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 208, T.IQ4_XS: 0}
+MIN_OFFSET = {T.Q4_1: 2, T.Q5_1: 2, T.Q2_K: 82, T.Q4_K: 2, T.Q5_K: 2}
+SUB_BLOCK = {T.Q2_K: 16, T.Q3_K: 16, T.Q4_K: 32, T.Q5_K: 32, T.Q6_K: 16, T.IQ4_XS: 32}    # others: the block
+
+
+@dataclass(frozen=True)
+class Header:
+    """A block's scales as stored: d and dmin (fp16 values as float32, (n, 1)), the integer sub-block scales and
+    mins ((n, sub-blocks); legacy types: one sub-block of scale 1). The decoder's value of weight j of sub-block k
+    is a * T[level] + b with a = d * sc[k] and b = -(dmin * m[k]) (K-quants), b = dmin (Q4_1/Q5_1: y = d*q + m),
+    else 0 -- float32 products in this order, as llama.cpp's dequantize_row_* computes them."""
+    d: np.ndarray
+    dmin: np.ndarray | None
+    sc: np.ndarray            # int64
+    m: np.ndarray | None      # int64, K-quants with mins
+    sub: int                  # weights per sub-block
+    negate_min: bool          # b = -(dmin * m) (K-quants) rather than b = dmin (Q4_1/Q5_1)
+
+
+def header(qtype, blocks: np.ndarray) -> Header:
     n = blocks.shape[0]
-    zero = np.zeros((n, 1), np.float32)
-    if qtype in (T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL):
-        d = _f16(blocks, 0)
-        return np.broadcast_to(d, (n, 32)).copy(), np.broadcast_to(zero, (n, 32)).copy()
-    if qtype in (T.Q4_1, T.Q5_1):
-        d, m = _f16(blocks, 0), _f16(blocks, 2)
-        return np.broadcast_to(d, (n, 32)).copy(), np.broadcast_to(m, (n, 32)).copy()
+    d = _f16(blocks, D_OFFSET[qtype]) if qtype in D_OFFSET else None
+    dmin = _f16(blocks, MIN_OFFSET[qtype]) if qtype in MIN_OFFSET else None
+    one = np.ones((n, 1), np.int64)
+    if qtype in (T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL, T.Q4_1, T.Q5_1):
+        return Header(d, dmin, one, None, 32, False)
     if qtype == T.Q2_K:
         sc = blocks[:, :16].astype(np.int64)
-        a = _f16(blocks, 80) * (sc & 0xF).astype(np.float32)
-        b = -(_f16(blocks, 82) * (sc >> 4).astype(np.float32))
-        return np.repeat(a, 16, axis=1), np.repeat(b, 16, axis=1)
+        return Header(d, dmin, sc & 0xF, sc >> 4, 16, True)
     if qtype == T.Q3_K:
-        a = _f16(blocks, 108) * _q3_scales(blocks[:, 96:108]).astype(np.float32)
-        return np.repeat(a, 16, axis=1), np.zeros((n, 256), np.float32)
+        return Header(d, None, _q3_scales(blocks[:, 96:108]), None, 16, False)
     if qtype in (T.Q4_K, T.Q5_K):
         s, m = _k4_scales(blocks[:, 4:16])
-        a = _f16(blocks, 0) * s.astype(np.float32)
-        b = -(_f16(blocks, 2) * m.astype(np.float32))
-        return np.repeat(a, 32, axis=1), np.repeat(b, 32, axis=1)
+        return Header(d, dmin, s, m, 32, True)
     if qtype == T.Q6_K:
-        a = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)
-        return np.repeat(a, 16, axis=1), np.zeros((n, 256), np.float32)
+        return Header(d, None, blocks[:, 192:208].view(np.int8).astype(np.int64), None, 16, False)
     if qtype == T.IQ4_XS:
-        a = _f16(blocks, 0) * _iq4xs_scales(blocks).astype(np.float32)
-        return np.repeat(a, 32, axis=1), np.zeros((n, 256), np.float32)
+        return Header(d, None, _iq4xs_scales(blocks), None, 32, False)
     raise ValueError(f"no grid for {qtype.name}")
+
+
+def params(qtype, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) per weight, float32 (n, block), such that value = a * T[level] + b."""
+    h = header(qtype, blocks)
+    a = h.d * h.sc.astype(np.float32)
+    if h.m is not None:
+        b = -(h.dmin * h.m.astype(np.float32))
+    elif h.dmin is not None:
+        b = np.broadcast_to(h.dmin, a.shape)
+    else:
+        b = np.zeros_like(a)
+    return np.repeat(a, h.sub, axis=1), np.repeat(b, h.sub, axis=1)
+
+
+def with_scales(qtype, blocks: np.ndarray, d: np.ndarray, dmin: np.ndarray | None = None) -> np.ndarray:
+    """A copy of `blocks` with d (and dmin) replaced: (n,) or (n, 1) values stored as fp16."""
+    out = blocks.copy()
+    out[:, D_OFFSET[qtype]:D_OFFSET[qtype] + 2] = np.asarray(d, np.float32).reshape(-1, 1).astype(np.float16) \
+        .view(np.uint8)
+    if dmin is not None:
+        o = MIN_OFFSET[qtype]
+        out[:, o:o + 2] = np.asarray(dmin, np.float32).reshape(-1, 1).astype(np.float16).view(np.uint8)
+    return out
 
 
 # ---- levels <-> bytes ---------------------------------------------------------------------------------

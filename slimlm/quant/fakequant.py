@@ -1,0 +1,141 @@
+"""Fake quantization that is the format: a torch forward equal, bit for bit, to llama.cpp's dequantization of the
+blocks it exports (issue 16's quantization-aware training).
+
+`FakeQuant(qtype, blocks)` starts from encoded blocks (slimlm's encoder: its imatrix/GPTQ result) of a weight
+(rows, cols), in the weight's own row order. Its state is the block header as stored: the fp16 block scale d and
+(for types with a minimum) dmin, trainable through a factor on each (1 at the start, so that an optimizer's steps
+are relative to the scale), rounded to fp16 in every forward; the integer sub-block scales and mins of
+K-quants/IQ4_XS, fixed. A forward takes the float weight W and returns
+
+    a * T[L] + b,   a = fp16(d) * sc,  b = -(fp16(dmin) * m) | fp16(dmin) | 0   (float32, llama.cpp's order)
+
+with L the level of the type's table T nearest to W on that grid (grid.nearest), recomputed every forward.
+Gradients: W gets the output's gradient unchanged (straight-through estimator), d and dmin get the gradient of
+the formula with L fixed (LSQ-style, through their fp16 rounding as identity). `export(W)` writes the levels and
+scales of exactly that forward: gguf-py's dequantization of its bytes equals the forward's output bit for bit.
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+from . import grid
+
+F16_MAX = 65504.0
+
+
+class _ThroughF16(torch.autograd.Function):
+    """x rounded to fp16 (as float32) in the forward; the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-F16_MAX, F16_MAX).half().float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Straight(torch.autograd.Function):
+    """Returns q; the gradient goes to both w (straight through the rounding) and q (to the scales)."""
+
+    @staticmethod
+    def forward(ctx, w, q):
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g
+
+
+class FakeQuant(torch.nn.Module):
+    """The dequantized value of a weight (rows, cols) in block type `qtype` as a differentiable torch forward.
+    blocks: uint8 (rows * cols / block, type_size) encoded rows in order; `learn_scales`: d and dmin are
+    parameters (else buffers)."""
+
+    def __init__(self, qtype, blocks: np.ndarray, shape: tuple[int, int], *, learn_scales: bool = True):
+        super().__init__()
+        qtype = grid.T(qtype)
+        rows, cols = shape
+        tab = grid.TABLES[qtype]
+        self.qtype, self.shape = qtype, (rows, cols)
+        self.block, size = gguf.GGML_QUANT_SIZES[qtype]
+        if cols % self.block or blocks.shape != (rows * cols // self.block, size):
+            raise ValueError(f"{blocks.shape} {qtype.name} blocks do not encode a {rows} x {cols} weight")
+        h = grid.header(qtype, blocks)
+        self.sub = h.sub
+        self.negate_min = h.negate_min
+        # the stored scales, and factors on them that train (1 at the start: an optimizer's step is then relative,
+        # whatever the scale's magnitude, and a zero scale stays zero)
+        self.register_buffer("d0", torch.from_numpy(h.d.copy()))
+        self.register_buffer("dmin0", None if h.dmin is None else torch.from_numpy(h.dmin.copy()))
+        factor = torch.nn.Parameter if learn_scales else (lambda t: t)
+        for name, base in (("d_factor", self.d0), ("dmin_factor", self.dmin0)):
+            if base is None:
+                self.register_buffer(name, None)
+            elif learn_scales:
+                setattr(self, name, factor(torch.ones_like(base)))
+            else:
+                self.register_buffer(name, torch.ones_like(base))
+        self.register_buffer("sc", torch.from_numpy(h.sc.astype(np.float32)))
+        self.register_buffer("m", None if h.m is None else torch.from_numpy(h.m.astype(np.float32)))
+        self.register_buffer("table", torch.from_numpy(tab.values.copy()))
+        self.uniform = tab.uniform
+        self.register_buffer("levels0", torch.from_numpy(grid.levels(qtype, blocks).astype(np.int64)))
+        self._blocks = blocks            # headers and layout the export starts from
+        self.last_levels: torch.Tensor | None = None
+
+    @property
+    def d(self) -> torch.Tensor:
+        """The block scales (float32 values, before their fp16 rounding)."""
+        return self.d0 * self.d_factor
+
+    @property
+    def dmin(self) -> torch.Tensor | None:
+        return None if self.dmin0 is None else self.dmin0 * self.dmin_factor
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a, b) per weight (blocks, block) float32, through the scales' fp16 storage; b None for the types
+        without a minimum (their value is a * T[L]: adding a zero would turn the decoder's -0.0 into +0.0)."""
+        d = _ThroughF16.apply(self.d)
+        a = d * self.sc
+        dmin = self.dmin
+        if self.m is not None:
+            b = -(_ThroughF16.apply(dmin) * self.m)
+        elif dmin is not None:
+            b = _ThroughF16.apply(dmin).expand_as(a)
+        else:
+            return a.repeat_interleave(self.sub, 1), None
+        return a.repeat_interleave(self.sub, 1), b.repeat_interleave(self.sub, 1)
+
+    @torch.no_grad()
+    def nearest(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """grid.nearest in torch: the level of a * T[l] + b nearest to w; where a == 0 the starting level."""
+        v = self.table
+        safe = torch.where(a != 0, a, torch.ones_like(a))
+        t = (w if b is None else w - b) / safe
+        if self.uniform:
+            L = torch.clamp(torch.round(t - v[0]), 0, len(v) - 1).long()
+        else:
+            i = torch.clamp(torch.searchsorted(v, t.contiguous()), 1, len(v) - 1)
+            L = torch.where((t - v[i - 1]).abs() <= (v[i] - t).abs(), i - 1, i)
+        return torch.where(a != 0, L, self.levels0)
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        w = W.float().reshape(-1, self.block)
+        a, b = self.grid()
+        L = self.nearest(w.detach(), a.detach(), None if b is None else b.detach())
+        self.last_levels = L
+        q = a * self.table[L] if b is None else a * self.table[L] + b
+        return _Straight.apply(w, q).reshape(self.shape)
+
+    @torch.no_grad()
+    def export(self, W: torch.Tensor) -> np.ndarray:
+        """The blocks of forward(W): its levels and the fp16 scales it used."""
+        a, b = self.grid()
+        L = self.nearest(W.float().reshape(-1, self.block), a, b)
+        d = _ThroughF16.apply(self.d).numpy()
+        dmin = None if self.dmin0 is None else _ThroughF16.apply(self.dmin).numpy()
+        blocks = grid.with_scales(self.qtype, self._blocks, d, dmin)
+        return grid.pack(self.qtype, blocks, L.numpy())
