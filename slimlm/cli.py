@@ -84,8 +84,6 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--compile", choices=COMPILE, help="torch.compile the student's forward and backward: auto "
                    "(default: on for a --heal of 15 minutes or 100k tokens and more, where its one-time compile of "
                    "~2 minutes pays back; needs a C++ compiler on a CPU), on or off")
-    g.add_argument("--device", metavar="DEV", help="auto (default: the GPU when there is one), cpu, cuda or "
-                   "cuda:N; several processes: start slimlm with torchrun (data parallel)")
     g.add_argument("--parallel", choices=PARALLEL, help="how several processes (started by torchrun or accelerate "
                    "launch) share the model: ddp (default: each holds the whole model, gradients and AdamW state) "
                    "or fsdp (parameters, gradients and optimizer state sharded across the processes, for a model "
@@ -99,10 +97,20 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
 
 
 def _heal_config(a, *, default_budget: str | None = None):
-    """The HealConfig of the healing options given (None without --heal), validated."""
+    """The HealConfig of the healing options given (None without --heal), validated. --device is every torch
+    pass's (not only healing's): it goes to the training config when there is healing."""
     from .train.command import FLAGS, heal_options
-    given = {k: getattr(a, k) for k in FLAGS if getattr(a, k, None) is not None}
-    return heal_options(a.heal or default_budget, given, resume=a.resume)
+    budget = a.heal or default_budget
+    given = {k: getattr(a, k) for k in FLAGS if getattr(a, k, None) is not None and (k != "device" or budget)}
+    return heal_options(budget, given, resume=a.resume)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="DEV", help="where torch computes: auto (default: the GPU when there is "
+                   "one), cpu, cuda or cuda:N. The layer passes (importance matrix, GPTQ/AWQ statistics, pruning's "
+                   "scores and OBS statistics) move one decoder layer at a time to the device, the calibration "
+                   "activations a micro-batch at a time; healing trains there (several processes: start slimlm "
+                   "with torchrun, data parallel). The solvers (GPTQ, OBS, surgery) run on the CPU")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -190,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "before any weight is read")
     _add_eval_args(p)
     _add_heal_args(p, command=False)
+    _add_device_arg(p)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement, size and speed",
                        description="Evaluate FILE against --ref on the same tokens. A .gguf runs in llama.cpp; "
@@ -204,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "transformer blocks, the mean squared input per column, as llama-imatrix does. The file "
                        "works with slimlm --imatrix and llama-quantize --imatrix.")
     _add_model_output_args(p, "output imatrix file")
+    _add_device_arg(p)
     p.add_argument("--calib", metavar="FILE", help="calibration text (default: the bundled calibration split "
                    "of Python's documentation)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
@@ -296,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluation (give --no-eval) need the whole model and are refused before any weight is read")
     _add_eval_args(p)
     _add_heal_args(p, command=False)
+    _add_device_arg(p)
 
     p = sub.add_parser("heal", help="heal a pruned model: distil it from the original, cheap stages first",
                        description="Distil STUDENT (a pruned model: HF folder or .gguf) from TEACHER, the model it "
@@ -315,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="write without evaluating")
     _add_eval_args(p)
     _add_heal_args(p, command=True)
+    _add_device_arg(p)
 
     p = sub.add_parser("sensitivity", help="per-layer KLD when only that layer is pruned or quantized; heatmap",
                        description="For every decoder layer, measure the KL divergence to the original when only "
@@ -642,7 +654,9 @@ def main(argv: list[str] | None = None) -> int:
         _no_progress_bars()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return COMMANDS[a.cmd](a)
+        from .device import computing_on
+        with computing_on(getattr(a, "device", None) or "auto"):
+            return COMMANDS[a.cmd](a)
     except SlimlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -32,6 +32,7 @@ from .arch import (
     mlp_hidden,
     part,
 )
+from .device import module_device, on_device, to_device
 from .errors import NumericsError
 from .lazy import SpilledArrays, embedding_rows, onload, streamed, trim_heap, weight_row_slabs
 from .quant.imatrix import ImportanceMatrix
@@ -71,12 +72,12 @@ def collect_imatrix(model, chunks: torch.Tensor, *, dataset: str = "", progress:
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
             if not torch.isfinite(x).all():
                 raise NumericsError(f"non-finite calibration activation entering {name}")
-            im.add(name, (x * x).sum(0).numpy(), x.shape[0])
+            im.add(name, (x * x).sum(0).cpu().numpy(), x.shape[0])
         return f
 
     layers = decoder_layers(module)
     for i in tqdm(range(len(layers)), desc="importance matrix", unit="layer", disable=not progress, leave=False):
-        with onload(model, layers[i], f"{spec.layer_prefix}{i}.") as layer:
+        with onload(model, layers[i], f"{spec.layer_prefix}{i}.") as layer, on_device(layer):
             handles = [m[0].register_forward_pre_hook(hook(n)) for n, m in layer_linears(spec, i, layer).items()]
             try:
                 xs = [run_layer(layer, x, kw) for x in xs]
@@ -136,9 +137,14 @@ def replay_inputs(module, chunks: torch.Tensor, model=None) -> tuple[torch.Tenso
 
 def run_layer(layer, x: torch.Tensor, kw: dict) -> torch.Tensor:
     """One decoder layer's output (the residual stream after it); kw: replay_inputs' map attention kind ->
-    keyword arguments."""
-    y = layer(x, **layer_kwargs(kw, layer))
-    return y[0] if isinstance(y, tuple) else y
+    keyword arguments. When the layer is on another device than x (device.on_device), x and the keyword arguments
+    go there and the output comes back to x's device."""
+    dev = module_device(layer)
+    if dev == x.device:
+        y = layer(x, **layer_kwargs(kw, layer))
+        return y[0] if isinstance(y, tuple) else y
+    y = layer(x.to(dev), **to_device(layer_kwargs(kw, layer), dev))     # the layer is on the compute device
+    return (y[0] if isinstance(y, tuple) else y).to(x.device)
 
 
 @torch.no_grad()
@@ -292,9 +298,8 @@ def quantize_model(model, chunks: torch.Tensor, types: dict, *, gptq: bool = Tru
             del st
         if ex is not None:
             ex.observer = _expert_gptq(i, layer, spec, types, enc, damps, rtn_fallbacks, secs, act_order, damp)
-        try:                # in place: each micro-batch's output replaces its input (one (chunks, n_ctx,
-            for sl in micro:                                    # hidden) tensor alive, not two)
-                x[sl] = run_layer(layer, x[sl], kw)
+        try:                # in place: each micro-batch's output replaces its input
+            forward_layer(layer, x, kw, micro, host=ex is not None)
         finally:
             if ex is not None:
                 ex.observer = None
@@ -349,14 +354,22 @@ class InputStats:
     def add(self, x: torch.Tensor, rows: int = 512) -> None:
         X = x.reshape(-1, x.shape[-1]).float()
         c = X.shape[1]
-        if self.xtx is None:
-            self.xtx = torch.zeros(c, c, dtype=torch.float64)
+        if self.xtx is None:          # on the activations' device (device.py: the host's copy via to_host)
+            self.xtx = torch.zeros(c, c, dtype=torch.float64, device=X.device)
         for r in range(0, c, rows):        # a slab of rows at a time: no c x c product beside the sum
             self.xtx[r:r + rows].add_(X[:, r:r + rows].T @ X)
         if self.abssum is not None:
             a = X.abs().sum(0, dtype=torch.float64)
             self.abssum = a if self.abssum.numel() == 0 else self.abssum.add_(a)
         self.n += X.shape[0]
+
+    def to_host(self) -> InputStats:
+        """The sums moved to host memory (after a layer pass on a GPU); self."""
+        if self.xtx is not None and self.xtx.device.type != "cpu":
+            self.xtx = self.xtx.cpu()
+        if self.abssum is not None and self.abssum.device.type != "cpu":
+            self.abssum = self.abssum.cpu()
+        return self
 
     def check(self, where: str) -> None:
         if self.xtx is None or not torch.isfinite(torch.diagonal(self.xtx)).all():
@@ -414,19 +427,20 @@ def capture_group(layer, x: torch.Tensor, kw: dict, micro: list[slice], pending:
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
                if isinstance(m, torch.nn.Linear)]
     try:
-        for sl in micro:
-            cur[0] = held[0] = None
-            try:
-                run_layer(layer, x[sl], kw)
-            except _Stop:
-                pass
-            held[0] = None
-            if not names:
-                return None
+        with on_device(layer):
+            for sl in micro:
+                cur[0] = held[0] = None
+                try:
+                    run_layer(layer, x[sl], kw)
+                except _Stop:
+                    pass
+                held[0] = None
+                if not names:
+                    return None
     finally:
         for h in handles:
             h.remove()
-    return names, st
+    return names, st.to_host()
 
 
 def capture_input(layer, x: torch.Tensor, kw: dict, micro: list[slice], at: str, fn) -> InputStats:
@@ -438,14 +452,25 @@ def capture_input(layer, x: torch.Tensor, kw: dict, micro: list[slice], at: str,
         raise _Stop
     h = layer.get_submodule(at).register_forward_pre_hook(f)
     try:
-        for sl in micro:
-            try:
-                run_layer(layer, x[sl], kw)
-            except _Stop:
-                pass
+        with on_device(layer):
+            for sl in micro:
+                try:
+                    run_layer(layer, x[sl], kw)
+                except _Stop:
+                    pass
     finally:
         h.remove()
-    return st
+    return st.to_host()
+
+
+def forward_layer(layer, x: torch.Tensor, kw: dict, micro: list[slice], *, host: bool = False) -> torch.Tensor:
+    """x (chunks, n_ctx, hidden) replaced, micro-batch by micro-batch, by the layer's output (in place: one such
+    tensor alive), on the compute device (device.py), or on the host with `host` (hooks that solve on the host
+    as it runs: the experts' GPTQ)."""
+    with contextlib.nullcontext() if host else on_device(layer):
+        for sl in micro:
+            x[sl] = run_layer(layer, x[sl], kw)
+    return x
 
 
 def changed_module(model, changed: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -54,7 +54,15 @@ class TorchRunner:
     name = "torch"
 
     def __init__(self, model):
+        """On the compute device (device.py) when it is not the CPU: the whole module is moved there for the
+        evaluation and back in close() (a model with pending changes or streamed from disk stays on the CPU)."""
+        from ..device import compute_device
+        from ..lazy import streamed
         self.model = model
+        dev = compute_device()
+        self.dev = dev if dev.type != "cpu" and not model.changes and not streamed(model) else torch.device("cpu")
+        if self.dev.type != "cpu":
+            model.module.to(self.dev)
 
     @property
     def n_vocab(self) -> int:
@@ -62,41 +70,63 @@ class TorchRunner:
 
     @torch.no_grad()
     def logits(self, chunk: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(chunk[None])[0]
+        return self.model.logits(chunk[None].to(self.dev))[0].cpu()
 
     @torch.no_grad()
     def speed(self, prompt: torch.Tensor, n_gen: int) -> dict:
         m = self.model.module
         # transformers >= 5.x names the KV cache argument `cache`; older versions `past_key_values`
         kv = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+        prompt = prompt.to(self.dev)
         m(input_ids=prompt[None, :8], use_cache=False)  # warm-up
         t0 = time.perf_counter()
         out = m(input_ids=prompt[None], use_cache=True)
+        self._sync()
         t_prompt = time.perf_counter() - t0
         past, tok = _kv_cache(out), out.logits[0, -1].argmax()
         t0 = time.perf_counter()
         for _ in range(n_gen):
             out = m(input_ids=tok.view(1, 1), use_cache=True, **{kv: past})
             past, tok = _kv_cache(out), out.logits[0, -1].argmax()
+        self._sync()
         t_gen = time.perf_counter() - t0
         return {"prompt_tps": prompt.numel() / t_prompt, "gen_tps": n_gen / t_gen,
                 "threads": torch.get_num_threads()}
 
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":          # kernels run asynchronously: time them once they are done
+            torch.cuda.synchronize(self.dev)
+
     def close(self) -> None:
-        pass
+        if self.dev.type != "cpu":
+            self.model.module.to("cpu")
+
+
+def gpu_offload(lc) -> bool:
+    """Whether llama.cpp runs on the GPU here: the compute device is a GPU and llama-cpp-python has offload."""
+    from ..device import compute_device
+    if compute_device().type == "cpu":
+        return False
+    try:
+        return bool(lc.llama_supports_gpu_offload())
+    except AttributeError:
+        return False
 
 
 class LlamaCppRunner:
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, n_ctx: int, *, logits_all: bool = True):
+        """Every layer offloaded to the GPU when the compute device (device.py) is one and the installed
+        llama-cpp-python was built with GPU offload; else on the CPU's threads."""
         lc = _llama_cpp()
         self._lc, self.path = lc, path
+        self.gpu_layers = -1 if gpu_offload(lc) else 0
         try:
             with _quiet_fd2():
                 self.llm = lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
                                     n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                                    verbose=False)
+                                    n_gpu_layers=self.gpu_layers, verbose=False)
         except (ValueError, RuntimeError) as e:      # llama-cpp-python's "Failed to load model from file"
             raise InvalidModelError(f"{path}: llama.cpp cannot load this file ({e}); is it a model GGUF of an "
                                     f"architecture llama.cpp supports?") from None
@@ -127,7 +157,8 @@ class LlamaCppRunner:
             self.llm.eval([int(self._last_logits().argmax())])
         p = lc.llama_perf_context(ctx)
         return {"prompt_tps": 1e3 * p.n_p_eval / max(p.t_p_eval_ms, 1e-9),
-                "gen_tps": 1e3 * p.n_eval / max(p.t_eval_ms, 1e-9), "threads": torch.get_num_threads()}
+                "gen_tps": 1e3 * p.n_eval / max(p.t_eval_ms, 1e-9), "threads": torch.get_num_threads(),
+                "gpu_layers": self.gpu_layers}
 
     def generate(self, prompt: str, max_tokens: int, *, chat: bool = False, temperature: float = 0.0,
                  seed: int = 0) -> str:

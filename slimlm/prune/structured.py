@@ -218,7 +218,7 @@ def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: boo
     every chunk, which the caller replaces by the layer's output while the layer is loaded (`x[sl] =
     run_layer(layer, x[sl], kw)`, with its own hooks: in place, one such tensor alive); the callables it appends
     to `later` run once the layer is put back (work on a tensor taken from it, in less memory)."""
-    from ..lazy import onload
+    from ..lazy import onload, trim_heap
     from ..sequential import micro_batches, replay_inputs
     x, kw = replay_inputs(model.module, chunks, model)
     layers = decoder_layers(model.module)
@@ -226,23 +226,27 @@ def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: boo
         later: list = []
         with onload(model, layers[i], f"{model.spec.layer_prefix}{i}.") as layer:
             yield i, layer, micro_batches(x), x, kw, later
-        while later:               # each dropped once it ran: what it holds (a Hessian's storage) goes with it
-            later.pop(0)()
+        if later:
+            while later:           # each dropped once it ran: what it holds (a Hessian's storage) goes with it
+                later.pop(0)()
+            trim_heap()            # the freed second moment back to the system before the next layer is read
 
 
 @torch.no_grad()
 def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> list[float]:
     """Per layer: 1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence), one layer
     at a time over all chunks."""
+    from ..device import on_device
     from ..sequential import run_layer
     out = []
     for _, layer, micro, x, kw, _ in _layer_pass(model, chunks, len(decoder_layers(model.module)) - 1,
                                                  "block influence", progress):
         s = torch.zeros((), dtype=torch.float64)
-        for sl in micro:
-            y = run_layer(layer, x[sl], kw)
-            s += (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y.double(), dim=-1)).sum()
-            x[sl] = y
+        with on_device(layer):
+            for sl in micro:
+                y = run_layer(layer, x[sl], kw)
+                s += (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y.double(), dim=-1)).sum()
+                x[sl] = y
         out.append(float(s / chunks.numel()))
     return out
 
@@ -338,27 +342,28 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
     layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style). `layers`:
     only these layers (by index; the others are to be dropped) get widths, in that order."""
-    from ..sequential import InputStats, run_layer
+    from ..device import on_device
+    from ..sequential import InputStats, forward_layer, run_layer
     which = list(range(len(decoder_layers(model.module)))) if layers is None else list(layers)
     ff = dims(model.config)["ffn"]
     n_max = int(ff * max_frac) // round_to * round_to
     curves = {}
     for i, layer, micro, x, kw, later in _layer_pass(model, chunks, max(which), "MLP curves (OBS)", progress):
         if i not in which:
-            for sl in micro:
-                x[sl] = run_layer(layer, x[sl], kw)
+            forward_layer(layer, x, kw, micro)
             continue
         st, resid = InputStats(), torch.zeros((), dtype=torch.float64)
         down = part(layer, "down")
         h = down.register_forward_pre_hook(lambda _m, inputs, st=st: st.add(inputs[0]))
         try:
-            for sl in micro:
-                y = run_layer(layer, x[sl], kw)
-                resid += y.double().pow(2).mean(-1).sum()
-                x[sl] = y
+            with on_device(layer):
+                for sl in micro:
+                    y = run_layer(layer, x[sl], kw)
+                    resid += y.double().pow(2).mean(-1).sum()
+                    x[sl] = y
         finally:
             h.remove()
-        st.check(f"layer {i} MLP down projection")
+        st.to_host().check(f"layer {i} MLP down projection")
         r = float(resid / chunks.numel())
 
         def curve(i=i, W=down.weight.data, st=st, resid=r):
@@ -366,7 +371,7 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
             obs_remove(W, st.mean(), n_max, per_round=round_to, damp=damp, trace=trace, consume=True)
             curves[i] = [err / round_to / resid for _, err in trace]
         later.append(curve)           # once the layer is put back: only its down projection stays
-        del st
+        del st, curve                 # the list holds the only reference: the second moment goes once it ran
     return greedy_widths([curves[i] for i in which], ff, n_remove, round_to)
 
 
@@ -685,7 +690,7 @@ def _prune_widths(out, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, p
     layer's output for the next layer. The pruned layer replaces the module's; for a streamed model (`out.weights`)
     its matrices go to a safetensors file in `spill`, which the model reads them from from then on."""
     from ..lazy import _set_param, onload, streamed
-    from ..sequential import capture_input, micro_batches, replay_inputs, run_layer
+    from ..sequential import capture_input, forward_layer, micro_batches, replay_inputs
     module = out.module
     hd, nkv0 = d["head_dim"], d["n_kv"]
     layers = decoder_layers(module)
@@ -750,8 +755,7 @@ def _prune_widths(out, chunks, d, plan, n_kv, q_per, q_per0, importance, damp, p
                 mod.weight.data = Wn.to(W.dtype)
                 res["ffn"] = torch.tensor(sorted(set(range(W.shape[1])) - set(gone)))
             if x is not None:           # the next layer's input, through the pruned layer (in place)
-                for sl in micro:
-                    x[sl] = run_layer(layer, x[sl], kw)
+                forward_layer(layer, x, kw, micro)
             if "heads" in res:
                 heads = res["heads"]
                 keep_heads(layer, heads, sorted({h // q_per0 for h in heads}), hd, part(layer, "o").weight.data)
