@@ -47,7 +47,7 @@ def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, llama_cpp_availabl
     scales0 = [f.fake.d.detach().clone() for f in fakes]
     losses = _distil_steps(m, teacher)
     assert all(np.isfinite(losses))
-    assert any((f.fake.d.detach() != s).any() for f, s in zip(fakes, scales0))     # the scales trained
+    assert any((f.fake.d.detach() != s).any() for f, s in zip(fakes, scales0, strict=True))  # scales trained
     tokens = torch.tensor([1, 504, 3120, 28, 905, 2384, 30, 17, 260, 11, 314, 1543, 4327, 5, 9, 42])
     with torch.no_grad():
         fq_weights = {f.hf_name: f.module.weight.detach().clone() for f in fakes}     # the last forward's
