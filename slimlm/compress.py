@@ -27,7 +27,7 @@ from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix, quantize_model
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class CompressConfig:
     calib_chunks: int = 32
     pure: bool = False                # every quantizable tensor at the preset's main type
     method: str = "rtn"               # rtn: llama.cpp's rounding; gptq: error-compensating, on the same grids;
-                                      # awq: activation-aware scales folded into norms/up rows; awq+gptq
+                                      # awq: activation-aware scales folded into norms/up rows; awq+gptq;
+                                      # qat: quantization-aware training on the block grids (budget: --heal)
     act_order: bool = False           # GPTQ: blocks with the largest inputs first
     gptq_chunks: int = 16             # calibration chunks GPTQ's Hessians use (of calib_chunks)
     target_size: str | None = None    # whole-file budget ("70MB", "70MiB"): per-tensor types by sensitivity
@@ -58,7 +59,8 @@ class CompressConfig:
     format_aware: bool = False        # pruned widths rounded to the type's block size
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
-    heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal)
+    heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal);
+                                      # with --method qat: the training's budget and settings
     stream: str = "auto"              # auto | on | off: an HF folder's weights read one layer at a time (lazy.py)
 
     def __post_init__(self):
@@ -104,7 +106,14 @@ class CompressConfig:
                                   "(the matrix is then computed on the pruned model)")
         elif self.format_aware:
             raise ConfigError("--format-aware rounds pruned widths: give --prune R too")
-        if self.heal is not None and self.prune is None:
+        if self.method == "qat":
+            if self.heal is None:
+                raise ConfigError("--method qat trains the quantized model by distillation from the original: give "
+                                  "--heal BUDGET too (a duration such as 10m or a token count such as 200k)")
+            if self.prune is not None:
+                raise ConfigError("--method qat with --prune is not supported yet: prune and heal first (slimlm prune "
+                                  "--heal ... -o DIR as an HF folder), then compress DIR --method qat")
+        elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
                               "on a model pruned before)")
         if self.compare is not None:
@@ -123,6 +132,7 @@ class CompressConfig:
         """The steps that hold the whole model (or its whole original, to evaluate against) are refused when the
         model is streamed: `why` says why it is."""
         steps = [(self.prune is not None, "--prune"), (self.heal is not None, "--heal"),
+                 (self.method == "qat", "--method qat (it trains the whole model)"),
                  (self.budgeted, "--target-size/--bpw"), (self.compare is not None, "--compare"),
                  (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
         refuse_unstreamable(why, steps)
@@ -186,9 +196,11 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     if config.compare is not None:
         from .baseline import baseline_path
         check_output_path(baseline_path(out), overwrite=overwrite, inputs=[model] if model else [])
+    qat = config.method == "qat"
     if heal is not None:
         from .train import command as healing
-        check_output_path(unhealed_path(out), overwrite=overwrite, inputs=inputs)
+        if not qat:
+            check_output_path(unhealed_path(out), overwrite=overwrite, inputs=inputs)
         healing.check_work_folder(out, resume)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     info = source_info(model)
@@ -225,7 +237,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
             check_budget(m, config, imatrix)
     rec_heal = unhealed = scratch = None
     try:
-        if heal is not None:
+        if heal is not None and not qat:
             from .io import clean_stale_temps, temp_name
             from .train.stages import layer_map_from
             clean_stale_temps(unhealed_path(out))      # a scratch folder a killed run left
@@ -244,9 +256,14 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
             steps.append(healing.healing_step_record(rec_heal))
             if not healing.is_main_process():
                 return None
+        if qat:
+            rec_heal = {}                # the training's record, filled by encode_and_write
         rec, original_imatrix, label = encode_and_write(m, out, config, imatrix, chunks, prov, steps,
                                                         overwrite=overwrite, measure=config.measure_effects,
-                                                        progress=progress, say=say)
+                                                        progress=progress, say=say,
+                                                        qat=None if not qat else (original, rec_heal, resume))
+        if qat and not rec_heal:         # a non-writing rank of a distributed launch
+            return None
         if heal is not None:
             healing.clear_work_folder(out)
         if config.prune is not None:                      # what the file states, not what the plan predicted
@@ -299,10 +316,11 @@ def _put_in_place(src: Path, dst: Path, overwrite: bool) -> Path:
 
 
 def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov, steps: list, *, overwrite: bool,
-                     measure: bool, progress: bool, say):
-    """Quantize `m` as `config` says (importance matrix from --calib, size budget, GPTQ/AWQ) and write the GGUF
+                     measure: bool, progress: bool, say, qat: tuple | None = None):
+    """Quantize `m` as `config` says (importance matrix from --calib, size budget, GPTQ/AWQ, QAT) and write the GGUF
     `out`, appending each step's record to `steps`. Returns (ExportRecord, the importance matrix before any AWQ
-    rescaling, the preset label)."""
+    rescaling, the preset label). `qat`: (teacher, a dict that gets the training's record, resume) for --method
+    qat."""
     if config.calib and imatrix is None:
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
@@ -318,7 +336,19 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         say(f"budget: {st['budget_bytes'] / 2**20:.2f} MiB, predicted file {st['planned_file_bytes'] / 2**20:.2f} "
             f"MiB, predicted KLD {st['predicted_kld']:.4f}")
     written = m
-    if config.method != "rtn":
+    if config.method == "qat":
+        teacher, record, resume = qat
+        _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
+        rec_qat = _train_qat(m, teacher, {**types, **(overrides or {})}, imatrix, out, config, resume, progress,
+                             say)
+        if rec_qat is None:
+            return None, None, label
+        student, encoded, changed, rec_qat = rec_qat
+        record.update(rec_qat)
+        from .train.command import healing_step_record
+        steps.append({**healing_step_record(rec_qat), "step": "qat", "tensors": len(encoded)})
+        written = student.with_changes(changed)     # its other trained weights (norms...) as trained
+    elif config.method != "rtn":
         gptq, awq = "gptq" in config.method, "awq" in config.method
         say(f"{config.method.upper()} onto {label}'s block grids, layer by layer ...")
         _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
@@ -353,6 +383,34 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         say("measuring each tensor's effect alone (one calibration chunk) ...")
         _measure(m, out, chunks[0], steps, progress)
     return rec, unscaled, label
+
+
+def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConfig, resume: bool, progress: bool,
+               say):
+    """QAT (quant/qat.py): a copy of `m` with fake-quant block linears, distilled from `teacher` end to end
+    (the healing trainer: its budget, data, checkpoints, devices); (the trained copy, encoded, changed weights,
+    training record), or None on a non-writing rank of a distributed launch."""
+    import copy
+    import dataclasses
+
+    from .quant import qat
+    from .train import command as healing
+    heal = config.heal
+    if heal.train.compile == "auto":                   # the fake-quant forward is not compiled (yet)
+        heal = dataclasses.replace(heal, train=dataclasses.replace(heal.train, compile="off"))
+    heal = dataclasses.replace(heal, bias=False, blockwise=False, e2e=True)
+    student = copy.copy(m)
+    student.module = copy.deepcopy(m.module)
+    fakes = qat.attach(student, types, imatrix)
+    say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
+    rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=None, text=config.text,
+                            progress=progress, say=say, student_label="the quantized model (fake-quant)")
+    if not healing.is_main_process():
+        return None
+    rec["what"] = "QAT"
+    encoded, changed = qat.export(student, fakes)
+    healing.clear_work_folder(out)
+    return student, encoded, changed, rec
 
 
 def check_disk_space(m, out: Path, config: CompressConfig) -> None:

@@ -190,7 +190,9 @@ def memory_line(mem: dict) -> str:
 def healing_lines(rec: dict) -> list[str]:
     """CLI lines: held-out KL before and after healing, time, training tokens and speed, the loss curve."""
     st = _measured(rec)
-    line = (f"  healing       held-out KL {st[0]['heldout_kl']:.4f} (unhealed) -> {rec['heldout_kl']:.4f} (healed), "
+    what, before, after = ("QAT     ", "at the start", "trained") if rec.get("what") == "QAT" else \
+        ("healing ", "unhealed", "healed")
+    line = (f"  {what}      held-out KL {st[0]['heldout_kl']:.4f} ({before}) -> {rec['heldout_kl']:.4f} ({after}), "
             f"{rec['seconds']:.0f} s")
     d = _e2e(rec)
     if d:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ from ..errors import ConfigError
 def resolve_device(name: str) -> torch.device:
     """auto: the process's GPU when CUDA is available (LOCAL_RANK picks it under torchrun), else the CPU.
     `cuda` without an index under a launcher (WORLD_SIZE > 1) is the process's own GPU too."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if name == "auto":
         if torch.cuda.is_available():
