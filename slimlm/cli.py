@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", nargs="?", const="default", help="calibration text (no FILE: the "
                    "bundled calibration text): an importance matrix is computed from it unless --imatrix is "
                    "given; GPTQ and --target-size/--bpw use it too")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq", "qat"], default="rtn", help="rtn: "
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat"], default="rtn", help="rtn: "
                    "llama.cpp's rounding (default); gptq: GPTQ written exactly onto the same block grids, layer "
                    "by layer on calibration text (--calib FILE, else the bundled text); awq: activation-aware "
                    "per-channel scales searched against the encoders and folded into the norms and the up projection's rows "
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "training: the block linears compute with exactly their GGUF values (starting from slimlm's "
                    "encoder, with --calib's importance matrix) while the float weights and the blocks' fp16 scales "
                    "are distilled from the original end to end, for the --heal budget with the healing options; the "
-                   "file holds the last step's codes")
+                   "file holds the last step's codes; gptq+qat: QAT starting from GPTQ's codes")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
     p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "

@@ -27,7 +27,7 @@ from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix, quantize_model
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class CompressConfig:
                                   "(the matrix is then computed on the pruned model)")
         elif self.format_aware:
             raise ConfigError("--format-aware rounds pruned widths: give --prune R too")
-        if self.method == "qat":
+        if "qat" in self.method:
             if self.heal is None:
                 raise ConfigError("--method qat trains the quantized model by distillation from the original: give "
                                   "--heal BUDGET too (a duration such as 10m or a token count such as 200k)")
@@ -132,7 +132,7 @@ class CompressConfig:
         """The steps that hold the whole model (or its whole original, to evaluate against) are refused when the
         model is streamed: `why` says why it is."""
         steps = [(self.prune is not None, "--prune"), (self.heal is not None, "--heal"),
-                 (self.method == "qat", "--method qat (it trains the whole model)"),
+                 ("qat" in self.method, "--method qat (it trains the whole model)"),
                  (self.budgeted, "--target-size/--bpw"), (self.compare is not None, "--compare"),
                  (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
         refuse_unstreamable(why, steps)
@@ -196,7 +196,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     if config.compare is not None:
         from .baseline import baseline_path
         check_output_path(baseline_path(out), overwrite=overwrite, inputs=[model] if model else [])
-    qat = config.method == "qat"
+    qat = "qat" in config.method
     if heal is not None:
         from .train import command as healing
         if not qat:
@@ -336,11 +336,19 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         say(f"budget: {st['budget_bytes'] / 2**20:.2f} MiB, predicted file {st['planned_file_bytes'] / 2**20:.2f} "
             f"MiB, predicted KLD {st['predicted_kld']:.4f}")
     written = m
-    if config.method == "qat":
+    if "qat" in config.method:
         teacher, record, resume = qat
         _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
-        rec_qat = _train_qat(m, teacher, {**types, **(overrides or {})}, imatrix, out, config, resume, progress,
-                             say)
+        types = {**types, **(overrides or {})}
+        start, base = None, m
+        if "gptq" in config.method:                  # QAT starts from GPTQ's codes and the weights they decode to
+            say(f"GPTQ onto {label}'s block grids (QAT's start), layer by layer ...")
+            start, changed, st = quantize_model(m, chunks[:config.gptq_chunks], types, gptq=True,
+                                                act_order=config.act_order, output=False, progress=progress)
+            st.pop("awq_scales")
+            steps.append({"step": "gptq", "source": prov, **st})
+            base = m.with_changes(changed)
+        rec_qat = _train_qat(base, teacher, types, imatrix, out, config, resume, progress, say, start=start)
         if rec_qat is None:
             return None, None, label
         student, encoded, changed, rec_qat = rec_qat
@@ -386,12 +394,14 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
 
 
 def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConfig, resume: bool, progress: bool,
-               say):
+               say, start: dict | None = None):
     """QAT (quant/qat.py): a copy of `m` with fake-quant block linears, distilled from `teacher` end to end
     (the healing trainer: its budget, data, checkpoints, devices); (the trained copy, encoded, changed weights,
     training record), or None on a non-writing rank of a distributed launch."""
     import copy
     import dataclasses
+
+    import torch
 
     from .quant import qat
     from .train import command as healing
@@ -401,7 +411,11 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     heal = dataclasses.replace(heal, bias=False, blockwise=False, e2e=True)
     student = copy.copy(m)
     student.module = copy.deepcopy(m.module)
-    fakes = qat.attach(student, types, imatrix)
+    with torch.no_grad():                              # pending changes (GPTQ's weights) into the copy
+        for hf, W in m.changes.items():
+            student.module.get_parameter(hf).copy_(W)
+    student.changes = {}
+    fakes = qat.attach(student, types, imatrix, start=start)
     say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=None, text=config.text,
                             progress=progress, say=say, student_label="the quantized model (fake-quant)")

@@ -130,3 +130,25 @@ def test_method_qat_needs_a_budget_and_no_prune():
     from slimlm.compress import CompressConfig
     with pytest.raises(ConfigError, match="--heal BUDGET"):
         CompressConfig(type="Q4_K_M", method="qat")
+
+
+def test_qat_can_start_from_gptq_codes(tiny_hf):
+    """attach(start=GPTQ's encoded rows) on the weights GPTQ decoded to: the first forward reproduces GPTQ's codes
+    (its weights exactly), and exporting untrained gives GPTQ's bytes back."""
+    from slimlm.calib import calibration_chunks
+    from slimlm.sequential import quantize_model
+    m = load(tiny_hf("LlamaForCausalLM"))
+    _, _, types = plan_model(m, "Q4_K_M")
+    chunks, _ = calibration_chunks(m, None, n_ctx=64, max_chunks=3)
+    encoded, changed, _ = quantize_model(m, chunks, types, output=False, progress=False)
+    student = copy.deepcopy(m)
+    with torch.no_grad():
+        for hf, W in changed.items():
+            student.module.get_parameter(hf).copy_(W)
+    fakes = qat.attach(student, types, start=encoded)
+    with torch.no_grad():
+        for f in fakes:
+            assert torch.equal(f.module.weight, changed[f.hf_name]), f.gguf_name
+    out, _ = qat.export(student, fakes)
+    for f in fakes:
+        assert np.array_equal(out[f.gguf_name], encoded[f.gguf_name]), f.gguf_name

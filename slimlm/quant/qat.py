@@ -31,9 +31,12 @@ class Fake:
     fake: FakeQuant
 
 
-def attach(model, types: dict, imatrix=None, *, learn_scales: bool = True) -> list[Fake]:
+def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn_scales: bool = True) -> list[Fake]:
     """FakeQuant parametrizations on the block linears of `model` (in memory) whose type in `types` (GGUF name ->
-    (QuantFormat, why), as writer.plan_model gives) is a block type; returns them in forward order."""
+    (QuantFormat, why), as writer.plan_model gives) is a block type; returns them in forward order. `start`: GGUF
+    name -> encoded rows in llama.cpp's row order (GPTQ's codes) to start from instead of the encoder's; the
+    module's weight should then be what they decode to (sequential.quantize_model's changed weights), so that the
+    nearest levels of the first forward are those codes."""
     from ..gguf.writer import encode
     from ..lazy import streamed
     from ..sequential import block_linears
@@ -54,11 +57,17 @@ def attach(model, types: dict, imatrix=None, *, learn_scales: bool = True) -> li
         if parametrize.is_parametrized(mod, "weight"):
             raise ConfigError(f"{name} already has a parametrization")
         W = mod.weight.detach().float()
-        imp = imatrix.importance(name) if imatrix is not None else None
-        blocks = encode(W.numpy(), fmt, name, imp).reshape(-1, gguf.GGML_QUANT_SIZES[fmt.ggml_type][1])
+        hf = f"{hf_of[id(mod)]}.weight"
+        if start is not None and name in start:
+            order = spec.to_gguf_tensor(hf, torch.arange(W.shape[0]), model.config).numpy()
+            blocks = np.ascontiguousarray(np.asarray(start[name])[np.argsort(order)])      # back to HF rows
+        else:
+            imp = imatrix.importance(name) if imatrix is not None else None
+            blocks = encode(W.numpy(), fmt, name, imp)
+        blocks = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[fmt.ggml_type][1])
         fq = FakeQuant(fmt.ggml_type, blocks, tuple(W.shape), learn_scales=learn_scales)
         parametrize.register_parametrization(mod, "weight", fq, unsafe=True)
-        out.append(Fake(name, f"{hf_of[id(mod)]}.weight", mod, fq))
+        out.append(Fake(name, hf, mod, fq))
     return out
 
 

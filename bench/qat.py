@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Quantization-aware training against llama.cpp's quantizer and slimlm's post-training methods (issue 16), one run.
+
+Reference: the dithered SmolLM2-135M-Instruct F32 model (../shared/tools/make_dither_reference.py). Importance
+matrix: slimlm's, on ../shared/data/brown-calib.txt (--calib-chunks x 512 tokens), handed to llama.cpp's
+`llama_model_quantize` and to slimlm alike. QAT trains on brown-calib.txt (distillation from the reference, the
+healing trainer's defaults, --minutes of wall time each, preparation included). Evaluation: brown-eval.txt, every
+file in llama.cpp against the reference in torch, on the same tokens.
+
+Rows, at the Q4_K_M preset's types and at the Q4_0 preset's (every block linear Q4_0, the embedding and output as
+llama.cpp picks): llama.cpp + imatrix; slimlm rtn + imatrix; GPTQ; QAT. Checks: b. QAT at Q4_K_M: KLD <= 0.25x
+llama.cpp Q4_K_M + imatrix; c. QAT at Q4_0: KLD <= 0.5x llama.cpp Q4_0 + imatrix. Writes bench/results/qat.json.
+
+    python bench/qat.py [--minutes 30] [--presets Q4_K_M,Q4_0] [--chunks 8] [--calib-chunks 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from foundation import RESULTS, add_common_args, machine, reference_f32_imatrix  # noqa: E402
+
+TARGETS = {"Q4_K_M": 0.25, "Q4_0": 0.5}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, 8)
+    ap.add_argument("--minutes", type=float, default=30.0, help="QAT wall time per preset (default 30)")
+    ap.add_argument("--presets", default="Q4_K_M,Q4_0")
+    a = ap.parse_args()
+
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.eval import evaluate_many
+    from slimlm.eval.runtime import llama_cpp_quantize
+    from slimlm.quant.imatrix import ImportanceMatrix
+    from slimlm.train.command import heal_options
+
+    ref_path, ref, f32, _, prov, _ = reference_f32_imatrix(a)
+    im_path = RESULTS / "imatrix.gguf"
+    runs = []
+    for p in a.presets.split(","):
+        out = RESULTS / f"qat-llamacpp-{p}.gguf"
+        s = llama_cpp_quantize(f32, out, p, imatrix=ImportanceMatrix.load(im_path))
+        runs.append(dict(name=f"llama.cpp {p}+imatrix", preset=p, method="llama.cpp", path=out, seconds=s))
+        for method in ("rtn", "gptq", "qat"):
+            out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
+            heal = heal_options(f"{a.minutes:g}m", {"data": (a.calib,)}) if method == "qat" else None
+            cfg = CompressConfig(type=p, imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
+                                 evaluate=False, method=method, heal=heal, text=a.text)
+            t0 = time.perf_counter()
+            rep = compress(ref_path, out, cfg, overwrite=True, progress=method == "qat")
+            r = dict(name=f"slimlm {method} {p}", preset=p, method=method, path=out,
+                     seconds=time.perf_counter() - t0)
+            if method == "qat":
+                st = next(s for s in rep.steps if s["step"] == "qat")
+                e2e = next((s.get("detail") or {} for s in rep.healing["stages"]
+                            if s.get("stage") == "end-to-end distillation"), {})
+                r.update(heldout_kl_start=st["heldout_kl_unhealed"], heldout_kl=st["heldout_kl"],
+                         train_tokens=e2e.get("tokens"), tokens_per_s=e2e.get("tokens_per_s"))
+            runs.append(r)
+            print(f"{r['name']}: {r['seconds']:.0f} s", flush=True)
+
+    res = evaluate_many([r["path"] for r in runs], ref, text_path=a.text, n_ctx=512, max_chunks=a.chunks,
+                        speed=False, progress=True)
+    for r, e in zip(runs, res, strict=True):
+        r.update(mib=e["model"]["file_bytes"] / 2**20, kld=e["kld"], ppl=e["ppl"], top1=e["top1_agreement"])
+        r["path"] = str(r["path"])
+    r0 = res[0]
+    print(f"\nmodel: {ref_path.name}, reference in torch f32 (PPL {r0['ref_ppl']:.4f}); imatrix and QAT text: {prov}")
+    print(f"text: {r0['text']}; {r0['n_chunks']} chunks x 512, {r0['n_scored_tokens']} scored tokens; QAT "
+          f"{a.minutes:g} min per preset; machine: {machine()['cpu']}\n")
+    print("| file | MiB | KLD | x llama.cpp | PPL | top-1 | minutes |\n|---|---|---|---|---|---|---|")
+    base = {r["preset"]: r for r in runs if r["method"] == "llama.cpp"}
+    for r in runs:
+        print(f"| {r['name']} | {r['mib']:.2f} | {r['kld']:.6f} | {r['kld'] / base[r['preset']]['kld']:.3f}x | "
+              f"{r['ppl']:.4f} | {r['top1']:.4f} | {r['seconds'] / 60:.1f} |")
+    lines, ok = [], True
+    for p, target in TARGETS.items():
+        q = next((r for r in runs if r["preset"] == p and r["method"] == "qat"), None)
+        if q is None:
+            continue
+        ratio = q["kld"] / base[p]["kld"]
+        ok &= ratio <= target
+        lines.append(f"{'PASS' if ratio <= target else 'FAIL'}  {'b' if p == 'Q4_K_M' else 'c'}. QAT {p}: KLD "
+                     f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
+    print("\n" + "\n".join(lines))
+    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "machine": machine()},
+                                                 indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
