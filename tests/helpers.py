@@ -112,3 +112,16 @@ def valid_gguf_bytes() -> bytes:
     data = struct.pack("<64f", *[float(i) for i in range(64)])
     infos = [tensor_info("a.weight", [32, 2], 0, 0), tensor_info("empty", [0], 0, 256)]
     return build_gguf([kv_str("general.architecture", "llama"), kv_u32("general.alignment", 32)], infos, data)
+
+
+SAMPLE_TOKENS = [1, 504, 3120, 28, 905, 2384, 30, 17, 260, 11, 314, 1543, 4327, 5, 9, 42]
+
+
+def llama_cpp_logits(path, tokens, n_ctx: int = 64):
+    """The logits llama.cpp computes for `tokens` with the GGUF at `path` (the runner closed after)."""
+    from slimlm.eval.runtime import LlamaCppRunner
+    r = LlamaCppRunner(path, n_ctx)
+    try:
+        return r.logits(tokens)
+    finally:
+        r.close()

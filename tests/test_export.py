@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import ARCH_EXTRA
+from helpers import ARCH_EXTRA, SAMPLE_TOKENS, llama_cpp_logits
 
 from slimlm import export_gguf, load
 from slimlm.errors import ConfigError, OutputError
@@ -39,13 +39,9 @@ def test_f32_export_is_exact_and_matches_llama_cpp(tiny_hf, tmp_path, arch, llam
         assert np.array_equal(got, m.spec.to_gguf_tensor(hf_name, W, m.config).numpy()), hf_name
     assert rec.fallbacks == [] and rec.n_params == m.n_params()      # a tied output projection counted once
     # llama.cpp runs the file and gives torch's logits
-    tokens = torch.tensor([1, 504, 3120, 28, 905, 2384, 30, 17, 260, 11, 314, 1543, 4327, 5, 9, 42])
+    tokens = torch.tensor(SAMPLE_TOKENS)
     ref = m.logits(tokens[None])[0]
-    r = LlamaCppRunner(out, 64)
-    try:
-        got = r.logits(tokens)
-    finally:
-        r.close()
+    got = llama_cpp_logits(out, tokens)
     rel = float((got - ref).abs().max() / ref.abs().max())
     # Gemma: embedding x sqrt(hidden), a residual stream ~8x larger, so llama.cpp's F16 KV cache rounds more
     assert rel < (5e-3 if m.spec.embed_scale else 1e-3), f"{arch}: max relative logit error {rel:.2e}"

@@ -7,6 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import SAMPLE_TOKENS, llama_cpp_logits
 
 from slimlm import load
 from slimlm.errors import ConfigError
@@ -38,7 +39,6 @@ def _distil_steps(student, teacher, steps: int = 6, seed: int = 0) -> list[float
 def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, llama_cpp_available):
     """After distillation steps through the fake-quant forward, every block linear in the GGUF dequantizes (gguf-py)
     to the fake-quant weight bit for bit, and llama.cpp's logits match torch's fake-quant model's."""
-    from slimlm.eval.runtime import LlamaCppRunner
     teacher = load(tiny_hf("LlamaForCausalLM"))
     m = copy.deepcopy(teacher)
     _, _, types = plan_model(m, preset)
@@ -48,7 +48,7 @@ def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, llama_cpp_availabl
     losses = _distil_steps(m, teacher)
     assert all(np.isfinite(losses))
     assert any((f.fake.d.detach() != s).any() for f, s in zip(fakes, scales0, strict=True))  # scales trained
-    tokens = torch.tensor([1, 504, 3120, 28, 905, 2384, 30, 17, 260, 11, 314, 1543, 4327, 5, 9, 42])
+    tokens = torch.tensor(SAMPLE_TOKENS)
     with torch.no_grad():
         fq_weights = {f.hf_name: f.module.weight.detach().clone() for f in fakes}     # the last forward's
     encoded, changed = qat.export(m, fakes)
@@ -77,11 +77,7 @@ def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, llama_cpp_availabl
                     gguf.quants.dequantize(np.asarray(g.raw(t)), t.ggml_type).reshape(t.shape).copy()))
         ref = module(input_ids=tokens[None]).logits[0].float()
         plain = teacher.module(input_ids=tokens[None]).logits[0].float()
-    r = LlamaCppRunner(out, 64)
-    try:
-        got = r.logits(tokens)
-    finally:
-        r.close()
+    got = llama_cpp_logits(out, tokens)
     rel = float((got - ref).abs().max() / ref.abs().max())
     rel_plain = float((got - plain).abs().max() / plain.abs().max())
     # llama.cpp rounds activations to 8 bits in its CPU dot products: ~1e-2 here, 0.13-0.2 to the float model
