@@ -7,8 +7,9 @@ matrix: slimlm's, on ../shared/data/brown-calib.txt (--calib-chunks x 512 tokens
 healing trainer's defaults, --minutes of wall time each, preparation included). Evaluation: brown-eval.txt, every
 file in llama.cpp against the reference in torch, on the same tokens.
 
-Rows, at the Q4_K_M preset's types and at the Q4_0 preset's (every block linear Q4_0, the embedding and output as
-llama.cpp picks): llama.cpp + imatrix; slimlm rtn + imatrix; GPTQ; QAT (--qat: from the encoder's rounding
+Rows, at the size of llama.cpp's Q4_K_M file (slimlm: --target-size, per-tensor types by measured sensitivity;
+--size-of) and at the Q4_0 preset's types (every block linear Q4_0, the embedding and output as llama.cpp picks):
+llama.cpp + imatrix; slimlm rtn + imatrix; GPTQ; QAT (--qat: from the encoder's rounding
 and/or from GPTQ's codes). Checks: b. QAT at Q4_K_M: KLD <= 0.25x
 llama.cpp Q4_K_M + imatrix; c. QAT at Q4_0: KLD <= 0.5x llama.cpp Q4_0 + imatrix. Writes bench/results/qat.json.
 
@@ -34,6 +35,9 @@ def main() -> int:
     add_common_args(ap, 8)
     ap.add_argument("--minutes", type=float, default=30.0, help="QAT wall time per preset (default 30)")
     ap.add_argument("--presets", default="Q4_K_M,Q4_0")
+    ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
+                    "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
+                    "'' for none)")
     ap.add_argument("--qat", default="gptq+qat", help="QAT methods to run (qat: from the encoder's rounding; "
                     "gptq+qat: from GPTQ's codes; default gptq+qat)")
     a = ap.parse_args()
@@ -51,15 +55,17 @@ def main() -> int:
         out = RESULTS / f"qat-llamacpp-{p}.gguf"
         s = llama_cpp_quantize(f32, out, p, imatrix=ImportanceMatrix.load(im_path))
         runs.append(dict(name=f"llama.cpp {p}+imatrix", preset=p, method="llama.cpp", path=out, seconds=s))
+        sized = p in a.size_of.split(",")
+        kind = dict(target_size=str(out.stat().st_size)) if sized else dict(type=p)
         for method in ("rtn", "gptq", *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
             heal = heal_options(f"{a.minutes:g}m", {"data": (a.calib,)}) if qat else None
-            cfg = CompressConfig(type=p, imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
-                                 evaluate=False, method=method, heal=heal, text=a.text)
+            cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
+                                 evaluate=False, method=method, heal=heal, text=a.text, **kind)
             t0 = time.perf_counter()
             rep = compress(ref_path, out, cfg, overwrite=True, progress=qat)
-            r = dict(name=f"slimlm {method} {p}", preset=p, method=method, path=out,
+            r = dict(name=f"slimlm {method} {'size of ' if sized else ''}{p}", preset=p, method=method, path=out,
                      seconds=time.perf_counter() - t0)
             if qat:
                 st = next(s for s in rep.steps if s["step"] == "qat")
