@@ -423,8 +423,7 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
         return None
     rec["what"] = "QAT"
     encoded, changed = qat.export(student, fakes)
-    healing.clear_work_folder(out)
-    return student, encoded, changed, rec
+    return student, encoded, changed, rec       # compress() removes the work folder once the file is written
 
 
 def check_disk_space(m, out: Path, config: CompressConfig) -> None:

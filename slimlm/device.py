@@ -1,5 +1,6 @@
 """Where torch computes: `--device auto|cpu|cuda[:N]` for the layer passes (importance matrix, GPTQ/AWQ statistics,
-structured and weight pruning) and the torch-side evaluation.
+structured pruning's scores and statistics) and the torch-side evaluation; weight pruning and the experts' GPTQ,
+which solve inside the forward, stay on the host.
 
 A layer pass moves one decoder layer at a time to the device (`on_device`), for as long as the calibration
 chunks run through it; the hidden states of all chunks stay in host memory and go over a micro-batch at a time
@@ -75,4 +76,3 @@ def on_device(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         module.to("cpu")
         if dev.type == "cuda":
             torch.cuda.empty_cache()      # the next layer may have other shapes: give the cached blocks back
-

@@ -65,7 +65,6 @@ class FakeQuant(torch.nn.Module):
             raise ValueError(f"{blocks.shape} {qtype.name} blocks do not encode a {rows} x {cols} weight")
         h = grid.header(qtype, blocks)
         self.sub = h.sub
-        self.negate_min = h.negate_min
         # the stored scales, and factors on them that train (1 at the start: an optimizer's step is then relative,
         # whatever the scale's magnitude, and a zero scale stays zero)
         self.register_buffer("d0", torch.from_numpy(h.d.copy()))

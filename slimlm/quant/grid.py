@@ -74,7 +74,6 @@ def _iq4xs_scales(blocks: np.ndarray) -> np.ndarray:
 D_OFFSET = {T.Q8_0: 0, T.Q4_0: 0, T.Q5_0: 0, T.IQ4_NL: 0, T.Q4_1: 0, T.Q5_1: 0, T.Q2_K: 80, T.Q3_K: 108,
             T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 208, T.IQ4_XS: 0}
 MIN_OFFSET = {T.Q4_1: 2, T.Q5_1: 2, T.Q2_K: 82, T.Q4_K: 2, T.Q5_K: 2}
-SUB_BLOCK = {T.Q2_K: 16, T.Q3_K: 16, T.Q4_K: 32, T.Q5_K: 32, T.Q6_K: 16, T.IQ4_XS: 32}    # others: the block
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,6 @@ class Header:
     sc: np.ndarray            # int64
     m: np.ndarray | None      # int64, K-quants with mins
     sub: int                  # weights per sub-block
-    negate_min: bool          # b = -(dmin * m) (K-quants) rather than b = dmin (Q4_1/Q5_1)
 
 
 def header(qtype, blocks: np.ndarray) -> Header:
@@ -97,19 +95,19 @@ def header(qtype, blocks: np.ndarray) -> Header:
     dmin = _f16(blocks, MIN_OFFSET[qtype]) if qtype in MIN_OFFSET else None
     one = np.ones((n, 1), np.int64)
     if qtype in (T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL, T.Q4_1, T.Q5_1):
-        return Header(d, dmin, one, None, 32, False)
+        return Header(d, dmin, one, None, 32)
     if qtype == T.Q2_K:
         sc = blocks[:, :16].astype(np.int64)
-        return Header(d, dmin, sc & 0xF, sc >> 4, 16, True)
+        return Header(d, dmin, sc & 0xF, sc >> 4, 16)
     if qtype == T.Q3_K:
-        return Header(d, None, _q3_scales(blocks[:, 96:108]), None, 16, False)
+        return Header(d, None, _q3_scales(blocks[:, 96:108]), None, 16)
     if qtype in (T.Q4_K, T.Q5_K):
         s, m = _k4_scales(blocks[:, 4:16])
-        return Header(d, dmin, s, m, 32, True)
+        return Header(d, dmin, s, m, 32)
     if qtype == T.Q6_K:
-        return Header(d, None, blocks[:, 192:208].view(np.int8).astype(np.int64), None, 16, False)
+        return Header(d, None, blocks[:, 192:208].view(np.int8).astype(np.int64), None, 16)
     if qtype == T.IQ4_XS:
-        return Header(d, None, _iq4xs_scales(blocks), None, 32, False)
+        return Header(d, None, _iq4xs_scales(blocks), None, 32)
     raise ValueError(f"no grid for {qtype.name}")
 
 
