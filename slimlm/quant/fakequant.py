@@ -37,16 +37,33 @@ class _ThroughF16(torch.autograd.Function):
         return g
 
 
-class _Straight(torch.autograd.Function):
-    """Returns q; the gradient goes to both w (straight through the rounding) and q (to the scales)."""
+class _OnGrid(torch.autograd.Function):
+    """q = a * t (+ b) per weight, with a, b per sub-block (repeated over its `sub` weights) and t the table values
+    of the chosen levels: the forward is the decoder's float32 arithmetic. Backward: w gets the output's gradient
+    unchanged (straight-through estimator), a and b the formula's (LSQ-style: sum over the sub-block of g * t, of
+    g). Only t is kept for the backward, as int8 (every level table holds integers in [-127, 127]): one byte per
+    weight, where autograd through the plain expression kept a and t in float32 and the levels in int64."""
 
     @staticmethod
-    def forward(ctx, w, q):
-        return q.clone()
+    def forward(ctx, w, a, b, A, B, t8, sub: int):
+        """a, b: per sub-block (for the gradient); A, B: the same repeated per weight; t8: the levels' table values."""
+        q = A * t8.float()
+        if B is not None:
+            q = q + B
+        ctx.save_for_backward(t8)
+        ctx.sub, ctx.has_b = sub, b is not None
+        return q
 
     @staticmethod
     def backward(ctx, g):
-        return g, g
+        (t8,) = ctx.saved_tensors
+        n = g.shape[0]
+        ga = gb = None
+        if ctx.needs_input_grad[1]:
+            ga = (g * t8).reshape(n, -1, ctx.sub).sum(-1)
+        if ctx.has_b and ctx.needs_input_grad[2]:
+            gb = g.reshape(n, -1, ctx.sub).sum(-1)
+        return g, ga, gb, None, None, None, None
 
 
 class FakeQuant(torch.nn.Module):
@@ -80,10 +97,11 @@ class FakeQuant(torch.nn.Module):
         self.register_buffer("sc", torch.from_numpy(h.sc.astype(np.float32)))
         self.register_buffer("m", None if h.m is None else torch.from_numpy(h.m.astype(np.float32)))
         self.register_buffer("table", torch.from_numpy(tab.values.copy()))
+        self.register_buffer("table8", self.table.to(torch.int8))    # every table holds integers in [-127, 127]
+        assert torch.equal(self.table8.float(), self.table), qtype.name
         self.uniform = tab.uniform
         self.register_buffer("levels0", torch.from_numpy(grid.levels(qtype, blocks).astype(np.int64)))
         self._blocks = blocks            # headers and layout the export starts from
-        self.last_levels: torch.Tensor | None = None
 
     @property
     def d(self) -> torch.Tensor:
@@ -94,19 +112,21 @@ class FakeQuant(torch.nn.Module):
     def dmin(self) -> torch.Tensor | None:
         return None if self.dmin0 is None else self.dmin0 * self.dmin_factor
 
-    def grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(a, b) per weight (blocks, block) float32, through the scales' fp16 storage; b None for the types
+    def sub_grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a, b) per sub-block (blocks, sub-blocks) float32, through the scales' fp16 storage; b None for the types
         without a minimum (their value is a * T[L]: adding a zero would turn the decoder's -0.0 into +0.0)."""
-        d = _ThroughF16.apply(self.d)
-        a = d * self.sc
+        a = _ThroughF16.apply(self.d) * self.sc
         dmin = self.dmin
         if self.m is not None:
-            b = -(_ThroughF16.apply(dmin) * self.m)
-        elif dmin is not None:
-            b = _ThroughF16.apply(dmin).expand_as(a)
-        else:
-            return a.repeat_interleave(self.sub, 1), None
-        return a.repeat_interleave(self.sub, 1), b.repeat_interleave(self.sub, 1)
+            return a, -(_ThroughF16.apply(dmin) * self.m)
+        if dmin is not None:
+            return a, _ThroughF16.apply(dmin).expand_as(a)
+        return a, None
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a, b) per weight (blocks, block)."""
+        a, b = self.sub_grid()
+        return a.repeat_interleave(self.sub, 1), None if b is None else b.repeat_interleave(self.sub, 1)
 
     @torch.no_grad()
     def nearest(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -123,11 +143,12 @@ class FakeQuant(torch.nn.Module):
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         w = W.float().reshape(-1, self.block)
-        a, b = self.grid()
-        L = self.nearest(w.detach(), a.detach(), None if b is None else b.detach())
-        self.last_levels = L
-        q = a * self.table[L] if b is None else a * self.table[L] + b
-        return _Straight.apply(w, q).reshape(self.shape)
+        a, b = self.sub_grid()
+        with torch.no_grad():
+            A = a.repeat_interleave(self.sub, 1)
+            B = None if b is None else b.repeat_interleave(self.sub, 1)
+            t8 = self.table8[self.nearest(w, A, B)]
+        return _OnGrid.apply(w, a, b, A, B, t8, self.sub).reshape(self.shape)
 
     @torch.no_grad()
     def export(self, W: torch.Tensor) -> np.ndarray:
