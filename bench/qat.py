@@ -4,7 +4,7 @@
 Reference: the dithered SmolLM2-135M-Instruct F32 model (../shared/tools/make_dither_reference.py). Importance
 matrix: slimlm's, on ../shared/data/brown-calib.txt (--calib-chunks x 512 tokens), handed to llama.cpp's
 `llama_model_quantize` and to slimlm alike. QAT trains on brown-calib.txt (distillation from the reference, the
-healing trainer's defaults, --minutes of wall time each, preparation included). Evaluation: brown-eval.txt, every
+CLI's QAT defaults: lr 1e-5, fp32; --minutes of wall time each, preparation included). Evaluation: brown-eval.txt, every
 file in llama.cpp against the reference in torch, on the same tokens.
 
 Rows, at the size of llama.cpp's Q4_K_M file (slimlm: --target-size, per-tensor types by measured sensitivity;
@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from foundation import RESULTS, add_common_args, machine, reference_f32_imatrix  # noqa: E402
 
+from slimlm.compress import QAT_LR  # noqa: E402
+
 TARGETS = {"Q4_K_M": 0.25, "Q4_0": 0.5}
 
 
@@ -35,6 +37,7 @@ def main() -> int:
     add_common_args(ap, 8)
     ap.add_argument("--minutes", type=float, default=30.0, help="QAT wall time per preset (default 30)")
     ap.add_argument("--presets", default="Q4_K_M,Q4_0")
+    ap.add_argument("--lr", type=float, default=QAT_LR, help=f"QAT learning rate (default {QAT_LR:g}, the CLI's)")
     ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
                     "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
                     "'' for none)")
@@ -60,7 +63,7 @@ def main() -> int:
         for method in ("rtn", "gptq", *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
-            heal = heal_options(f"{a.minutes:g}m", {"data": (a.calib,)}) if qat else None
+            heal = heal_options(f"{a.minutes:g}m", {"data": (a.calib,), "lr": a.lr, "precision": "fp32"}) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
             t0 = time.perf_counter()

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "training: the block linears compute with exactly their GGUF values (starting from slimlm's "
                    "encoder, with --calib's importance matrix) while the float weights and the blocks' fp16 scales "
                    "are distilled from the original end to end, for the --heal budget with the healing options; the "
-                   "file holds the last step's codes; gptq+qat: QAT starting from GPTQ's codes")
+                   "file holds the last step's codes (learning rate 1e-5 and fp32 unless --lr/--precision); gptq+qat: QAT starting from GPTQ's "
+                   "codes, the output projection GPTQ'd and kept")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
     p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "
@@ -399,7 +400,10 @@ def _check_args(a, *, models: tuple = (), text: str | None = None, calib: str | 
 
 
 def cmd_compress(a) -> int:
-    from .compress import CompressConfig, compress
+    from .compress import QAT_LR, CompressConfig, compress
+    if "qat" in a.method and a.heal:      # QAT's defaults where the healing options are not given
+        a.lr = QAT_LR if a.lr is None else a.lr
+        a.precision = a.precision or "fp32"          # bf16 autocast would round the grid's values in training
     cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
                          imatrix=a.imatrix, calib=a.calib, pure=a.pure, method=a.method,

@@ -28,6 +28,8 @@ from .report import Report
 from .sequential import collect_imatrix, quantize_model
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
+QAT_LR = 1e-5           # slimlm compress --method qat's learning rate when --lr is not given (healing's default,
+                        # 2e-4, made SmolLM2's held-out KL worse: README)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ class CompressConfig:
             if self.heal is None:
                 raise ConfigError("--method qat trains the quantized model by distillation from the original: give "
                                   "--heal BUDGET too (a duration such as 10m or a token count such as 200k)")
+            if self.heal.train.train_params == "lora":
+                raise ConfigError("--method qat trains the fake-quant weights themselves: --train lora is not "
+                                  "supported with it (use all or all-but-embeddings)")
             if self.prune is not None:
                 raise ConfigError("--method qat with --prune is not supported yet: prune and heal first (slimlm prune "
                                   "--heal ... -o DIR as an HF folder), then compress DIR --method qat")
@@ -344,7 +349,7 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         if "gptq" in config.method:                  # QAT starts from GPTQ's codes and the weights they decode to
             say(f"GPTQ onto {label}'s block grids (QAT's start), layer by layer ...")
             start, changed, st = quantize_model(m, chunks[:config.gptq_chunks], types, gptq=True,
-                                                act_order=config.act_order, output=False, progress=progress)
+                                                act_order=config.act_order, progress=progress)
             st.pop("awq_scales")
             steps.append({"step": "gptq", "source": prov, **st})
             base = m.with_changes(changed)
@@ -352,6 +357,10 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         if rec_qat is None:
             return None, None, label
         student, encoded, changed, rec_qat = rec_qat
+        if start is not None and config.heal.train.train_params != "all":
+            # the output projection (for a tied model the embedding) is GPTQ'd on the final hidden states and stays
+            # frozen in training: the student computed with exactly those values, and the file keeps their codes
+            encoded.update({n: v for n, v in start.items() if n not in encoded})
         record.update(rec_qat)
         from .train.command import healing_step_record
         steps.append({**healing_step_record(rec_qat), "step": "qat", "tensors": len(encoded)})

@@ -110,7 +110,8 @@ def test_compress_method_qat_end_to_end_beats_rounding_in_llama_cpp(tiny_hf, tmp
     kld = {}
     for method in ("rtn", "qat"):
         out = tmp_path / f"{method}.gguf"
-        extra = ["--heal", "4096", "--data", str(texts["train"]), "--seq-len", "32", "--precision", "fp32"] \
+        extra = ["--heal", "4096", "--data", str(texts["train"]), "--seq-len", "32", "--precision", "fp32",
+                 "--lr", "2e-4"] \
             if method == "qat" else []
         assert main(["-q", "compress", str(teacher), "-o", str(out), "--method", method, *common, *extra]) == 0
         rep = json.loads(out.with_suffix(".report.json").read_text())
@@ -148,3 +149,19 @@ def test_qat_can_start_from_gptq_codes(tiny_hf):
     out, _ = qat.export(student, fakes)
     for f in fakes:
         assert np.array_equal(out[f.gguf_name], encoded[f.gguf_name]), f.gguf_name
+
+
+def test_gptq_qat_keeps_gptqs_output_projection(tiny_hf, tmp_path):
+    """gptq+qat writes the output projection GPTQ computed on the final hidden states (frozen in training), byte
+    for byte what --method gptq writes."""
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.train.command import heal_options
+    src = tiny_hf("LlamaForCausalLM")
+    base = dict(type="Q4_K_M", calib="default", calib_chunks=3, gptq_chunks=3, n_ctx=64, evaluate=False)
+    compress(src, tmp_path / "g.gguf", CompressConfig(method="gptq", **base), progress=False)
+    heal = heal_options("512", {"seq_len": 32, "lr": 1e-3, "precision": "fp32"})
+    rep = compress(src, tmp_path / "q.gguf", CompressConfig(method="gptq+qat", heal=heal, **base), progress=False)
+    assert [s["step"] for s in rep.steps][:3] == ["imatrix", "gptq", "qat"]
+    g, q = read_gguf(tmp_path / "g.gguf"), read_gguf(tmp_path / "q.gguf")
+    raw = {n: {t.name: np.asarray(f.raw(t)).tobytes() for t in f.tensors} for n, f in (("g", g), ("q", q))}
+    assert raw["q"]["output.weight"] == raw["g"]["output.weight"]
