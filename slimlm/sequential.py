@@ -463,13 +463,17 @@ def capture_input(layer, x: torch.Tensor, kw: dict, micro: list[slice], at: str,
     return st.to_host()
 
 
-def forward_layer(layer, x: torch.Tensor, kw: dict, micro: list[slice], *, host: bool = False) -> torch.Tensor:
+def forward_layer(layer, x: torch.Tensor, kw: dict, micro: list[slice], *, host: bool = False,
+                  each=None) -> torch.Tensor:
     """x (chunks, n_ctx, hidden) replaced, micro-batch by micro-batch, by the layer's output (in place: one such
     tensor alive), on the compute device (device.py), or on the host with `host` (hooks that solve on the host
-    as it runs: the experts' GPTQ)."""
+    as it runs: the experts' GPTQ). `each(sl, y)` sees each micro-batch's output y while x[sl] is still its input."""
     with contextlib.nullcontext() if host else on_device(layer):
         for sl in micro:
-            x[sl] = run_layer(layer, x[sl], kw)
+            y = run_layer(layer, x[sl], kw)
+            if each is not None:
+                each(sl, y)
+            x[sl] = y
     return x
 
 

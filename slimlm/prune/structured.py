@@ -215,8 +215,8 @@ def router_mass(module, chunks: torch.Tensor, *, progress: bool = True) -> list[
 def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: bool):
     """The calibration chunks through decoder layers 0..last one layer at a time (lazy.onload: a streamed model
     reads one layer), in micro-batches: yields (i, layer, micro-batches, x, kw, later) with x the layer's input for
-    every chunk, which the caller replaces by the layer's output while the layer is loaded (`x[sl] =
-    run_layer(layer, x[sl], kw)`, with its own hooks: in place, one such tensor alive); the callables it appends
+    every chunk, which the caller replaces by the layer's output while the layer is loaded
+    (sequential.forward_layer, with its own hooks: in place, one such tensor alive); the callables it appends
     to `later` run once the layer is put back (work on a tensor taken from it, in less memory)."""
     from ..lazy import onload, trim_heap
     from ..sequential import micro_batches, replay_inputs
@@ -236,17 +236,13 @@ def _layer_pass(model, chunks: torch.Tensor, last: int, desc: str, progress: boo
 def block_influence(model, chunks: torch.Tensor, *, progress: bool = True) -> list[float]:
     """Per layer: 1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence), one layer
     at a time over all chunks."""
-    from ..device import on_device
-    from ..sequential import run_layer
+    from ..sequential import forward_layer
     out = []
     for _, layer, micro, x, kw, _ in _layer_pass(model, chunks, len(decoder_layers(model.module)) - 1,
                                                  "block influence", progress):
         s = torch.zeros((), dtype=torch.float64)
-        with on_device(layer):
-            for sl in micro:
-                y = run_layer(layer, x[sl], kw)
-                s += (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y.double(), dim=-1)).sum()
-                x[sl] = y
+        forward_layer(layer, x, kw, micro, each=lambda sl, y, s=s, x=x: s.add_(
+            (1.0 - torch.nn.functional.cosine_similarity(x[sl].double(), y.double(), dim=-1)).sum()))
         out.append(float(s / chunks.numel()))
     return out
 
@@ -342,8 +338,7 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
     layer writes into (an error's weight relative to the signal it perturbs), made non-decreasing along the
     layer, and the cheapest rounds across all layers are taken (global ranking; FLAP/ZipLM style). `layers`:
     only these layers (by index; the others are to be dropped) get widths, in that order."""
-    from ..device import on_device
-    from ..sequential import InputStats, forward_layer, run_layer
+    from ..sequential import InputStats, forward_layer
     which = list(range(len(decoder_layers(model.module)))) if layers is None else list(layers)
     ff = dims(model.config)["ffn"]
     n_max = int(ff * max_frac) // round_to * round_to
@@ -356,11 +351,8 @@ def allocate_ffn(model, chunks: torch.Tensor, n_remove: int, *, round_to: int = 
         down = part(layer, "down")
         h = down.register_forward_pre_hook(lambda _m, inputs, st=st: st.add(inputs[0]))
         try:
-            with on_device(layer):
-                for sl in micro:
-                    y = run_layer(layer, x[sl], kw)
-                    resid += y.double().pow(2).mean(-1).sum()
-                    x[sl] = y
+            forward_layer(layer, x, kw, micro, each=lambda _sl, y, resid=resid: resid.add_(
+                y.double().pow(2).mean(-1).sum()))
         finally:
             h.remove()
         st.to_host().check(f"layer {i} MLP down projection")
