@@ -39,20 +39,38 @@ def quantize_with_llama_cpp(original, out: str | Path, type: str, *, imatrix=Non
     """llama.cpp's `type` of `original` (a loaded Model), written to baseline_path(out).
 
     Returns {"path", "type", "imatrix", "quantize_seconds"} for the report."""
+    from .io import check_output_path
+    dst = check_output_path(baseline_path(out), overwrite=overwrite)
+    seconds = _quantize(original, {type: dst}, imatrix, progress)[type]
+    return {"path": str(dst), "type": type, "imatrix": imatrix is not None, "quantize_seconds": seconds}
+
+
+def quantize_presets_with_llama_cpp(original, outs: dict[str, Path], *, imatrix=None, progress: bool = True
+                                    ) -> dict[str, Path]:
+    """llama.cpp's presets of `original` (preset -> output path, replaced if there), from one F32 file."""
+    from .io import check_output_path
+    for p in outs.values():
+        check_output_path(p, overwrite=True)
+    _quantize(original, outs, imatrix, progress)
+    return dict(outs)
+
+
+def _quantize(original, outs: dict[str, Path], imatrix, progress: bool) -> dict[str, float]:
+    """The original as F32 in a temp folder named as the first output's temp (removed afterwards, and by the
+    next run if a kill left it), then llama_model_quantize per preset. Returns preset -> seconds."""
     from .eval.runtime import llama_cpp_quantize
     from .gguf.writer import export_gguf
-    from .io import check_output_path, clean_stale_temps
-    dst = check_output_path(baseline_path(out), overwrite=overwrite)
-    clean_stale_temps(dst)      # an F32 folder left by a killed run (it is named as dst's temp)
-    scratch = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    from .io import clean_stale_temps
+    first = Path(next(iter(outs.values())))
+    clean_stale_temps(first)      # an F32 folder left by a killed run (it is named as the output's temp)
+    scratch = first.parent / f".{first.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     scratch.mkdir()
     try:
         f32 = scratch / "f32.gguf"
         export_gguf(original, f32, "F32", progress=progress)
-        seconds = llama_cpp_quantize(f32, dst, type, imatrix=imatrix)
+        return {t: llama_cpp_quantize(f32, Path(dst), t, imatrix=imatrix) for t, dst in outs.items()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"path": str(dst), "type": type, "imatrix": imatrix is not None, "quantize_seconds": seconds}
 
 
 def comparison_lines(ours: dict, theirs: dict, baseline: dict) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import SlimlmError
 from .presets import PRESETS
+from .search import DEFAULT_BASELINES, STUDY
 from .train.config import COMPILE, PARALLEL, PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
 
 TYPES = ", ".join(p.name for p in PRESETS.values())
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --prune: what is removed (default mlp+layers; see slimlm prune --help)")
     p.add_argument("--prune-allocate", choices=["uniform", "global", "sensitivity"], help="with --prune: MLP "
                    "widths per layer (default global: llama.cpp's per-layer architecture) or uniform (the family's own)")
+    p.add_argument("--prune-layer-share", type=float, metavar="S", help="with --prune and --prune-method "
+                   "mlp+layers: the share of R removed as whole layers (default as slimlm prune's --layer-share)")
     p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
                    "block size so that no tensor falls back to another type")
     p.add_argument("--compare", metavar="TYPE", nargs="?", const="same", help="also make llama.cpp's own "
@@ -357,6 +360,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help=".gguf file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    p = sub.add_parser("search", help="the best file for a size, speed or quality target: pruning x bits x "
+                       "healing, every candidate measured in llama.cpp (Optuna; resumable)",
+                       description="Search structured pruning (ratio, share of whole layers), healing, the PTQ "
+                       "method and (without --target-size) the bits per weight for the file that best meets one "
+                       "target. Each trial is a `slimlm compress` recipe whose GGUF is evaluated in llama.cpp "
+                       "against the original on the same tokens; llama.cpp's own presets of the original are made "
+                       "and measured once for comparison. OUT_DIR gets best.gguf, recipes.json (the Pareto-optimal "
+                       "recipes with their commands), search.json, report.md, report.html and plots. The Optuna "
+                       "study (OUT_DIR/study.db) is the trial journal: run the same command again to resume a "
+                       "killed or finished search (more --trials or --budget extend it).")
+    p.add_argument("model", nargs="?", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the results and trials")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-size", metavar="SIZE", help="file size budget (64MiB, 70MB, bytes): the lowest KL "
+                   "divergence at this size")
+    g.add_argument("--min-speedup", type=float, metavar="X", help="llama.cpp generation speed at least X times "
+                   "that of llama.cpp's --speed-of preset of the original: the lowest KL divergence")
+    g.add_argument("--max-kld", type=float, metavar="K", help="KL divergence at most K: the smallest file")
+    p.add_argument("--budget", metavar="TIME", help="wall time of this run (90s, 30m, 2h); no trial starts that "
+                   "would end after it (default 2h when --trials is not given)")
+    p.add_argument("--trials", type=int, metavar="N", help="stop when the study holds N trials (resumed runs "
+                   "included)")
+    p.add_argument("--heal", metavar="BUDGET", help="pruned candidates may be healed this much (a duration such "
+                   "as 10m, or a token count such as 200k); without it nothing is healed")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="healing text (default: the calibration text)")
+    p.add_argument("--methods", default="gptq", metavar="M[,M...]", help="PTQ methods to search: rtn, gptq, awq, "
+                   "awq+gptq (default gptq)")
+    p.add_argument("--max-prune", type=float, default=0.5, metavar="R", help="largest structured pruning ratio "
+                   "(fraction of all parameters; default 0.5)")
+    p.add_argument("--prune-step", type=float, default=0.05, metavar="S", help="pruning ratios searched in steps "
+                   "of S (default 0.05)")
+    p.add_argument("--prune-method", default="mlp+layers", choices=["mlp+layers", "mlp", "width", "layers"],
+                   help="what pruning removes (default mlp+layers; the share of whole layers is searched)")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), metavar="T[,T...]|none",
+                   help=f"llama.cpp presets of the original made and measured for comparison (default "
+                   f"{','.join(DEFAULT_BASELINES)})")
+    p.add_argument("--speed-of", default="Q8_0", metavar="TYPE", help="--min-speedup is relative to llama.cpp's "
+                   "TYPE of the original (default Q8_0)")
+    p.add_argument("--calib", metavar="FILE", default="default", help="calibration text (importance matrices, "
+                   "GPTQ, pruning scores, size budgets; default: the bundled calibration text)")
+    p.add_argument("--calib-chunks", type=int, default=32, metavar="N", help="calibration chunks (default 32)")
+    _add_eval_args(p)
+    p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage: a database URL that several machines can "
+                   "share (default sqlite:///OUT_DIR/study.db)")
+    p.add_argument("--study", default=STUDY, metavar="NAME", help=f"study name in the storage (default {STUDY})")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes sharing the study "
+                   "(default 1; the cores are shared, so measured speeds vary more)")
+
+    p = sub.add_parser("report", help="plots and an HTML report from compress/prune/heal/eval JSON reports",
+                       description="Draw the size-KLD and speed-KLD frontiers of every file the reports measured "
+                       "(llama.cpp's files of --compare included), the per-layer widths of pruned files, each "
+                       "report's tensor type map and healing curves; write DIR/report.md and a self-contained "
+                       "DIR/report.html.")
+    p.add_argument("reports", nargs="+", metavar="RUN.json", help="OUT.report.json files (compress, prune, heal) "
+                   "or slimlm eval --json results")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.md, report.html and "
+                   "the plots")
+
     p = sub.add_parser("generate", help="generate text from a GGUF file in llama.cpp")
     p.add_argument("file", help=".gguf file")
     p.add_argument("-p", "--prompt", required=True, help="prompt text")
@@ -399,20 +461,26 @@ def _check_args(a, *, models: tuple = (), text: str | None = None, calib: str | 
         check_ctx(a.ctx, source_info(model))
 
 
-def cmd_compress(a) -> int:
-    from .compress import QAT_LR, CompressConfig, compress
+def compress_config(a):
+    """The CompressConfig of parsed `compress` arguments (slimlm search builds its trials through this too)."""
+    from .compress import QAT_LR, CompressConfig
     if "qat" in a.method and a.heal:      # QAT's defaults where the healing options are not given
         a.lr = QAT_LR if a.lr is None else a.lr
         a.precision = a.precision or "fp32"          # bf16 autocast would round the grid's values in training
-    cfg = CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
+    return CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
                          imatrix=a.imatrix, calib=a.calib, pure=a.pure, method=a.method,
                          act_order=a.act_order, target_size=a.target_size, bpw=a.bpw,
                          calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
-                         prune_allocate=a.prune_allocate, format_aware=a.format_aware, compare=a.compare,
-                         heal=_heal_config(a), stream=a.stream)
+                         prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
+                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a), stream=a.stream)
+
+
+def cmd_compress(a) -> int:
+    from .compress import compress
+    cfg = compress_config(a)
     rep = compress(a.model, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                    command="slimlm " + shlex.join(sys.argv[1:]), resume=a.resume)
     if rep is None:                     # a non-writing rank of a distributed launch
@@ -638,7 +706,45 @@ def cmd_generate(a) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text.strip().lower() != "none" else ()
+
+
+def cmd_search(a) -> int:
+    from .search import SearchConfig, search
+    cfg = SearchConfig(target_size=a.target_size, min_speedup=a.min_speedup, max_kld=a.max_kld,
+                       budget=a.budget or (None if a.trials else "2h"), trials=a.trials, heal=a.heal,
+                       data=tuple(a.data or ()), methods=_csv(a.methods), max_prune=a.max_prune,
+                       prune_step=a.prune_step, prune_method=a.prune_method, speed_of=a.speed_of,
+                       baselines=_csv(a.baselines), calib=a.calib, calib_chunks=a.calib_chunks, text=a.text,
+                       n_ctx=a.ctx, max_chunks=a.chunks or None, speed=not a.no_speed, seed=a.seed,
+                       storage=a.storage, study=a.study, workers=a.workers)
+    s = search(a.model, a.output, cfg, progress=not a.quiet, command="slimlm " + shlex.join(sys.argv[1:]))
+    out = Path(a.output)
+    b = s["best"]
+    print(f"search: {s['target']}; " + ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v))
+    if b is None:
+        print(f"no trial met the target; see {out / 'report.md'}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / 'best.gguf'} (trial {b['trial']}): {b['file_bytes'] / 2**20:.2f} MiB, KL divergence "
+          f"{b['kld']:.6f}, perplexity {b['ppl']:.4f}, top-1 {100 * b['top1']:.2f}%"
+          + (f", {b['gen_tps']:.1f} generation tok/s" if b.get("gen_tps") else ""))
+    for p in s["baselines"]:
+        print(f"  llama.cpp {p['type']:7s} {p['file_bytes'] / 2**20:8.2f} MiB, KL divergence {p['kld']:.6f}"
+              f" ({p['kld'] / b['kld'] if b['kld'] > 0 else float('nan'):.2f}x this file's)")
+    print(f"  rebuild: {b['command']}")
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}; Pareto-optimal recipes: {out / 'recipes.json'}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .visual import report_files
+    r = report_files(a.reports, a.output)
+    print(f"wrote {r['markdown']} and {r['html']} ({len(r['plots'])} plots, {len(r['points'])} files measured)")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "search": cmd_search, "report": cmd_report, "eval": cmd_eval, "imatrix": cmd_imatrix, "inspect": cmd_inspect,
             "kmeans": cmd_kmeans, "prune": cmd_prune, "heal": cmd_heal,
             "sensitivity": cmd_sensitivity,
             "generate": cmd_generate}

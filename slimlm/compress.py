@@ -58,6 +58,7 @@ class CompressConfig:
     prune: float | None = None        # structured pruning first: fraction of all parameters removed
     prune_method: str = "mlp+layers"  # mlp+layers | mlp | width | layers (slimlm prune --method)
     prune_allocate: str | None = None # uniform | global | sensitivity (default: global; slimlm prune)
+    prune_layer_share: float | None = None  # mlp+layers: share of --prune taken as whole layers (default: prune's)
     format_aware: bool = False        # pruned widths rounded to the type's block size
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
@@ -144,7 +145,8 @@ class CompressConfig:
 
     def prune_config(self):
         from .prune.command import PruneConfig
-        return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate,
+        share = {} if self.prune_layer_share is None else {"layer_share": self.prune_layer_share}
+        return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate, **share,
                            format_aware=self.format_aware, type=self.type if not self.budgeted else "Q8_0",
                            calib=self.calib, calib_chunks=self.calib_chunks, n_ctx=self.n_ctx)
 

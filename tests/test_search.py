@@ -1,0 +1,220 @@
+"""slimlm search (Optuna study as the trial journal) and slimlm report (plots, self-contained HTML), on a tiny
+model: resume after kill -9 without rerunning finished trials, two workers on one sqlite study, the results
+folder, the plots' axes, and the refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slimlm.cli import main
+from slimlm.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("llama_cpp_available")
+
+
+def _args(model, out, calib, *extra) -> list[str]:
+    """A small search: no pruning, bits per weight and the method searched, KL divergence <= 0.05 at the smallest
+    size; four-chunk evaluation, no speed rounds (their values vary run to run), no llama.cpp baselines."""
+    return ["-q", "search", str(model), "-o", str(out), "--max-kld", "0.05", "--max-prune", "0",
+            "--methods", "rtn,gptq", "--calib", str(calib), "--text", str(calib), "--calib-chunks", "2",
+            "--ctx", "64", "--chunks", "4", "--no-speed", "--baselines", "none", "--seed", "3", *extra]
+
+
+def _sequence(out: Path) -> list[tuple]:
+    """The study's trials in order, those a kill interrupted left out: (parameters, objective, KLD)."""
+    import optuna
+    st = optuna.load_study(study_name="slimlm-search", storage=f"sqlite:///{out / 'study.db'}")
+    return [(t.user_attrs.get("params"), t.value, t.user_attrs.get("kld")) for t in st.get_trials()
+            if not t.user_attrs.get("stale")]
+
+
+def _trials(out: Path):
+    import optuna
+    return optuna.load_study(study_name="slimlm-search", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, src, calib):
+    out = tmp_path_factory.mktemp("search") / "a"
+    assert main(_args(src, out, calib, "--trials", "5")) == 0
+    return out
+
+
+def test_search_writes_the_best_file_its_recipes_and_a_self_contained_report(uninterrupted, src, calib, tmp_path):
+    out = uninterrupted
+    s = json.loads((out / "search.json").read_text())
+    assert len(_sequence(out)) == 5
+    best = s["best"]
+    assert best is not None and best["kld"] <= 0.05
+    feasible = [p for p in s["all"] if p["kld"] <= 0.05]
+    assert best["file_bytes"] == min(p["file_bytes"] for p in feasible)     # the smallest file that meets it
+    assert (out / "best.gguf").read_bytes() == Path(best["path"]).read_bytes()
+    recipes = json.loads((out / "recipes.json").read_text())
+    assert recipes and all(r["command"].startswith("slimlm compress ") for r in recipes)
+    front = {(r["file_bytes"], r["kld"]) for r in recipes}
+    for p in s["all"]:             # nothing measured beats a Pareto-optimal recipe on both size and KLD
+        assert not any(p["file_bytes"] < b and p["kld"] < k for b, k in front)
+    # the recipe rebuilds the same file
+    r = next(r for r in recipes if r["trial"] == best["trial"])
+    argv = r["command"].split()[1:]
+    rebuilt = tmp_path / "rebuilt.gguf"
+    argv[argv.index("OUT.gguf")] = str(rebuilt)
+    assert main(["-q", *argv]) == 0
+    assert rebuilt.read_bytes() == (out / "best.gguf").read_bytes()
+    html = (out / "report.html").read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html and "<link" not in html
+    pngs = sorted(out.glob("*.png"))
+    assert {"size-kld.png", "types.png"} <= {p.name for p in pngs}
+    assert html.count('src="data:image/png;base64,') == len(pngs)
+    assert all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials_and_ends_as_uninterrupted(uninterrupted, src, calib,
+                                                                                           tmp_path):
+    """kill -9 while a trial runs, then the same command: the trials that finished are not rerun (same
+    numbers, same completion times), the interrupted one runs again with its parameters, and the study ends
+    with the uninterrupted search's sequence of candidates and measurements."""
+    out = tmp_path / "b"
+    args = _args(src, out, calib, "--trials", "5")
+    proc = subprocess.Popen([sys.executable, "-m", "slimlm", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    from optuna.trial import TrialState
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.3)
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            if not (out / "study.db").exists():
+                continue
+            try:
+                ts = _trials(out)
+            except Exception:           # the study is being created
+                continue
+            if sum(t.state == TrialState.COMPLETE for t in ts) >= 2 and \
+                    any(t.state == TrialState.RUNNING and "params" in t.user_attrs for t in ts):
+                break
+        else:
+            pytest.fail("no trial was running after two finished")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = {t.number: t.datetime_complete for t in _trials(out) if t.state == TrialState.COMPLETE}
+    killed = [t.number for t in _trials(out) if t.state == TrialState.RUNNING]
+    assert len(killed) == 1 and len(before) >= 2
+    assert main(args) == 0
+    after = _trials(out)
+    assert {t.number: t.datetime_complete for t in after if t.number in before} == before   # not rerun
+    stale = [t for t in after if t.user_attrs.get("stale")]
+    assert [t.number for t in stale] == killed
+    retry = [t for t in after if t.user_attrs.get("retry_of") == killed[0]]
+    assert len(retry) == 1
+    assert retry[0].params == stale[0].params
+    assert _sequence(out) == _sequence(uninterrupted)
+    assert json.loads((out / "search.json").read_text())["best"]["params"] == \
+        json.loads((uninterrupted / "search.json").read_text())["best"]["params"]
+
+
+def test_two_workers_share_one_sqlite_study_and_run_no_trial_twice(src, calib, tmp_path):
+    out = tmp_path / "w"
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert main(_args(src, out, calib, "--trials", "6", "--workers", "2", "--storage", storage)) == 0
+    import optuna
+    from optuna.trial import TrialState
+    ts = optuna.load_study(study_name="slimlm-search", storage=storage).get_trials()
+    assert not (out / "study.db").exists()                # the trials went to the given storage
+    assert 6 <= len(ts) <= 7                                # a last ask may race the other worker's
+    assert all(t.state == TrialState.COMPLETE for t in ts)
+    assert {t.user_attrs["worker"] for t in ts} == {0, 1}   # both took trials from the one study
+    ran = [t for t in ts if "same_as" not in t.user_attrs]
+    assert len({json.dumps(t.user_attrs["params"], sort_keys=True) for t in ran}) == len(ran)  # none run twice
+    assert len({t.user_attrs["report"] for t in ran}) == len(ran)
+    for t in ts:
+        if "same_as" in t.user_attrs:
+            assert t.user_attrs["kld"] == next(x for x in ts if x.number == t.user_attrs["same_as"]).user_attrs["kld"]
+
+
+def test_search_refuses_bad_settings_before_any_work(src, calib, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(_args(src, out, calib, "--trials", "1", "--methods", "gptq,magic")) == 2
+    assert "--methods" in capsys.readouterr().err and not out.exists()
+    assert main(_args(src, out, calib, "--trials", "0")) == 2
+    assert main(_args(src, out, calib, "--trials", "1", "--storage", "notadb://x")) == 2
+    assert "--storage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                     # two targets: argparse refuses
+        main(["search", "-o", str(out), "--max-kld", "0.1", "--target-size", "5MB"])
+    from slimlm.search import SearchConfig
+    with pytest.raises(ConfigError, match="exactly one target"):
+        SearchConfig()
+    with pytest.raises(ConfigError, match="--budget"):
+        SearchConfig(max_kld=0.1, budget="500k")
+
+
+def test_resuming_with_other_settings_is_refused(uninterrupted, src, calib, capsys):
+    args = _args(src, uninterrupted, calib, "--trials", "5")
+    args[args.index("0.05")] = "0.07"                         # another --max-kld, same folder
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "max_kld" in err
+
+
+def test_report_command_draws_frontiers_types_and_a_self_contained_page(src, calib, tmp_path):
+    a = tmp_path / "a.gguf"
+    assert main(["-q", "compress", str(src), "-o", str(a), "--type", "Q4_0", "--calib", str(calib), "--text",
+                 str(calib), "--calib-chunks", "2", "--ctx", "64", "--chunks", "4", "--compare"]) == 0
+    ev = tmp_path / "ev.json"
+    assert main(["-q", "eval", str(a.with_name("a.llama-cpp.gguf")), "--ref", str(src), "--text", str(calib),
+                 "--ctx", "64", "--chunks", "4", "--json", str(ev)]) == 0
+    d = tmp_path / "rep"
+    assert main(["report", str(a.with_suffix(".report.json")), str(ev), "-o", str(d)]) == 0
+    md = (d / "report.md").read_text()
+    assert "llama.cpp Q4_0" in md and "| a |" in md and "| ev |" in md
+    html = (d / "report.html").read_text()
+    assert "<script" not in html and "http" not in html and html.count("data:image/png;base64,") == 3
+    assert {p.name for p in d.glob("*.png")} == {"size-kld.png", "speed-kld.png", "types-0.png"}
+
+
+def test_plots_have_labelled_axes(monkeypatch, tmp_path):
+    """Every plot the reports embed has both axes labelled and something drawn."""
+    from slimlm import visual
+    figs = []
+    monkeypatch.setattr(visual, "_save", lambda fig, out: figs.append(fig) or out)
+    pts = [{"label": f"t{i}", "group": g, "file_bytes": 2**20 * (5 + i), "kld": 0.1 / (i + 1), "gen_tps": 50 - i,
+            "type": "Q4_0"} for i, g in enumerate(["slimlm", "slimlm", "llama.cpp", "unhealed"])]
+    visual.plot_frontier(pts, tmp_path / "a.png", chosen=pts[1])
+    visual.plot_frontier(pts, tmp_path / "b.png", x="gen_tps")
+    visual.plot_widths({"original": {"ffn": [96, 96], "heads": [4, 4]}, "pruned": {"ffn": [64, 32], "heads": [4, 2]}},
+                       tmp_path / "c.png")
+    visual.plot_type_map([{"name": "blk.0.ffn_up.weight", "shape": [64, 96], "type": "Q4_0", "nbytes": 3456},
+                          {"name": "token_embd.weight", "shape": [64, 100], "type": "Q8_0", "nbytes": 6800},
+                          {"name": "blk.0.attn_norm.weight", "shape": [64], "type": "F32", "nbytes": 256}],
+                         tmp_path / "d.png")
+    assert len(figs) == 4
+    for fig in figs:
+        for ax in [a for a in fig.axes if a.get_label() != "<colorbar>"]:
+            assert ax.get_xlabel() and ax.get_ylabel()
+            assert ax.collections or ax.lines or ax.images
+
+
+def test_pareto_keeps_exactly_the_undominated_points():
+    from slimlm.visual import pareto
+    pts = [{"file_bytes": b, "kld": k, "gen_tps": s} for b, k, s in
+           [(10, 0.5, 1), (12, 0.3, 1), (12, 0.4, 1), (15, 0.3, 1), (20, 0.1, 1), (20, 0.1, 2)]]
+    assert [(p["file_bytes"], p["kld"]) for p in pareto(pts)] == [(10, 0.5), (12, 0.3), (20, 0.1), (20, 0.1)]
+    three = pareto(pts, (("file_bytes", 1), ("kld", 1), ("gen_tps", -1)))
+    assert [(p["file_bytes"], p["kld"], p["gen_tps"]) for p in three] == [(10, 0.5, 1), (12, 0.3, 1), (20, 0.1, 2)]
+
+
+def test_report_refuses_what_is_not_a_report(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    assert main(["report", str(bad), "-o", str(tmp_path / "o")]) == 2
+    assert "not a slimlm report" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o")]) == 2
