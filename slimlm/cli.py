@@ -192,8 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "widths per layer (default global: llama.cpp's per-layer architecture) or uniform (the family's own)")
     p.add_argument("--prune-layer-share", type=float, metavar="S", help="with --prune and --prune-method "
                    "mlp+layers: the share of R removed as whole layers (default as slimlm prune's --layer-share)")
+    p.add_argument("--prune-ffn-multiple", type=int, metavar="N", help="with --prune and --prune-method mlp or "
+                   "mlp+layers: MLP widths a multiple of N (256: ffn_down's rows stay K-quant sized, e.g. for a "
+                   "size budget; unlike --format-aware the hidden size and heads are not touched)")
     p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
-                   "block size so that no tensor falls back to another type")
+                   "block size so that no tensor falls back to another type (with --target-size/--bpw: to the "
+                   "K-quants' 256)")
     p.add_argument("--compare", metavar="TYPE", nargs="?", const="same", help="also make llama.cpp's own "
                    "quantization of the same model (F32 GGUF -> llama_model_quantize, with the importance matrix "
                    "of the same calibration text when slimlm uses one) at TYPE (default: --type), write it as "
@@ -475,6 +479,7 @@ def compress_config(a):
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
+                         prune_ffn_multiple=a.prune_ffn_multiple,
                          format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a), stream=a.stream)
 
 

@@ -59,6 +59,7 @@ class CompressConfig:
     prune_method: str = "mlp+layers"  # mlp+layers | mlp | width | layers (slimlm prune --method)
     prune_allocate: str | None = None # uniform | global | sensitivity (default: global; slimlm prune)
     prune_layer_share: float | None = None  # mlp+layers: share of --prune taken as whole layers (default: prune's)
+    prune_ffn_multiple: int | None = None   # mlp, mlp+layers: MLP widths a multiple of this (256: K-quant ffn_down)
     format_aware: bool = False        # pruned widths rounded to the type's block size
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
@@ -146,8 +147,10 @@ class CompressConfig:
     def prune_config(self):
         from .prune.command import PruneConfig
         share = {} if self.prune_layer_share is None else {"layer_share": self.prune_layer_share}
+        # with a size budget, --format-aware rounds widths to the K-quants' 256 (the budget's candidate types)
         return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate, **share,
-                           format_aware=self.format_aware, type=self.type if not self.budgeted else "Q8_0",
+                           format_aware=self.format_aware, ffn_multiple=self.prune_ffn_multiple,
+                           type=self.type if not self.budgeted else ("Q4_K_M" if self.format_aware else "Q8_0"),
                            calib=self.calib, calib_chunks=self.calib_chunks, n_ctx=self.n_ctx)
 
     def compare_type(self) -> str:
@@ -187,13 +190,16 @@ def unhealed_path(out: str | Path) -> Path:
 
 
 def compress(model: str | Path | None, out: str | Path, config: CompressConfig = CompressConfig(), *,
-             overwrite: bool = False, progress: bool = True, command: str = "", resume: bool = False) -> Report | None:
+             overwrite: bool = False, progress: bool = True, command: str = "", resume: bool = False,
+             inspect=None) -> Report | None:
     """Compress `model` (HF folder, GGUF file, or None for the default) into the GGUF `out`.
 
     Everything that can be checked without the weights is checked first (the output against every input,
     the model's headers, --ctx against its context, the importance matrix's values, a size budget against
     the smallest size the shapes can reach, the healing options and work folder); what needs the loaded model
     right after loading, before any calibration. `resume`: continue an interrupted healing from its checkpoint.
+    `inspect(stage, **state)`: called with ("pruned", original=, model=, chunks=) right after structured pruning
+    (slimlm search computes its cheap proxy there and may stop a candidate by raising).
     Returns the Report (None on the non-writing ranks of a torch.distributed launch)."""
     from .source import check_ctx, source_info
     heal = config.heal
@@ -240,6 +246,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         from .prune.command import structured_prune
         m, st = structured_prune(m, chunks, config.prune_config(), say, progress)
         steps.append({"step": "structured pruning", "source": prov, **st})
+        if inspect is not None:
+            inspect("pruned", original=original, model=m, chunks=chunks)
         if config.budgeted:
             check_budget(m, config, imatrix)
     rec_heal = unhealed = scratch = None

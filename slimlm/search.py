@@ -45,6 +45,11 @@ SEARCH_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 LAYER_SHARES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 BPW_STEP = 0.25
 MAX_BPW = 8.5                       # Q8_0
+PROXY_CHUNKS = 2                    # calibration chunks the pruned model's KL divergence (the cheap proxy) uses
+RULE_OUT = 1.5                      # an unhealed candidate whose pruned model alone is this x the best file's KLD
+                                    # (or --max-kld) on calibration text is stopped before quantization
+FFN_MULTIPLE = 256                  # pruned MLP widths (when the model's are multiples): ffn_down rows fit K-quants
+FIRST_BPW = 4.5                     # the first trial: about Q4_0's bits per weight
 STARTUP_TRIALS = 5                  # random proposals before TPE models the results
 
 
@@ -151,6 +156,8 @@ class SearchConfig:
 class Space:
     prune_steps: tuple[int, int]            # prune ratio = k * prune_step, k in [lo, hi]
     bpw_quarters: tuple[int, int] | None    # bits per weight = q * 0.25 (no --target-size)
+    first: int = 0                          # the first trial's k
+    ffn_multiple: int | None = None         # MLP widths kept a multiple of this (K-quant rows for ffn_down)
 
 
 def make_space(cfg: SearchConfig, info) -> Space:
@@ -160,6 +167,8 @@ def make_space(cfg: SearchConfig, info) -> Space:
     from .mixed import parse_size, smallest_bytes
     small = smallest_bytes(info.shapes)
     n_params = max(int(info.n_params), 1)
+    ffn = {s[1] for n, s in info.shapes.items() if n.endswith("ffn_down.weight") and len(s) == 2}
+    mult = FFN_MULTIPLE if ffn and all(f % FFN_MULTIPLE == 0 and f >= 2 * FFN_MULTIPLE for f in ffn) else None
     hi = int(math.floor(cfg.max_prune / cfg.prune_step + 1e-9))
     lo = 0
     if cfg.target_size is not None:
@@ -175,10 +184,12 @@ def make_space(cfg: SearchConfig, info) -> Space:
                 raise ConfigError(f"--target-size {cfg.target_size}: even at llama.cpp's smallest types this model needs "
                                   f"about {least:.0%} of its parameters pruned to fit, more than --max-prune "
                                   f"{cfg.max_prune:g}; raise --max-prune or the target")
-        return Space((lo, hi), None)
+        at_q4 = 1 - target * 8 / FIRST_BPW / n_params        # the pruning at which the rest gets ~4.5 bits each
+        first = min(max(lo, int(math.ceil(at_q4 / cfg.prune_step - 1e-9))), hi)
+        return Space((lo, hi), None, first, mult)
     least_bpw = 8 * sum(small.values()) / n_params
     q_lo = int(math.ceil(least_bpw / BPW_STEP + 1e-9))
-    return Space((lo, hi), (q_lo, int(MAX_BPW / BPW_STEP)))
+    return Space((lo, hi), (q_lo, int(MAX_BPW / BPW_STEP)), 0, mult)
 
 
 def _is_block_linear(name: str) -> bool:
@@ -202,10 +213,11 @@ def suggest(trial, cfg: SearchConfig, space: Space) -> dict:
 
 
 def first_candidate(cfg: SearchConfig, space: Space) -> dict:
-    """The study's first trial, before any sampling: the least pruning the target allows, with compress's
-    defaults (layer share, the most healing allowed, the first method) and about 4.5 bits per weight."""
+    """The study's first trial, before any sampling: compress's defaults (layer share, the most healing allowed,
+    the first method) at about FIRST_BPW bits per weight: at --target-size, the least pruning (in the range the
+    target allows) at which the target gives the remaining weights that many bits; otherwise no pruning."""
     from .prune.command import LAYER_SHARE
-    k = space.prune_steps[0]
+    k = space.first
     p = {"prune_steps": k}
     if k > 0 and cfg.prune_method == "mlp+layers":
         p["layer_share"] = min(LAYER_SHARES, key=lambda s: abs(s - LAYER_SHARE))
@@ -214,11 +226,11 @@ def first_candidate(cfg: SearchConfig, space: Space) -> dict:
     if len(cfg.methods) > 1:
         p["method"] = cfg.methods[0]
     if space.bpw_quarters is not None:
-        p["bpw_quarters"] = min(max(int(4.5 / BPW_STEP), space.bpw_quarters[0]), space.bpw_quarters[1])
+        p["bpw_quarters"] = min(max(int(FIRST_BPW / BPW_STEP), space.bpw_quarters[0]), space.bpw_quarters[1])
     return p
 
 
-def trial_argv(cfg: SearchConfig, model, p: dict, out: Path) -> list[str]:
+def trial_argv(cfg: SearchConfig, model, p: dict, out: Path, ffn_multiple: int | None = None) -> list[str]:
     """The `slimlm compress` arguments of a candidate: what the trial runs and what the recipe prints."""
     argv = ["compress"] + ([str(model)] if model else []) + ["-o", str(out), "--method", p["method"],
                                                             "--calib"] + ([] if cfg.calib == "default" else [cfg.calib])
@@ -228,6 +240,8 @@ def trial_argv(cfg: SearchConfig, model, p: dict, out: Path) -> list[str]:
     argv += ["--target-size", cfg.target_size] if cfg.target_size is not None else ["--bpw", f"{p['bpw']:g}"]
     if p["prune"] > 0:
         argv += ["--prune", f"{p['prune']:g}", "--prune-method", cfg.prune_method]
+        if cfg.prune_method in ("mlp", "mlp+layers") and ffn_multiple:
+            argv += ["--prune-ffn-multiple", str(ffn_multiple)]
         if "layer_share" in p:
             argv += ["--prune-layer-share", f"{p['layer_share']:g}"]
         if p.get("heal", "none") != "none":
@@ -321,23 +335,44 @@ def requeue_stale(study, out_dir: Path, say) -> int:
 
 
 # ---- trials ----------------------------------------------------------------------------------------------------
-def run_trial(cfg: SearchConfig, model, params: dict, out: Path) -> dict:
-    """Run one candidate through compress (in this process) and return its measurements."""
+class RuledOut(Exception):
+    """A candidate stopped by its cheap proxy before the expensive steps."""
+
+
+def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: float | None = None,
+              proxies: dict | None = None, ffn_multiple: int | None = None) -> dict:
+    """Run one candidate through compress (in this process) and return its measurements. `proxies` is filled
+    with the cheap predictions as they come: `pruned_kld`, the pruned model's KL divergence to the original in
+    torch on PROXY_CHUNKS calibration chunks (before healing and quantization; 0 when nothing is pruned), and
+    `fisher_kld`, the size budget's Fisher prediction of the quantization's KL divergence. With `rule_out`, an
+    unhealed candidate whose pruned_kld exceeds it raises RuledOut before it is quantized."""
     import gc
 
     from .cli import build_parser, compress_config
     from .compress import compress
     from .lazy import trim_heap
-    argv = trial_argv(cfg, model, params, out)
+    proxies = {} if proxies is None else proxies
+    proxies["pruned_kld"] = 0.0
+
+    def inspect(stage, *, original, model, chunks):
+        from .train.heal import heldout_kl
+        proxies["pruned_kld"] = heldout_kl(model, original, chunks[-PROXY_CHUNKS:])
+        if rule_out is not None and params.get("heal", "none") == "none" and proxies["pruned_kld"] > rule_out:
+            raise RuledOut(f"the pruned model alone has KL divergence {proxies['pruned_kld']:.4f} on calibration "
+                           f"text, above {rule_out:.4f}")
+    argv = trial_argv(cfg, model, params, out, ffn_multiple)
     a = build_parser().parse_args(argv)
     t0 = time.time()
     try:
         rep = compress(a.model, a.output, compress_config(a), overwrite=True, progress=False,
-                       command="slimlm " + shlex.join(argv))
+                       command="slimlm " + shlex.join(argv), inspect=inspect)
         h = rep.headline()
     finally:
         gc.collect()
         trim_heap()
+    mixed = next((st for st in rep.steps if st.get("step") == "mixed precision"), None)
+    if mixed is not None:
+        proxies["fisher_kld"] = mixed["predicted_kld"]
     m = {k: h[k] for k in ("file_bytes", "bits_per_weight", "n_params", "kld", "ppl_after", "ppl_before",
                            "top1_agreement", "gen_tps", "prompt_tps")}
     m["seconds"] = round(time.time() - t0, 1)
@@ -346,6 +381,17 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path) -> dict:
     if rep.evaluation:
         m["n_tokens"], m["text"] = rep.evaluation["n_scored_tokens"], rep.evaluation["text"]
     return m
+
+
+def rule_out_threshold(cfg: SearchConfig, study) -> float | None:
+    """Above this pruned-model KL divergence an unhealed candidate cannot be the answer: RULE_OUT x the best
+    feasible file's measured KLD (or x --max-kld)."""
+    from optuna.trial import TrialState
+    if cfg.mode == "max_kld":
+        return RULE_OUT * cfg.max_kld
+    klds = [t.user_attrs["kld"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if max(t.user_attrs.get("constraints", [1.0])) <= 0]
+    return RULE_OUT * min(klds) if klds else None
 
 
 def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float | None, base_tps: float | None,
@@ -382,23 +428,36 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
             if twin.state == TrialState.COMPLETE:
                 _set_constraints(trial, twin.user_attrs["constraints"])
                 study.tell(trial, twin.value)
+            elif twin.state == TrialState.PRUNED:
+                trial.report(twin.user_attrs["proxies"]["pruned_kld"], 0)
+                study.tell(trial, state=TrialState.PRUNED)
             else:
                 study.tell(trial, state=TrialState.FAIL)
             say(f"trial {trial.number}: {describe(params)} = trial {twin.number} (reused)")
             done += 1
             continue
         out = out_dir / "trials" / f"t{trial.number:04d}.gguf"
-        t0 = time.time()
+        t0, proxies = time.time(), {}
         try:
-            m = run_trial(cfg, model, params, out)
+            m = run_trial(cfg, model, params, out, rule_out=rule_out_threshold(cfg, study), proxies=proxies,
+                          ffn_multiple=space.ffn_multiple)
         except SlimlmError as e:                  # this candidate cannot be made (e.g. the size is unreachable)
             trial.set_user_attr("error", str(e))
             study.tell(trial, state=TrialState.FAIL)
             say(f"trial {trial.number}: {describe(params)}: not possible: {e}")
             done += 1
             continue
+        except RuledOut as e:
+            trial.set_user_attr("proxies", proxies)
+            trial.set_user_attr("ruled_out", str(e))
+            trial.report(proxies["pruned_kld"], 0)
+            study.tell(trial, state=TrialState.PRUNED)
+            say(f"trial {trial.number}: {describe(params)}: ruled out: {e} [{(time.time() - t0) / 60:.1f} min]")
+            done += 1
+            continue
         durations.append(time.time() - t0)
         value, cons = measured_values(cfg, m, base_tps)
+        trial.set_user_attr("proxies", proxies)
         for k, v in m.items():
             trial.set_user_attr(k, v)
         _set_constraints(trial, cons)
@@ -417,7 +476,7 @@ def _twin(study, number: int, params: dict):
     while True:
         same = [t for t in study.get_trials(deepcopy=False) if t.number != number
                 and not t.user_attrs.get("stale") and t.user_attrs.get("params") == params]
-        done = [t for t in same if t.state == TrialState.COMPLETE
+        done = [t for t in same if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                 or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
         if done:
             return done[0]
@@ -592,8 +651,48 @@ def trial_points(study) -> list[dict]:
                     "prompt_tps": u.get("prompt_tps"), "n_tokens": u.get("n_tokens"), "text": u.get("text"),
                     "value": t.value, "feasible": max(u.get("constraints", [1.0])) <= 0,
                     "seconds": u.get("seconds"), "path": str(Path(u["report"]).with_suffix("").with_suffix(".gguf")),
-                    "report": u["report"], "command": recipe_command(u["argv"])})
+                    "report": u["report"], "command": recipe_command(u["argv"]), "proxies": u.get("proxies", {})})
     return pts
+
+
+PROXIES = {"pruned_kld": "pruned model's KLD (torch, calibration text, before healing and quantization)",
+           "fisher_kld": "size budget's Fisher prediction of the quantization's KLD",
+           "sum": "the two added"}
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None with fewer than 3 pairs or a constant side."""
+    import numpy as np
+    if len(a) < 3:
+        return None
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for x in np.unique(v):                  # ties share their mean rank
+            r[v == x] = r[v == x].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def proxy_rankings(pts: list[dict]) -> dict:
+    """How well each cheap proxy ranked the measured KL divergences: {proxy: {"n", "spearman"}}."""
+    out = {}
+    for name in PROXIES:
+        pairs = []
+        for p in pts:
+            pr = p.get("proxies") or {}
+            v = (pr.get("pruned_kld", 0.0) + pr["fisher_kld"] if "fisher_kld" in pr else None) if name == "sum" \
+                else pr.get(name)
+            if v is not None:
+                pairs.append((v, p["kld"]))
+        out[name] = {"n": len(pairs), "spearman": spearman([a for a, _ in pairs], [b for _, b in pairs])}
+    return out
 
 
 def recipe_command(argv: list[str]) -> str:
@@ -619,6 +718,8 @@ def summarize(study, cfg: SearchConfig, model, out_dir: Path, base: dict, *, sec
     counts = {"finished": len(pts), "reused": sum("same_as" in t.user_attrs for t in trials),
               "not possible": sum(t.state == TrialState.FAIL and "error" in t.user_attrs and "same_as" not in t.user_attrs
                                   for t in trials),
+              "ruled out by the proxy": sum(t.state == TrialState.PRUNED and "same_as" not in t.user_attrs
+                                            for t in trials),
               "interrupted and rerun": sum(bool(t.user_attrs.get("stale")) for t in trials),
               "running or queued": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)}
     if best is not None:
@@ -633,7 +734,10 @@ def summarize(study, cfg: SearchConfig, model, out_dir: Path, base: dict, *, sec
     summary = {"command": command, "target": target_line(cfg), "mode": cfg.mode, "seconds": round(seconds, 1),
                "trials": counts, "best": best, "pareto": [p["trial"] for p in front],
                "baselines": base["points"], "all": pts, "config": cfg.fingerprint(model),
-               "errors": {t.number: t.user_attrs["error"] for t in trials if "error" in t.user_attrs}}
+               "errors": {t.number: t.user_attrs["error"] for t in trials if "error" in t.user_attrs},
+               "ruled_out": {t.number: t.user_attrs["ruled_out"] for t in trials if "ruled_out" in t.user_attrs
+                             and "same_as" not in t.user_attrs},
+               "proxy_spearman": proxy_rankings(pts)}
     atomic_write_bytes(out_dir / "search.json", (json.dumps(summary, indent=1) + "\n").encode(), overwrite=True)
     write_search_report(summary, cfg, model, out_dir, front)
     return summary
@@ -707,6 +811,19 @@ def write_search_report(s: dict, cfg: SearchConfig, model, out_dir: Path, front:
            if cfg.speed else "size, KL divergence") + "); each rebuilds with its command (also in `recipes.json`).",
            "", *points_table(front, with_command=True), "",
            "## Every file measured", "", *points_table(pts), ""]
+    rk = s["proxy_spearman"]
+    md += ["## Cheap proxies", "",
+           f"Before a candidate is healed, quantized and measured, its pruned model's KL divergence to the original "
+           f"is computed in torch on {PROXY_CHUNKS} calibration chunks; an unhealed candidate above {RULE_OUT:g}x the "
+           f"best measured file's KL divergence" + (" (x --max-kld)" if cfg.mode == "max_kld" else "")
+           + f" is stopped there ({len(s['ruled_out'])} were). How each proxy ranked the files that were measured "
+             "(Spearman's rank correlation with the measured KL divergence; 1 = the same order):", "",
+           "| proxy | files | Spearman |", "|---|---|---|"]
+    md += [f"| {PROXIES[k]} | {v['n']} | {'' if v['spearman'] is None else format(v['spearman'], '.3f')} |"
+           for k, v in rk.items()]
+    md.append("")
+    if s["ruled_out"]:
+        md += [f"- trial {n}: {e}" for n, e in s["ruled_out"].items()] + [""]
     if s["errors"]:
         md += ["## Candidates that could not be made", ""]
         md += [f"- trial {n}: {e}" for n, e in s["errors"].items()]

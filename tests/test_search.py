@@ -218,3 +218,65 @@ def test_report_refuses_what_is_not_a_report(tmp_path, capsys):
     assert main(["report", str(bad), "-o", str(tmp_path / "o")]) == 2
     assert "not a slimlm report" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o")]) == 2
+
+
+def test_spearman_matches_the_rank_correlation_with_ties():
+    from slimlm.search import spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their mean rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_unhealed_candidates_whose_pruned_model_is_already_worse_are_ruled_out_before_quantization(
+        tiny_hf, calib, tmp_path):
+    """The first trial (no pruning) sets the bar; a later pruned, unhealed candidate whose pruned model alone
+    is RULE_OUT x worse on calibration text is stopped (PRUNED, no file), and the report gives each proxy's
+    Spearman over the measured files."""
+    from optuna.trial import TrialState
+
+    from slimlm.search import RULE_OUT
+    model = tiny_hf("LlamaForCausalLM", intermediate_size=512, num_hidden_layers=4)
+    out = tmp_path / "p"
+    assert main(["-q", "search", str(model), "-o", str(out), "--target-size", "7.5MB", "--max-prune", "0.05",
+                 "--methods", "rtn,gptq", "--calib", str(calib), "--text", str(calib), "--calib-chunks", "2",
+                 "--ctx", "64", "--chunks", "4", "--no-speed", "--baselines", "none", "--trials", "5"]) == 0
+    ts = _trials(out)
+    best = min(t.user_attrs["kld"] for t in ts if t.state == TrialState.COMPLETE)
+    ruled = [t for t in ts if t.state == TrialState.PRUNED and "same_as" not in t.user_attrs]
+    assert ruled, [(t.state, t.user_attrs.get("params")) for t in ts]
+    for t in ruled:
+        assert t.user_attrs["params"]["prune"] > 0 and t.user_attrs["proxies"]["pruned_kld"] > RULE_OUT * best
+        assert not (out / "trials" / f"t{t.number:04d}.gguf").exists()
+    s = json.loads((out / "search.json").read_text())
+    assert s["trials"]["ruled out by the proxy"] == len(ruled)
+    assert s["proxy_spearman"]["fisher_kld"]["n"] == sum(t.state == TrialState.COMPLETE and "same_as" not in
+                                                         t.user_attrs for t in ts)
+    assert "Spearman" in (out / "report.md").read_text()
+
+
+def test_prune_ffn_multiple_is_validated_and_rounds_only_the_mlp_widths():
+    from slimlm.compress import CompressConfig
+    from slimlm.prune.command import PruneConfig, round_multiple
+    assert round_multiple(PruneConfig(ratio=0.2, method="mlp+layers", ffn_multiple=256)) == 256
+    assert CompressConfig(prune=0.2, prune_ffn_multiple=256, target_size="5MB").prune_config().ffn_multiple == 256
+    for bad in (dict(ffn_multiple=100), dict(ffn_multiple=0)):
+        with pytest.raises(ConfigError, match="multiple of 32"):
+            PruneConfig(ratio=0.2, method="mlp", **bad)
+    with pytest.raises(ConfigError, match="--ffn-multiple"):
+        PruneConfig(ratio=0.2, method="width", ffn_multiple=256)
+    with pytest.raises(ConfigError, match="--ffn-multiple"):
+        PruneConfig(ratio=0.2, method="mlp", ffn_multiple=256, format_aware=True)
+
+
+def test_compress_prune_ffn_multiple_writes_mlp_widths_in_k_quant_rows(tiny_hf, calib, tmp_path):
+    from slimlm.visual import gguf_layer_widths
+    model = tiny_hf("LlamaForCausalLM", intermediate_size=512, num_hidden_layers=4)
+    out = tmp_path / "p.gguf"
+    assert main(["-q", "compress", str(model), "-o", str(out), "--type", "Q8_0", "--prune", "0.02",
+                 "--prune-method", "mlp", "--prune-ffn-multiple", "256", "--calib", str(calib), "--calib-chunks",
+                 "2", "--ctx", "64", "--no-eval"]) == 0
+    w = gguf_layer_widths(out)
+    assert w["ffn"] and all(f % 256 == 0 for f in w["ffn"]) and sum(w["ffn"]) < 4 * 512
+    assert w["heads"] == [4] * len(w["ffn"])                 # heads and hidden size untouched

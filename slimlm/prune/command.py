@@ -38,6 +38,8 @@ class PruneConfig:
     drop_layers: tuple[int, ...] = ()
     layer_share: float = LAYER_SHARE   # mlp+layers: share of --ratio removed as whole layers
     format_aware: bool = False         # round every width to the output type's block size
+    ffn_multiple: int | None = None    # mlp, mlp+layers: MLP widths a multiple of this (256: K-quant rows for
+                                       # ffn_down) without format_aware's demands on the hidden size and heads
     allocate: str | None = None        # MLP widths: uniform (llama), global (per layer by OBS cost: deci) or
                                        # sensitivity (measured KLD); None: global for mlp+layers/mlp/width, else uniform
     type: str = "Q8_0"                 # GGUF output type
@@ -114,6 +116,12 @@ class PruneConfig:
             self.check_streamable()
         if not 0.0 <= self.layer_share <= 1.0:
             raise ConfigError(f"--layer-share must be between 0 and 1, got {self.layer_share}")
+        if self.ffn_multiple is not None:
+            if self.ffn_multiple < 32 or self.ffn_multiple % 32:
+                raise ConfigError(f"--ffn-multiple must be a positive multiple of 32, got {self.ffn_multiple}")
+            if self.method not in ("mlp", "mlp+layers") or self.format_aware:
+                raise ConfigError("--ffn-multiple rounds MLP widths: use it with --method mlp or mlp+layers, "
+                                  "without --format-aware")
         if self.allocate is not None and self.allocate not in ALLOCATE:
             raise ConfigError(f"--allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
         if self.allocate == "owl" and self.method not in WEIGHT_METHODS:
@@ -219,9 +227,12 @@ class PruneConfig:
 
 def round_multiple(config: PruneConfig) -> int:
     """Widths are multiples of 32 (every GGUF block type's row unit short of K-quants); format-aware: of the
-    output type's main block size (256 for K-quants), so no tensor needs a fallback type."""
+    output type's main block size (256 for K-quants), so no tensor needs a fallback type; --ffn-multiple N:
+    the MLP widths of N."""
     from ..formats import FORMATS
     from ..presets import get_preset
+    if config.ffn_multiple is not None:          # mlp, mlp+layers: only MLP widths are rounded
+        return config.ffn_multiple
     if not config.format_aware:
         return 32
     return max(32, FORMATS[get_preset(config.type).default].block_size)
