@@ -280,3 +280,29 @@ def test_compress_prune_ffn_multiple_writes_mlp_widths_in_k_quant_rows(tiny_hf, 
     w = gguf_layer_widths(out)
     assert w["ffn"] and all(f % 256 == 0 for f in w["ffn"]) and sum(w["ffn"]) < 4 * 512
     assert w["heads"] == [4] * len(w["ffn"])                 # heads and hidden size untouched
+
+
+def test_min_speedup_target_measures_speed_against_llama_cpps_preset(src, calib, tmp_path):
+    """--min-speedup: llama.cpp's --speed-of preset is made and timed once; each trial's constraint is that
+    speed ratio, and the chosen file meets it."""
+    out = tmp_path / "s"
+    assert main(["-q", "search", str(src), "-o", str(out), "--min-speedup", "0.05", "--max-prune", "0",
+                 "--calib", str(calib), "--text", str(calib), "--calib-chunks", "2", "--ctx", "64", "--chunks", "2",
+                 "--baselines", "none", "--speed-of", "Q8_0", "--trials", "2"]) == 0
+    s = json.loads((out / "search.json").read_text())
+    base = [p for p in s["baselines"] if p["type"] == "Q8_0"]
+    assert len(base) == 1 and base[0]["gen_tps"] > 0
+    best = s["best"]
+    assert best["gen_tps"] / base[0]["gen_tps"] >= 0.05
+    assert best["kld"] == min(p["kld"] for p in s["all"] if p["feasible"])
+    assert "speed-kld.png" in (out / "report.md").read_text()
+
+
+def test_a_search_that_meets_nothing_says_so_and_exits_1(src, calib, tmp_path, capsys):
+    out = tmp_path / "n"
+    args = _args(src, out, calib, "--trials", "1")
+    args[args.index("0.05")] = "1e-12"
+    assert main(args) == 1
+    assert "no trial met the target" in capsys.readouterr().err
+    assert "No trial met the target" in (out / "report.md").read_text()
+    assert not (out / "best.gguf").exists()
