@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(llama.cpp's files of --compare included), the per-layer widths of pruned files, each "
                        "report's tensor type map and healing curves; write DIR/report.md and a self-contained "
                        "DIR/report.html.")
-    p.add_argument("reports", nargs="+", metavar="RUN.json", help="OUT.report.json files (compress, prune, heal) "
-                   "or slimlm eval --json results")
+    p.add_argument("reports", nargs="+", metavar="RUN.json", help="OUT.report.json files (compress, prune, heal), "
+                   "a search's search.json, or slimlm eval --json results")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.md, report.html and "
                    "the plots")
 

@@ -36,7 +36,8 @@ def _point(label: str, group: str, ev: dict, file_bytes=None, bpw=None, **extra)
 
 def points_from_report(d: dict, label: str) -> list[dict]:
     """The measured files of one JSON report: a compress/prune/heal report (its output, plus llama.cpp's file of
-    --compare and the unhealed pruned file when present) or an `eval --json` result. Files without a KL
+    --compare and the unhealed pruned file when present), a search's search.json (every measured trial and
+    llama.cpp's presets) or an `eval --json` result. Files without a KL
     divergence (evaluated without a reference, or --no-eval) are left out."""
     pts = []
     if "export" in d:                                     # slimlm's Report
@@ -50,10 +51,14 @@ def points_from_report(d: dict, label: str) -> list[dict]:
         u = d.get("unhealed") or {}
         if u.get("evaluation"):
             pts.append(_point(f"{label} (unhealed)", UNHEALED, u["evaluation"]))
+    elif "all" in d and "baselines" in d:                 # slimlm search's search.json
+        pts += [{**p, "label": f"{label} {p['label']}"} for p in d["all"]]
+        pts += list(d["baselines"])
     elif "kld" in d and "model" in d:                     # slimlm eval --json
         pts.append(_point(label, SLIMLM, d))
     else:
-        raise ConfigError(f"{label}: not a slimlm report (compress/prune/heal OUT.report.json or eval --json)")
+        raise ConfigError(f"{label}: not a slimlm report (compress/prune/heal OUT.report.json, a search's "
+                          f"search.json, or eval --json)")
     return [p for p in pts if p["kld"] is not None and p["file_bytes"]]
 
 

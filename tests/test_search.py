@@ -306,3 +306,12 @@ def test_a_search_that_meets_nothing_says_so_and_exits_1(src, calib, tmp_path, c
     assert "no trial met the target" in capsys.readouterr().err
     assert "No trial met the target" in (out / "report.md").read_text()
     assert not (out / "best.gguf").exists()
+
+
+def test_report_command_reads_a_search(uninterrupted, tmp_path):
+    d = tmp_path / "r"
+    assert main(["report", str(uninterrupted / "search.json"), "-o", str(d)]) == 0
+    s = json.loads((uninterrupted / "search.json").read_text())
+    md = (d / "report.md").read_text()
+    assert all(f"search {p['label']}" in md for p in s["all"])
+    assert (d / "size-kld.png").stat().st_size > 5000
