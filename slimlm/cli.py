@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "widths per layer (default global: llama.cpp's per-layer architecture) or uniform (the family's own)")
     p.add_argument("--prune-layer-share", type=float, metavar="S", help="with --prune and --prune-method "
                    "mlp+layers: the share of R removed as whole layers (default as slimlm prune's --layer-share)")
+    p.add_argument("--no-unhealed", action="store_true", help="with --prune and --heal: do not also quantize and "
+                   "evaluate the unhealed pruned model (OUT.unhealed.gguf) for the side-by-side comparison")
     p.add_argument("--prune-ffn-multiple", type=int, metavar="N", help="with --prune and --prune-method mlp or "
                    "mlp+layers: MLP widths a multiple of N (256: ffn_down's rows stay K-quant sized, e.g. for a "
                    "size budget; unlike --format-aware the hidden size and heads are not touched)")
@@ -480,7 +482,8 @@ def compress_config(a):
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
                          prune_ffn_multiple=a.prune_ffn_multiple,
-                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a), stream=a.stream)
+                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a), stream=a.stream,
+                         unhealed=not a.no_unhealed)
 
 
 def cmd_compress(a) -> int:

@@ -64,6 +64,7 @@ class CompressConfig:
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
     heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal);
+    unhealed: bool = True             # with --heal: also quantize and evaluate the unhealed pruned model
                                       # with --method qat: the training's budget and settings
     stream: str = "auto"              # auto | on | off: an HF folder's weights read one layer at a time (lazy.py)
 
@@ -210,9 +211,10 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         from .baseline import baseline_path
         check_output_path(baseline_path(out), overwrite=overwrite, inputs=[model] if model else [])
     qat = "qat" in config.method
+    side = heal is not None and not qat and config.unhealed     # the unhealed file, side by side
     if heal is not None:
         from .train import command as healing
-        if not qat:
+        if side:
             check_output_path(unhealed_path(out), overwrite=overwrite, inputs=inputs)
         healing.check_work_folder(out, resume)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -252,9 +254,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
             check_budget(m, config, imatrix)
     rec_heal = unhealed = scratch = None
     try:
-        if heal is not None and not qat:
+        if side:
             from .io import clean_stale_temps, temp_name
-            from .train.stages import layer_map_from
             clean_stale_temps(unhealed_path(out))      # a scratch folder a killed run left
             scratch = temp_name(unhealed_path(out))
             scratch.mkdir()
@@ -264,6 +265,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                                            unhealed["steps"], overwrite=False, measure=False, progress=progress,
                                            say=say)
             unhealed["export"] = {k: getattr(u_rec, k) for k in ("type", "n_params", "file_bytes", "bits_per_weight")}
+        if heal is not None and not qat:
+            from .train.stages import layer_map_from
             rec_heal = healing.heal_step(m, original, heal, out, resume=resume,
                                          layer_map=layer_map_from(original.config, st["drop_layers"]),
                                          text=config.text, progress=progress, say=say,

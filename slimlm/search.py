@@ -245,7 +245,7 @@ def trial_argv(cfg: SearchConfig, model, p: dict, out: Path, ffn_multiple: int |
         if "layer_share" in p:
             argv += ["--prune-layer-share", f"{p['layer_share']:g}"]
         if p.get("heal", "none") != "none":
-            argv += ["--heal", p["heal"]] + (["--data", *cfg.data] if cfg.data else [])
+            argv += ["--heal", p["heal"], "--no-unhealed"] + (["--data", *cfg.data] if cfg.data else [])
     if not cfg.speed:
         argv.append("--no-speed")
     return argv

@@ -161,6 +161,14 @@ def test_compress_prune_heal_writes_the_healed_and_the_unhealed_file_side_by_sid
     assert f"healed / unhealed (same tokens, same run): KL divergence {e['kld'] / u['kld']:.3f}x, perplexity " \
            f"{e['ppl']:.4f} vs {u['ppl']:.4f}" in o
     assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "c.heal-work").exists()
+    # --no-unhealed (slimlm search's trials): the same healed file, no unhealed one and no comparison
+    alone = tmp_path / "d.gguf"
+    assert main(["-q", "compress", str(teacher), "-o", str(alone), "--prune", "0.01", "--heal", "1024", "--type",
+                 "Q8_0", "--data", texts["train"], "--calib", texts["train"], "--calib-chunks", "4", "--text",
+                 texts["eval"], "--no-unhealed", *FAST]) == 0
+    assert not (tmp_path / "d.unhealed.gguf").exists()
+    rep2 = json.loads(alone.with_suffix(".report.json").read_text())
+    assert rep2["unhealed"] is None and rep2["evaluation"]["kld"] == pytest.approx(e["kld"], rel=1e-6)
 
 
 def test_kill_9_then_resume_at_the_command_line_gives_the_same_weights(teacher, student, texts, tmp_path, capsys):
