@@ -200,7 +200,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     the smallest size the shapes can reach, the healing options and work folder); what needs the loaded model
     right after loading, before any calibration. `resume`: continue an interrupted healing from its checkpoint.
     `inspect(stage, **state)`: called with ("pruned", original=, model=, chunks=) right after structured pruning
-    (slimlm search computes its cheap proxy there and may stop a candidate by raising).
+    and ("budget", original=, model=, chunks=, predicted_kld=) once a size budget's types are chosen (healing
+    done, before GPTQ); slimlm search computes its cheap proxies there and may stop a candidate by raising.
     Returns the Report (None on the non-writing ranks of a torch.distributed launch)."""
     from .source import check_ctx, source_info
     heal = config.heal
@@ -276,10 +277,12 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                 return None
         if qat:
             rec_heal = {}                # the training's record, filled by encode_and_write
+        hook = None if inspect is None else (lambda stage, **kw: inspect(stage, original=original, chunks=chunks, **kw))
         rec, original_imatrix, label = encode_and_write(m, out, config, imatrix, chunks, prov, steps,
                                                         overwrite=overwrite, measure=config.measure_effects,
                                                         progress=progress, say=say,
-                                                        qat=None if not qat else (original, rec_heal, resume))
+                                                        qat=None if not qat else (original, rec_heal, resume),
+                                                        inspect=hook)
         if qat and not rec_heal:         # a non-writing rank of a distributed launch
             return None
         if heal is not None:
@@ -334,11 +337,11 @@ def _put_in_place(src: Path, dst: Path, overwrite: bool) -> Path:
 
 
 def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov, steps: list, *, overwrite: bool,
-                     measure: bool, progress: bool, say, qat: tuple | None = None):
+                     measure: bool, progress: bool, say, qat: tuple | None = None, inspect=None):
     """Quantize `m` as `config` says (importance matrix from --calib, size budget, GPTQ/AWQ, QAT) and write the GGUF
     `out`, appending each step's record to `steps`. Returns (ExportRecord, the importance matrix before any AWQ
     rescaling, the preset label). `qat`: (teacher, a dict that gets the training's record, resume) for --method
-    qat."""
+    qat. `inspect("budget", model=, predicted_kld=)`: called once the size budget's types are chosen."""
     if config.calib and imatrix is None:
         say("computing the importance matrix ...")
         imatrix = collect_imatrix(m, chunks, dataset=prov, progress=progress)
@@ -353,6 +356,8 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
         steps.append({"step": "mixed precision", "source": prov, **st})
         say(f"budget: {st['budget_bytes'] / 2**20:.2f} MiB, predicted file {st['planned_file_bytes'] / 2**20:.2f} "
             f"MiB, predicted KLD {st['predicted_kld']:.4f}")
+        if inspect is not None:
+            inspect("budget", model=m, predicted_kld=st["predicted_kld"])
     written = m
     if "qat" in config.method:
         teacher, record, resume = qat

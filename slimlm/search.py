@@ -46,8 +46,7 @@ LAYER_SHARES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 BPW_STEP = 0.25
 MAX_BPW = 8.5                       # Q8_0
 PROXY_CHUNKS = 2                    # calibration chunks the pruned model's KL divergence (the cheap proxy) uses
-RULE_OUT = 1.5                      # an unhealed candidate whose pruned model alone is this x the best file's KLD
-                                    # (or --max-kld) on calibration text is stopped before quantization
+RULE_OUT = 1.5                      # a candidate whose proxy is this x the best file's KLD (or --max-kld) stops
 FFN_MULTIPLE = 256                  # pruned MLP widths (when the model's are multiples): ffn_down rows fit K-quants
 FIRST_BPW = 4.5                     # the first trial: about Q4_0's bits per weight
 STARTUP_TRIALS = 5                  # random proposals before TPE models the results
@@ -343,9 +342,11 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: fl
               proxies: dict | None = None, ffn_multiple: int | None = None) -> dict:
     """Run one candidate through compress (in this process) and return its measurements. `proxies` is filled
     with the cheap predictions as they come: `pruned_kld`, the pruned model's KL divergence to the original in
-    torch on PROXY_CHUNKS calibration chunks (before healing and quantization; 0 when nothing is pruned), and
-    `fisher_kld`, the size budget's Fisher prediction of the quantization's KL divergence. With `rule_out`, an
-    unhealed candidate whose pruned_kld exceeds it raises RuledOut before it is quantized."""
+    torch on PROXY_CHUNKS calibration chunks (0 when nothing is pruned); once the size budget's types are chosen,
+    `model_kld` (the healed model's, when healed; else pruned_kld), `fisher_kld` (the budget's Fisher prediction
+    of the quantization's KL divergence) and `predicted` (their sum). With `rule_out`: an unhealed candidate whose
+    pruned_kld exceeds it stops before healing or quantization, and any candidate whose `predicted` exceeds it
+    stops before GPTQ and the evaluation (RuledOut)."""
     import gc
 
     from .cli import build_parser, compress_config
@@ -354,12 +355,25 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: fl
     proxies = {} if proxies is None else proxies
     proxies["pruned_kld"] = 0.0
 
-    def inspect(stage, *, original, model, chunks):
+    healed = params.get("heal", "none") != "none"
+
+    def inspect(stage, *, original, model, chunks, predicted_kld=None):
         from .train.heal import heldout_kl
-        proxies["pruned_kld"] = heldout_kl(model, original, chunks[-PROXY_CHUNKS:])
-        if rule_out is not None and params.get("heal", "none") == "none" and proxies["pruned_kld"] > rule_out:
-            raise RuledOut(f"the pruned model alone has KL divergence {proxies['pruned_kld']:.4f} on calibration "
-                           f"text, above {rule_out:.4f}")
+        if stage == "pruned":
+            proxies["pruned_kld"] = heldout_kl(model, original, chunks[-PROXY_CHUNKS:])
+            if rule_out is not None and not healed and proxies["pruned_kld"] > rule_out:
+                raise RuledOut(f"the pruned model alone has KL divergence {proxies['pruned_kld']:.4f} on "
+                               f"calibration text, above {rule_out:.4f}")
+        elif stage == "budget":
+            proxies["model_kld"] = (heldout_kl(model, original, chunks[-PROXY_CHUNKS:]) if healed
+                                    else proxies["pruned_kld"])
+            proxies["fisher_kld"] = predicted_kld
+            proxies["predicted"] = proxies["model_kld"] + predicted_kld
+            if rule_out is not None and proxies["predicted"] > rule_out:
+                raise RuledOut(f"predicted KL divergence {proxies['predicted']:.4f} (the "
+                               f"{'healed' if healed else 'pruned'} model's {proxies['model_kld']:.4f} on "
+                               f"calibration text + the budget's Fisher prediction {predicted_kld:.4f}), above "
+                               f"{rule_out:.4f}")
     argv = trial_argv(cfg, model, params, out, ffn_multiple)
     a = build_parser().parse_args(argv)
     t0 = time.time()
@@ -370,9 +384,6 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: fl
     finally:
         gc.collect()
         trim_heap()
-    mixed = next((st for st in rep.steps if st.get("step") == "mixed precision"), None)
-    if mixed is not None:
-        proxies["fisher_kld"] = mixed["predicted_kld"]
     m = {k: h[k] for k in ("file_bytes", "bits_per_weight", "n_params", "kld", "ppl_after", "ppl_before",
                            "top1_agreement", "gen_tps", "prompt_tps")}
     m["seconds"] = round(time.time() - t0, 1)
@@ -384,8 +395,8 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: fl
 
 
 def rule_out_threshold(cfg: SearchConfig, study) -> float | None:
-    """Above this pruned-model KL divergence an unhealed candidate cannot be the answer: RULE_OUT x the best
-    feasible file's measured KLD (or x --max-kld)."""
+    """Above this predicted KL divergence a candidate is taken not to be the answer: RULE_OUT x the best feasible
+    file's measured KLD (or x --max-kld)."""
     from optuna.trial import TrialState
     if cfg.mode == "max_kld":
         return RULE_OUT * cfg.max_kld
@@ -429,7 +440,8 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
                 _set_constraints(trial, twin.user_attrs["constraints"])
                 study.tell(trial, twin.value)
             elif twin.state == TrialState.PRUNED:
-                trial.report(twin.user_attrs["proxies"]["pruned_kld"], 0)
+                pr = twin.user_attrs["proxies"]
+                trial.report(pr.get("predicted", pr["pruned_kld"]), 0)
                 study.tell(trial, state=TrialState.PRUNED)
             else:
                 study.tell(trial, state=TrialState.FAIL)
@@ -450,7 +462,7 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
         except RuledOut as e:
             trial.set_user_attr("proxies", proxies)
             trial.set_user_attr("ruled_out", str(e))
-            trial.report(proxies["pruned_kld"], 0)
+            trial.report(proxies.get("predicted", proxies["pruned_kld"]), 0)
             study.tell(trial, state=TrialState.PRUNED)
             say(f"trial {trial.number}: {describe(params)}: ruled out: {e} [{(time.time() - t0) / 60:.1f} min]")
             done += 1
@@ -655,9 +667,10 @@ def trial_points(study) -> list[dict]:
     return pts
 
 
-PROXIES = {"pruned_kld": "pruned model's KLD (torch, calibration text, before healing and quantization)",
-           "fisher_kld": "size budget's Fisher prediction of the quantization's KLD",
-           "sum": "the two added"}
+PROXIES = {"pruned_kld": "the pruned model's KLD (torch, calibration text, before healing and quantization)",
+           "model_kld": "the model's KLD before quantization (healed when healed)",
+           "fisher_kld": "the size budget's Fisher prediction of the quantization's KLD",
+           "predicted": "the model's KLD + the Fisher prediction"}
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -687,8 +700,7 @@ def proxy_rankings(pts: list[dict]) -> dict:
         pairs = []
         for p in pts:
             pr = p.get("proxies") or {}
-            v = (pr.get("pruned_kld", 0.0) + pr["fisher_kld"] if "fisher_kld" in pr else None) if name == "sum" \
-                else pr.get(name)
+            v = pr.get(name)
             if v is not None:
                 pairs.append((v, p["kld"]))
         out[name] = {"n": len(pairs), "spearman": spearman([a for a, _ in pairs], [b for _, b in pairs])}
@@ -812,12 +824,15 @@ def write_search_report(s: dict, cfg: SearchConfig, model, out_dir: Path, front:
            "", *points_table(front, with_command=True), "",
            "## Every file measured", "", *points_table(pts), ""]
     rk = s["proxy_spearman"]
+    bar = f"{RULE_OUT:g}x " + ("--max-kld" if cfg.mode == "max_kld" else "the best measured file's KL divergence")
     md += ["## Cheap proxies", "",
-           f"Before a candidate is healed, quantized and measured, its pruned model's KL divergence to the original "
-           f"is computed in torch on {PROXY_CHUNKS} calibration chunks; an unhealed candidate above {RULE_OUT:g}x the "
-           f"best measured file's KL divergence" + (" (x --max-kld)" if cfg.mode == "max_kld" else "")
-           + f" is stopped there ({len(s['ruled_out'])} were). How each proxy ranked the files that were measured "
-             "(Spearman's rank correlation with the measured KL divergence; 1 = the same order):", "",
+           f"Before the expensive steps, each candidate gets cheap predictions in torch on {PROXY_CHUNKS} calibration "
+           f"chunks: right after pruning, the pruned model's KL divergence to the original (an unhealed candidate "
+           f"above {bar} stops there); once the size budget's types are chosen (after any healing, before GPTQ and "
+           f"the evaluation), the model's KL divergence plus the budget's Fisher prediction of what quantization adds "
+           f"(any candidate above {bar} stops there). {len(s['ruled_out'])} candidates were stopped. How each proxy "
+           "ranked the files that were measured (Spearman's rank correlation with the measured KL divergence; "
+           "1 = the same order):", "",
            "| proxy | files | Spearman |", "|---|---|---|"]
     md += [f"| {PROXIES[k]} | {v['n']} | {'' if v['spearman'] is None else format(v['spearman'], '.3f')} |"
            for k, v in rk.items()]
