@@ -125,3 +125,28 @@ def llama_cpp_logits(path, tokens, n_ctx: int = 64):
         return r.logits(tokens)
     finally:
         r.close()
+
+
+def kill_at_checkpoint(args: list[str], ck: Path, step: int, timeout: float = 240.0) -> None:
+    """Run `python -m slimlm -q ARGS` with one thread (as the test process), SIGKILL it once the healing
+    checkpoint `ck` is at `step` or later, and wait for it; fails if it ended first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "slimlm", "-q", *args], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    t0 = time.time()
+    while time.time() - t0 < timeout and p.poll() is None:
+        if ck.exists():
+            try:
+                if json.loads(torch.load(ck, weights_only=True)["meta"])["state"]["step"] >= step:
+                    break
+            except Exception:                                # being replaced
+                pass
+        time.sleep(0.05)
+    assert p.poll() is None, p.stderr.read().decode()[-2000:]
+    p.send_signal(signal.SIGKILL)
+    p.wait()

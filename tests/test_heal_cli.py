@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import word_texts
+from helpers import kill_at_checkpoint, word_texts
 from safetensors.torch import load_file
 
 from slimlm.cli import main
@@ -178,18 +176,8 @@ def test_kill_9_then_resume_at_the_command_line_gives_the_same_weights(teacher, 
     ref = tmp_path / "ref.gguf"
     assert main(["-q", *args, "-o", str(ref)]) == 0
     run = tmp_path / "run.gguf"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}                    # as this process (one_thread)
-    p = subprocess.Popen([sys.executable, "-m", "slimlm", "-q", *args, "-o", str(run)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ck = tmp_path / "run.heal-work" / "checkpoint.pt"          # beside the output, named as its report
-    t0 = time.time()
-    while time.time() - t0 < 240 and p.poll() is None:     # kill -9 once a mid-run checkpoint exists
-        if ck.exists() and json.loads(torch.load(ck, weights_only=True)["meta"])["state"]["step"] >= 4:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, p.stderr.read().decode()[-2000:]
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint([*args, "-o", str(run)], ck, 4)
     assert ck.exists() and not run.exists()
     capsys.readouterr()
     assert main(["-q", *args, "-o", str(run)]) == 2                            # not silently started over

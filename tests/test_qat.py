@@ -171,13 +171,8 @@ def test_qat_killed_with_sigkill_resumes_to_the_same_file(tiny_hf, tmp_path, cap
     """kill -9 during QAT, then --resume: the fake-quant parametrizations, their learned scales and the optimizer
     come back from the checkpoint and the GGUF is byte-identical to an uninterrupted run's."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from helpers import word_texts
+    from helpers import kill_at_checkpoint, word_texts
 
     from slimlm.cli import main
     teacher = tiny_hf("LlamaForCausalLM", num_hidden_layers=2)
@@ -189,22 +184,8 @@ def test_qat_killed_with_sigkill_resumes_to_the_same_file(tiny_hf, tmp_path, cap
     ref = tmp_path / "ref.gguf"
     assert main(["-q", *args, "-o", str(ref)]) == 0
     run = tmp_path / "run.gguf"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}                    # as this process (one_thread)
-    p = subprocess.Popen([sys.executable, "-m", "slimlm", "-q", *args, "-o", str(run)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ck = tmp_path / "run.heal-work" / "checkpoint.pt"
-    t0 = time.time()
-    while time.time() - t0 < 240 and p.poll() is None:
-        if ck.exists():
-            try:
-                if json.loads(torch.load(ck, weights_only=True)["meta"])["state"]["step"] >= 4:
-                    break
-            except Exception:                                        # being replaced
-                pass
-        time.sleep(0.05)
-    assert p.poll() is None, p.stderr.read().decode()[-2000:]
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint([*args, "-o", str(run)], ck, 4)
     assert ck.exists() and not run.exists()
     capsys.readouterr()
     assert main(["-q", *args, "--resume", "-o", str(run)]) == 0
