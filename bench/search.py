@@ -59,8 +59,8 @@ def main() -> int:
     rc = None if a.no_run else subprocess.run(cmd).returncode
     s = json.loads((Path(a.out) / "search.json").read_text())
     best, base = s["best"], {p["type"]: p for p in s["baselines"]}
-    print(f"\nmodel {ref.name}; evaluation {a.chunks} x 512 tokens of {Path(a.text).name}; this run "
-          f"{(time.time() - t0) / 60:.1f} min; trials: " + ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v))
+    run = "summary of the search in --out" if a.no_run else f"this run {(time.time() - t0) / 60:.1f} min"
+    print(f"\nmodel {ref.name}; evaluation {a.chunks} x 512 tokens of {Path(a.text).name}; {run}; trials: " + ", ".join(f"{v} {k}" for k, v in s["trials"].items() if v))
     print(f"{'file':34s} {'MiB':>8s} {'KLD':>9s} {'PPL':>8s} {'top-1':>7s} {'gen tok/s':>9s}")
     for p in ([best] if best else []) + sorted(base.values(), key=lambda p: p["file_bytes"]):
         name = f"slimlm trial {best['trial']}" if p is best else p["label"]
