@@ -280,10 +280,14 @@ def open_storage(url: str):
     import optuna
     check_storage_url(url)
     kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kw)
-    except Exception as e:                       # sqlalchemy/optuna: a bad URL, a missing driver, no server
-        raise ConfigError(f"--storage {url}: cannot open the study database ({type(e).__name__}: {e})") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kw)
+        except Exception as e:                   # sqlalchemy/optuna: a bad URL, a missing driver, no server, or
+            if attempt == 4 or "IntegrityError" not in type(e).__name__:    # another process creating the
+                raise ConfigError(f"--storage {url}: cannot open the study database "    # schema at this moment
+                                  f"({type(e).__name__}: {e})") from None
+            time.sleep(1.0 + attempt)
 
 
 def check_storage_url(url: str) -> None:
@@ -430,6 +434,7 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
         trial.set_user_attr("worker", worker)
         params = suggest(trial, cfg, space)
         trial.set_user_attr("params", params)
+        n_started = len(started) + 1
         twin = _twin(study, trial.number, params)
         if twin is not None:                       # the sampler repeated a finished candidate: reuse it
             for k, v in twin.user_attrs.items():
@@ -445,7 +450,7 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
                 study.tell(trial, state=TrialState.PRUNED)
             else:
                 study.tell(trial, state=TrialState.FAIL)
-            say(f"trial {trial.number}: {describe(params)} = trial {twin.number} (reused)")
+            say(f"{_where(n_started, cfg, deadline)}trial {trial.number}: {describe(params)} = trial {twin.number} (reused)")
             done += 1
             continue
         out = out_dir / "trials" / f"t{trial.number:04d}.gguf"
@@ -456,7 +461,7 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
         except SlimlmError as e:                  # this candidate cannot be made (e.g. the size is unreachable)
             trial.set_user_attr("error", str(e))
             study.tell(trial, state=TrialState.FAIL)
-            say(f"trial {trial.number}: {describe(params)}: not possible: {e}")
+            say(f"{_where(n_started, cfg, deadline)}trial {trial.number}: {describe(params)}: not possible: {e}")
             done += 1
             continue
         except RuledOut as e:
@@ -464,7 +469,7 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
             trial.set_user_attr("ruled_out", str(e))
             trial.report(proxies.get("predicted", proxies["pruned_kld"]), 0)
             study.tell(trial, state=TrialState.PRUNED)
-            say(f"trial {trial.number}: {describe(params)}: ruled out: {e} [{(time.time() - t0) / 60:.1f} min]")
+            say(f"{_where(n_started, cfg, deadline)}trial {trial.number}: {describe(params)}: ruled out: {e} [{(time.time() - t0) / 60:.1f} min]")
             done += 1
             continue
         durations.append(time.time() - t0)
@@ -475,7 +480,7 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
         _set_constraints(trial, cons)
         study.tell(trial, value)
         done += 1
-        say(f"trial {trial.number}: {describe(params)} -> {m['file_bytes'] / 2**20:.2f} MiB, KLD {m['kld']:.5f}"
+        say(f"{_where(n_started, cfg, deadline)}trial {trial.number}: {describe(params)} -> {m['file_bytes'] / 2**20:.2f} MiB, KLD {m['kld']:.5f}"
             + (f", {m['gen_tps']:.1f} tok/s" if m.get("gen_tps") else "")
             + ("" if max(cons) <= 0 else " (misses the target)") + f" [{m['seconds'] / 60:.1f} min]")
     return done
@@ -509,6 +514,14 @@ def _set_constraints(trial, cons: list[float]) -> None:
     trial.set_user_attr("constraints", cons)
     for i, c in enumerate(cons):
         trial.set_constraint(f"target{i}", c)
+
+
+def _where(n: int, cfg: SearchConfig, deadline: float | None) -> str:
+    """Progress at the start of each trial's line: its place in --trials and the budget left."""
+    parts = [f"{n}/{cfg.trials}" if cfg.trials else f"{n}"]
+    if deadline is not None:
+        parts.append(f"{max(deadline - time.time(), 0) / 60:.0f} min of the budget left")
+    return "[" + ", ".join(parts) + "] "
 
 
 def describe(p: dict) -> str:
