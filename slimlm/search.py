@@ -174,7 +174,7 @@ def make_space(cfg: SearchConfig, info) -> Space:
         target = parse_size(cfg.target_size)
         need = sum(small.values()) - target
         if need > 0:
-            lin = {n: b for n, b in small.items() if len(info.shapes[n]) == 2 and _is_block_linear(n)}
+            lin = {n: b for n, b in small.items() if len(info.shapes[n]) == 2 and n.startswith("blk.")}
             lin_params = sum(math.prod(info.shapes[n]) for n in lin)
             bits = 8 * sum(lin.values()) / max(lin_params, 1)        # the smallest types' bits on what pruning removes
             least = need / (n_params * bits / 8)
@@ -189,10 +189,6 @@ def make_space(cfg: SearchConfig, info) -> Space:
     least_bpw = 8 * sum(small.values()) / n_params
     q_lo = int(math.ceil(least_bpw / BPW_STEP + 1e-9))
     return Space((lo, hi), (q_lo, int(MAX_BPW / BPW_STEP)), 0, mult)
-
-
-def _is_block_linear(name: str) -> bool:
-    return name.startswith("blk.") or ".layers." in name
 
 
 def suggest(trial, cfg: SearchConfig, space: Space) -> dict:
