@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=30.0, help="QAT wall time per preset (default 30)")
     ap.add_argument("--presets", default="Q4_K_M,Q4_0")
     ap.add_argument("--lr", type=float, default=QAT_LR, help=f"QAT learning rate (default {QAT_LR:g}, the CLI's)")
+    ap.add_argument("--scale-lr", type=float, help="learning rate of the learned block scales (default: --lr)")
     ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
                     "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
                     "'' for none)")
@@ -63,7 +64,10 @@ def main() -> int:
         for method in ("rtn", "gptq", *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
-            heal = heal_options(f"{a.minutes:g}m", {"data": (a.calib,), "lr": a.lr, "precision": "fp32"}) if qat else None
+            opts = {"data": (a.calib,), "lr": a.lr, "precision": "fp32"}
+            if a.scale_lr is not None:
+                opts["scale_lr"] = a.scale_lr
+            heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
             t0 = time.perf_counter()
@@ -104,7 +108,8 @@ def main() -> int:
         lines.append(f"{'PASS' if ratio <= target else 'FAIL'}  {'b' if p == 'Q4_K_M' else 'c'}. {q['name']}: KLD "
                      f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
     print("\n" + "\n".join(lines))
-    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "machine": machine()},
+    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "lr": a.lr,
+                                                  "scale_lr": a.scale_lr, "machine": machine()},
                                                  indent=1))
     return 0 if ok else 1
 

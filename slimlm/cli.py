@@ -55,6 +55,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--no-e2e", dest="e2e", action="store_const", const=False, help="skip end-to-end distillation")
     g.add_argument("--lr", type=float, metavar="LR", help=f"end-to-end peak learning rate (AdamW, linear warmup "
                    f"then cosine; default {_T.lr:g})")
+    g.add_argument("--scale-lr", type=float, metavar="LR", help="--method qat: peak learning rate of the blocks' "
+                   "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default: "
+                   "the weights' --lr, or --qat-lr after --prune)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "
                    "all-but-embeddings (default: the tied embedding/LM head frozen), norms+pruned (norms and the "
                    "changed layers), lora (LoRA adapters via peft, merged before export)")
@@ -157,9 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(no extra operations in the GGUF), then rounding; awq+gptq: both; qat: quantization-aware "
                    "training: the block linears compute with exactly their GGUF values (starting from slimlm's "
                    "encoder, with --calib's importance matrix) while the float weights and the blocks' fp16 scales "
-                   "are distilled from the original end to end, for the --heal budget with the healing options; the "
+                   "are distilled from the original end to end, for --qat-budget (default: --heal's) with the healing options; the "
                    "file holds the last step's codes (learning rate 1e-5 and fp32 unless --lr/--precision); gptq+qat: QAT starting from GPTQ's "
                    "codes, the output projection GPTQ'd and kept")
+    p.add_argument("--qat-budget", metavar="BUDGET", help="--method qat/gptq+qat: QAT's training budget (a "
+                   "duration or a token count, as --heal; default: --heal's). With --prune R --heal B the pruned "
+                   "model is healed for B first (healing's options and defaults), then QAT trains for this "
+                   "(checkpoints in OUT.qat-work/, its loss curve OUT.qat-loss.png)")
+    p.add_argument("--qat-lr", type=float, metavar="LR", help="with --prune --heal and --method qat/gptq+qat: "
+                   "QAT's learning rate (default 1e-5; --lr is healing's); QAT trains in fp32 unless --precision "
+                   "bf16")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
     p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "
@@ -470,7 +480,8 @@ def _check_args(a, *, models: tuple = (), text: str | None = None, calib: str | 
 def compress_config(a):
     """The CompressConfig of parsed `compress` arguments (slimlm search builds its trials through this too)."""
     from .compress import QAT_LR, CompressConfig
-    if "qat" in a.method and a.heal:      # QAT's defaults where the healing options are not given
+    if "qat" in a.method and a.heal and a.prune is None:   # QAT's defaults where the healing options are not
+        # given (after --prune they are healing's, and QAT takes --qat-lr and fp32: CompressConfig.qat_heal)
         a.lr = QAT_LR if a.lr is None else a.lr
         a.precision = a.precision or "fp32"          # bf16 autocast would round the grid's values in training
     return CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
@@ -483,7 +494,7 @@ def compress_config(a):
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
                          prune_ffn_multiple=a.prune_ffn_multiple,
                          format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a), stream=a.stream,
-                         unhealed=not a.no_unhealed)
+                         unhealed=not a.no_unhealed, qat_budget=a.qat_budget, qat_lr=a.qat_lr)
 
 
 def cmd_compress(a) -> int:

@@ -1,14 +1,17 @@
-"""`compress()`: the end-to-end job. Load -> [prune -> heal] -> quantize -> export GGUF -> evaluate the GGUF in
-llama.cpp against the original in torch -> report beside the output.
+"""`compress()`: the end-to-end job. Load -> [prune -> heal] -> quantize [GPTQ/AWQ, or QAT: training on the block
+grids] -> export GGUF -> evaluate the GGUF in llama.cpp against the original in torch -> report beside the output.
 
 With --prune and --heal, the unhealed pruned model is quantized the same way too (its own importance matrix,
 GPTQ, size budget, on the same calibration text) and written as `OUT.unhealed.gguf`, and both files are
-evaluated in one pass against the same reference logits, so the report shows what healing bought.
+evaluated in one pass against the same reference logits, so the report shows what healing bought. With
+--method qat/gptq+qat after --prune --heal, healing trains first (OUT.heal-work/), then QAT for --qat-budget
+(OUT.qat-work/); the unhealed file is then quantized by the method's start (GPTQ or rounding) without training.
 
 Every argument is validated before weights are loaded, and the output path before any heavy work.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix, quantize_model
+from .train.config import parse_budget
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
 QAT_LR = 1e-5           # slimlm compress --method qat's learning rate when --lr is not given (healing's default,
@@ -64,8 +68,11 @@ class CompressConfig:
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
     heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal);
+                                      # with --method qat: the training's settings (and budget, without --prune)
     unhealed: bool = True             # with --heal: also quantize and evaluate the unhealed pruned model
-                                      # with --method qat: the training's budget and settings
+    qat_budget: str | None = None     # --method qat: the training's budget (default: --heal's); with --prune,
+                                      # healing takes --heal, then QAT this
+    qat_lr: float | None = None       # --method qat after --prune --heal: QAT's learning rate (default QAT_LR)
     stream: str = "auto"              # auto | on | off: an HF folder's weights read one layer at a time (lazy.py)
 
     def __post_init__(self):
@@ -118,9 +125,14 @@ class CompressConfig:
             if self.heal.train.train_params == "lora":
                 raise ConfigError("--method qat trains the fake-quant weights themselves: --train lora is not "
                                   "supported with it (use all or all-but-embeddings)")
-            if self.prune is not None:
-                raise ConfigError("--method qat with --prune is not supported yet: prune and heal first (slimlm prune "
-                                  "--heal ... -o DIR as an HF folder), then compress DIR --method qat")
+            if self.qat_budget is not None:
+                parse_budget(self.qat_budget, "--qat-budget")
+            if self.qat_lr is not None and not (math.isfinite(self.qat_lr) and self.qat_lr > 0):
+                raise ConfigError(f"--qat-lr must be a number > 0, got {self.qat_lr}")
+            self.qat_heal()
+        elif self.qat_budget is not None or self.qat_lr is not None:
+            raise ConfigError("--qat-budget and --qat-lr set quantization-aware training: give --method qat or "
+                              "gptq+qat")
         elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
                               "on a model pruned before)")
@@ -135,6 +147,21 @@ class CompressConfig:
                         ("--calib-chunks", self.calib_chunks)):
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
+
+    def qat_heal(self):
+        """The training settings of --method qat: the healing options with --qat-budget as the budget when given.
+        After --prune, where --heal's budget and options heal the pruned model first, QAT trains for --qat-budget
+        (default: as long as --heal) at --qat-lr (default QAT_LR) in fp32 unless --precision bf16 was asked:
+        bf16 autocast rounds the grid's values in training."""
+        import dataclasses
+        h = self.heal
+        train = {"budget": self.qat_budget or h.train.budget}
+        if self.prune is not None:
+            train.update(lr=self.qat_lr or QAT_LR, precision="fp32" if h.train.precision == "auto" else
+                         h.train.precision)
+        elif self.qat_lr is not None:
+            train["lr"] = self.qat_lr
+        return dataclasses.replace(h, train=dataclasses.replace(h.train, **train))
 
     def check_streamable(self, why: str = "with --stream on") -> None:
         """The steps that hold the whole model (or its whole original, to evaluate against) are refused when the
@@ -212,12 +239,15 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
         from .baseline import baseline_path
         check_output_path(baseline_path(out), overwrite=overwrite, inputs=[model] if model else [])
     qat = "qat" in config.method
-    side = heal is not None and not qat and config.unhealed     # the unhealed file, side by side
+    heals = heal is not None and config.prune is not None     # healing the pruned model (then QAT with --method qat)
+    side = heals and config.unhealed                           # the unhealed file, side by side
     if heal is not None:
         from .train import command as healing
         if side:
             check_output_path(unhealed_path(out), overwrite=overwrite, inputs=inputs)
         healing.check_work_folder(out, resume)
+        if heals and qat:        # a kill during healing leaves no QAT checkpoint: QAT then starts afresh
+            healing.check_work_folder(out, resume, work=healing.qat_work_folder(out), need=False)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     info = source_info(model)
     if config.evaluate or config.calibrated:
@@ -262,11 +292,17 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
             scratch.mkdir()
             say("quantizing the unhealed pruned model the same way, for the comparison ...")
             unhealed = {"steps": []}
-            u_rec, _, _ = encode_and_write(m, scratch / "unhealed.gguf", config, imatrix, chunks, prov,
+            u_config = config
+            if qat:                            # the same types and start, without the training
+                import dataclasses
+                u_config = dataclasses.replace(config, method="gptq" if "gptq" in config.method else "rtn",
+                                               qat_budget=None, qat_lr=None)
+                unhealed["method"] = u_config.method
+            u_rec, _, _ = encode_and_write(m, scratch / "unhealed.gguf", u_config, imatrix, chunks, prov,
                                            unhealed["steps"], overwrite=False, measure=False, progress=progress,
                                            say=say)
             unhealed["export"] = {k: getattr(u_rec, k) for k in ("type", "n_params", "file_bytes", "bits_per_weight")}
-        if heal is not None and not qat:
+        if heals:
             from .train.stages import layer_map_from
             rec_heal = healing.heal_step(m, original, heal, out, resume=resume,
                                          layer_map=layer_map_from(original.config, st["drop_layers"]),
@@ -275,18 +311,25 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
             steps.append(healing.healing_step_record(rec_heal))
             if not healing.is_main_process():
                 return None
+        rec_qat = {} if qat else None    # the training's record, filled by encode_and_write
+        layer_map = None
+        if config.prune is not None:
+            from .train.stages import layer_map_from
+            layer_map = layer_map_from(original.config, st["drop_layers"])
         if qat:
-            rec_heal = {}                # the training's record, filled by encode_and_write
+            qat_resume = resume and (not heals or healing.has_checkpoint(healing.qat_work_folder(out)))
         hook = None if inspect is None else (lambda stage, **kw: inspect(stage, original=original, chunks=chunks, **kw))
         rec, original_imatrix, label = encode_and_write(m, out, config, imatrix, chunks, prov, steps,
                                                         overwrite=overwrite, measure=config.measure_effects,
                                                         progress=progress, say=say,
-                                                        qat=None if not qat else (original, rec_heal, resume),
+                                                        qat=None if not qat else (original, rec_qat, qat_resume,
+                                                                                  layer_map),
                                                         inspect=hook)
-        if qat and not rec_heal:         # a non-writing rank of a distributed launch
+        if qat and not rec_qat:          # a non-writing rank of a distributed launch
             return None
         if heal is not None:
             healing.clear_work_folder(out)
+            healing.clear_work_folder(out, healing.qat_work_folder(out))
         if config.prune is not None:                      # what the file states, not what the plan predicted
             from .prune.checks import written_arch
             next(s for s in steps if s["step"] == "structured pruning")["arch"] = written_arch(out)
@@ -316,7 +359,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                                     f"--method {config.method}",
                  source=str(m.source), output=str(out), type=rec.type, export=rec.to_dict(), evaluation=ev,
                  steps=steps + [{"step": "export", "type": rec.type, "seconds": rec.seconds}],
-                 source_bytes=source_bytes(m.source), baseline=baseline, healing=rec_heal, unhealed=unhealed,
+                 source_bytes=source_bytes(m.source), baseline=baseline, healing=rec_heal if heals else rec_qat,
+                 qat=rec_qat if heals else None, unhealed=unhealed,
                  memory={"streamed": stream, "fp32_bytes": 4 * info.n_params, "peak_rss_bytes": peak_rss()})
     rep.write(out)
     return rep
@@ -360,7 +404,7 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
             inspect("budget", model=m, predicted_kld=st["predicted_kld"])
     written = m
     if "qat" in config.method:
-        teacher, record, resume = qat
+        teacher, record, resume, layer_map = qat
         _, _, types = plan_model(m, label, has_imatrix=imatrix is not None, pure=config.pure)
         types = {**types, **(overrides or {})}
         start, base = None, m
@@ -371,7 +415,8 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
             st.pop("awq_scales")
             steps.append({"step": "gptq", "source": prov, **st})
             base = m.with_changes(changed)
-        rec_qat = _train_qat(base, teacher, types, imatrix, out, config, resume, progress, say, start=start)
+        rec_qat = _train_qat(base, teacher, types, imatrix, out, config, resume, progress, say, start=start,
+                             layer_map=layer_map)
         if rec_qat is None:
             return None, None, label
         student, encoded, changed, rec_qat = rec_qat
@@ -421,7 +466,7 @@ def encode_and_write(m, out: Path, config: CompressConfig, imatrix, chunks, prov
 
 
 def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConfig, resume: bool, progress: bool,
-               say, start: dict | None = None):
+               say, start: dict | None = None, layer_map: list[int] | None = None):
     """QAT (quant/qat.py): a copy of `m` with fake-quant block linears, distilled from `teacher` end to end
     (the healing trainer: its budget, data, checkpoints, devices); (the trained copy, encoded, changed weights,
     training record), or None on a non-writing rank of a distributed launch."""
@@ -432,7 +477,8 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
 
     from .quant import qat
     from .train import command as healing
-    heal = config.heal
+    from .train.command import beside
+    heal = config.qat_heal()
     if heal.train.compile == "auto":                   # the fake-quant forward is not compiled (yet)
         heal = dataclasses.replace(heal, train=dataclasses.replace(heal.train, compile="off"))
     heal = dataclasses.replace(heal, bias=False, blockwise=False, e2e=True)
@@ -444,8 +490,11 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     student.changes = {}
     fakes = qat.attach(student, types, imatrix, start=start)
     say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
-    rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=None, text=config.text,
-                            progress=progress, say=say, student_label="the quantized model (fake-quant)")
+    after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
+    rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,
+                            progress=progress, say=say, student_label="the quantized model (fake-quant)",
+                            work=healing.qat_work_folder(out) if after_healing else None,
+                            loss_plot=beside(out, ".qat-loss.png") if after_healing else None)
     if not healing.is_main_process():
         return None
     rec["what"] = "QAT"

@@ -43,6 +43,7 @@ class Report:
     baseline: dict | None = None       # compress --compare: llama.cpp's own file and its evaluation (baseline.py)
     healing: dict | None = None        # train.heal.heal_model's record (+ budget, student, teacher, loss_plot)
     unhealed: dict | None = None       # compress --heal: the unhealed pruned model's file and its evaluation
+    qat: dict | None = None            # compress --prune --heal --method qat: QAT's record after healing's
     memory: dict | None = None         # compress: streamed or not, the float32 model's bytes, the peak resident set
     versions: dict = field(default_factory=versions)
 
@@ -72,8 +73,9 @@ class Report:
             lines.append(f"  fallback      {f}")
         if self.memory:
             lines.append(f"  memory        {memory_line(self.memory)}")
-        if self.healing:
-            lines += healing_lines(self.healing)
+        for rec in (self.healing, self.qat):
+            if rec:
+                lines += healing_lines(rec)
         if self.unhealed and self.unhealed.get("evaluation") and self.evaluation:
             lines += unhealed_lines(self.evaluation, self.unhealed)
         if self.baseline and self.baseline.get("evaluation") and self.evaluation:
@@ -128,8 +130,9 @@ class Report:
                           f"{bm['speed']['gen_tps']:.1f} | |")
         if self.unhealed and self.unhealed.get("evaluation") and e:
             md += unhealed_markdown(h, e, self.unhealed)
-        if self.healing:
-            md += healing_markdown(self.healing)
+        for rec in (self.healing, self.qat):
+            if rec:
+                md += healing_markdown(rec)
         types = Counter(t["type"] for t in self.export["tensors"])
         if types:
             md += ["", "## Tensor types", "", "| type | tensors |", "|---|---|"]
@@ -163,8 +166,9 @@ class Report:
         out = Path(out)
         j = out.with_name(out.name + ".report.json") if out.suffix != ".gguf" else out.with_suffix(".report.json")
         m = j.with_suffix("").with_suffix(".report.md")
-        if self.healing and self.healing.get("loss_plot"):
-            plot_healing(self.healing, Path(self.healing["loss_plot"]))
+        for rec in (self.healing, self.qat):
+            if rec and rec.get("loss_plot"):
+                plot_healing(rec, Path(rec["loss_plot"]))
         atomic_write_bytes(j, self.to_json().encode(), overwrite=overwrite)
         atomic_write_bytes(m, self.to_markdown().encode(), overwrite=overwrite)
         return j, m
@@ -207,7 +211,7 @@ def healing_lines(rec: dict) -> list[str]:
 def healing_markdown(rec: dict) -> list[str]:
     """The healing section: one row per stage, the data sources, the end-to-end run, the loss curve."""
     from .train.config import describe_budget
-    md = ["", "## Healing", "",
+    md = ["", "## Quantization-aware training" if rec.get("what") == "QAT" else "## Healing", "",
           f"Student {_code(rec.get('student', ''))} distilled from the teacher `{rec.get('teacher', '')}`, budget "
           f"{describe_budget(rec['budget']) if rec.get('budget') else '?'}"
           f"{' (resumed from a checkpoint)' if rec.get('resumed') else ''}; each student "
@@ -303,7 +307,8 @@ def unhealed_markdown(h: dict, e: dict, unhealed: dict) -> list[str]:
     um = u["model"]
     kld = e["kld"] / u["kld"] if u["kld"] > 0 else float("nan")
     md = ["", "## Healed vs unhealed", "",
-          f"`{unhealed['path']}`: the pruned model before healing, quantized the same way, evaluated on the same "
+          f"`{unhealed['path']}`: the pruned model before healing, quantized the same way"
+          f"{' (' + unhealed['method'] + ', no training)' if unhealed.get('method') else ''}, evaluated on the same "
           f"token ids against the same original in the same run.", "",
           "| metric | healed | unhealed | healed / unhealed |", "|---|---|---|---|",
           f"| size on disk | {_mib(h['file_bytes'])} | {_mib(um['file_bytes'])} | |",

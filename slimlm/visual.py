@@ -370,9 +370,12 @@ def report_files(paths: list[str | Path], out_dir: str | Path) -> dict:
             name = f"types-{i}.png"
             plots.append(plot_type_map(tensors, out / name, title=f"tensor types: {label}"))
             md += [f"## Tensor types: {label}", "", f"![tensor types of {label}]({name})", ""]
-        if d.get("healing") and d["healing"].get("stages"):
-            name = f"healing-{i}.png"
-            plots.append(plot_healing(d["healing"], out / name))
-            md += [f"## Healing: {label}", "", f"![healing of {label}]({name})", ""]
+        for key in ("healing", "qat"):                   # compress --prune --heal --method qat: both trainings
+            rec = d.get(key)
+            if rec and rec.get("stages"):
+                what = "QAT" if rec.get("what") == "QAT" else "Healing"
+                name = f"{key}-{i}.png"
+                plots.append(plot_healing(rec, out / name))
+                md += [f"## {what}: {label}", "", f"![{what} of {label}]({name})", ""]
     m, h = write_report(out, md, "slimlm report")
     return {"markdown": m, "html": h, "plots": plots, "points": points}

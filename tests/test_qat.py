@@ -123,10 +123,73 @@ def test_compress_method_qat_end_to_end_beats_rounding_in_llama_cpp(tiny_hf, tmp
     assert kld["qat"] < 0.9 * kld["rtn"], kld
 
 
-def test_method_qat_needs_a_budget_and_no_prune():
-    from slimlm.compress import CompressConfig
+def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budget_and_lr():
+    from slimlm.compress import QAT_LR, CompressConfig
+    from slimlm.train.command import heal_options
     with pytest.raises(ConfigError, match="--heal BUDGET"):
         CompressConfig(type="Q4_K_M", method="qat")
+    heal = heal_options("30m", {})
+    with pytest.raises(ConfigError, match="--qat-budget and --qat-lr"):
+        CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal, qat_budget="10m")
+    with pytest.raises(ConfigError, match="--qat-budget"):
+        CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal, qat_budget="ten minutes")
+    with pytest.raises(ConfigError, match="--qat-lr"):
+        CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal, qat_lr=float("nan"))
+    # prune -> heal (--heal, healing's defaults) -> QAT (--qat-budget, QAT's learning rate, fp32)
+    c = CompressConfig(type="Q4_K_M", method="gptq+qat", prune=0.25, heal=heal, qat_budget="10m")
+    assert (c.heal.train.budget, c.heal.train.lr, c.heal.train.precision) == ("30m", 2e-4, "auto")
+    q = c.qat_heal().train
+    assert (q.budget, q.lr, q.precision) == ("10m", QAT_LR, "fp32")
+    assert CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal).qat_heal().train.budget == "30m"
+    # without --prune --heal is QAT's own budget, --qat-budget overrides it
+    assert CompressConfig(type="Q4_K_M", method="qat", heal=heal, qat_budget="5m").qat_heal().train.budget == "5m"
+
+
+def test_prune_heal_qat_in_one_command_reports_the_unhealed_and_llama_cpps_dense_file(tiny_hf, tmp_path, capsys,
+                                                                                      llama_cpp_available):
+    """compress --prune R --heal B --method gptq+qat --qat-budget Q --compare: structured pruning, healing, then
+    QAT from GPTQ's codes; the report puts the file next to the unhealed pruned file (GPTQ'd to the same types,
+    no training) and llama.cpp's own dense file, with both trainings' records and loss curves."""
+    import json
+
+    from helpers import word_texts
+
+    from slimlm.cli import main
+    from slimlm.gguf.reader import read_gguf
+    teacher = tiny_hf("LlamaForCausalLM", num_hidden_layers=4)
+    texts = {}
+    for k, text in zip(("train", "eval"), word_texts(), strict=True):
+        texts[k] = tmp_path / f"{k}.txt"
+        texts[k].write_text(text)
+    out = tmp_path / "pq.gguf"
+    assert main(["-q", "compress", str(teacher), "-o", str(out), "--prune", "0.01", "--heal", "2048",
+                 "--method", "gptq+qat", "--qat-budget", "1024", "--qat-lr", "1e-4", "--type", "Q4_0",
+                 "--compare", "Q4_0", "--data", str(texts["train"]), "--calib", str(texts["train"]),
+                 "--calib-chunks", "4", "--gptq-chunks", "4", "--text", str(texts["eval"]), "--seq-len", "32",
+                 "--ctx", "64", "--chunks", "4", "--no-speed"]) == 0
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert [s["step"] for s in rep["steps"]] == ["structured pruning", "healing", "imatrix", "gptq", "qat", "export"]
+    heal, q = rep["healing"], rep["qat"]
+    assert heal.get("what") is None and heal["budget"] == "2048" and heal["heldout_kl"] < heal["stages"][0]["heldout_kl"]
+    assert q["what"] == "QAT" and q["budget"] == "1024"
+    d = q["stages"][-1]["detail"]
+    assert d["precision"] == "fp32" and d["tokens"] == 1024
+    assert next(s for s in rep["steps"] if s["step"] == "qat")["tensors"] >= 7 * len(heal["layer_map"])
+    e, u, b = rep["evaluation"], rep["unhealed"]["evaluation"], rep["baseline"]["evaluation"]
+    assert rep["unhealed"]["method"] == "gptq" and u["n_scored_tokens"] == e["n_scored_tokens"] == b["n_scored_tokens"]
+    assert e["kld"] < u["kld"], (e["kld"], u["kld"])                       # healing + QAT show in llama.cpp
+    assert rep["export"]["file_bytes"] < rep["baseline"]["evaluation"]["model"]["file_bytes"]   # pruned: smaller
+    g, gu = read_gguf(out), read_gguf(tmp_path / "pq.unhealed.gguf")       # same pruned shapes, same types
+    assert {t.name: (tuple(t.shape), t.ggml_type) for t in g.tensors} == \
+        {t.name: (tuple(t.shape), t.ggml_type) for t in gu.tensors}
+    md = out.with_suffix(".report.md").read_text()
+    for section in ("## Healing", "## Quantization-aware training", "## Healed vs unhealed", "(gptq, no training)",
+                    "## Against llama.cpp's own Q4_0"):
+        assert section in md, section
+    assert (tmp_path / "pq.loss.png").stat().st_size > 0 and (tmp_path / "pq.qat-loss.png").stat().st_size > 0
+    o = capsys.readouterr().out
+    assert "healing       held-out KL" in o and "QAT           held-out KL" in o
+    assert not (tmp_path / "pq.heal-work").exists() and not (tmp_path / "pq.qat-work").exists()
 
 
 def test_qat_can_start_from_gptq_codes(tiny_hf):
@@ -191,3 +254,53 @@ def test_qat_killed_with_sigkill_resumes_to_the_same_file(tiny_hf, tmp_path, cap
     assert main(["-q", *args, "--resume", "-o", str(run)]) == 0
     assert run.read_bytes() == ref.read_bytes()
     assert json.loads((tmp_path / "run.report.json").read_text())["healing"]["resumed"]
+
+
+def test_prune_heal_qat_killed_during_qat_resumes_to_the_same_file(tiny_hf, tmp_path, capsys):
+    """kill -9 during the QAT that follows healing, then --resume: healing comes back from its own checkpoint
+    (OUT.heal-work), QAT from its (OUT.qat-work), and the GGUF is byte-identical to an uninterrupted run's."""
+    from helpers import kill_at_checkpoint, word_texts
+
+    from slimlm.cli import main
+    teacher = tiny_hf("LlamaForCausalLM", num_hidden_layers=4)
+    train = tmp_path / "train.txt"
+    train.write_text(word_texts()[0])
+    args = ["compress", str(teacher), "--prune", "0.01", "--heal", "1024", "--method", "qat", "--qat-budget", "2048",
+            "--type", "Q4_0", "--data", str(train), "--seq-len", "32", "--checkpoint-every", "2", "--eval-every", "3",
+            "--no-eval", "--no-unhealed", "--calib", str(train), "--calib-chunks", "2", "--ctx", "64"]
+    ref = tmp_path / "ref.gguf"
+    assert main(["-q", *args, "-o", str(ref)]) == 0
+    run = tmp_path / "run.gguf"
+    ck = tmp_path / "run.qat-work" / "checkpoint.pt"
+    kill_at_checkpoint([*args, "-o", str(run)], ck, 4)
+    assert ck.exists() and (tmp_path / "run.heal-work" / "checkpoint.pt").exists() and not run.exists()
+    capsys.readouterr()
+    assert main(["-q", *args, "-o", str(run)]) == 2                    # not silently started over
+    assert "--resume" in capsys.readouterr().err
+    assert main(["-q", *args, "--resume", "-o", str(run)]) == 0
+    assert run.read_bytes() == ref.read_bytes()
+    assert not (tmp_path / "run.qat-work").exists() and not (tmp_path / "run.heal-work").exists()
+
+
+def test_scale_lr_puts_the_learned_block_scales_in_their_own_adamw_group(tiny_hf):
+    """--scale-lr: the fake-quant d/dmin factors train at their own learning rate (a multiple of the schedule's),
+    every other trainable parameter at --lr; without it one group, as before."""
+    import dataclasses
+
+    from slimlm.train.command import heal_options
+    from slimlm.train.parts import param_groups, select_parameters
+    m = load(tiny_hf("LlamaForCausalLM"))
+    _, _, types = plan_model(m, "Q4_K_M")
+    fakes = qat.attach(m, types)
+    names = select_parameters(m.module, "all-but-embeddings", None)
+    params = dict(m.module.named_parameters())
+    cfg = heal_options("1024", {"lr": 1e-5, "scale_lr": 1e-3}).train
+    g = param_groups(params, names, cfg)
+    scales = {id(p) for f in fakes for p in (f.fake.d_factor, f.fake.dmin_factor) if p is not None}
+    assert len(g) == 2 and {id(p) for p in g[1]["params"]} == scales and g[1]["lr_mult"] == pytest.approx(100)
+    assert not scales & {id(p) for p in g[0]["params"]} and g[0]["lr_mult"] == 1.0
+    assert len(g[0]["params"]) + len(g[1]["params"]) == len(names)
+    one = param_groups(params, names, dataclasses.replace(cfg, scale_lr=None))
+    assert len(one) == 1 and len(one[0]["params"]) == len(names)
+    with pytest.raises(ConfigError, match="--scale-lr"):
+        heal_options("1024", {"scale_lr": -1.0})

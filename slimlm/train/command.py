@@ -28,7 +28,7 @@ from .config import TEACHER_TARGETS, TrainConfig, parse_budget
 DEFAULT_BUDGET = TrainConfig.budget
 
 # healing options: TrainConfig / HealConfig field -> the flag that sets it (argparse dest = field name)
-TRAIN_FLAGS = {"lr": "--lr", "train_params": "--train", "lora_rank": "--lora", "teacher_targets": "--teacher-targets",
+TRAIN_FLAGS = {"lr": "--lr", "scale_lr": "--scale-lr", "train_params": "--train", "lora_rank": "--lora", "teacher_targets": "--teacher-targets",
                "topk": "--topk", "temperature": "--temperature", "ce_weight": "--ce-weight",
                "hidden_weight": "--hidden-weight", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
                "accum": "--accum", "precision": "--precision", "grad_checkpointing": "--grad-checkpointing",
@@ -87,21 +87,32 @@ def work_folder(out: str | Path) -> Path:
     return beside(out, ".heal-work")
 
 
-def clear_work_folder(out: str | Path) -> None:
+def qat_work_folder(out: str | Path) -> Path:
+    """compress --prune --heal --method qat: QAT's checkpoints, apart from healing's (which trains first)."""
+    return beside(out, ".qat-work")
+
+
+def clear_work_folder(out: str | Path, work: Path | None = None) -> None:
     """After the healed model is written: its checkpoint and teacher cache are no longer needed."""
     from .heal import clear_work
-    clear_work(work_folder(out))
+    clear_work(work or work_folder(out))
 
 
-def check_work_folder(out: str | Path, resume: bool) -> Path:
-    """Before loading: --resume needs the interrupted run's checkpoint; without --resume a checkpoint there is
-    refused (continuing or discarding it is the user's choice)."""
+def has_checkpoint(work: Path) -> bool:
     from . import checkpoint
-    w = work_folder(out)
+    return (work / checkpoint.NAME).is_file()
+
+
+def check_work_folder(out: str | Path, resume: bool, *, work: Path | None = None, need: bool = True) -> Path:
+    """Before loading: --resume needs the interrupted run's checkpoint (`need`: a training that may not have
+    started before the kill, as QAT after healing, needs none); without --resume a checkpoint there is refused
+    (continuing or discarding it is the user's choice)."""
+    from . import checkpoint
+    w = work or work_folder(out)
     ck = w / checkpoint.NAME
     if w.exists() and not w.is_dir():
         raise OutputError(f"{w} is a file; slimlm keeps healing checkpoints in a folder of that name: move it away")
-    if resume and not ck.is_file():
+    if resume and need and not ck.is_file():
         raise ConfigError(f"--resume: no checkpoint {ck} (a run writes one every --checkpoint-every steps of "
                           f"end-to-end training); start without --resume")
     if not resume and ck.is_file():
@@ -126,20 +137,21 @@ def is_main_process() -> bool:
 
 # ---- the healing step -----------------------------------------------------------------------------------------
 def heal_step(student, teacher, config, out: str | Path, *, resume: bool, layer_map: list[int] | None,
-              text: str | None, progress: bool, say, student_label: str | None = None) -> dict:
-    """Heal `student` (changed in place) from `teacher` with its work folder beside `out`; the healing record
-    (heal.heal_model's, with the budget, the models and where the loss curve goes). `text`: the evaluation text
-    file (None: the bundled one); training text that repeats it is cut or refused. `student_label`: how the
-    report names the student (default: its source)."""
+              text: str | None, progress: bool, say, student_label: str | None = None, work: Path | None = None,
+              loss_plot: Path | None = None) -> dict:
+    """Heal `student` (changed in place) from `teacher` with its work folder beside `out` (`work`: another one);
+    the healing record (heal.heal_model's, with the budget, the models and where the loss curve goes: `loss_plot`,
+    default OUT.loss.png). `text`: the evaluation text file (None: the bundled one); training text that repeats it
+    is cut or refused. `student_label`: how the report names the student (default: its source)."""
     from ..calib import read_text
     from .config import describe_budget
     from .heal import heal_model
     eval_text, _ = read_text(text, "eval", "--text")
     say(f"healing ({describe_budget(config.train.budget)}) against {teacher.source or 'the teacher'} ...")
-    rec = heal_model(student, teacher, config, folder=work_folder(out), resume=resume, layer_map=layer_map,
+    rec = heal_model(student, teacher, config, folder=work or work_folder(out), resume=resume, layer_map=layer_map,
                      eval_text=eval_text, progress=progress, say=say)
     rec.update(budget=config.train.budget, resumed=resume, student=student_label or str(student.source or ""),
-               teacher=str(teacher.source or ""), loss_plot=str(beside(out, ".loss.png")))
+               teacher=str(teacher.source or ""), loss_plot=str(loss_plot or beside(out, ".loss.png")))
     return rec
 
 

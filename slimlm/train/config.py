@@ -48,6 +48,7 @@ class TrainConfig:
     SmolLM2 on 2 CPU cores."""
     budget: str = "500k"                    # duration or training tokens (parse_budget)
     lr: float = 2e-4                        # AdamW peak learning rate
+    scale_lr: float | None = None           # QAT: peak learning rate of the blocks' learned scale factors (None: lr)
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
@@ -78,7 +79,8 @@ class TrainConfig:
 
     def __post_init__(self):
         parse_budget(self.budget)
-        for name, v, lo in (("lr", self.lr, 0.0), ("temperature", self.temperature, 0.0)):
+        for name, v, lo in (("lr", self.lr, 0.0), ("temperature", self.temperature, 0.0),
+                            *((("scale-lr", self.scale_lr, 0.0),) if self.scale_lr is not None else ())):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
                 raise ConfigError(f"--{name} must be a number > {lo}, got {v}")
         for name, v in (("min-lr", self.min_lr), ("warmup", self.warmup)):

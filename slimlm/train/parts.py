@@ -36,6 +36,20 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
     return names
 
 
+SCALE_PARAMS = ("d_factor", "dmin_factor")       # quant/fakequant.FakeQuant's learned scale factors
+
+
+def param_groups(params: dict, names: list[str], cfg: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups: one, or with --scale-lr the learned quantization scales apart, their learning
+    rate a multiple (`lr_mult`) of the schedule's."""
+    scales = [n for n in names if n.rsplit(".", 1)[-1] in SCALE_PARAMS] if cfg.scale_lr is not None else []
+    rest = [params[n] for n in names if n not in set(scales)]
+    groups = [{"params": rest, "lr_mult": 1.0}]
+    if scales:
+        groups.append({"params": [params[n] for n in scales], "lr_mult": cfg.scale_lr / cfg.lr})
+    return groups
+
+
 def add_lora(module: torch.nn.Module, rank: int) -> torch.nn.Module:
     """peft LoRA adapters on every linear inside the decoder blocks (merged back by `merge_lora`)."""
     try:

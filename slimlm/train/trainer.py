@@ -39,6 +39,7 @@ from .parts import (
     decoder_layers,
     lr_at,
     merge_lora,
+    param_groups,
     select_parameters,
 )
 from .teacher import (
@@ -273,7 +274,8 @@ class Trainer:
         module.train()
         params = dict(module.named_parameters())         # with FSDP: this process's shards (DTensors)
         trainable = [params[n] for n in names]
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(param_groups(params, names, cfg), lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
         # the LM head fused with the top-k loss (no (positions, vocab) logits); FSDP shards W inside the module
         self.head = None if fsdp else fused_head(module)
         fwd = _Forward(module)
@@ -337,7 +339,7 @@ class Trainer:
                     bar.refresh()
                 replan, t_window = step + REPLAN_STEPS, time.perf_counter()
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
+                g["lr"] = lr_at(step, total, cfg) * g.get("lr_mult", 1.0)
             rows = order.rows(step, self.global_batch)
             local = rows[world.rank * cfg.micro_batch * cfg.accum:(world.rank + 1) * cfg.micro_batch * cfg.accum]
             lsum = 0.0
