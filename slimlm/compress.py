@@ -302,20 +302,18 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
                                            unhealed["steps"], overwrite=False, measure=False, progress=progress,
                                            say=say)
             unhealed["export"] = {k: getattr(u_rec, k) for k in ("type", "n_params", "file_bytes", "bits_per_weight")}
-        if heals:
+        layer_map = None                 # the original layer each kept layer came from (healing's, QAT's)
+        if config.prune is not None:
             from .train.stages import layer_map_from
-            rec_heal = healing.heal_step(m, original, heal, out, resume=resume,
-                                         layer_map=layer_map_from(original.config, st["drop_layers"]),
+            layer_map = layer_map_from(original.config, st["drop_layers"])
+        if heals:
+            rec_heal = healing.heal_step(m, original, heal, out, resume=resume, layer_map=layer_map,
                                          text=config.text, progress=progress, say=say,
                                          student_label="the pruned model")
             steps.append(healing.healing_step_record(rec_heal))
             if not healing.is_main_process():
                 return None
         rec_qat = {} if qat else None    # the training's record, filled by encode_and_write
-        layer_map = None
-        if config.prune is not None:
-            from .train.stages import layer_map_from
-            layer_map = layer_map_from(original.config, st["drop_layers"])
         if qat:
             qat_resume = resume and (not heals or healing.has_checkpoint(healing.qat_work_folder(out)))
         hook = None if inspect is None else (lambda stage, **kw: inspect(stage, original=original, chunks=chunks, **kw))
