@@ -112,10 +112,10 @@ def check_work_folder(out: str | Path, resume: bool, *, work: Path | None = None
     ck = w / checkpoint.NAME
     if w.exists() and not w.is_dir():
         raise OutputError(f"{w} is a file; slimlm keeps healing checkpoints in a folder of that name: move it away")
-    if resume and need and not ck.is_file():
+    if resume and need and not has_checkpoint(w):
         raise ConfigError(f"--resume: no checkpoint {ck} (a run writes one every --checkpoint-every steps of "
                           f"end-to-end training); start without --resume")
-    if not resume and ck.is_file():
+    if not resume and has_checkpoint(w):
         raise ConfigError(f"{ck} is the checkpoint of an interrupted run for this output: add --resume to "
                           f"continue it, or delete {w} to start over")
     return w
