@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--presets", default="Q4_K_M,Q4_0")
     ap.add_argument("--lr", type=float, default=QAT_LR, help=f"QAT learning rate (default {QAT_LR:g}, the CLI's)")
     ap.add_argument("--scale-lr", type=float, help="learning rate of the learned block scales (default: --lr)")
+    ap.add_argument("--round-lr", type=float, help="learned rounding at this learning rate (the float weights "
+                    "frozen, --lr then trains the norms; default: the straight-through estimator on the weights)")
     ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
                     "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
                     "'' for none)")
@@ -65,8 +67,9 @@ def main() -> int:
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
             opts = {"data": (a.calib,), "lr": a.lr, "precision": "fp32"}
-            if a.scale_lr is not None:
-                opts["scale_lr"] = a.scale_lr
+            for k in ("scale_lr", "round_lr"):
+                if getattr(a, k) is not None:
+                    opts[k] = getattr(a, k)
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -109,7 +112,7 @@ def main() -> int:
                      f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
     print("\n" + "\n".join(lines))
     (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "lr": a.lr,
-                                                  "scale_lr": a.scale_lr, "machine": machine()},
+                                                  "scale_lr": a.scale_lr, "round_lr": a.round_lr, "machine": machine()},
                                                  indent=1))
     return 0 if ok else 1
 

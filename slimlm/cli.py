@@ -58,6 +58,11 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--scale-lr", type=float, metavar="LR", help="--method qat: peak learning rate of the blocks' "
                    "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default: "
                    "the weights' --lr, or --qat-lr after --prune)")
+    g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: learned rounding (SignRound-style) "
+                   "instead of training the float weights: each block weight gets an offset, in units of its "
+                   "block's level spacing and at most one level, trained at this peak learning rate (a step of LR "
+                   "moves it LR levels: about 1/steps lets a short run flip roundings); the float weights stay as "
+                   "they were")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "
                    "all-but-embeddings (default: the tied embedding/LM head frozen), norms+pruned (norms and the "
                    "changed layers), lora (LoRA adapters via peft, merged before export)")

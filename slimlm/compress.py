@@ -130,9 +130,10 @@ class CompressConfig:
             if self.qat_lr is not None and not (math.isfinite(self.qat_lr) and self.qat_lr > 0):
                 raise ConfigError(f"--qat-lr must be a number > 0, got {self.qat_lr}")
             self.qat_heal()
-        elif self.qat_budget is not None or self.qat_lr is not None:
-            raise ConfigError("--qat-budget and --qat-lr set quantization-aware training: give --method qat or "
-                              "gptq+qat")
+        elif (self.qat_budget is not None or self.qat_lr is not None or self.heal is not None and
+              (self.heal.train.scale_lr is not None or self.heal.train.round_lr is not None)):
+            raise ConfigError("--qat-budget, --qat-lr, --scale-lr and --round-lr set quantization-aware training: "
+                              "give --method qat or gptq+qat")
         elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
                               "on a model pruned before)")
@@ -486,7 +487,7 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
         for hf, W in m.changes.items():
             student.module.get_parameter(hf).copy_(W)
     student.changes = {}
-    fakes = qat.attach(student, types, imatrix, start=start)
+    fakes = qat.attach(student, types, imatrix, start=start, learn_round=heal.train.round_lr is not None)
     say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
     after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,

@@ -129,8 +129,13 @@ def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budge
     with pytest.raises(ConfigError, match="--heal BUDGET"):
         CompressConfig(type="Q4_K_M", method="qat")
     heal = heal_options("30m", {})
-    with pytest.raises(ConfigError, match="--qat-budget and --qat-lr"):
+    with pytest.raises(ConfigError, match="--qat-budget, --qat-lr"):
         CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal, qat_budget="10m")
+    for flag in ("scale_lr", "round_lr"):        # QAT's own learning rates without QAT
+        with pytest.raises(ConfigError, match="--round-lr set quantization-aware training"):
+            CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal_options("30m", {flag: 1e-3}))
+    with pytest.raises(ConfigError, match="--round-lr"):
+        heal_options("1024", {"round_lr": 0.0})
     with pytest.raises(ConfigError, match="--qat-budget"):
         CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal, qat_budget="ten minutes")
     with pytest.raises(ConfigError, match="--qat-lr"):
@@ -304,3 +309,31 @@ def test_scale_lr_puts_the_learned_block_scales_in_their_own_adamw_group(tiny_hf
     assert len(one) == 1 and len(one[0]["params"]) == len(names)
     with pytest.raises(ConfigError, match="--scale-lr"):
         heal_options("1024", {"scale_lr": -1.0})
+
+
+def test_round_lr_trains_rounding_offsets_in_their_own_group_and_freezes_the_float_weights(tiny_hf):
+    """--round-lr: learned rounding. Every fake-quant linear gets a per-weight offset that trains at its own
+    learning rate; the float weights under the fake quantization are frozen (what moves a level is the offset),
+    the norms still train at --lr."""
+    from slimlm.train.command import heal_options
+    from slimlm.train.parts import param_groups, select_parameters
+    m = load(tiny_hf("LlamaForCausalLM"))
+    _, _, types = plan_model(m, "Q4_K_M")
+    fakes = qat.attach(m, types, learn_round=True)
+    names = select_parameters(m.module, "all-but-embeddings", None)
+    params = dict(m.module.named_parameters())
+    originals = {id(f.module.parametrizations.weight.original) for f in fakes}
+    offsets = {id(f.fake.round_offset) for f in fakes}
+    assert len(offsets) == len(fakes) > 0
+    assert not originals & {id(params[n]) for n in names}
+    assert all(not params[n].requires_grad for n in params if id(params[n]) in originals)
+    assert any("norm" in n for n in names)
+    cfg = heal_options("1024", {"lr": 1e-4, "round_lr": 2e-3, "scale_lr": 1e-3}).train
+    g = param_groups(params, names, cfg)
+    assert len(g) == 3 and g[2]["lr_mult"] == pytest.approx(20) and {id(p) for p in g[2]["params"]} == offsets
+    assert sum(len(x["params"]) for x in g) == len(names)
+    # without learned rounding the float weights train (straight-through estimator) and there is no offset
+    m2 = load(tiny_hf("LlamaForCausalLM"))
+    f2 = qat.attach(m2, types)
+    n2 = select_parameters(m2.module, "all-but-embeddings", None)
+    assert f2[0].fake.round_offset is None and any(n.endswith("parametrizations.weight.original") for n in n2)

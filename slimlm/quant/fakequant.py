@@ -13,6 +13,12 @@ with L the level of the type's table T nearest to W on that grid (grid.nearest),
 Gradients: W gets the output's gradient unchanged (straight-through estimator), d and dmin get the gradient of
 the formula with L fixed (LSQ-style, through their fp16 rounding as identity). `export(W)` writes the levels and
 scales of exactly that forward: gguf-py's dequantization of its bytes equals the forward's output bit for bit.
+
+Learned rounding (`learn_round=True`, SignRound/AdaRound-style): a per-weight offset v, in units of its sub-block's
+level spacing and clipped to [-ROUND_CLIP, ROUND_CLIP], is added to W before the nearest level is taken, and v trains
+through the straight-through estimator (its gradient: the output's times the spacing). An optimizer's step on v is
+then a fraction of a level whatever the block's scale, so a few dozen steps can move a weight to a neighbouring level,
+where a step on W itself (an absolute learning rate) would need hundreds; W stays as it was (the caller freezes it).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 from . import grid
 
 F16_MAX = 65504.0
+ROUND_CLIP = 1.0        # learned rounding moves a weight at most this many level spacings from W
 
 
 class _ThroughF16(torch.autograd.Function):
@@ -69,9 +76,10 @@ class _OnGrid(torch.autograd.Function):
 class FakeQuant(torch.nn.Module):
     """The dequantized value of a weight (rows, cols) in block type `qtype` as a differentiable torch forward.
     blocks: uint8 (rows * cols / block, type_size) encoded rows in order; `learn_scales`: d and dmin are
-    parameters (else buffers)."""
+    parameters (else buffers); `learn_round`: a trained per-weight offset `round_offset` (see the module's docstring)."""
 
-    def __init__(self, qtype, blocks: np.ndarray, shape: tuple[int, int], *, learn_scales: bool = True):
+    def __init__(self, qtype, blocks: np.ndarray, shape: tuple[int, int], *, learn_scales: bool = True,
+                 learn_round: bool = False):
         super().__init__()
         qtype = grid.T(qtype)
         rows, cols = shape
@@ -100,6 +108,9 @@ class FakeQuant(torch.nn.Module):
         self.register_buffer("table8", self.table.to(torch.int8))    # every table holds integers in [-127, 127]
         assert torch.equal(self.table8.float(), self.table), qtype.name
         self.uniform = tab.uniform
+        self.spacing = float(tab.values[-1] - tab.values[0]) / (len(tab.values) - 1)    # mean level spacing
+        self.round_offset = (torch.nn.Parameter(torch.zeros(rows * cols // self.block, self.block))
+                             if learn_round else None)
         self.register_buffer("levels0", torch.from_numpy(grid.levels(qtype, blocks).astype(np.int64)))
         self._blocks = blocks            # headers and layout the export starts from
 
@@ -141,12 +152,20 @@ class FakeQuant(torch.nn.Module):
             L = torch.where((t - v[i - 1]).abs() <= (v[i] - t).abs(), i - 1, i)
         return torch.where(a != 0, L, self.levels0)
 
+    def rounded(self, w: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """w (blocks, block) plus the learned rounding offset in level spacings of the per-weight scale A (the
+        forward's and the export's one expression); w itself without learned rounding."""
+        if self.round_offset is None:
+            return w
+        return w + self.round_offset.clamp(-ROUND_CLIP, ROUND_CLIP) * (A.detach().abs() * self.spacing)
+
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        w = W.float().reshape(-1, self.block)
         a, b = self.sub_grid()
         with torch.no_grad():
             A = a.repeat_interleave(self.sub, 1)
             B = None if b is None else b.repeat_interleave(self.sub, 1)
+        w = self.rounded(W.float().reshape(-1, self.block), A)
+        with torch.no_grad():
             t8 = self.table8[self.nearest(w, A, B)]
         return _OnGrid.apply(w, a, b, A, B, t8, self.sub).reshape(self.shape)
 
@@ -154,7 +173,7 @@ class FakeQuant(torch.nn.Module):
     def export(self, W: torch.Tensor) -> np.ndarray:
         """The blocks of forward(W): its levels and the fp16 scales it used."""
         a, b = self.grid()
-        L = self.nearest(W.float().reshape(-1, self.block), a, b)
+        L = self.nearest(self.rounded(W.float().reshape(-1, self.block), a), a, b)
         d = _ThroughF16.apply(self.d).numpy()
         dmin = None if self.dmin0 is None else _ThroughF16.apply(self.dmin).numpy()
         blocks = grid.with_scales(self.qtype, self._blocks, d, dmin)

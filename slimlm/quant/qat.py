@@ -23,6 +23,9 @@ from ..errors import ConfigError
 from .fakequant import FakeQuant
 
 
+FROZEN = "_slimlm_frozen"      # attribute on a parameter that never trains (train/parts.select_parameters)
+
+
 @dataclass
 class Fake:
     gguf_name: str
@@ -31,12 +34,14 @@ class Fake:
     fake: FakeQuant
 
 
-def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn_scales: bool = True) -> list[Fake]:
+def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn_scales: bool = True,
+           learn_round: bool = False) -> list[Fake]:
     """FakeQuant parametrizations on the block linears of `model` (in memory) whose type in `types` (GGUF name ->
     (QuantFormat, why), as writer.plan_model gives) is a block type; returns them in forward order. `start`: GGUF
     name -> encoded rows in llama.cpp's row order (GPTQ's codes) to start from instead of the encoder's; the
     module's weight should then be what they decode to (sequential.quantize_model's changed weights), so that the
-    nearest levels of the first forward are those codes."""
+    nearest levels of the first forward are those codes. `learn_round`: learned rounding offsets train and the float
+    weights are frozen (marked `FROZEN`, which the trainer's parameter selection honours)."""
     from ..gguf.writer import encode
     from ..lazy import streamed
     from ..sequential import block_linears
@@ -65,8 +70,10 @@ def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn
             imp = imatrix.importance(name) if imatrix is not None else None
             blocks = encode(W.numpy(), fmt, name, imp)
         blocks = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[fmt.ggml_type][1])
-        fq = FakeQuant(fmt.ggml_type, blocks, tuple(W.shape), learn_scales=learn_scales)
+        fq = FakeQuant(fmt.ggml_type, blocks, tuple(W.shape), learn_scales=learn_scales, learn_round=learn_round)
         parametrize.register_parametrization(mod, "weight", fq, unsafe=True)
+        if learn_round:
+            setattr(mod.parametrizations.weight.original, FROZEN, True)
         out.append(Fake(name, hf, mod, fq))
     return out
 

@@ -49,6 +49,8 @@ class TrainConfig:
     budget: str = "500k"                    # duration or training tokens (parse_budget)
     lr: float = 2e-4                        # AdamW peak learning rate
     scale_lr: float | None = None           # QAT: peak learning rate of the blocks' learned scale factors (None: lr)
+    round_lr: float | None = None           # QAT: learned rounding (per-weight offsets in level spacings, the float
+                                            # weights frozen) at this peak learning rate; None: STE on the weights
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
@@ -80,7 +82,8 @@ class TrainConfig:
     def __post_init__(self):
         parse_budget(self.budget)
         for name, v, lo in (("lr", self.lr, 0.0), ("temperature", self.temperature, 0.0),
-                            *((("scale-lr", self.scale_lr, 0.0),) if self.scale_lr is not None else ())):
+                            *((("scale-lr", self.scale_lr, 0.0),) if self.scale_lr is not None else ()),
+                            *((("round-lr", self.round_lr, 0.0),) if self.round_lr is not None else ())):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
                 raise ConfigError(f"--{name} must be a number > {lo}, got {v}")
         for name, v in (("min-lr", self.min_lr), ("warmup", self.warmup)):

@@ -21,6 +21,7 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
     out_emb = module.get_output_embeddings()
     if out_emb is not None:
         frozen.add(id(out_emb.weight))
+    frozen |= {id(p) for p in module.parameters() if getattr(p, "_slimlm_frozen", False)}    # quant/qat.FROZEN
     train_ids: set[int] | None = None
     if mode == "norms+pruned":
         layers = decoder_layers(module)
@@ -37,17 +38,19 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
 
 
 SCALE_PARAMS = ("d_factor", "dmin_factor")       # quant/fakequant.FakeQuant's learned scale factors
+ROUND_PARAMS = ("round_offset",)                 # its learned rounding offsets
 
 
 def param_groups(params: dict, names: list[str], cfg: TrainConfig) -> list[dict]:
-    """AdamW's parameter groups: one, or with --scale-lr the learned quantization scales apart, their learning
-    rate a multiple (`lr_mult`) of the schedule's."""
-    scales = [n for n in names if n.rsplit(".", 1)[-1] in SCALE_PARAMS] if cfg.scale_lr is not None else []
-    rest = [params[n] for n in names if n not in set(scales)]
-    groups = [{"params": rest, "lr_mult": 1.0}]
-    if scales:
-        groups.append({"params": [params[n] for n in scales], "lr_mult": cfg.scale_lr / cfg.lr})
-    return groups
+    """AdamW's parameter groups: one, or with --scale-lr the learned quantization scales and with --round-lr the
+    learned rounding offsets apart, their learning rates a multiple (`lr_mult`) of the schedule's."""
+    groups, apart = [], set()
+    for kinds, lr in ((SCALE_PARAMS, cfg.scale_lr), (ROUND_PARAMS, cfg.round_lr)):
+        mine = [n for n in names if n.rsplit(".", 1)[-1] in kinds] if lr is not None else []
+        if mine:
+            groups.append({"params": [params[n] for n in mine], "lr_mult": lr / cfg.lr})
+            apart |= set(mine)
+    return [{"params": [params[n] for n in names if n not in apart], "lr_mult": 1.0}, *groups]
 
 
 def add_lora(module: torch.nn.Module, rank: int) -> torch.nn.Module:
