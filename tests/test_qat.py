@@ -14,12 +14,15 @@ from slimlm.errors import ConfigError
 from slimlm.gguf.reader import read_gguf
 from slimlm.gguf.writer import export_gguf, plan_model
 from slimlm.quant import qat
+from slimlm.train.parts import param_groups, select_parameters
 
 
 def _distil_steps(student, teacher, steps: int = 6, seed: int = 0) -> list[float]:
-    """A few steps of forward-KL distillation on random token rows: weights and scales train."""
+    """A few steps of forward-KL distillation on random token rows: what the trainer would train (all but the
+    embeddings: block weights, norms, learned scales and rounding offsets) trains."""
     g = torch.Generator().manual_seed(seed)
-    params = [p for p in student.module.parameters() if p.requires_grad]
+    names = set(select_parameters(student.module, "all-but-embeddings", None))
+    params = [p for n, p in student.module.named_parameters() if n in names]
     opt = torch.optim.Adam(params, lr=1e-3)
     losses = []
     for _ in range(steps):
@@ -35,19 +38,26 @@ def _distil_steps(student, teacher, steps: int = 6, seed: int = 0) -> list[float
     return losses
 
 
-@pytest.mark.parametrize("preset", ["Q4_K_M", "Q4_0", "IQ4_XS"])
-def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, llama_cpp_available):
+@pytest.mark.parametrize("preset,learn_round", [("Q4_K_M", False), ("Q4_0", False), ("IQ4_XS", False),
+                                                ("Q4_K_M", True)])
+def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, learn_round, llama_cpp_available):
     """After distillation steps through the fake-quant forward, every block linear in the GGUF dequantizes (gguf-py)
-    to the fake-quant weight bit for bit, and llama.cpp's logits match torch's fake-quant model's."""
+    to the fake-quant weight bit for bit, and llama.cpp's logits match torch's fake-quant model's; with learned
+    rounding too (the float weights then never move, the offsets do)."""
     teacher = load(tiny_hf("LlamaForCausalLM"))
     m = copy.deepcopy(teacher)
     _, _, types = plan_model(m, preset)
-    fakes = qat.attach(m, types)
+    fakes = qat.attach(m, types, learn_round=learn_round)
     assert len(fakes) == 7 * m.config["num_hidden_layers"]
     scales0 = [f.fake.d.detach().clone() for f in fakes]
+    w0 = [f.module.parametrizations.weight.original.detach().clone() for f in fakes]
     losses = _distil_steps(m, teacher)
     assert all(np.isfinite(losses))
     assert any((f.fake.d.detach() != s).any() for f, s in zip(fakes, scales0, strict=True))  # scales trained
+    moved = [not torch.equal(f.module.parametrizations.weight.original, w) for f, w in zip(fakes, w0, strict=True)]
+    assert not any(moved) if learn_round else all(moved)
+    if learn_round:
+        assert all(f.fake.round_offset.abs().sum() > 0 for f in fakes)
     tokens = torch.tensor(SAMPLE_TOKENS)
     with torch.no_grad():
         fq_weights = {f.hf_name: f.module.weight.detach().clone() for f in fakes}     # the last forward's
@@ -293,7 +303,6 @@ def test_scale_lr_puts_the_learned_block_scales_in_their_own_adamw_group(tiny_hf
     import dataclasses
 
     from slimlm.train.command import heal_options
-    from slimlm.train.parts import param_groups, select_parameters
     m = load(tiny_hf("LlamaForCausalLM"))
     _, _, types = plan_model(m, "Q4_K_M")
     fakes = qat.attach(m, types)
@@ -316,7 +325,6 @@ def test_round_lr_trains_rounding_offsets_in_their_own_group_and_freezes_the_flo
     learning rate; the float weights under the fake quantization are frozen (what moves a level is the offset),
     the norms still train at --lr."""
     from slimlm.train.command import heal_options
-    from slimlm.train.parts import param_groups, select_parameters
     m = load(tiny_hf("LlamaForCausalLM"))
     _, _, types = plan_model(m, "Q4_K_M")
     fakes = qat.attach(m, types, learn_round=True)

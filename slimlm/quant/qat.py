@@ -22,7 +22,6 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 from .fakequant import FakeQuant
 
-
 FROZEN = "_slimlm_frozen"      # attribute on a parameter that never trains (train/parts.select_parameters)
 
 
@@ -73,7 +72,9 @@ def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn
         fq = FakeQuant(fmt.ggml_type, blocks, tuple(W.shape), learn_scales=learn_scales, learn_round=learn_round)
         parametrize.register_parametrization(mod, "weight", fq, unsafe=True)
         if learn_round:
-            setattr(mod.parametrizations.weight.original, FROZEN, True)
+            orig = mod.parametrizations.weight.original
+            orig.requires_grad_(False)
+            setattr(orig, FROZEN, True)
         out.append(Fake(name, hf, mod, fq))
     return out
 

@@ -16,12 +16,13 @@ COMPILE_MIN_SECONDS, COMPILE_MIN_TOKENS = 900, 100_000
 
 # ------------------------------------------------------------------------------------------ what trains
 def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[int] | None) -> list[str]:
-    """Set requires_grad by `mode` (not lora: see add_lora); returns the names of the trainable parameters."""
+    """Set requires_grad by `mode` (not lora: see add_lora); returns the names of the trainable parameters. A
+    parameter marked quant/qat.FROZEN (the float weight under learned rounding) never trains, whatever the mode."""
     frozen = {id(module.get_input_embeddings().weight)}
     out_emb = module.get_output_embeddings()
     if out_emb is not None:
         frozen.add(id(out_emb.weight))
-    frozen |= {id(p) for p in module.parameters() if getattr(p, "_slimlm_frozen", False)}    # quant/qat.FROZEN
+    never = {id(p) for p in module.parameters() if getattr(p, "_slimlm_frozen", False)}    # quant/qat.FROZEN
     train_ids: set[int] | None = None
     if mode == "norms+pruned":
         layers = decoder_layers(module)
@@ -30,7 +31,7 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
         train_ids |= {id(p) for n, p in module.named_parameters() if "norm" in n.rsplit(".", 2)[-2].lower()}
     names = []
     for n, p in module.named_parameters():
-        on = mode == "all" or (id(p) not in frozen and (train_ids is None or id(p) in train_ids))
+        on = id(p) not in never and (mode == "all" or (id(p) not in frozen and (train_ids is None or id(p) in train_ids)))
         p.requires_grad_(on)
         if on:
             names.append(n)
