@@ -4,7 +4,7 @@
 Reference: the dithered SmolLM2-135M-Instruct F32 model (../shared/tools/make_dither_reference.py). Importance
 matrix: slimlm's, on ../shared/data/brown-calib.txt (--calib-chunks x 512 tokens), handed to llama.cpp's
 `llama_model_quantize` and to slimlm alike. QAT trains on brown-calib.txt (distillation from the reference, the
-CLI's QAT defaults: lr 1e-5, fp32; --minutes of wall time each, preparation included). Evaluation: brown-eval.txt, every
+CLI's QAT defaults: learned rounding, compress.qat_lrs, fp32; --minutes of wall time each, preparation included). Evaluation: brown-eval.txt, every
 file in llama.cpp against the reference in torch, on the same tokens.
 
 Rows, at the size of llama.cpp's Q4_K_M file (slimlm: --target-size, per-tensor types by measured sensitivity;
@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from foundation import RESULTS, add_common_args, machine, reference_f32_imatrix  # noqa: E402
 
-from slimlm.compress import QAT_LR  # noqa: E402
+from slimlm.compress import QAT_ROUND_LR, QAT_SCALE_LR, qat_lrs  # noqa: E402
+from slimlm.train.config import QAT_WEIGHTS  # noqa: E402
 
 TARGETS = {"Q4_K_M": 0.25, "Q4_0": 0.5}
 
@@ -37,10 +38,13 @@ def main() -> int:
     add_common_args(ap, 8)
     ap.add_argument("--minutes", type=float, default=30.0, help="QAT wall time per preset (default 30)")
     ap.add_argument("--presets", default="Q4_K_M,Q4_0")
-    ap.add_argument("--lr", type=float, default=QAT_LR, help=f"QAT learning rate (default {QAT_LR:g}, the CLI's)")
-    ap.add_argument("--scale-lr", type=float, help="learning rate of the learned block scales (default: --lr)")
-    ap.add_argument("--round-lr", type=float, help="learned rounding at this learning rate (the float weights "
-                    "frozen, --lr then trains the norms; default: the straight-through estimator on the weights)")
+    ap.add_argument("--lr", type=float, help="QAT learning rate of what trains besides the scales and rounding "
+                    "offsets (default: the CLI's, compress.qat_lrs)")
+    ap.add_argument("--scale-lr", type=float, help=f"learning rate of the learned block scales (default {QAT_SCALE_LR:g}; "
+                    "with --qat-weights ste: --lr)")
+    ap.add_argument("--qat-weights", choices=QAT_WEIGHTS, help="the float block weights: round (learned rounding, "
+                    "default), frozen or ste (the straight-through estimator), as the CLI's --qat-weights")
+    ap.add_argument("--round-lr", type=float, help=f"learned rounding's learning rate (default {QAT_ROUND_LR:g})")
     ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
                     "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
                     "'' for none)")
@@ -54,6 +58,7 @@ def main() -> int:
     from slimlm.quant.imatrix import ImportanceMatrix
     from slimlm.train.command import heal_options
 
+    lrs = qat_lrs(a.lr, a.scale_lr, a.round_lr, a.qat_weights)
     ref_path, ref, f32, _, prov, _ = reference_f32_imatrix(a)
     im_path = RESULTS / "imatrix.gguf"
     runs = []
@@ -66,10 +71,7 @@ def main() -> int:
         for method in ("rtn", "gptq", *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
-            opts = {"data": (a.calib,), "lr": a.lr, "precision": "fp32"}
-            for k in ("scale_lr", "round_lr"):
-                if getattr(a, k) is not None:
-                    opts[k] = getattr(a, k)
+            opts = {"data": (a.calib,), "precision": "fp32", **lrs}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -111,8 +113,7 @@ def main() -> int:
         lines.append(f"{'PASS' if ratio <= target else 'FAIL'}  {'b' if p == 'Q4_K_M' else 'c'}. {q['name']}: KLD "
                      f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
     print("\n" + "\n".join(lines))
-    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "lr": a.lr,
-                                                  "scale_lr": a.scale_lr, "round_lr": a.round_lr, "machine": machine()},
+    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, **lrs, "machine": machine()},
                                                  indent=1))
     return 0 if ok else 1
 

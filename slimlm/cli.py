@@ -16,7 +16,15 @@ from pathlib import Path
 from .errors import SlimlmError
 from .presets import PRESETS
 from .search import DEFAULT_BASELINES, STUDY
-from .train.config import COMPILE, PARALLEL, PRECISIONS, TEACHER_TARGETS, TRAIN_PARAMS, TrainConfig
+from .train.config import (
+    COMPILE,
+    PARALLEL,
+    PRECISIONS,
+    QAT_WEIGHTS,
+    TEACHER_TARGETS,
+    TRAIN_PARAMS,
+    TrainConfig,
+)
 
 TYPES = ", ".join(p.name for p in PRESETS.values())
 _T = TrainConfig()
@@ -55,14 +63,16 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--no-e2e", dest="e2e", action="store_const", const=False, help="skip end-to-end distillation")
     g.add_argument("--lr", type=float, metavar="LR", help=f"end-to-end peak learning rate (AdamW, linear warmup "
                    f"then cosine; default {_T.lr:g})")
+    g.add_argument("--qat-weights", choices=QAT_WEIGHTS, help="--method qat: what becomes of the float block "
+                   "weights. round (default): they stay, and learned rounding (SignRound-style) gives each an offset "
+                   "in units of its block's level spacing, at most one level, at --round-lr, while --lr (default "
+                   "1e-4) trains the norms; frozen: they stay, their codes follow the learned block scales only; ste: "
+                   "they train through the straight-through estimator at --lr (default 1e-5)")
     g.add_argument("--scale-lr", type=float, metavar="LR", help="--method qat: peak learning rate of the blocks' "
-                   "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default: "
-                   "the weights' --lr, or --qat-lr after --prune)")
-    g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: learned rounding (SignRound-style) "
-                   "instead of training the float weights: each block weight gets an offset, in units of its "
-                   "block's level spacing and at most one level, trained at this peak learning rate (a step of LR "
-                   "moves it LR levels: about 1/steps lets a short run flip roundings); the float weights stay as "
-                   "they were")
+                   "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default "
+                   "1e-3; with --qat-weights ste: the weights' --lr, or --qat-lr after --prune)")
+    g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: peak learning rate of learned "
+                   "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "
                    "all-but-embeddings (default: the tied embedding/LM head frozen), norms+pruned (norms and the "
                    "changed layers), lora (LoRA adapters via peft, merged before export)")
@@ -164,16 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "per-channel scales searched against the encoders and folded into the norms and the up projection's rows "
                    "(no extra operations in the GGUF), then rounding; awq+gptq: both; qat: quantization-aware "
                    "training: the block linears compute with exactly their GGUF values (starting from slimlm's "
-                   "encoder, with --calib's importance matrix) while the float weights and the blocks' fp16 scales "
-                   "are distilled from the original end to end, for --qat-budget (default: --heal's) with the healing options; the "
-                   "file holds the last step's codes (learning rate 1e-5 and fp32 unless --lr/--precision); gptq+qat: QAT starting from GPTQ's "
+                   "encoder, with --calib's importance matrix) while the blocks' fp16 scales and the norms (--qat-weights: "
+                   "and the rounding or the float weights) are distilled from the original end to end, for --qat-budget (default: --heal's) with the healing options; the "
+                   "file holds the last step's codes (learned rounding at --round-lr 0.01, the scales at --scale-lr "
+                   "1e-3, the norms at --lr 1e-4, fp32 unless --precision); gptq+qat: QAT starting from GPTQ's "
                    "codes, the output projection GPTQ'd and kept")
     p.add_argument("--qat-budget", metavar="BUDGET", help="--method qat/gptq+qat: QAT's training budget (a "
                    "duration or a token count, as --heal; default: --heal's). With --prune R --heal B the pruned "
                    "model is healed for B first (healing's options and defaults), then QAT trains for this "
                    "(checkpoints in OUT.qat-work/, its loss curve OUT.qat-loss.png)")
     p.add_argument("--qat-lr", type=float, metavar="LR", help="with --prune --heal and --method qat/gptq+qat: "
-                   "QAT's learning rate (default 1e-5; --lr is healing's); QAT trains in fp32 unless --precision "
+                   "QAT's learning rate (default 1e-4, the norms'; 1e-5 with --qat-weights ste; --lr is "
+                   "healing's; --scale-lr, --round-lr and --qat-weights are QAT's); QAT trains in fp32 unless --precision "
                    "bf16")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
@@ -484,10 +496,10 @@ def _check_args(a, *, models: tuple = (), text: str | None = None, calib: str | 
 
 def compress_config(a):
     """The CompressConfig of parsed `compress` arguments (slimlm search builds its trials through this too)."""
-    from .compress import QAT_LR, CompressConfig
+    from .compress import CompressConfig, qat_lrs
     if "qat" in a.method and a.heal and a.prune is None:   # QAT's defaults where the healing options are not
         # given (after --prune they are healing's, and QAT takes --qat-lr and fp32: CompressConfig.qat_heal)
-        a.lr = QAT_LR if a.lr is None else a.lr
+        a.lr = qat_lrs(a.lr, a.scale_lr, a.round_lr, a.qat_weights)["lr"]
         a.precision = a.precision or "fp32"          # bf16 autocast would round the grid's values in training
     return CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,

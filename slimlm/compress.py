@@ -32,8 +32,25 @@ from .sequential import collect_imatrix, quantize_model
 from .train.config import parse_budget
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
-QAT_LR = 1e-5           # slimlm compress --method qat's learning rate when --lr is not given (healing's default,
-                        # 2e-4, made SmolLM2's held-out KL worse: README)
+# --method qat's defaults (bench/qat.py, README): learned rounding (qat_weights "round": the float block weights stay,
+# an offset per weight at QAT_ROUND_LR level spacings per step), the blocks' fp16 scales at QAT_SCALE_LR (a relative
+# step) and what else trains, the norms, at QAT_LR. --qat-weights frozen drops the offsets (the codes follow the
+# learned scales only: as good on SmolLM2, worse on the tests' tiny model); --qat-weights ste trains the float
+# weights through the straight-through estimator at QAT_STE_LR (healing's 2e-4 made SmolLM2's held-out KL worse
+# there), the scales at that rate too.
+QAT_SCALE_LR = 1e-3
+QAT_LR = 1e-4
+QAT_ROUND_LR = 0.01
+QAT_STE_LR = 1e-5
+
+
+def qat_lrs(lr: float | None, scale_lr: float | None, round_lr: float | None, weights: str | None) -> dict:
+    """QAT's weight mode and learning rates (TrainConfig fields) with the defaults above where a value is None."""
+    weights = weights or "round"
+    ste = weights == "ste"
+    return {"qat_weights": weights, "lr": (QAT_STE_LR if ste else QAT_LR) if lr is None else lr,
+            "scale_lr": (None if ste else QAT_SCALE_LR) if scale_lr is None else scale_lr,
+            "round_lr": (QAT_ROUND_LR if round_lr is None else round_lr) if weights == "round" else None}
 
 
 @dataclass(frozen=True)
@@ -72,7 +89,7 @@ class CompressConfig:
     unhealed: bool = True             # with --heal: also quantize and evaluate the unhealed pruned model
     qat_budget: str | None = None     # --method qat: the training's budget (default: --heal's); with --prune,
                                       # healing takes --heal, then QAT this
-    qat_lr: float | None = None       # --method qat after --prune --heal: QAT's learning rate (default QAT_LR)
+    qat_lr: float | None = None       # --method qat after --prune --heal: QAT's learning rate (default: qat_lrs)
     stream: str = "auto"              # auto | on | off: an HF folder's weights read one layer at a time (lazy.py)
 
     def __post_init__(self):
@@ -131,8 +148,10 @@ class CompressConfig:
                 raise ConfigError(f"--qat-lr must be a number > 0, got {self.qat_lr}")
             self.qat_heal()
         elif (self.qat_budget is not None or self.qat_lr is not None or self.heal is not None and
-              (self.heal.train.scale_lr is not None or self.heal.train.round_lr is not None)):
-            raise ConfigError("--qat-budget, --qat-lr, --scale-lr and --round-lr set quantization-aware training: "
+              (self.heal.train.scale_lr is not None or self.heal.train.round_lr is not None or
+               self.heal.train.qat_weights is not None)):
+            raise ConfigError("--qat-budget, --qat-lr, --scale-lr, --round-lr and --qat-weights set quantization-aware "
+                              "training: "
                               "give --method qat or gptq+qat")
         elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
@@ -150,16 +169,18 @@ class CompressConfig:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
 
     def qat_heal(self):
-        """The training settings of --method qat: the healing options with --qat-budget as the budget when given.
-        After --prune, where --heal's budget and options heal the pruned model first, QAT trains for --qat-budget
-        (default: as long as --heal) at --qat-lr (default QAT_LR) in fp32 unless --precision bf16 was asked:
-        bf16 autocast rounds the grid's values in training."""
+        """The training settings of --method qat: the healing options with --qat-budget as the budget when given,
+        QAT's weight mode and learning rates where not given (qat_lrs). After --prune, where
+        --heal's budget and options heal the pruned model first, QAT trains for --qat-budget (default: as long as
+        --heal) at --qat-lr (default: qat_lrs's) in fp32 unless --precision bf16 was asked: bf16 autocast rounds
+        the grid's values in training. Without --prune the caller gives --lr (the CLI: qat_lrs's default)."""
         import dataclasses
         h = self.heal
-        train = {"budget": self.qat_budget or h.train.budget}
+        t = h.train
+        train = {"budget": self.qat_budget or t.budget, **qat_lrs(t.lr, t.scale_lr, t.round_lr, t.qat_weights)}
         if self.prune is not None:
-            train.update(lr=self.qat_lr or QAT_LR, precision="fp32" if h.train.precision == "auto" else
-                         h.train.precision)
+            train.update(lr=qat_lrs(self.qat_lr, t.scale_lr, t.round_lr, t.qat_weights)["lr"],
+                         precision="fp32" if t.precision == "auto" else t.precision)
         elif self.qat_lr is not None:
             train["lr"] = self.qat_lr
         return dataclasses.replace(h, train=dataclasses.replace(h.train, **train))
@@ -487,7 +508,8 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
         for hf, W in m.changes.items():
             student.module.get_parameter(hf).copy_(W)
     student.changes = {}
-    fakes = qat.attach(student, types, imatrix, start=start, learn_round=heal.train.round_lr is not None)
+    fakes = qat.attach(student, types, imatrix, start=start, learn_round=heal.train.qat_weights == "round",
+                         freeze=heal.train.qat_weights != "ste")
     say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
     after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
 
+QAT_WEIGHTS = ("round", "frozen", "ste")
 TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEACHER_TARGETS = ("auto", "full", "topk")
@@ -49,8 +50,11 @@ class TrainConfig:
     budget: str = "500k"                    # duration or training tokens (parse_budget)
     lr: float = 2e-4                        # AdamW peak learning rate
     scale_lr: float | None = None           # QAT: peak learning rate of the blocks' learned scale factors (None: lr)
-    round_lr: float | None = None           # QAT: learned rounding (per-weight offsets in level spacings, the float
-                                            # weights frozen) at this peak learning rate; None: STE on the weights
+    round_lr: float | None = None           # QAT: peak learning rate of learned rounding (per-weight offsets in level
+                                            # spacings; qat_weights "round")
+    qat_weights: str | None = None          # QAT: what becomes of the float block weights (QAT_WEIGHTS): round (learned
+                                            # rounding), frozen (their codes follow the learned scales), ste (trained
+                                            # through the straight-through estimator); None: round (compress.qat_lrs)
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
@@ -86,6 +90,11 @@ class TrainConfig:
                             *((("round-lr", self.round_lr, 0.0),) if self.round_lr is not None else ())):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
                 raise ConfigError(f"--{name} must be a number > {lo}, got {v}")
+        if self.qat_weights is not None and self.qat_weights not in QAT_WEIGHTS:
+            raise ConfigError(f"--qat-weights must be one of {', '.join(QAT_WEIGHTS)}, got {self.qat_weights!r}")
+        if self.round_lr is not None and self.qat_weights not in (None, "round"):
+            raise ConfigError(f"--round-lr is learned rounding's learning rate: it does not go with --qat-weights "
+                              f"{self.qat_weights} (give --qat-weights round, or leave --round-lr out)")
         for name, v in (("min-lr", self.min_lr), ("warmup", self.warmup)):
             if not (math.isfinite(v) and 0 <= v <= 1):
                 raise ConfigError(f"--{name} must be between 0 and 1, got {v}")
