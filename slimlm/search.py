@@ -280,8 +280,10 @@ def open_storage(url: str):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kw)
         except Exception as e:                   # sqlalchemy/optuna: a bad URL, a missing driver, no server, or
-            if attempt == 4 or "IntegrityError" not in type(e).__name__:    # another process creating the
-                raise ConfigError(f"--storage {url}: cannot open the study database "    # schema at this moment
+            # another process creating the schema at this moment (a row or a table it made first): retry that one
+            racing = "IntegrityError" in type(e).__name__ or "already exists" in str(e)
+            if attempt == 4 or not racing:
+                raise ConfigError(f"--storage {url}: cannot open the study database "
                                   f"({type(e).__name__}: {e})") from None
             time.sleep(1.0 + attempt)
 

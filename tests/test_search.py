@@ -316,3 +316,25 @@ def test_report_command_reads_a_search(uninterrupted, tmp_path):
     md = (d / "report.md").read_text()
     assert all(f"search {p['label']}" in md for p in s["all"])
     assert (d / "size-kld.png").stat().st_size > 5000
+
+
+def test_opening_a_study_while_another_process_creates_its_schema_retries(monkeypatch, tmp_path):
+    """Two workers (or a reader) starting on one new sqlite file race to create its tables: the one that loses
+    ("table ... already exists") retries instead of ending the search; any other failure is a clear error."""
+    import optuna
+
+    from slimlm import search
+    calls = []
+    real = optuna.storages.RDBStorage
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.OperationalError) table trial_heartbeats already exists")
+        return real(url, **kw)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(search.time, "sleep", lambda s: None)
+    assert search.open_storage(f"sqlite:///{tmp_path / 'study.db'}") is not None and len(calls) == 2
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(RuntimeError("no")))
+    with pytest.raises(ConfigError, match="cannot open the study database"):
+        search.open_storage(f"sqlite:///{tmp_path / 'other.db'}")
