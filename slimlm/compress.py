@@ -177,12 +177,10 @@ class CompressConfig:
         import dataclasses
         h = self.heal
         t = h.train
-        train = {"budget": self.qat_budget or t.budget, **qat_lrs(t.lr, t.scale_lr, t.round_lr, t.qat_weights)}
+        lr = self.qat_lr if self.qat_lr is not None or self.prune is not None else t.lr    # --lr is healing's after --prune
+        train = {"budget": self.qat_budget or t.budget, **qat_lrs(lr, t.scale_lr, t.round_lr, t.qat_weights)}
         if self.prune is not None:
-            train.update(lr=qat_lrs(self.qat_lr, t.scale_lr, t.round_lr, t.qat_weights)["lr"],
-                         precision="fp32" if t.precision == "auto" else t.precision)
-        elif self.qat_lr is not None:
-            train["lr"] = self.qat_lr
+            train["precision"] = "fp32" if t.precision == "auto" else t.precision
         return dataclasses.replace(h, train=dataclasses.replace(h.train, **train))
 
     def check_streamable(self, why: str = "with --stream on") -> None:
