@@ -29,7 +29,7 @@ from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix, quantize_model
-from .train.config import parse_budget
+from .train.config import QAT_WEIGHTS, parse_budget
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
 # --method qat's defaults (bench/qat.py, README): learned rounding (qat_weights "round": the float block weights stay,
@@ -46,7 +46,7 @@ QAT_STE_LR = 1e-5
 
 def qat_lrs(lr: float | None, scale_lr: float | None, round_lr: float | None, weights: str | None) -> dict:
     """QAT's weight mode and learning rates (TrainConfig fields) with the defaults above where a value is None."""
-    weights = weights or "round"
+    weights = weights or QAT_WEIGHTS[0]
     ste = weights == "ste"
     return {"qat_weights": weights, "lr": (QAT_STE_LR if ste else QAT_LR) if lr is None else lr,
             "scale_lr": (None if ste else QAT_SCALE_LR) if scale_lr is None else scale_lr,
@@ -151,8 +151,7 @@ class CompressConfig:
               (self.heal.train.scale_lr is not None or self.heal.train.round_lr is not None or
                self.heal.train.qat_weights is not None)):
             raise ConfigError("--qat-budget, --qat-lr, --scale-lr, --round-lr and --qat-weights set quantization-aware "
-                              "training: "
-                              "give --method qat or gptq+qat")
+                              "training: give --method qat or gptq+qat")
         elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
                               "on a model pruned before)")
