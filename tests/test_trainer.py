@@ -301,6 +301,32 @@ def test_a_time_budget_whose_plan_was_too_optimistic_shrinks_and_still_ends_its_
     assert r["curve"][-1][3] < 0.2 * cfg.lr
 
 
+def test_a_passing_slow_window_does_not_cut_a_time_budget_short(src, calib, tmp_path, monkeypatch):
+    """Ten steps slowed by something else on the machine: the plan shrinks for them, then grows back at the
+    median rate of the windows, so the run still uses its budget and ends its schedule."""
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    monkeypatch.setattr(trainer.Trainer, "_plan", lambda self, fwd, order, deadline: (100_000, "full"))
+    calls, loss = [0], trainer.Trainer._loss
+
+    def slowed(self, *a):
+        calls[0] += 1
+        if 10 < calls[0] <= 20:                       # the second window of REPLAN_STEPS steps
+            time.sleep(0.5)
+        return loss(self, *a)
+
+    monkeypatch.setattr(trainer.Trainer, "_loss", slowed)
+    cfg = TrainConfig(budget="15s", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-3)
+    r = trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
+    assert r["stopped"] == "budget" and r["steps"] == r["total_steps"]
+    # the slow window alone would have planned ~25 steps in all (15 s at 0.5 s a step); it ran on to the budget
+    assert r["steps"] > 40 and r["seconds"] > 0.8 * 15
+    assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
+
+
 def test_compiled_training_follows_the_eager_loss_curve_and_says_it_compiled(src, calib, tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     import train_worker
@@ -331,3 +357,33 @@ def test_compile_auto_only_for_runs_that_pay_it_back():
     has_cxx = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
     assert compile_wanted(TrainConfig(budget="30m"), cpu, fsdp=False, lora=False) == has_cxx
     assert compile_wanted(TrainConfig(budget="500k"), cpu, fsdp=False, lora=False) == has_cxx
+
+
+def test_a_bf16_teacher_gives_the_same_targets_as_autocast_over_fp32_and_gets_its_weights_back(src, calib):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train.teacher import autocast, linears_in_bf16, teacher_topk
+    teacher = train_worker.make(str(src), str(calib))[0]
+    m, cpu = teacher.module, torch.device("cpu")
+    ids = torch.randint(0, m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p for n, p in m.named_parameters()}
+    copies = {n: p.detach().clone() for n, p in before.items()}
+
+    def outputs():
+        with torch.no_grad(), autocast(cpu, True):
+            logits = m(input_ids=ids, use_cache=False).logits.float()
+        return logits, *teacher_topk(teacher, ids, k=8, T=1.0, device=cpu, bf16=True)
+
+    want = outputs()
+    with linears_in_bf16(m, True):
+        dtypes = {n: p.dtype for n, p in m.named_parameters()}
+        got = outputs()
+    # every Linear weight but the tied head (the embedding's own tensor) was bf16 inside; the outputs are identical
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    # on exit the same fp32 tensors are back, unchanged
+    after = dict(m.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert all(torch.equal(after[n], copies[n]) and after[n].dtype == torch.float32 for n in before)

@@ -20,6 +20,7 @@ optimizer, step, best state, RNG) ends with the same weights as one that never s
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from .teacher import (
     TopKOnTheFly,
     autocast,
     fused_head,
+    linears_in_bf16,
     module_fingerprint,
 )
 
@@ -55,7 +57,7 @@ from .teacher import (
 # per kept logit): 2 GiB is ~1.4M tokens at k=256. bench/heal.py, SmolLM2 -25%, 60k tokens: the cache's KLD
 # was within 1% of full logits' (0.613 vs 0.608) at 1.28x the tokens/s counting its build (203 vs 159).
 CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
-REPLAN_STEPS = 10
+REPLAN_STEPS, REPLAN_WINDOWS = 10, 5
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -312,12 +314,13 @@ class Trainer:
             state["best"] = [0, kl]
             best = {n: params[n].detach().clone() for n in names}
         total = state["total_steps"]
-        # a duration budget: every REPLAN_STEPS real steps (optimizer and all) the plan shrinks to the steps that
-        # fit before the deadline at the rate of those steps (the timed micro-batch of _plan leaves out the
-        # optimizer, the held-out evaluations and the machine's load, which changes), so the cosine schedule
-        # ends on time instead of being cut
+        # a duration budget: every REPLAN_STEPS real steps (optimizer and all) the plan becomes the steps that fit
+        # before the deadline (the timed micro-batch of _plan leaves out the optimizer, the held-out evaluations
+        # and the machine's load, which changes), so the cosine schedule ends on time instead of being cut. The
+        # rate is the median of the last REPLAN_WINDOWS windows' and the plan may shrink or grow: a passing slow
+        # window (another process on the cores, a compile) once cut a 25-minute run to 14 minutes for good
         replan = state["step"] + REPLAN_STEPS if deadline is not None and cfg.budget_kind == "seconds" else None
-        t_window = time.perf_counter()
+        t_window, windows = time.perf_counter(), []
         bar = tqdm(total=total, initial=state["step"], desc="distillation", unit="step",
                    disable=not (self.progress and world.main), leave=False)
         stopped = "budget"
@@ -329,12 +332,14 @@ class Trainer:
                 stopped = "deadline"
                 break
             if step == replan:
-                per = (time.perf_counter() - t_window) / REPLAN_STEPS * 1.02
-                evals = (total - step) // cfg.eval_every if cfg.eval_every else 0
-                fit = step + int((deadline - time.monotonic() - evals * t_eval) / per)
-                fit = int(world.mean(float(fit), dev))
-                if fit < total:
-                    total = state["total_steps"] = max(step + 1, fit)
+                windows.append((time.perf_counter() - t_window) / REPLAN_STEPS)
+                per = statistics.median(windows[-REPLAN_WINDOWS:]) * 1.02
+                left = deadline - time.monotonic()
+                evals = int(left / per) // cfg.eval_every if cfg.eval_every else 0
+                fit = step + int((left - evals * t_eval) / per)
+                fit = max(step + 1, int(world.mean(float(fit), dev)))
+                if fit != total:
+                    total = state["total_steps"] = fit
                     bar.total = total
                     bar.refresh()
                 replan, t_window = step + REPLAN_STEPS, time.perf_counter()
@@ -453,4 +458,5 @@ def train(student, teacher, data, config: TrainConfig, *, folder: Path | None = 
                 progress=progress)
     fp = fingerprint(config, data, t.world, **(extra or {}))
     blob = checkpoint.load(folder, fp) if resume else None
-    return t.run(fingerprint=fp, resume=blob, deadline=deadline)
+    with linears_in_bf16(teacher.module, t.bf16):
+        return t.run(fingerprint=fp, resume=blob, deadline=deadline)
