@@ -129,6 +129,9 @@ def head_topk_targets(h: torch.Tensor, W: torch.Tensor, k: int, T: float = 1.0) 
     log-probabilities; each minus its chunk row's logsumexp)."""
     lead, d = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, d)
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):           # cast once, not per chunk (the same values autocast would use)
+        W = W.to(torch.get_autocast_dtype(dev))
     ii, vv = [], []
     for a in range(0, h2.shape[0], HEAD_CHUNK):
         z = F.linear(h2[a:a + HEAD_CHUNK], W).float()

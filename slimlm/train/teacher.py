@@ -8,6 +8,7 @@ the same teacher, tokens and settings. Its cost in quality against full logits i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -53,6 +54,31 @@ def fused_head(module: torch.nn.Module) -> torch.Tensor | None:
             ok = bool(torch.allclose(torch.nn.functional.linear(h, p).float(), want, rtol=1e-4, atol=1e-4))
         module._slimlm_fused_head = ok
     return head.weight if ok else None
+
+
+@contextlib.contextmanager
+def linears_in_bf16(module: torch.nn.Module, enabled: bool):
+    """While inside, the module's Linear weights (those not shared with an embedding: a tied LM head stays) are
+    bf16 copies, the fp32 tensors put back on exit. Under bf16 autocast a Linear casts its fp32 weight to bf16 on
+    every call (autocast caches casts only for weights that train): for a teacher that never trains, casting once
+    per run gives the same bf16 weights, so the same outputs, without re-casting 100M+ weights every step. Only
+    for a module that runs under bf16 autocast while inside (its fused-head check is taken first, in fp32)."""
+    if not enabled:
+        yield
+        return
+    fused_head(module)
+    tied = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in module.modules():
+                if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied and m.weight.dtype == torch.float32:
+                    saved.append((m, m.weight))
+                    m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+        yield
+    finally:
+        for m, w in saved:
+            m.weight = w
 
 
 @torch.no_grad()
