@@ -14,14 +14,18 @@ brown-eval.txt (torch, --chunks x 512 tokens). Two questions, each row measured 
 - training context (`--seq-lens`): from the default share's block-wise state, --e2e of end-to-end distillation
   at each sequence length (the same tokens per step: 1024 / seq_len sequences). The evaluation scores 512-token
   windows: does training on 256-token rows leave the later positions behind?
+- other end-to-end settings (`--variants`): from the same block-wise state, --e2e of end-to-end distillation with
+  TrainConfig fields changed, one variant per `;`-separated item of `field=value[,field=value]` (for example
+  `train_params=all;hidden_weight=1;lr=4e-4`), next to the defaults (seq_len 256).
 
     python bench/heal_ablation.py [--shares 0.3,0.6,0.8] [--seq-lens 256,512] [--bw-rows 128,256] [--e2e 240s]
-                                [--bw-seconds 360]
+                                [--bw-seconds 360] [--variants 'train_params=all;lr=4e-4']
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -41,6 +45,8 @@ def main() -> int:
     ap.add_argument("--seq-lens", default="256,512", help="end-to-end sequence lengths to compare ('' skips)")
     ap.add_argument("--bw-rows", default="128,256", help="block-wise reconstruction's training rows to compare ('' "
                     "skips)")
+    ap.add_argument("--variants", default="", help="end-to-end TrainConfig variants from the block-wise state: "
+                    "';'-separated items of field=value[,field=value] ('' skips)")
     ap.add_argument("--e2e", default="240s", help="end-to-end budget of every row (duration or tokens)")
     ap.add_argument("--bw-seconds", type=float, default=360, help="block-wise reconstruction's time limit")
     a = ap.parse_args()
@@ -72,9 +78,9 @@ def main() -> int:
     def save() -> None:
         out_json.write_text(json.dumps({"rows": rows, "machine": machine(), "args": vars(a)}, indent=1, default=str))
 
-    def e2e(m, data, layer_map, seq_len: int = 256) -> dict:
+    def e2e(m, data, layer_map, seq_len: int = 256, **over) -> dict:
         cfg = TrainConfig(budget=a.e2e, seq_len=seq_len, micro_batch=max(1, 1024 // seq_len), eval_every=0,
-                          checkpoint_every=0, compile="off")
+                          checkpoint_every=0, compile="off", **over)
         t = time.perf_counter()
         r = train(m, ref, data, cfg, folder=RESULTS / "heal-ablation-work", progress=False, layer_map=layer_map)
         return {"e2e_seconds": time.perf_counter() - t, "e2e_tokens": r["tokens"], "e2e_tps": r["tokens_per_s"]}
@@ -82,6 +88,20 @@ def main() -> int:
     asked = [float(x) for x in a.shares.split(",") if x]
     shares = list(asked)
     seq_lens = [int(x) for x in a.seq_lens.split(",") if x]
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    variants = []
+    for item in (x.strip() for x in a.variants.split(";")):
+        if not item:
+            continue
+        over = {}
+        for kv in item.split(","):
+            k, _, v = kv.partition("=")
+            if k not in fields or not v:
+                raise SystemExit(f"--variants: {kv!r} is not field=value of a TrainConfig field")
+            over[k] = v if "str" in str(fields[k]) else float(v) if "float" in str(fields[k]) else int(v)
+        variants.append((item, over))
+    if variants and 256 not in seq_lens:
+        seq_lens.append(256)          # the defaults' row, for comparison
     bw_rows = [int(x) for x in a.bw_rows.split(",") if x]
     if (seq_lens or bw_rows) and LAYER_SHARE not in shares:
         shares.append(LAYER_SHARE)
@@ -133,6 +153,16 @@ def main() -> int:
         row["healed"] = kld(m)
         rows[f"seq_len {L}"] = row
         print(f"ROW layer share {LAYER_SHARE:g}, e2e at seq_len {L}: {row['e2e_tokens']:,} tokens at "
+              f"{row['e2e_tps']:.0f} tok/s, KLD {row['healed']['kld']:.4f} PPL {row['healed']['ppl']:.2f}", flush=True)
+        save()
+    for name, over in variants:
+        m0, layer_map = base
+        m = copy.deepcopy(m0)
+        data = load_train_data(m, [a.calib], seq_len=256, n_heldout=8, eval_text=eval_text, progress=False)
+        row = e2e(m, data, layer_map, **over)
+        row["healed"] = kld(m)
+        rows[f"e2e {name}"] = row
+        print(f"ROW layer share {LAYER_SHARE:g}, e2e with {name}: {row['e2e_tokens']:,} tokens at "
               f"{row['e2e_tps']:.0f} tok/s, KLD {row['healed']['kld']:.4f} PPL {row['healed']['ppl']:.2f}", flush=True)
         save()
     n_tok = next(iter(rows.values()))["healed"]["n_scored_tokens"] if rows else 0
