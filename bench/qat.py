@@ -45,6 +45,9 @@ def main() -> int:
     ap.add_argument("--qat-weights", choices=QAT_WEIGHTS, help="the float block weights: round (learned rounding, "
                     "default), frozen or ste (the straight-through estimator), as the CLI's --qat-weights")
     ap.add_argument("--round-lr", type=float, help=f"learned rounding's learning rate (default {QAT_ROUND_LR:g})")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="QAT's training precision "
+                    "(default fp32, the CLI's: bf16 autocast rounds the grid's values in training; bf16 for the "
+                    "ablation)")
     ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
                     "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
                     "'' for none)")
@@ -71,7 +74,7 @@ def main() -> int:
         for method in ("rtn", "gptq", *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
-            opts = {"data": (a.calib,), "precision": "fp32", **lrs}
+            opts = {"data": (a.calib,), "precision": a.precision, **lrs}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -113,8 +116,8 @@ def main() -> int:
         lines.append(f"{'PASS' if ratio <= target else 'FAIL'}  {'b' if p == 'Q4_K_M' else 'c'}. {q['name']}: KLD "
                      f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
     print("\n" + "\n".join(lines))
-    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, **lrs, "machine": machine()},
-                                                 indent=1))
+    (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "precision": a.precision, **lrs,
+                                                  "machine": machine()}, indent=1))
     return 0 if ok else 1
 
 
