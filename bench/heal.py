@@ -74,6 +74,7 @@ def loss_png(curve, evals, out: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)     # a copy of bench/ without docs/ lost a 30-minute run's files
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
