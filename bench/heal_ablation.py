@@ -98,6 +98,8 @@ def main() -> int:
             k, _, v = kv.partition("=")
             if k not in fields or not v:
                 raise SystemExit(f"--variants: {kv!r} is not field=value of a TrainConfig field")
+            if k in ("seq_len", "micro_batch"):        # the rows are loaded at 256 tokens, 4 per step
+                raise SystemExit(f"--variants: {k} is not a variant here; compare training contexts with --seq-lens")
             over[k] = v if "str" in str(fields[k]) else float(v) if "float" in str(fields[k]) else int(v)
         variants.append((item, over))
     if variants and 256 not in seq_lens:
