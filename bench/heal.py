@@ -19,9 +19,11 @@ Rows (each measured on the same evaluation tokens):
 - training throughput: a plain PyTorch distillation loop (teacher on the fly, full logits, fp32, every parameter,
   AdamW) vs slimlm's trainer with its defaults, the same student, steps and batch, in this run; the plain loop
   runs before and after slimlm's (the machine's speed drifts) and the ratios are to the mean of its two rates.
-Writes bench/results/heal.json and docs/heal-loss.png (the acceptance run's loss and held-out KL curves).
+Writes bench/results/heal.json and docs/heal-loss.png (the acceptance run's loss and held-out KL curves); with
+--tag T, heal-T.json and heal-loss-T.png (a variant of one row beside the full run's files).
 
     python bench/heal.py [--minutes 30] [--compare-tokens 60k] [--ratio 0.25] [--chunks 8] [--skip ...]
+    python bench/heal.py --skip stages,cache,iterative,throughput --train from-changed --tag from-changed
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ def reeval(a) -> int:
 
 
 def main() -> int:
+    from slimlm.train.config import TRAIN_PARAMS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, eval_chunks=8)
     ap.set_defaults(calib_chunks=16)
@@ -109,6 +112,10 @@ def main() -> int:
     ap.add_argument("--compare-tokens", default="60k", help="training tokens of the cache vs full-logit runs")
     ap.add_argument("--throughput-steps", type=int, default=6)
     ap.add_argument("--skip", default="", help="comma list of: stages, e2e, cache, iterative, throughput")
+    ap.add_argument("--train", default=None, choices=TRAIN_PARAMS, help="what trains in the acceptance row (default: "
+                    "TrainConfig's)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (heal-TAG.json, heal-loss-TAG.png, "
+                    "results/heal-TAG/)")
     ap.add_argument("--reeval", action="store_true", help="only evaluate the Q8_0 files an earlier run wrote (unpruned, "
                     "unhealed, healed) in llama.cpp, speed included, into bench/results/heal-gguf.json")
     a = ap.parse_args()
@@ -129,7 +136,8 @@ def main() -> int:
     from slimlm.train.trainer import train
 
     torch.manual_seed(0)
-    out_dir = RESULTS / "heal"
+    sfx = f"-{a.tag}" if a.tag else ""
+    out_dir = RESULTS / f"heal{sfx}"
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_path = reference_model(a.model)
     ref = load(ref_path, progress=False)
@@ -143,7 +151,7 @@ def main() -> int:
           f"({st['removed_fraction']:.1%}) in {prune_s:.0f} s; layer map {layer_map}", flush=True)
     ev_kw = dict(text_path=a.text, n_ctx=512, max_chunks=a.chunks, speed=False, progress=False)
     rows: dict = {}
-    out_json = RESULTS / "heal.json"
+    out_json = RESULTS / f"heal{sfx}.json"
     mach = machine()
     print(f"machine: {mach}", flush=True)
 
@@ -252,7 +260,8 @@ def main() -> int:
     heal_rec = None
     if "e2e" not in skip:
         s = copy.deepcopy(pruned)
-        hc = HealConfig(train=TrainConfig(budget=f"{a.minutes:g}m"), data=(a.calib,))
+        over = {"train_params": a.train} if a.train else {}
+        hc = HealConfig(train=TrainConfig(budget=f"{a.minutes:g}m", **over), data=(a.calib,))
         t = time.perf_counter()
         heal_rec = heal_model(s, ref, hc, folder=out_dir / "work-e2e", layer_map=layer_map, eval_text=eval_text,
                               progress=True, say=print)
@@ -260,7 +269,7 @@ def main() -> int:
         e2e = heal_rec["stages"][-1]["detail"]
         record(name, s, seconds=time.perf_counter() - t, tokens=e2e["tokens"], tokens_per_s=e2e["tokens_per_s"],
                stages=[{k: v for k, v in x.items() if k != "detail"} for x in heal_rec["stages"]])
-        loss_png(e2e["curve"], e2e["evals"], HERE.parent / "docs" / "heal-loss.png",
+        loss_png(e2e["curve"], e2e["evals"], HERE.parent / "docs" / f"heal-loss{sfx}.png",
                  f"SmolLM2-135M -{a.ratio:.0%} params, healing {a.minutes:g} min on brown-calib (2 CPU cores)")
         files = {}
         for n, mm in (("unpruned", ref), ("unhealed", pruned), ("healed", s)):

@@ -36,6 +36,42 @@ sys.path.insert(0, str(HERE))
 from foundation import RESULTS, add_common_args, machine, reference_model  # noqa: E402
 
 
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """--variants: ';'-separated items of field=value[,field=value] of TrainConfig, each value parsed as its field's
+    type (bool: 1/0/true/false)."""
+    from slimlm.train.config import TrainConfig
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    variants = []
+    for item in (x.strip() for x in text.split(";")):
+        if not item:
+            continue
+        over = {}
+        for kv in item.split(","):
+            k, _, v = kv.partition("=")
+            if k not in kinds or not v:
+                raise SystemExit(f"--variants: {kv!r} is not field=value of a TrainConfig field")
+            if k in ("seq_len", "micro_batch"):        # the rows are loaded at 256 tokens, 4 per step
+                raise SystemExit(f"--variants: {k} is not a variant here; compare training contexts with --seq-lens")
+            kind = kinds[k]
+            try:
+                if kind.startswith("bool"):
+                    if v.lower() not in ("1", "0", "true", "false"):
+                        raise ValueError(v)
+                    over[k] = v.lower() in ("1", "true")
+                elif kind.startswith("str"):
+                    over[k] = v
+                elif kind.startswith("float"):
+                    over[k] = float(v)
+                elif kind.startswith("int"):
+                    over[k] = int(v)
+                else:
+                    raise SystemExit(f"--variants: {k} ({kind}) cannot be given here")
+            except ValueError:
+                raise SystemExit(f"--variants: {k}={v!r} is not a {kind}") from None
+        variants.append((item, over))
+    return variants
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, eval_chunks=4)
@@ -50,6 +86,7 @@ def main() -> int:
     ap.add_argument("--e2e", default="240s", help="end-to-end budget of every row (duration or tokens)")
     ap.add_argument("--bw-seconds", type=float, default=360, help="block-wise reconstruction's time limit")
     a = ap.parse_args()
+    variants = parse_variants(a.variants)         # refused before minutes of loading and pruning
 
     import torch
 
@@ -88,20 +125,6 @@ def main() -> int:
     asked = [float(x) for x in a.shares.split(",") if x]
     shares = list(asked)
     seq_lens = [int(x) for x in a.seq_lens.split(",") if x]
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    variants = []
-    for item in (x.strip() for x in a.variants.split(";")):
-        if not item:
-            continue
-        over = {}
-        for kv in item.split(","):
-            k, _, v = kv.partition("=")
-            if k not in fields or not v:
-                raise SystemExit(f"--variants: {kv!r} is not field=value of a TrainConfig field")
-            if k in ("seq_len", "micro_batch"):        # the rows are loaded at 256 tokens, 4 per step
-                raise SystemExit(f"--variants: {k} is not a variant here; compare training contexts with --seq-lens")
-            over[k] = v if "str" in str(fields[k]) else float(v) if "float" in str(fields[k]) else int(v)
-        variants.append((item, over))
     if variants and 256 not in seq_lens:
         seq_lens.append(256)          # the defaults' row, for comparison
     bw_rows = [int(x) for x in a.bw_rows.split(",") if x]

@@ -75,7 +75,8 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "
                    "all-but-embeddings (default: the tied embedding/LM head frozen), norms+pruned (norms and the "
-                   "changed layers), lora (LoRA adapters via peft, merged before export)")
+                   "changed layers), from-changed (every layer from the first changed one on, so the backward "
+                   "pass stops there), lora (LoRA adapters via peft, merged before export)")
     g.add_argument("--lora", dest="lora_rank", type=int, metavar="R", help=f"LoRA rank (implies --train lora; "
                    f"default {_T.lora_rank})")
     g.add_argument("--teacher-targets", choices=TEACHER_TARGETS, help="the teacher's outputs: full (the whole "

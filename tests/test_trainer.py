@@ -215,7 +215,7 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(src
     assert any(not torch.equal(before[k], v) for k, v in student.module.state_dict().items())
 
 
-@pytest.mark.parametrize("mode", ["lora", "norms+pruned", "all-but-embeddings"])
+@pytest.mark.parametrize("mode", ["lora", "norms+pruned", "from-changed", "all-but-embeddings"])
 def test_what_trains_changes_only_those_weights_and_lora_merges_back(src, calib, tmp_path, mode):
     sys.path.insert(0, str(WORKER.parent))
     import train_worker
@@ -237,9 +237,31 @@ def test_what_trains_changes_only_those_weights_and_lora_merges_back(src, calib,
         assert any(k.startswith("model.layers.1.") and "proj" in k for k in changed)
         assert not any(k.startswith("model.layers.0.") and "proj" in k for k in changed)
         assert any("layernorm" in k for k in changed)
+    elif mode == "from-changed":            # layer 0 comes before the first changed layer: frozen, norms included
+        assert any(k.startswith("model.layers.1.") and "proj" in k for k in changed)
+        assert not any(k.startswith("model.layers.0.") for k in changed) and "model.norm.weight" in changed
     else:
         assert any(k.startswith("model.layers.0.") for k in changed) and "model.norm.weight" in changed
     assert r["best_heldout_kl"] <= r["initial_heldout_kl"]
+
+
+def test_the_layers_pruning_changed_are_found_by_comparing_weights_when_the_caller_does_not_say(src, calib,
+                                                                                                 tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.arch import decoder_layers
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    n = len(decoder_layers(student.module))
+    decoder_layers(student.module)[0].load_state_dict(decoder_layers(teacher.module)[0].state_dict())
+    kw = dict(budget="1024", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0)
+    t = trainer.Trainer(student, teacher, data, TrainConfig(train_params="from-changed", **kw), folder=tmp_path,
+                        layer_map=list(range(n)), progress=False)
+    assert t.changed_layers == list(range(1, n))            # layer 0 is the teacher's again: unchanged
+    t = trainer.Trainer(student, teacher, data, TrainConfig(**kw), folder=tmp_path, layer_map=list(range(n)),
+                        progress=False)
+    assert t.changed_layers is None                         # the default trains every layer: nothing to look up
 
 
 def test_auto_teacher_targets_take_top_k_and_cache_it_only_for_rows_seen_twice(src, calib, tmp_path, monkeypatch):

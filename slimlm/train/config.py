@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from ..errors import ConfigError
 
 QAT_WEIGHTS = ("round", "frozen", "ste")
-TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "lora")
+TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "from-changed", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEACHER_TARGETS = ("auto", "full", "topk")
 PARALLEL = ("ddp", "fsdp")
@@ -66,7 +66,7 @@ class TrainConfig:
     micro_batch: int = 4                    # sequences per forward/backward (per process)
     accum: int = 1                          # micro-batches per optimizer step (per process)
     clip: float = 1.0                       # gradient-norm clipping (0: off)
-    train_params: str = "all-but-embeddings"  # all | all-but-embeddings | norms+pruned | lora
+    train_params: str = "all-but-embeddings"  # all | all-but-embeddings | norms+pruned | from-changed | lora
     lora_rank: int = 16                     # with train_params="lora" (peft; merged before export)
     precision: str = "auto"                 # auto: bf16 autocast where the device has fast bf16 matmuls
     grad_checkpointing: bool = False

@@ -24,11 +24,18 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
         frozen.add(id(out_emb.weight))
     never = {id(p) for p in module.parameters() if getattr(p, "_slimlm_frozen", False)}    # quant/qat.FROZEN
     train_ids: set[int] | None = None
-    if mode == "norms+pruned":
+    if mode in ("norms+pruned", "from-changed"):
         layers = decoder_layers(module)
         changed = range(len(layers)) if changed_layers is None else changed_layers
-        train_ids = {id(p) for j in changed for p in layers[j].parameters()}
-        train_ids |= {id(p) for n, p in module.named_parameters() if "norm" in n.rsplit(".", 2)[-2].lower()}
+        if mode == "norms+pruned":
+            train_ids = {id(p) for j in changed for p in layers[j].parameters()}
+            train_ids |= {id(p) for n, p in module.named_parameters() if "norm" in n.rsplit(".", 2)[-2].lower()}
+        else:       # every layer from the first changed one on and what follows them (the final norm): the
+            # layers before it stay frozen, so the backward pass stops at the first changed layer
+            first = min(changed, default=0)
+            in_layers = {id(p) for layer in layers for p in layer.parameters()}
+            train_ids = {id(p) for j in range(first, len(layers)) for p in layers[j].parameters()}
+            train_ids |= {id(p) for p in module.parameters() if id(p) not in in_layers}
     names = []
     for n, p in module.named_parameters():
         on = id(p) not in never and (mode == "all" or (id(p) not in frozen and (train_ids is None or id(p) in train_ids)))

@@ -104,6 +104,10 @@ class Trainer:
                 raise ConfigError("--hidden-weight compares residual streams: the student's hidden size differs "
                                   "from the teacher's")
         self.layer_map = layer_map
+        if changed_layers is None and layer_map is not None and config.train_params in ("norms+pruned", "from-changed"):
+            # a caller that did not say which layers the pruning changed: compare the weights with the teacher's
+            from .stages import changed_layers as which_changed
+            changed_layers = [j for j, c in enumerate(which_changed(teacher, student, layer_map)) if c]
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
         self.head = self.compiled = None
