@@ -135,10 +135,9 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
         _stage(rec, "block-wise reconstruction", r, student, teacher, data, say, undo=before)
     if config.e2e:
         say(f"end-to-end distillation ({cfg.budget}, {cfg.train_params}, teacher {cfg.teacher_targets}) ...")
-        changed = [j for j, c in enumerate(stages.changed_layers(teacher, student, layer_map)) if c]
-        t = time.perf_counter()
+        t = time.perf_counter()        # the trainer finds the changed layers where --train needs them
         r = train(student, teacher, data, cfg, folder=folder, resume=resume, layer_map=layer_map,
-                  changed_layers=changed, deadline=deadline, progress=progress, extra=extra)
+                  deadline=deadline, progress=progress, extra=extra)
         r["seconds"] = time.perf_counter() - t
         _stage(rec, "end-to-end distillation", r, student, teacher, data, say)
     rec["seconds"] = time.monotonic() - t0
