@@ -15,6 +15,9 @@ COMPILE_MIN_SECONDS, COMPILE_MIN_TOKENS = 900, 100_000
 
 
 # ------------------------------------------------------------------------------------------ what trains
+BY_CHANGED_LAYERS = ("norms+pruned", "from-changed")      # --train modes that follow the layers pruning changed
+
+
 def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[int] | None) -> list[str]:
     """Set requires_grad by `mode` (not lora: see add_lora); returns the names of the trainable parameters. A
     parameter marked quant/qat.FROZEN (the float weight under learned rounding) never trains, whatever the mode."""
@@ -24,7 +27,7 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
         frozen.add(id(out_emb.weight))
     never = {id(p) for p in module.parameters() if getattr(p, "_slimlm_frozen", False)}    # quant/qat.FROZEN
     train_ids: set[int] | None = None
-    if mode in ("norms+pruned", "from-changed"):
+    if mode in BY_CHANGED_LAYERS:
         layers = decoder_layers(module)
         changed = range(len(layers)) if changed_layers is None else changed_layers
         if mode == "norms+pruned":

@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .dist import World, fast_bf16, init_world, resolve_device
 from .losses import ce, head_kl_topk, hidden_mse, kl_full, kl_topk
 from .parts import (
+    BY_CHANGED_LAYERS,
     CompiledOrEager,
     RowOrder,
     add_lora,
@@ -104,7 +105,7 @@ class Trainer:
                 raise ConfigError("--hidden-weight compares residual streams: the student's hidden size differs "
                                   "from the teacher's")
         self.layer_map = layer_map
-        if changed_layers is None and layer_map is not None and config.train_params in ("norms+pruned", "from-changed"):
+        if changed_layers is None and layer_map is not None and config.train_params in BY_CHANGED_LAYERS:
             # a caller that did not say which layers the pruning changed: compare the weights with the teacher's
             from .stages import changed_layers as which_changed
             changed_layers = [j for j, c in enumerate(which_changed(teacher, student, layer_map)) if c]
