@@ -409,3 +409,25 @@ def test_a_bf16_teacher_gives_the_same_targets_as_autocast_over_fp32_and_gets_it
     after = dict(m.named_parameters())
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
     assert all(torch.equal(after[n], copies[n]) and after[n].dtype == torch.float32 for n in before)
+
+
+def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_per_tensor_loop():
+    from slimlm.train.parts import adamw
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    start = [w.detach().clone() for w in ws]
+    fused = adamw([{"params": ws}], lr=1e-2, betas=(0.9, 0.95))
+    loop = torch.optim.AdamW([{"params": ref}], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        for opt, ps in ((fused, ws), (loop, ref)):
+            opt.zero_grad()
+            sum((p ** 2).sum() for p in ps).backward()
+            opt.step()
+    for w, r, w0 in zip(ws, ref, start, strict=True):
+        assert (w - w0).abs().mean() > 1e-2                    # the weights moved ...
+        torch.testing.assert_close(w, r, rtol=1e-5, atol=1e-6)  # ... as the per-tensor loop moved it
+    # not fused where asked not to (FSDP's shards) or where a tensor is not a plain Parameter
+    assert not adamw([torch.nn.Parameter(torch.ones(3))], lr=1e-3, fused=False).defaults["fused"]
+    assert not adamw([torch.ones(3, requires_grad=True)], lr=1e-3).defaults["fused"]

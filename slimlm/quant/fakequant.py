@@ -45,32 +45,31 @@ class _ThroughF16(torch.autograd.Function):
 
 
 class _OnGrid(torch.autograd.Function):
-    """q = a * t (+ b) per weight, with a, b per sub-block (repeated over its `sub` weights) and t the table values
-    of the chosen levels: the forward is the decoder's float32 arithmetic. Backward: w gets the output's gradient
-    unchanged (straight-through estimator), a and b the formula's (LSQ-style: sum over the sub-block of g * t, of
-    g). Only t is kept for the backward, as int8 (every level table holds integers in [-127, 127]): one byte per
-    weight, where autograd through the plain expression kept a and t in float32 and the levels in int64."""
+    """q = a * t (+ b) per weight, as (blocks, sub-blocks, sub) with a, b per sub-block broadcast over its weights
+    (never repeated per weight) and t the table values of the chosen levels: the forward is the decoder's float32
+    arithmetic. Backward: w gets the output's gradient unchanged (straight-through estimator), a and b the
+    formula's (LSQ-style: sum over the sub-block of g * t, of g). Only t is kept for the backward, as int8 (every
+    level table holds integers in [-127, 127]): one byte per weight."""
 
     @staticmethod
-    def forward(ctx, w, a, b, A, B, t8, sub: int):
-        """a, b: per sub-block (for the gradient); A, B: the same repeated per weight; t8: the levels' table values."""
-        q = A * t8.float()
-        if B is not None:
-            q = q + B
+    def forward(ctx, w, a, b, t8):
+        """w: (blocks, sub-blocks, sub); a, b: (blocks, sub-blocks); t8: the levels' table values, int8, as w."""
+        q = a.unsqueeze(-1) * t8
+        if b is not None:
+            q = q + b.unsqueeze(-1)
         ctx.save_for_backward(t8)
-        ctx.sub, ctx.has_b = sub, b is not None
+        ctx.has_b = b is not None
         return q
 
     @staticmethod
     def backward(ctx, g):
         (t8,) = ctx.saved_tensors
-        n = g.shape[0]
         ga = gb = None
         if ctx.needs_input_grad[1]:
-            ga = (g * t8).reshape(n, -1, ctx.sub).sum(-1)
+            ga = (g * t8).sum(-1)
         if ctx.has_b and ctx.needs_input_grad[2]:
-            gb = g.reshape(n, -1, ctx.sub).sum(-1)
-        return g, ga, gb, None, None, None, None
+            gb = g.sum(-1)
+        return g, ga, gb, None
 
 
 class FakeQuant(torch.nn.Module):
@@ -134,46 +133,50 @@ class FakeQuant(torch.nn.Module):
             return a, _ThroughF16.apply(dmin).expand_as(a)
         return a, None
 
-    def grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(a, b) per weight (blocks, block)."""
-        a, b = self.sub_grid()
-        return a.repeat_interleave(self.sub, 1), None if b is None else b.repeat_interleave(self.sub, 1)
+    def _split(self, W: torch.Tensor) -> torch.Tensor:
+        """W as (blocks, sub-blocks, sub), float32 (a view where it already is)."""
+        return W.float().reshape(self._blocks.shape[0], -1, self.sub)
 
     @torch.no_grad()
     def nearest(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """grid.nearest in torch: the level of a * T[l] + b nearest to w; where a == 0 the starting level."""
+        """grid.nearest in torch: the level of a * T[l] + b nearest to w (blocks, sub-blocks, sub), a and b per
+        sub-block; where a == 0 the starting level. Uniform tables: the levels as float32 (integers), computed in
+        place in one buffer (this runs on every weight every step); the others: int64."""
         v = self.table
-        safe = torch.where(a != 0, a, torch.ones_like(a))
-        t = (w if b is None else w - b) / safe
+        zero = bool((a == 0).any())
+        a3 = (torch.where(a != 0, a, torch.ones_like(a)) if zero else a).unsqueeze(-1)
+        t = (w - b.unsqueeze(-1)) if b is not None else w.clone()
+        t.div_(a3)
         if self.uniform:
-            L = torch.clamp(torch.round(t - v[0]), 0, len(v) - 1).long()
+            L = t.sub_(v[0]).round_().clamp_(0, len(v) - 1)
+            keep = self.levels0.view_as(L).to(L.dtype) if zero else None
         else:
-            i = torch.clamp(torch.searchsorted(v, t.contiguous()), 1, len(v) - 1)
+            i = torch.clamp(torch.searchsorted(v, t.reshape(-1)).view_as(t), 1, len(v) - 1)
             L = torch.where((t - v[i - 1]).abs() <= (v[i] - t).abs(), i - 1, i)
-        return torch.where(a != 0, L, self.levels0)
+            keep = self.levels0.view_as(L) if zero else None
+        return torch.where((a != 0).unsqueeze(-1), L, keep) if zero else L
 
-    def rounded(self, w: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """w (blocks, block) plus the learned rounding offset in level spacings of the per-weight scale A (the
-        forward's and the export's one expression); w itself without learned rounding."""
+    def rounded(self, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """w (blocks, sub-blocks, sub) plus the learned rounding offset in level spacings of its sub-block's scale
+        a (the forward's and the export's one expression); w itself without learned rounding."""
         if self.round_offset is None:
             return w
-        return w + self.round_offset.clamp(-ROUND_CLIP, ROUND_CLIP) * (A.detach().abs() * self.spacing)
+        step = a.detach().abs().mul(self.spacing).unsqueeze(-1)
+        return w + self.round_offset.view_as(w).clamp(-ROUND_CLIP, ROUND_CLIP) * step
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         a, b = self.sub_grid()
+        w = self.rounded(self._split(W), a)
         with torch.no_grad():
-            A = a.repeat_interleave(self.sub, 1)
-            B = None if b is None else b.repeat_interleave(self.sub, 1)
-        w = self.rounded(W.float().reshape(-1, self.block), A)
-        with torch.no_grad():
-            t8 = self.table8[self.nearest(w, A, B)]
-        return _OnGrid.apply(w, a, b, A, B, t8, self.sub).reshape(self.shape)
+            L = self.nearest(w, a.detach(), None if b is None else b.detach())
+            t8 = (L.add_(float(self.table[0])) if self.uniform else self.table[L]).to(torch.int8)
+        return _OnGrid.apply(w, a, b, t8).reshape(self.shape)
 
     @torch.no_grad()
     def export(self, W: torch.Tensor) -> np.ndarray:
         """The blocks of forward(W): its levels and the fp16 scales it used."""
-        a, b = self.grid()
-        L = self.nearest(self.rounded(W.float().reshape(-1, self.block), a), a, b)
+        a, b = self.sub_grid()
+        L = self.nearest(self.rounded(self._split(W), a), a, b).reshape(-1, self.block).long()
         d = _ThroughF16.apply(self.d).numpy()
         dmin = None if self.dmin0 is None else _ThroughF16.apply(self.dmin).numpy()
         blocks = grid.with_scales(self.qtype, self._blocks, d, dmin)

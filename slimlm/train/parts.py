@@ -52,6 +52,19 @@ SCALE_PARAMS = ("d_factor", "dmin_factor")       # quant/fakequant.FakeQuant's l
 ROUND_PARAMS = ("round_offset",)                 # its learned rounding offsets
 
 
+def adamw(params, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
+          fused: bool = True) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel over all tensors) where torch has it for every parameter's device and dtype.
+    On a CPU torch otherwise runs the per-tensor loop (its multi-tensor path is CUDA-only), a dozen passes over
+    the trained weights and both moments every step (bench/heal.py measures what the fused step saves). `fused`
+    False: the per-tensor loop (FSDP's sharded DTensors)."""
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    ok = fused and bool(flat) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and type(p) is torch.nn.Parameter for p in flat)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=ok or None)
+
+
 def param_groups(params: dict, names: list[str], cfg: TrainConfig) -> list[dict]:
     """AdamW's parameter groups: one, or with --scale-lr the learned quantization scales and with --round-lr the
     learned rounding offsets apart, their learning rates a multiple (`lr_mult`) of the schedule's."""

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..arch import attention_out, decoder_layers, embedding, final_norm, hidden_norms, mlp_out, part
 from ..errors import ConfigError, NumericsError
 from ..sequential import replay_inputs, run_layer
+from .parts import adamw
 
 
 # ---------------------------------------------------------------------------------------------- layer maps
@@ -403,7 +404,7 @@ def _fit_layer(layer, x: torch.Tensor, target: torch.Tensor, kw: dict, lossf, *,
     n = x.shape[0]
     planned = total = epochs * math.ceil(n / batch)
     warm = max(1, total // 10)
-    opt = torch.optim.AdamW(list(layer.parameters()), lr=lr, weight_decay=0.0)
+    opt = adamw(list(layer.parameters()), lr=lr)
     step = 0
     layer.requires_grad_(True)
     try:

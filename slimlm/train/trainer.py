@@ -36,6 +36,7 @@ from .parts import (
     BY_CHANGED_LAYERS,
     CompiledOrEager,
     RowOrder,
+    adamw,
     add_lora,
     compile_wanted,
     decoder_layers,
@@ -281,8 +282,8 @@ class Trainer:
         module.train()
         params = dict(module.named_parameters())         # with FSDP: this process's shards (DTensors)
         trainable = [params[n] for n in names]
-        opt = torch.optim.AdamW(param_groups(params, names, cfg), lr=cfg.lr, betas=tuple(cfg.betas),
-                                weight_decay=cfg.weight_decay)
+        opt = adamw(param_groups(params, names, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                    fused=not fsdp)
         # the LM head fused with the top-k loss (no (positions, vocab) logits); FSDP shards W inside the module
         self.head = None if fsdp else fused_head(module)
         fwd = _Forward(module)
