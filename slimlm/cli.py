@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "encoder, with --calib's importance matrix) while the blocks' fp16 scales and the norms (--qat-weights: "
                    "and the rounding or the float weights) are distilled from the original end to end, for --qat-budget (default: --heal's) with the healing options; the "
                    "file holds the last step's codes (learned rounding at --round-lr 0.01, the scales at --scale-lr "
-                   "1e-3, the norms at --lr 1e-4, fp32 unless --precision); gptq+qat: QAT starting from GPTQ's "
+                   "1e-3, the norms at --lr 1e-4, --precision as healing's: bf16 autocast where the CPU/GPU is fast at it, "
+                   "the file exact either way); gptq+qat: QAT starting from GPTQ's "
                    "codes, the output projection GPTQ'd and kept")
     p.add_argument("--qat-budget", metavar="BUDGET", help="--method qat/gptq+qat: QAT's training budget (a "
                    "duration or a token count, as --heal; default: --heal's). With --prune R --heal B the pruned "
@@ -186,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(checkpoints in OUT.qat-work/, its loss curve OUT.qat-loss.png)")
     p.add_argument("--qat-lr", type=float, metavar="LR", help="with --prune --heal and --method qat/gptq+qat: "
                    "QAT's learning rate (default 1e-4, the norms'; 1e-5 with --qat-weights ste; --lr is "
-                   "healing's; --scale-lr, --round-lr and --qat-weights are QAT's); QAT trains in fp32 unless --precision "
-                   "bf16")
+                   "healing's; --scale-lr, --round-lr and --qat-weights are QAT's; --precision is both's)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize the blocks with the largest "
                    "inputs first")
     p.add_argument("--target-size", metavar="SIZE", help="size budget for the whole file (70MB = 10^6 bytes, "
@@ -499,9 +499,8 @@ def compress_config(a):
     """The CompressConfig of parsed `compress` arguments (slimlm search builds its trials through this too)."""
     from .compress import CompressConfig, qat_lrs
     if "qat" in a.method and a.heal and a.prune is None:   # QAT's defaults where the healing options are not
-        # given (after --prune they are healing's, and QAT takes --qat-lr and fp32: CompressConfig.qat_heal)
+        # given (after --prune they are healing's, and QAT takes --qat-lr: CompressConfig.qat_heal)
         a.lr = qat_lrs(a.lr, a.scale_lr, a.round_lr, a.qat_weights)["lr"]
-        a.precision = a.precision or "fp32"          # bf16 autocast would round the grid's values in training
     return CompressConfig(type=a.type, text=a.text, n_ctx=a.ctx, max_chunks=a.chunks or None,
                          speed=not a.no_speed, evaluate=not a.no_eval, pre_tokenizer=a.pre_tokenizer,
                          imatrix=a.imatrix, calib=a.calib, pure=a.pure, method=a.method,

@@ -156,11 +156,11 @@ def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budge
         CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal, qat_budget="ten minutes")
     with pytest.raises(ConfigError, match="--qat-lr"):
         CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal, qat_lr=float("nan"))
-    # prune -> heal (--heal, healing's defaults) -> QAT (--qat-budget, QAT's learning rate, fp32)
+    # prune -> heal (--heal, healing's defaults) -> QAT (--qat-budget, QAT's learning rate, healing's precision)
     c = CompressConfig(type="Q4_K_M", method="gptq+qat", prune=0.25, heal=heal, qat_budget="10m")
     assert (c.heal.train.budget, c.heal.train.lr, c.heal.train.precision) == ("30m", 2e-4, "auto")
     q = c.qat_heal().train
-    assert (q.budget, q.lr, q.precision) == ("10m", QAT_LR, "fp32")
+    assert (q.budget, q.lr, q.precision) == ("10m", QAT_LR, "auto")
     assert (q.qat_weights, q.round_lr, q.scale_lr) == ("round", QAT_ROUND_LR, QAT_SCALE_LR)  # learned rounding
     def qat_train(opts):
         return CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal_options("30m", opts)).qat_heal().train
@@ -203,7 +203,8 @@ def test_prune_heal_qat_in_one_command_reports_the_unhealed_and_llama_cpps_dense
     assert heal.get("what") is None and heal["budget"] == "2048" and heal["heldout_kl"] < heal["stages"][0]["heldout_kl"]
     assert q["what"] == "QAT" and q["budget"] == "1024"
     d = q["stages"][-1]["detail"]
-    assert d["precision"] == "fp32" and d["tokens"] == 1024
+    from slimlm.train.dist import fast_bf16
+    assert d["precision"] == ("bf16" if fast_bf16(torch.device("cpu")) else "fp32") and d["tokens"] == 1024
     assert next(s for s in rep["steps"] if s["step"] == "qat")["tensors"] >= 7 * len(heal["layer_map"])
     e, u, b = rep["evaluation"], rep["unhealed"]["evaluation"], rep["baseline"]["evaluation"]
     assert rep["unhealed"]["method"] == "gptq" and u["n_scored_tokens"] == e["n_scored_tokens"] == b["n_scored_tokens"]
