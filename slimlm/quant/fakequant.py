@@ -104,8 +104,8 @@ class FakeQuant(torch.nn.Module):
         self.register_buffer("sc", torch.from_numpy(h.sc.astype(np.float32)))
         self.register_buffer("m", None if h.m is None else torch.from_numpy(h.m.astype(np.float32)))
         self.register_buffer("table", torch.from_numpy(tab.values.copy()))
-        self.register_buffer("table8", self.table.to(torch.int8))    # every table holds integers in [-127, 127]
-        assert torch.equal(self.table8.float(), self.table), qtype.name
+        # every table holds integers in [-127, 127]: the forward keeps the chosen values as int8
+        assert torch.equal(self.table.to(torch.int8).float(), self.table), qtype.name
         self.uniform = tab.uniform
         self.spacing = float(tab.values[-1] - tab.values[0]) / (len(tab.values) - 1)    # mean level spacing
         self.round_offset = (torch.nn.Parameter(torch.zeros(rows * cols // self.block, self.block))
