@@ -428,6 +428,12 @@ def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_per_tensor_loop(
     for w, r, w0 in zip(ws, ref, start, strict=True):
         assert (w - w0).abs().mean() > 1e-2                    # the weights moved ...
         torch.testing.assert_close(w, r, rtol=1e-5, atol=1e-6)  # ... as the per-tensor loop moved it
+    # a checkpoint holds no step implementation, and a resumed optimizer keeps its own
+    from slimlm.train.parts import load_optim_state, optim_state
+    sd = optim_state(loop)
+    assert all("fused" not in g and "foreach" not in g for g in sd["param_groups"])
+    load_optim_state(fused, sd)
+    assert fused.param_groups[0]["fused"] and torch.equal(fused.state[ws[0]]["exp_avg"], loop.state[ref[0]]["exp_avg"])
     # not fused where asked not to (FSDP's shards) or where a tensor is not a plain Parameter
     assert not adamw([torch.nn.Parameter(torch.ones(3))], lr=1e-3, fused=False).defaults["fused"]
     assert not adamw([torch.ones(3, requires_grad=True)], lr=1e-3).defaults["fused"]

@@ -170,7 +170,7 @@ def load_full_state(module: torch.nn.Module, state: dict) -> None:
 
 
 def load_full_optim(opt: torch.optim.Optimizer, state: dict) -> None:
-    """Load an optimizer state dict of whole tensors (as `gather_full(opt.state_dict())` writes it, the same
+    """Load an optimizer state dict of whole tensors (as `gather_full(parts.optim_state(opt))` writes it, the same
     format as an unsharded optimizer's) into an optimizer over sharded parameters."""
     params = [p for g in opt.param_groups for p in g["params"]]
     st = {i: {k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v

@@ -65,6 +65,25 @@ def adamw(params, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=ok or None)
 
 
+STEP_IMPL = ("fused", "foreach")   # how torch runs an optimizer step: the running process's choice (adamw)
+
+
+def optim_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() without STEP_IMPL: a checkpoint holds the training state, not how a process ran the step
+    (one process fuses it, FSDP's shards cannot)."""
+    sd = opt.state_dict()
+    return {**sd, "param_groups": [{k: v for k, v in g.items() if k not in STEP_IMPL} for g in sd["param_groups"]]}
+
+
+def load_optim_state(opt: torch.optim.Optimizer, state: dict, load=None) -> None:
+    """Load `state` (optim_state's) into opt with `load` (default opt.load_state_dict), keeping opt's own STEP_IMPL
+    (torch's load takes every group setting from the state, and would run a fused optimizer unfused)."""
+    keep = [{k: g[k] for k in STEP_IMPL if k in g} for g in opt.param_groups]
+    (load or opt.load_state_dict)(state)
+    for g, k in zip(opt.param_groups, keep, strict=True):
+        g.update(k)
+
+
 def param_groups(params: dict, names: list[str], cfg: TrainConfig) -> list[dict]:
     """AdamW's parameter groups: one, or with --scale-lr the learned quantization scales and with --round-lr the
     learned rounding offsets apart, their learning rates a multiple (`lr_mult`) of the schedule's."""

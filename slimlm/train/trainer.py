@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,8 +41,10 @@ from .parts import (
     add_lora,
     compile_wanted,
     decoder_layers,
+    load_optim_state,
     lr_at,
     merge_lora,
+    optim_state,
     param_groups,
     select_parameters,
 )
@@ -298,10 +301,10 @@ class Trainer:
         if resume is not None:                           # a checkpoint holds whole tensors, in either mode
             if fsdp:
                 dist.load_full_state(module, resume["params"])
-                dist.load_full_optim(opt, resume["optim"])
+                load_optim_state(opt, resume["optim"], partial(dist.load_full_optim, opt))
             else:
                 module.load_state_dict(resume["params"], strict=True)
-                opt.load_state_dict(resume["optim"])
+                load_optim_state(opt, resume["optim"])
             state = resume["meta"]["state"]
             best = {n: dist.shard_like(t, params[n]) for n, t in resume["best"].items()}
             torch.set_rng_state(resume["rng"]["cpu"])
@@ -393,10 +396,10 @@ class Trainer:
             if self.folder is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 \
                     and not last:
                 if fsdp:       # every process takes part in gathering the shards; rank 0 keeps and writes them
-                    blob = dist.gather_full({"params": module.state_dict(), "best": best, "optim": opt.state_dict()},
+                    blob = dist.gather_full({"params": module.state_dict(), "best": best, "optim": optim_state(opt)},
                                             keep=world.main)
                 else:
-                    blob = {"params": module.state_dict(), "best": best, "optim": opt.state_dict()}
+                    blob = {"params": module.state_dict(), "best": best, "optim": optim_state(opt)}
                 if world.main:
                     checkpoint.save(self.folder, fingerprint=fingerprint, state=state, **blob)
                 world.barrier()
