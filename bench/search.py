@@ -16,7 +16,7 @@ prints the chosen file against llama.cpp's files, the trial counts and the proxi
 OUT/bench.json.
 
     python bench/search.py [--target 64MiB] [--budget 2h] [--heal 6m] [--max-prune 0.3] [--chunks 8]
-                           [--out bench/results/search-64mib]
+                           [--methods gptq,gptq+qat --qat 15m] [--out bench/results/search-64mib]
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--budget", default="2h")
     ap.add_argument("--heal", default="6m", help="healing a pruned candidate may get ('' for none)")
     ap.add_argument("--max-prune", default="0.3")
+    ap.add_argument("--methods", default="gptq", help="PTQ methods searched (slimlm search --methods; gptq+qat "
+                    "needs --qat)")
+    ap.add_argument("--qat", default="", help="QAT budget of a gptq+qat candidate (slimlm search --qat)")
     ap.add_argument("--baselines", default="Q8_0,Q4_K_M,Q4_0,Q3_K_M")
     ap.add_argument("--out", default=str(RESULTS / "search-64mib"))
     ap.add_argument("--no-run", action="store_true", help="only summarize the search already in --out")
@@ -51,9 +54,13 @@ def main() -> int:
     ref = reference_model(a.model)
     cmd = [sys.executable, "-m", "slimlm", "-q", "search", str(ref), "-o", a.out, "--target-size", a.target,
            "--budget", a.budget, "--max-prune", a.max_prune, "--calib", a.calib, "--text", a.text,
-           "--chunks", str(a.chunks), "--baselines", a.baselines]
+           "--chunks", str(a.chunks), "--baselines", a.baselines, "--methods", a.methods]
+    if a.heal or a.qat:
+        cmd += ["--data", a.calib]
     if a.heal:
-        cmd += ["--heal", a.heal, "--data", a.calib]
+        cmd += ["--heal", a.heal]
+    if a.qat:
+        cmd += ["--qat", a.qat]
     print("$ " + " ".join(cmd[2:]), flush=True)
     t0 = time.time()
     rc = None if a.no_run else subprocess.run(cmd).returncode

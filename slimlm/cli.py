@@ -418,9 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "included)")
     p.add_argument("--heal", metavar="BUDGET", help="pruned candidates may be healed this much (a duration such "
                    "as 10m, or a token count such as 200k); without it nothing is healed")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="healing text (default: the calibration text)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="healing and QAT text (default: the calibration "
+                   "text)")
     p.add_argument("--methods", default="gptq", metavar="M[,M...]", help="PTQ methods to search: rtn, gptq, awq, "
-                   "awq+gptq (default gptq)")
+                   "awq+gptq, gptq+qat (default gptq; gptq+qat needs --qat)")
+    p.add_argument("--qat", metavar="BUDGET", help="quantization-aware training budget of a gptq+qat candidate (a "
+                   "duration such as 15m, or a token count); a pruned one is always healed first, for --heal (or for "
+                   "this without --heal), as compress --prune --heal --method gptq+qat --qat-budget does")
     p.add_argument("--max-prune", type=float, default=0.5, metavar="R", help="largest structured pruning ratio "
                    "(fraction of all parameters; default 0.5)")
     p.add_argument("--prune-step", type=float, default=0.05, metavar="S", help="pruning ratios searched in steps "
@@ -750,7 +754,7 @@ def cmd_search(a) -> int:
     from .search import SearchConfig, search
     cfg = SearchConfig(target_size=a.target_size, min_speedup=a.min_speedup, max_kld=a.max_kld,
                        budget=a.budget or (None if a.trials else "2h"), trials=a.trials, heal=a.heal,
-                       data=tuple(a.data or ()), methods=_csv(a.methods), max_prune=a.max_prune,
+                       data=tuple(a.data or ()), methods=_csv(a.methods), qat=a.qat, max_prune=a.max_prune,
                        prune_step=a.prune_step, prune_method=a.prune_method, speed_of=a.speed_of,
                        baselines=_csv(a.baselines), calib=a.calib, calib_chunks=a.calib_chunks, text=a.text,
                        n_ctx=a.ctx, max_chunks=a.chunks or None, speed=not a.no_speed, seed=a.seed,

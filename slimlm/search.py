@@ -41,7 +41,8 @@ from .errors import ConfigError, SlimlmError
 
 STUDY = "slimlm-search"
 DEFAULT_BASELINES = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
-SEARCH_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+SEARCH_METHODS = ("rtn", "gptq", "awq", "awq+gptq", "gptq+qat")
+QAT_METHODS = ("gptq+qat",)         # trained on the file's grids for --qat (compress --method gptq+qat)
 LAYER_SHARES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 BPW_STEP = 0.25
 MAX_BPW = 8.5                       # Q8_0
@@ -60,8 +61,9 @@ class SearchConfig:
     budget: str | None = None           # wall time ("2h"); no trial starts that would end after it
     trials: int | None = None           # or at most this many trials in the study (resumed runs included)
     heal: str | None = None             # healing a pruned trial may get (a duration or token count); none: no healing
-    data: tuple[str, ...] = ()          # healing text (default: the calibration text, as compress --heal)
+    data: tuple[str, ...] = ()          # healing and QAT text (default: the calibration text, as compress --heal)
     methods: tuple[str, ...] = ("gptq",)
+    qat: str | None = None              # QAT budget of a gptq+qat candidate (a duration or token count)
     max_prune: float = 0.5
     prune_step: float = 0.05
     prune_method: str = "mlp+layers"
@@ -105,6 +107,14 @@ class SearchConfig:
         bad = [m for m in self.methods if m not in SEARCH_METHODS]
         if bad or not self.methods:
             raise ConfigError(f"--methods {','.join(self.methods)}: choose from {', '.join(SEARCH_METHODS)}")
+        if any(m in QAT_METHODS for m in self.methods):
+            if self.qat is None:
+                raise ConfigError(f"--methods {','.join(self.methods)}: quantization-aware training needs its "
+                                  f"budget per candidate: give --qat BUDGET (a duration such as 10m, or a token count)")
+            parse_budget(self.qat, "--qat")
+        elif self.qat is not None:
+            raise ConfigError(f"--qat {self.qat} is the training budget of --methods gptq+qat candidates: add "
+                              f"gptq+qat to --methods (or drop --qat)")
         if not 0 <= self.max_prune <= 0.9:
             raise ConfigError(f"--max-prune must be between 0 and 0.9, got {self.max_prune}")
         if not 0 < self.prune_step <= 0.5:
@@ -146,6 +156,8 @@ class SearchConfig:
         d = asdict(self)
         for k in ("budget", "trials", "storage", "workers", "study"):
             d.pop(k)
+        if d["qat"] is None:            # studies made before --qat existed resume
+            d.pop("qat")
         d["model"] = str(Path(model).resolve()) if model else None
         return json.loads(json.dumps(d))
 
@@ -202,9 +214,20 @@ def suggest(trial, cfg: SearchConfig, space: Space) -> dict:
         if cfg.heal is not None:
             p["heal"] = trial.suggest_categorical("heal", ("none", cfg.heal))
     p["method"] = trial.suggest_categorical("method", cfg.methods) if len(cfg.methods) > 1 else cfg.methods[0]
+    _qat_params(cfg, p)
     if space.bpw_quarters is not None:
         p["bpw"] = trial.suggest_int("bpw_quarters", *space.bpw_quarters) * BPW_STEP
     return p
+
+
+def _qat_params(cfg: SearchConfig, p: dict) -> None:
+    """A QAT candidate's budget; after pruning it is healed first (compress heals a pruned model before QAT, and
+    QAT's learned rounding and scales cannot undo what pruning removed): for --heal (whatever was sampled for it),
+    or for --qat when the search has no --heal."""
+    if p["method"] in QAT_METHODS:
+        p["qat"] = cfg.qat
+        if p["prune"] > 0 and p.get("heal", "none") == "none":
+            p["heal"] = cfg.heal or cfg.qat
 
 
 def first_candidate(cfg: SearchConfig, space: Space) -> dict:
@@ -241,6 +264,9 @@ def trial_argv(cfg: SearchConfig, model, p: dict, out: Path, ffn_multiple: int |
             argv += ["--prune-layer-share", f"{p['layer_share']:g}"]
         if p.get("heal", "none") != "none":
             argv += ["--heal", p["heal"], "--no-unhealed"] + (["--data", *cfg.data] if cfg.data else [])
+    if p["method"] in QAT_METHODS:          # after --prune: --heal heals, then QAT trains; without: --heal is QAT's
+        argv += ["--qat-budget", p["qat"]] if p["prune"] > 0 else (["--heal", p["qat"]]
+                                                                     + (["--data", *cfg.data] if cfg.data else []))
     if not cfg.speed:
         argv.append("--no-speed")
     return argv
@@ -358,6 +384,7 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: fl
     proxies["pruned_kld"] = 0.0
 
     healed = params.get("heal", "none") != "none"
+    qat = params["method"] in QAT_METHODS       # the Fisher prediction is rounding's: QAT trains that error away
 
     def inspect(stage, *, original, model, chunks, predicted_kld=None):
         from .train.heal import heldout_kl
@@ -371,7 +398,7 @@ def run_trial(cfg: SearchConfig, model, params: dict, out: Path, *, rule_out: fl
                                     else proxies["pruned_kld"])
             proxies["fisher_kld"] = predicted_kld
             proxies["predicted"] = proxies["model_kld"] + predicted_kld
-            if rule_out is not None and proxies["predicted"] > rule_out:
+            if rule_out is not None and proxies["predicted"] > rule_out and not qat:
                 raise RuledOut(f"predicted KL divergence {proxies['predicted']:.4f} (the "
                                f"{'healed' if healed else 'pruned'} model's {proxies['model_kld']:.4f} on "
                                f"calibration text + the budget's Fisher prediction {predicted_kld:.4f}), above "
@@ -528,7 +555,7 @@ def describe(p: dict) -> str:
         parts.append(f"layer share {p['layer_share']:g}")
     if p.get("heal", "none") != "none":
         parts.append(f"heal {p['heal']}")
-    parts.append(p["method"])
+    parts.append(f"{p['method']} {p['qat']}" if "qat" in p else p["method"])
     if "bpw" in p:
         parts.append(f"{p['bpw']:g} bpw")
     return ", ".join(parts)

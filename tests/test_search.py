@@ -338,3 +338,55 @@ def test_opening_a_study_while_another_process_creates_its_schema_retries(monkey
     monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.raises(ConfigError, match="cannot open the study database"):
         search.open_storage(f"sqlite:///{tmp_path / 'other.db'}")
+
+
+def test_qat_candidates_need_their_budget_and_heal_first_after_pruning(tmp_path):
+    """--methods gptq+qat needs --qat (and --qat needs that method); a QAT candidate's compress arguments train it
+    for --qat, and a pruned one is healed first (for its --heal, or for --qat where that is none)."""
+    from slimlm.search import SearchConfig, _qat_params, describe, trial_argv
+    with pytest.raises(ConfigError, match="--qat BUDGET"):
+        SearchConfig(max_kld=0.1, methods=("gptq", "gptq+qat"))
+    with pytest.raises(ConfigError, match="add gptq\\+qat to --methods"):
+        SearchConfig(max_kld=0.1, qat="10m")
+    with pytest.raises(ConfigError, match="--qat"):
+        SearchConfig(max_kld=0.1, methods=("gptq+qat",), qat="ten minutes")
+    cfg = SearchConfig(max_kld=0.1, methods=("gptq", "gptq+qat"), qat="15m", heal="6m", data=())
+    dense = {"prune": 0.0, "method": "gptq+qat", "bpw": 4.5}
+    _qat_params(cfg, dense)
+    a = trial_argv(cfg, "m.gguf", dense, tmp_path / "t.gguf")
+    assert a[a.index("--heal") + 1] == "15m" and "--qat-budget" not in a and "--prune" not in a
+    no_heal = SearchConfig(max_kld=0.1, methods=("gptq+qat",), qat="15m")
+    for c, heal, healed_for in ((cfg, "none", "6m"), (cfg, "6m", "6m"), (no_heal, None, "15m")):
+        p = {"prune": 0.1, "method": "gptq+qat", "bpw": 4.5} | ({"heal": heal} if heal else {})
+        _qat_params(c, p)
+        a = trial_argv(c, "m.gguf", p, tmp_path / "t.gguf")
+        assert a[a.index("--heal") + 1] == healed_for and a[a.index("--qat-budget") + 1] == "15m"
+        assert "gptq+qat 15m" in describe(p)
+    p = {"prune": 0.1, "heal": "none", "method": "gptq", "bpw": 4.5}
+    _qat_params(cfg, p)
+    a = trial_argv(cfg, "m.gguf", p, tmp_path / "t.gguf")
+    assert "--heal" not in a and "--qat-budget" not in a and "qat" not in p
+    assert "qat" not in SearchConfig(max_kld=0.1).fingerprint(None)      # studies from before --qat still resume
+
+
+def test_search_runs_a_qat_candidate_and_records_its_training(src, tmp_path):
+    """A gptq+qat candidate of the search is compress --method gptq+qat: its report holds the QAT record, and the
+    file is measured in llama.cpp like every other candidate."""
+    from helpers import word_texts
+    texts = {}
+    for k, text in zip(("train", "eval"), word_texts(), strict=True):
+        texts[k] = tmp_path / f"{k}.txt"
+        texts[k].write_text(text)
+    out = tmp_path / "q"
+    assert main(["-q", "search", str(src), "-o", str(out), "--max-kld", "5", "--max-prune", "0", "--methods",
+                 "gptq+qat", "--qat", "1024", "--data", str(texts["train"]), "--calib", str(texts["train"]),
+                 "--text", str(texts["eval"]), "--calib-chunks", "2", "--ctx", "64", "--chunks", "4", "--no-speed",
+                 "--baselines", "none", "--trials", "1"]) == 0
+    s = json.loads((out / "search.json").read_text())
+    (t,) = s["all"]
+    assert t["params"]["method"] == "gptq+qat" and t["params"]["qat"] == "1024"
+    assert "--method gptq+qat" in t["command"] and "--heal 1024" in t["command"]      # the recipe rebuilds it
+    rep = json.loads(Path(t["report"]).read_text())
+    assert "qat" in [st["step"] for st in rep["steps"]]
+    q = rep.get("qat") or rep["healing"]
+    assert q["what"] == "QAT" and q["budget"] == "1024" and q["stages"][-1]["detail"]["tokens"] == 1024
