@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, metavar="N", help="stop when the study holds N trials (resumed runs "
                    "included)")
     p.add_argument("--heal", metavar="BUDGET", help="pruned candidates may be healed this much (a duration such "
-                   "as 10m, or a token count such as 200k); without it nothing is healed")
+                   "as 10m, or a token count such as 200k); without it nothing is healed but a pruned gptq+qat candidate (--qat)")
     p.add_argument("--data", nargs="+", metavar="FILE", help="healing and QAT text (default: the calibration "
                    "text)")
     p.add_argument("--methods", default="gptq", metavar="M[,M...]", help="PTQ methods to search: rtn, gptq, awq, "

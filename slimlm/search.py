@@ -256,6 +256,7 @@ def trial_argv(cfg: SearchConfig, model, p: dict, out: Path, ffn_multiple: int |
     if cfg.text:
         argv += ["--text", cfg.text]
     argv += ["--target-size", cfg.target_size] if cfg.target_size is not None else ["--bpw", f"{p['bpw']:g}"]
+    data = ["--data", *cfg.data] if cfg.data else []
     if p["prune"] > 0:
         argv += ["--prune", f"{p['prune']:g}", "--prune-method", cfg.prune_method]
         if cfg.prune_method in ("mlp", "mlp+layers") and ffn_multiple:
@@ -263,10 +264,9 @@ def trial_argv(cfg: SearchConfig, model, p: dict, out: Path, ffn_multiple: int |
         if "layer_share" in p:
             argv += ["--prune-layer-share", f"{p['layer_share']:g}"]
         if p.get("heal", "none") != "none":
-            argv += ["--heal", p["heal"], "--no-unhealed"] + (["--data", *cfg.data] if cfg.data else [])
+            argv += ["--heal", p["heal"], "--no-unhealed"] + data
     if p["method"] in QAT_METHODS:          # after --prune: --heal heals, then QAT trains; without: --heal is QAT's
-        argv += ["--qat-budget", p["qat"]] if p["prune"] > 0 else (["--heal", p["qat"]]
-                                                                     + (["--data", *cfg.data] if cfg.data else []))
+        argv += ["--qat-budget", p["qat"]] if p["prune"] > 0 else ["--heal", p["qat"]] + data
     if not cfg.speed:
         argv.append("--no-speed")
     return argv
