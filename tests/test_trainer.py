@@ -353,6 +353,33 @@ def test_a_passing_slow_window_does_not_cut_a_time_budget_short(src, calib, tmp_
     assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
 
 
+def test_a_slow_down_in_the_last_window_shrinks_the_schedule_to_end_on_time(src, calib, tmp_path, monkeypatch):
+    """The machine slows in the run's last seconds (after the last whole window's replan): the schedule shrinks step
+    by step so it still ends, learning rate at its end, before the deadline rather than being cut by it."""
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    monkeypatch.setattr(trainer.Trainer, "_plan", lambda self, fwd, order, deadline: (100_000, "full"))
+    loss, t0 = trainer.Trainer._loss, []
+
+    def slowed(self, *a):
+        t0 or t0.append(time.monotonic())
+        if time.monotonic() - t0[0] > 10.5:          # the budget's last ~4 seconds: each step takes 0.4 s more
+            time.sleep(0.4)
+        return loss(self, *a)
+
+    monkeypatch.setattr(trainer.Trainer, "_loss", slowed)
+    cfg = TrainConfig(budget="15s", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-3)
+    r = trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
+    assert r["stopped"] == "budget" and r["steps"] == r["total_steps"]
+    assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
+    slow = [c for c in r["curve"] if c[4] > 11.5]
+    assert slow, "no step ran in the slowed seconds"
+    assert r["curve"][-1][4] < 15 + 1.0                # the last step ends by the deadline (within one slow step)
+
+
 def test_compiled_training_follows_the_eager_loss_curve_and_says_it_compiled(src, calib, tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     import train_worker

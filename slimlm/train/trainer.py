@@ -328,6 +328,13 @@ class Trainer:
         # and the machine's load, which changes), so the cosine schedule ends on time instead of being cut. The
         # rate is the median of the last REPLAN_WINDOWS windows' and the plan may shrink or grow: a passing slow
         # window (another process on the cores, a compile) once cut a 25-minute run to 14 minutes for good
+        def fits(step: int, per: float) -> int:
+            """The steps that end before the deadline at `per` seconds a step, the held-out evaluations they pass
+            left out; the same number on every process."""
+            left = deadline - time.monotonic()
+            evals = int(left / per) // cfg.eval_every if cfg.eval_every else 0
+            return max(step + 1, int(world.mean(float(step + int((left - evals * t_eval) / per)), dev)))
+
         replan = state["step"] + REPLAN_STEPS if deadline is not None and cfg.budget_kind == "seconds" else None
         t_window, windows = time.perf_counter(), []
         bar = tqdm(total=total, initial=state["step"], desc="distillation", unit="step",
@@ -343,15 +350,20 @@ class Trainer:
             if step == replan:
                 windows.append((time.perf_counter() - t_window) / REPLAN_STEPS)
                 per = statistics.median(windows[-REPLAN_WINDOWS:]) * 1.02
-                left = deadline - time.monotonic()
-                evals = int(left / per) // cfg.eval_every if cfg.eval_every else 0
-                fit = step + int((left - evals * t_eval) / per)
-                fit = max(step + 1, int(world.mean(float(fit), dev)))
-                if fit != total:
-                    total = state["total_steps"] = fit
-                    bar.total = total
-                    bar.refresh()
+                fit = fits(step, per)
                 replan, t_window = step + REPLAN_STEPS, time.perf_counter()
+            elif windows and step - (replan - REPLAN_STEPS) >= 2:
+                # between replans a slow-down shrinks the plan at once (the machine's load changed: in the run's last
+                # seconds the deadline would cut the schedule before its learning rate reaches zero; the full test
+                # suite's other worker once did that to a 15-second run); only the median's replan grows it back
+                done = step - (replan - REPLAN_STEPS)
+                fit = min(total, fits(step, max(per, (time.perf_counter() - t_window) / done * 1.02)))
+            else:
+                fit = total
+            if fit != total:
+                total = state["total_steps"] = fit
+                bar.total = total
+                bar.refresh()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg) * g.get("lr_mult", 1.0)
             rows = order.rows(step, self.global_batch)
@@ -395,11 +407,9 @@ class Trainer:
                     best = {n: params[n].detach().clone() for n in names}
             if self.folder is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 \
                     and not last:
+                blob = {"params": module.state_dict(), "best": best, "optim": optim_state(opt)}
                 if fsdp:       # every process takes part in gathering the shards; rank 0 keeps and writes them
-                    blob = dist.gather_full({"params": module.state_dict(), "best": best, "optim": optim_state(opt)},
-                                            keep=world.main)
-                else:
-                    blob = {"params": module.state_dict(), "best": best, "optim": optim_state(opt)}
+                    blob = dist.gather_full(blob, keep=world.main)
                 if world.main:
                     checkpoint.save(self.folder, fingerprint=fingerprint, state=state, **blob)
                 world.barrier()
