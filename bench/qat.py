@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--qat-weights", choices=QAT_WEIGHTS, help="the float block weights: round (learned rounding, "
                     "default), frozen or ste (the straight-through estimator), as the CLI's --qat-weights")
     ap.add_argument("--round-lr", type=float, help=f"learned rounding's learning rate (default {QAT_ROUND_LR:g})")
+    ap.add_argument("--sub-scales", action="store_true", help="the K-quants' / IQ4_XS's integer sub-block scales and "
+                    "mins train too (the CLI's --sub-scales)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="QAT's training "
                     "precision (default auto, the CLI's: bf16 autocast where the CPU has fast bf16 matmuls; fp32 for "
                     "the ablation: 136 vs 231 tok/s here, 2026-12-06)")
@@ -53,6 +55,8 @@ def main() -> int:
                     "'' for none)")
     ap.add_argument("--qat", default="gptq+qat", help="QAT methods to run (qat: from the encoder's rounding; "
                     "gptq+qat: from GPTQ's codes; default gptq+qat)")
+    ap.add_argument("--ptq", default="rtn,gptq", help="post-training rows to run beside QAT (default rtn,gptq; '' "
+                    "for none, as in an ablation of QAT settings)")
     a = ap.parse_args()
 
     from slimlm.compress import CompressConfig, compress
@@ -71,10 +75,11 @@ def main() -> int:
         runs.append(dict(name=f"llama.cpp {p}+imatrix", preset=p, method="llama.cpp", path=out, seconds=s))
         sized = p in a.size_of.split(",")
         kind = dict(target_size=str(out.stat().st_size)) if sized else dict(type=p)
-        for method in ("rtn", "gptq", *a.qat.split(",")):
+        for method in (*filter(None, a.ptq.split(",")), *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
-            opts = {"data": (a.calib,), "precision": a.precision, **lrs}
+            opts = {"data": (a.calib,), "precision": a.precision, **lrs,
+                    **({"sub_scales": True} if a.sub_scales else {})}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -117,7 +122,7 @@ def main() -> int:
                      f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
     print("\n" + "\n".join(lines))
     (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "precision": a.precision, **lrs,
-                                                  "machine": machine()}, indent=1))
+                                                  "sub_scales": a.sub_scales, "machine": machine()}, indent=1))
     return 0 if ok else 1
 
 

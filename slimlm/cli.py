@@ -71,6 +71,10 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--scale-lr", type=float, metavar="LR", help="--method qat: peak learning rate of the blocks' "
                    "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default "
                    "1e-3; with --qat-weights ste: the weights' --lr, or --qat-lr after --prune)")
+    g.add_argument("--sub-scales", action="store_const", const=True, help="--method qat: the K-quants' and "
+                   "IQ4_XS's integer sub-block scales (and mins) train too, at --scale-lr in units of the largest "
+                   "value they store, rounded to their stored integers in every forward (default: they stay the "
+                   "encoder's; only the fp16 d/dmin train)")
     g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: peak learning rate of learned "
                    "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "

@@ -149,8 +149,9 @@ class CompressConfig:
             self.qat_heal()
         elif (self.qat_budget is not None or self.qat_lr is not None or self.heal is not None and
               (self.heal.train.scale_lr is not None or self.heal.train.round_lr is not None or
-               self.heal.train.qat_weights is not None)):
-            raise ConfigError("--qat-budget, --qat-lr, --scale-lr, --round-lr and --qat-weights set quantization-aware "
+               self.heal.train.qat_weights is not None or self.heal.train.sub_scales)):
+            raise ConfigError("--qat-budget, --qat-lr, --scale-lr, --round-lr, --qat-weights and --sub-scales set "
+                              "quantization-aware "
                               "training: give --method qat or gptq+qat")
         elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
@@ -506,7 +507,7 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
             student.module.get_parameter(hf).copy_(W)
     student.changes = {}
     fakes = qat.attach(student, types, imatrix, start=start, learn_round=heal.train.qat_weights == "round",
-                         freeze=heal.train.qat_weights != "ste")
+                       freeze=heal.train.qat_weights != "ste", learn_sub_scales=heal.train.sub_scales)
     say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
     after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,

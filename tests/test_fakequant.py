@@ -133,3 +133,88 @@ def test_learned_rounding_reduces_the_output_error_from_the_encoders_rounding():
     with torch.no_grad():
         err = float((X @ fq(W).T - X @ W.T).pow(2).mean())
     assert err < 0.9 * err0, (err, err0)
+
+
+SUB_TYPES = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS"]
+
+
+@pytest.mark.parametrize("name", SUB_TYPES)
+def test_sub_block_scales_written_are_read_back(name):
+    """grid.with_sub_scales writes any in-range integer sub-block scales (and mins) that header() then reads back,
+    leaving every other byte alone; out-of-range values are refused."""
+    from slimlm.quant import grid
+    _, qt, blocks, _ = _setup(name)
+    (lo, hi), mr = grid.SUB_SCALE_RANGE[qt]
+    h = grid.header(qt, blocks)
+    rng = np.random.default_rng(1)
+    sc = rng.integers(lo, hi + 1, size=h.sc.shape)
+    sc[0, :2] = lo, hi                                   # both ends of the range
+    m = None if mr is None else rng.integers(mr[0], mr[1] + 1, size=h.m.shape)
+    out = grid.with_sub_scales(qt, blocks, sc, m)
+    h2 = grid.header(qt, out)
+    assert np.array_equal(h2.sc, sc) and (m is None or np.array_equal(h2.m, m))
+    assert np.array_equal(h2.d, h.d) and np.array_equal(grid.levels(qt, out), grid.levels(qt, blocks))
+    assert np.array_equal(grid.with_sub_scales(qt, blocks, h.sc, h.m), blocks)
+    with pytest.raises(ValueError, match="must lie in"):
+        grid.with_sub_scales(qt, blocks, sc + (hi - lo + 1), m)
+
+
+@pytest.mark.parametrize("name", SUB_TYPES)
+def test_learned_sub_block_scales_ship_what_trained_bit_for_bit(name):
+    """learn_sub_scales: the K-quants' / IQ4_XS's integer sub-block scales and mins train (straight-through, rounded
+    to integers in the type's range in every forward); the forward equals gguf-py's dequantization of the export bit
+    for bit, and the exported header holds the moved integers (d unchanged: only the sub-block scales learned)."""
+    from slimlm.quant import grid
+    W, qt, blocks, g = _setup(name)
+    fq = FakeQuant(qt, blocks, tuple(W.shape), learn_scales=False, learn_sub_scales=True)
+    names = {n for n, _ in fq.named_parameters()}
+    assert names == {"sc_shift"} | ({"m_shift"} if fq.m is not None else set())
+    X = torch.randn(128, W.shape[1], generator=g)
+    target = X @ (W * torch.linspace(0.9, 1.1, W.shape[1])).T          # a target the stored scales do not fit
+    opt = torch.optim.Adam(fq.parameters(), lr=0.02)
+    for _ in range(20):
+        loss = (X @ fq(W).T - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(fq.sc_shift.grad).all() and fq.sc_shift.grad.abs().sum() > 0
+        opt.step()
+    with torch.no_grad():
+        fq.sc_shift[1, 0] = 5.0                           # far beyond the range: the largest stored value
+        out = fq(W)
+    data = fq.export(W)
+    assert np.array_equal(_bits(out), _bits(dequantize(data, qt).reshape(W.shape)))
+    h0, h = grid.header(qt, blocks), grid.header(qt, data)
+    assert h.sc[1, 0] == grid.SUB_SCALE_RANGE[qt][0][1]
+    assert (h.sc != h0.sc).mean() > 0.05 and np.array_equal(h.d, h0.d)
+    assert h.m is None or (h.m != h0.m).any()
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "IQ4_NL"])
+def test_lsq_scale_gradient_is_the_rounding_residual(name):
+    """scale_grad "lsq": the gradient of a block scale is LSQ's, sum over its weights of g * (t - x) with x = (w - b)
+    / a the weight on the grid's scale and t its level's value (t alone where x is clipped to the table's range),
+    not the held-levels formula's g * t; the forward is the same either way."""
+    W, qt, blocks, g = _setup(name)
+    G = torch.randn(W.shape, generator=g)
+    grads, outs = {}, {}
+    for mode in ("levels", "lsq"):
+        fq = FakeQuant(qt, blocks, tuple(W.shape), scale_grad=mode)
+        out = fq(W)
+        (out * G).sum().backward()
+        grads[mode], outs[mode] = fq.d_factor.grad.clone(), out.detach()
+    assert torch.equal(outs["levels"], outs["lsq"])
+    with torch.no_grad():
+        a, b = fq.sub_grid()
+        w = fq._split(W)
+        x = (w - (b.unsqueeze(-1) if b is not None else 0)) / torch.where(a != 0, a, 1).unsqueeze(-1)
+        t = (outs["lsq"].reshape(w.shape) - (b.unsqueeze(-1) if b is not None else 0)) / \
+            torch.where(a != 0, a, 1).unsqueeze(-1)
+        inside = (x >= fq.table[0]) & (x <= fq.table[-1])
+        Gs = G.reshape(w.shape)
+        # d's factor: d(a)/d(factor) = fp16(d0) * sc per sub-block (through fp16 as identity)
+        da = (fq.d0 * fq.sc).reshape(a.shape)
+        want = ((Gs * torch.where(inside, t - x, t)).sum(-1) * (a != 0) * da).sum(-1, keepdim=True)
+        held = ((Gs * t).sum(-1) * da).sum(-1, keepdim=True)
+    assert torch.allclose(grads["lsq"], want.reshape(grads["lsq"].shape), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(grads["levels"], held.reshape(grads["levels"].shape), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(grads["lsq"], grads["levels"], rtol=1e-2)

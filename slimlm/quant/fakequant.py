@@ -5,13 +5,14 @@ blocks it exports (issue 16's quantization-aware training).
 (rows, cols), in the weight's own row order. Its state is the block header as stored: the fp16 block scale d and
 (for types with a minimum) dmin, trainable through a factor on each (1 at the start, so that an optimizer's steps
 are relative to the scale), rounded to fp16 in every forward; the integer sub-block scales and mins of
-K-quants/IQ4_XS, fixed. A forward takes the float weight W and returns
+K-quants/IQ4_XS, fixed or (`learn_sub_scales`) moved by trained shifts and rounded to integers within the type's
+range in every forward (straight-through), written back into the header's packed bits. A forward takes the float weight W and returns
 
     a * T[L] + b,   a = fp16(d) * sc,  b = -(fp16(dmin) * m) | fp16(dmin) | 0   (float32, llama.cpp's order)
 
 with L the level of the type's table T nearest to W on that grid (grid.nearest), recomputed every forward.
 Gradients: W gets the output's gradient unchanged (straight-through estimator), d and dmin get the gradient of
-the formula with L fixed (LSQ-style, through their fp16 rounding as identity). `export(W)` writes the levels and
+the formula with L fixed (through their fp16 rounding as identity; SCALE_GRAD "lsq": LSQ's, where L follows). `export(W)` writes the levels and
 scales of exactly that forward: gguf-py's dequantization of its bytes equals the forward's output bit for bit.
 
 Learned rounding (`learn_round=True`, SignRound/AdaRound-style): a per-weight offset v, in units of its sub-block's
@@ -30,6 +31,7 @@ from . import grid
 
 F16_MAX = 65504.0
 ROUND_CLIP = 1.0        # learned rounding moves a weight at most this many level spacings from W
+SCALE_GRAD = "levels"   # the learned scales' gradient: levels (held) or lsq (_OnGrid)
 
 
 class _ThroughF16(torch.autograd.Function):
@@ -44,32 +46,60 @@ class _ThroughF16(torch.autograd.Function):
         return g
 
 
+class _RoundInRange(torch.autograd.Function):
+    """x clamped to [lo, hi] and rounded to an integer (an integer sub-block scale as stored); the gradient passes
+    unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        return x.clamp(lo, hi).round() + 0.0          # + 0.0: an integer is never -0.0 (d * -0.0 would flip a sign)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
 class _OnGrid(torch.autograd.Function):
     """q = a * t (+ b) per weight, as (blocks, sub-blocks, sub) with a, b per sub-block broadcast over its weights
     (never repeated per weight) and t the table values of the chosen levels: the forward is the decoder's float32
-    arithmetic. Backward: w gets the output's gradient unchanged (straight-through estimator), a and b the
-    formula's (LSQ-style: sum over the sub-block of g * t, of g). Only t is kept for the backward, as int8 (every
-    level table holds integers in [-127, 127]): one byte per weight."""
+    arithmetic. Backward: w gets the output's gradient unchanged (straight-through estimator); a and b either the
+    formula's with the levels held (`lsq` False: sum over the sub-block of g * t, of g), or LSQ's (Esser et al.,
+    LSQ+ for the offset), whose levels follow the scale (the forward re-rounds w on the moved grid): with x = (w - b)
+    / a, dq/da = t - x and dq/db = 0 where x lies within the table's range, t and 1 where it is clipped. t is kept
+    for the backward as int8 (every level table holds integers in [-127, 127]), and for LSQ w too."""
 
     @staticmethod
-    def forward(ctx, w, a, b, t8):
-        """w: (blocks, sub-blocks, sub); a, b: (blocks, sub-blocks); t8: the levels' table values, int8, as w."""
+    def forward(ctx, w, a, b, t8, lsq=None):
+        """w: (blocks, sub-blocks, sub); a, b: (blocks, sub-blocks); t8: the levels' table values, int8, as w;
+        lsq: None, or the table's (lowest, highest) value for LSQ's gradients."""
         q = a.unsqueeze(-1) * t8
         if b is not None:
             q = q + b.unsqueeze(-1)
-        ctx.save_for_backward(t8)
-        ctx.has_b = b is not None
+        ctx.save_for_backward(t8, *((w, a, b) if lsq is not None and b is not None else
+                                    (w, a) if lsq is not None else ()))
+        ctx.has_b, ctx.lsq = b is not None, lsq
         return q
 
     @staticmethod
     def backward(ctx, g):
-        (t8,) = ctx.saved_tensors
+        t8, *rest = ctx.saved_tensors
         ga = gb = None
+        if ctx.lsq is None:
+            if ctx.needs_input_grad[1]:
+                ga = (g * t8).sum(-1)
+            if ctx.has_b and ctx.needs_input_grad[2]:
+                gb = g.sum(-1)
+            return g, ga, gb, None, None
+        w, a, *b = rest
+        x = w - b[0].unsqueeze(-1) if b else w.clone()
+        x.div_(torch.where(a != 0, a, torch.ones_like(a)).unsqueeze(-1))
+        lo, hi = ctx.lsq
+        inside = (x >= lo) & (x <= hi)
         if ctx.needs_input_grad[1]:
-            ga = (g * t8).sum(-1)
+            ga = (g * torch.where(inside, t8 - x, t8.float())).sum(-1) * (a != 0)
         if ctx.has_b and ctx.needs_input_grad[2]:
-            gb = g.sum(-1)
-        return g, ga, gb, None
+            gb = (g * (~inside)).sum(-1)
+        return g, ga, gb, None, None
 
 
 class FakeQuant(torch.nn.Module):
@@ -78,8 +108,9 @@ class FakeQuant(torch.nn.Module):
     parameters (else buffers); `learn_round`: a trained per-weight offset `round_offset` (see the module's docstring)."""
 
     def __init__(self, qtype, blocks: np.ndarray, shape: tuple[int, int], *, learn_scales: bool = True,
-                 learn_round: bool = False):
+                 learn_round: bool = False, learn_sub_scales: bool = False, scale_grad: str | None = None):
         super().__init__()
+        self.scale_grad = scale_grad or SCALE_GRAD
         qtype = grid.T(qtype)
         rows, cols = shape
         tab = grid.TABLES[qtype]
@@ -103,6 +134,16 @@ class FakeQuant(torch.nn.Module):
                 self.register_buffer(name, torch.ones_like(base))
         self.register_buffer("sc", torch.from_numpy(h.sc.astype(np.float32)))
         self.register_buffer("m", None if h.m is None else torch.from_numpy(h.m.astype(np.float32)))
+        # K-quants' and IQ4_XS's integer sub-block scales (and mins): shifts that train, in units of the largest
+        # value the type stores (an optimizer's step is then the same fraction of the range for every type), added
+        # to the stored integers and rounded back to integers within the type's range in every forward
+        ranges = grid.SUB_SCALE_RANGE.get(qtype) if learn_sub_scales else None
+        self.sub_ranges = ranges
+        for name, base, r in (("sc_shift", self.sc, ranges and ranges[0]), ("m_shift", self.m, ranges and ranges[1])):
+            if r is None or base is None:
+                setattr(self, name, None)
+            else:
+                setattr(self, name, torch.nn.Parameter(torch.zeros_like(base)))
         self.register_buffer("table", torch.from_numpy(tab.values.copy()))
         # every table holds integers in [-127, 127]: the forward keeps the chosen values as int8
         assert torch.equal(self.table.to(torch.int8).float(), self.table), qtype.name
@@ -122,13 +163,26 @@ class FakeQuant(torch.nn.Module):
     def dmin(self) -> torch.Tensor | None:
         return None if self.dmin0 is None else self.dmin0 * self.dmin_factor
 
+    def sub_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The integer sub-block scales and mins (blocks, sub-blocks) as float32: the stored ones, moved by their
+        learned shifts where those train."""
+        out = []
+        for base, shift, k in ((self.sc, self.sc_shift, 0), (self.m, self.m_shift, 1)):
+            if shift is None:
+                out.append(base)
+            else:
+                lo, hi = self.sub_ranges[k]
+                out.append(_RoundInRange.apply(base + shift * float(hi), float(lo), float(hi)))
+        return out[0], out[1]
+
     def sub_grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(a, b) per sub-block (blocks, sub-blocks) float32, through the scales' fp16 storage; b None for the types
         without a minimum (their value is a * T[L]: adding a zero would turn the decoder's -0.0 into +0.0)."""
-        a = _ThroughF16.apply(self.d) * self.sc
+        sc, m = self.sub_scales()
+        a = _ThroughF16.apply(self.d) * sc
         dmin = self.dmin
-        if self.m is not None:
-            return a, -(_ThroughF16.apply(dmin) * self.m)
+        if m is not None:
+            return a, -(_ThroughF16.apply(dmin) * m)
         if dmin is not None:
             return a, _ThroughF16.apply(dmin).expand_as(a)
         return a, None
@@ -170,7 +224,8 @@ class FakeQuant(torch.nn.Module):
         with torch.no_grad():
             L = self.nearest(w, a.detach(), None if b is None else b.detach())
             t8 = (L.add_(float(self.table[0])) if self.uniform else self.table[L]).to(torch.int8)
-        return _OnGrid.apply(w, a, b, t8).reshape(self.shape)
+        lsq = (float(self.table[0]), float(self.table[-1])) if self.scale_grad == "lsq" else None
+        return _OnGrid.apply(w, a, b, t8, lsq).reshape(self.shape)
 
     @torch.no_grad()
     def export(self, W: torch.Tensor) -> np.ndarray:
@@ -180,4 +235,8 @@ class FakeQuant(torch.nn.Module):
         d = _ThroughF16.apply(self.d).numpy()
         dmin = None if self.dmin0 is None else _ThroughF16.apply(self.dmin).numpy()
         blocks = grid.with_scales(self.qtype, self._blocks, d, dmin)
+        if self.sc_shift is not None:
+            sc, m = self.sub_scales()
+            blocks = grid.with_sub_scales(self.qtype, blocks, sc.numpy().astype(np.int64),
+                                          None if m is None else m.numpy().astype(np.int64))
         return grid.pack(self.qtype, blocks, L.numpy())

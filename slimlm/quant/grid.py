@@ -135,6 +135,43 @@ def with_scales(qtype, blocks: np.ndarray, d: np.ndarray, dmin: np.ndarray | Non
     return out
 
 
+# the integer sub-block scales (and mins) a block type stores, as Header's sc / m values: (lo, hi) of each
+SUB_SCALE_RANGE = {T.Q2_K: ((0, 15), (0, 15)), T.Q3_K: ((-32, 31), None), T.Q4_K: ((0, 63), (0, 63)),
+                   T.Q5_K: ((0, 63), (0, 63)), T.Q6_K: ((-128, 127), None), T.IQ4_XS: ((-32, 31), None)}
+
+
+def with_sub_scales(qtype, blocks: np.ndarray, sc: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """A copy of `blocks` with the integer sub-block scales (and mins) replaced: (n, sub-blocks) values as
+    header() reads them (Q3_K / IQ4_XS signed, stored + 32), each within SUB_SCALE_RANGE's bounds."""
+    (lo, hi), mr = SUB_SCALE_RANGE[T(qtype)]
+    sc = np.asarray(sc).astype(np.int64)
+    if sc.min(initial=lo) < lo or sc.max(initial=hi) > hi:
+        raise ValueError(f"{T(qtype).name} sub-block scales must lie in [{lo}, {hi}]")
+    if (m is None) != (mr is None) or (m is not None and (np.min(m) < mr[0] or np.max(m) > mr[1])):
+        raise ValueError(f"{T(qtype).name} sub-block mins: {'none stored' if mr is None else f'{mr[0]}..{mr[1]}'}")
+    out = blocks.copy()
+    if qtype == T.Q2_K:
+        out[:, :16] = (sc | (np.asarray(m, np.int64) << 4)).astype(np.uint8)
+    elif qtype == T.Q3_K:
+        u = sc + 32
+        out[:, 96:104] = ((u[:, :8] & 0xF) | ((u[:, 8:] & 0xF) << 4)).astype(np.uint8)
+        hb = (u >> 4) & 3                                   # j = 4 q + i: byte 8 + i, bits 2 q
+        out[:, 104:108] = sum(hb[:, 4 * q:4 * q + 4] << (2 * q) for q in range(4)).astype(np.uint8)
+    elif qtype in (T.Q4_K, T.Q5_K):
+        mm = np.asarray(m, np.int64)
+        out[:, 4:8] = (sc[:, :4] | ((sc[:, 4:] >> 4) << 6)).astype(np.uint8)
+        out[:, 8:12] = (mm[:, :4] | ((mm[:, 4:] >> 4) << 6)).astype(np.uint8)
+        out[:, 12:16] = ((sc[:, 4:] & 0xF) | ((mm[:, 4:] & 0xF) << 4)).astype(np.uint8)
+    elif qtype == T.Q6_K:
+        out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
+    else:                                                   # IQ4_XS
+        u = sc + 32
+        out[:, 4:8] = ((u[:, 0::2] & 0xF) | ((u[:, 1::2] & 0xF) << 4)).astype(np.uint8)
+        h = sum(((u[:, g] >> 4) & 3) << (2 * g) for g in range(8)).astype(np.uint16)
+        out[:, 2:4] = h.reshape(-1, 1).view(np.uint8)
+    return out
+
+
 # ---- levels <-> bytes ---------------------------------------------------------------------------------
 def _nibbles_32(q: np.ndarray) -> np.ndarray:        # 16 bytes -> 32 levels: low nibbles first
     return np.concatenate([q & 0xF, q >> 4], axis=1)

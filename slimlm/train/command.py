@@ -29,6 +29,7 @@ DEFAULT_BUDGET = TrainConfig.budget
 
 # healing options: TrainConfig / HealConfig field -> the flag that sets it (argparse dest = field name)
 TRAIN_FLAGS = {"lr": "--lr", "scale_lr": "--scale-lr", "round_lr": "--round-lr", "qat_weights": "--qat-weights",
+               "sub_scales": "--sub-scales",
                "train_params": "--train", "lora_rank": "--lora", "teacher_targets": "--teacher-targets",
                "topk": "--topk", "temperature": "--temperature", "ce_weight": "--ce-weight",
                "hidden_weight": "--hidden-weight", "seq_len": "--seq-len", "micro_batch": "--micro-batch",

@@ -55,6 +55,8 @@ class TrainConfig:
     qat_weights: str | None = None          # QAT: what becomes of the float block weights (QAT_WEIGHTS): round (learned
                                             # rounding), frozen (their codes follow the learned scales), ste (trained
                                             # through the straight-through estimator); None: round (compress.qat_lrs)
+    sub_scales: bool = False                # QAT: the K-quants' / IQ4_XS's integer sub-block scales and mins train too
+                                            # (at scale_lr, in units of their largest stored value)
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
@@ -140,5 +142,7 @@ class TrainConfig:
         d = asdict(self)
         for k in ("checkpoint_every", "device", "parallel"):
             d.pop(k)
+        if not d["sub_scales"]:                # as before the option: checkpoints from then resume
+            d.pop("sub_scales")
         d["betas"] = list(d["betas"])
         return d

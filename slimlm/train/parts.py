@@ -48,7 +48,7 @@ def select_parameters(module: torch.nn.Module, mode: str, changed_layers: list[i
     return names
 
 
-SCALE_PARAMS = ("d_factor", "dmin_factor")       # quant/fakequant.FakeQuant's learned scale factors
+SCALE_PARAMS = ("d_factor", "dmin_factor", "sc_shift", "m_shift")   # quant/fakequant.FakeQuant's learned scales
 ROUND_PARAMS = ("round_offset",)                 # its learned rounding offsets
 
 
