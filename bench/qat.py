@@ -43,8 +43,11 @@ def main() -> int:
     ap.add_argument("--scale-lr", type=float, help=f"learning rate of the learned block scales (default {QAT_SCALE_LR:g}; "
                     "with --qat-weights ste: --lr)")
     ap.add_argument("--qat-weights", choices=QAT_WEIGHTS, help="the float block weights: round (learned rounding, "
-                    "default), frozen or ste (the straight-through estimator), as the CLI's --qat-weights")
+                    "default), codes (learned rounding of the starting codes), frozen or ste (the straight-through "
+                    "estimator), as the CLI's --qat-weights")
     ap.add_argument("--round-lr", type=float, help=f"learned rounding's learning rate (default {QAT_ROUND_LR:g})")
+    ap.add_argument("--teacher-targets", choices=("auto", "full", "topk"), default="auto",
+                    help="the teacher's outputs QAT trains on (the CLI's --teacher-targets; default auto: top-k)")
     ap.add_argument("--sub-scales", action="store_true", help="the K-quants' / IQ4_XS's integer sub-block scales and "
                     "mins train too (the CLI's --sub-scales)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="QAT's training "
@@ -78,7 +81,7 @@ def main() -> int:
         for method in (*filter(None, a.ptq.split(",")), *a.qat.split(",")):
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
-            opts = {"data": (a.calib,), "precision": a.precision, **lrs,
+            opts = {"data": (a.calib,), "precision": a.precision, "teacher_targets": a.teacher_targets, **lrs,
                     **({"sub_scales": True} if a.sub_scales else {})}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
@@ -92,7 +95,9 @@ def main() -> int:
                 e2e = next((s.get("detail") or {} for s in rep.healing["stages"]
                             if s.get("stage") == "end-to-end distillation"), {})
                 r.update(heldout_kl_start=st["heldout_kl_unhealed"], heldout_kl=st["heldout_kl"],
-                         train_tokens=e2e.get("tokens"), tokens_per_s=e2e.get("tokens_per_s"))
+                         train_tokens=e2e.get("tokens"), tokens_per_s=e2e.get("tokens_per_s"),
+                         heldout_evals=e2e.get("evals"))
+                print(f"  held-out KL at [step, KL]: {e2e.get('evals')}", flush=True)
             runs.append(r)
             print(f"{r['name']}: {r['seconds']:.0f} s", flush=True)
 
@@ -122,7 +127,8 @@ def main() -> int:
                      f"{q['kld']:.4f} vs llama.cpp {base[p]['kld']:.4f} = {ratio:.3f}x (<= {target}x)")
     print("\n" + "\n".join(lines))
     (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "precision": a.precision, **lrs,
-                                                  "sub_scales": a.sub_scales, "machine": machine()}, indent=1))
+                                                  "sub_scales": a.sub_scales,
+                                                  "teacher_targets": a.teacher_targets, "machine": machine()}, indent=1))
     return 0 if ok else 1
 
 

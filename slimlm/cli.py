@@ -66,7 +66,8 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--qat-weights", choices=QAT_WEIGHTS, help="--method qat: what becomes of the float block "
                    "weights. round (default): they stay, and learned rounding (SignRound-style) gives each an offset "
                    "in units of its block's level spacing, at most one level, at --round-lr, while --lr (default "
-                   "1e-4) trains the norms; frozen: they stay, their codes follow the learned block scales only; ste: "
+                   "1e-4) trains the norms; codes: the same offsets move the starting codes (GPTQ's or the "
+                   "encoder's) by at most one level, and the learned scales never re-round them; frozen: they stay, their codes follow the learned block scales only; ste: "
                    "they train through the straight-through estimator at --lr (default 1e-5)")
     g.add_argument("--scale-lr", type=float, metavar="LR", help="--method qat: peak learning rate of the blocks' "
                    "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default "

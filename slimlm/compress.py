@@ -29,7 +29,7 @@ from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix, quantize_model
-from .train.config import QAT_WEIGHTS, parse_budget
+from .train.config import LEARNED_ROUNDING, QAT_WEIGHTS, parse_budget
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
 # --method qat's defaults (bench/qat.py, README): learned rounding (qat_weights "round": the float block weights stay,
@@ -50,7 +50,7 @@ def qat_lrs(lr: float | None, scale_lr: float | None, round_lr: float | None, we
     ste = weights == "ste"
     return {"qat_weights": weights, "lr": (QAT_STE_LR if ste else QAT_LR) if lr is None else lr,
             "scale_lr": (None if ste else QAT_SCALE_LR) if scale_lr is None else scale_lr,
-            "round_lr": (QAT_ROUND_LR if round_lr is None else round_lr) if weights == "round" else None}
+            "round_lr": (QAT_ROUND_LR if round_lr is None else round_lr) if weights in LEARNED_ROUNDING else None}
 
 
 @dataclass(frozen=True)
@@ -506,8 +506,9 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
         for hf, W in m.changes.items():
             student.module.get_parameter(hf).copy_(W)
     student.changes = {}
-    fakes = qat.attach(student, types, imatrix, start=start, learn_round=heal.train.qat_weights == "round",
-                       freeze=heal.train.qat_weights != "ste", learn_sub_scales=heal.train.sub_scales)
+    w = heal.train.qat_weights
+    fakes = qat.attach(student, types, imatrix, start=start, learn_round=w in LEARNED_ROUNDING, anchor=w == "codes",
+                       freeze=w != "ste", learn_sub_scales=heal.train.sub_scales)
     say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
     after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,

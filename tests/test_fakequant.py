@@ -218,3 +218,37 @@ def test_lsq_scale_gradient_is_the_rounding_residual(name):
     assert torch.allclose(grads["lsq"], want.reshape(grads["lsq"].shape), rtol=1e-4, atol=1e-4)
     assert torch.allclose(grads["levels"], held.reshape(grads["levels"].shape), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(grads["lsq"], grads["levels"], rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_anchored_rounding_starts_at_the_codes_and_scales_never_re_round_them(name):
+    """anchor (--qat-weights codes): the first forward is the starting blocks' dequantization bit for bit whatever W
+    is; training only the scales keeps every code (their values scale); the offsets move codes by at most one level;
+    the export ships the forward bit for bit."""
+    from slimlm.quant import grid
+    W, qt, blocks, g = _setup(name)
+    fq = FakeQuant(qt, blocks, tuple(W.shape), learn_round=True, anchor=True)
+    assert np.array_equal(_bits(fq(W * 3).detach()), _bits(dequantize(blocks, qt).reshape(W.shape)))
+    X = torch.randn(64, W.shape[1], generator=g)
+    params = dict(fq.named_parameters())
+    scales = [p for n, p in params.items() if n != "round_offset"]
+    opt = torch.optim.Adam(scales, lr=0.02)              # scales alone, far enough to re-round a W on a moved grid
+    for _ in range(5):
+        loss = (X @ fq(W).T - X @ (1.05 * W).T).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (fq.d.detach() != fq.d0).any()
+    assert np.array_equal(grid.levels(qt, fq.export(W)), grid.levels(qt, blocks))
+    opt = torch.optim.Adam([params["round_offset"]], lr=0.2)
+    for _ in range(5):
+        loss = (X @ fq(W).T - X @ (1.05 * W).T).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = fq(W)
+    data = fq.export(W)
+    moved = grid.levels(qt, data) - grid.levels(qt, blocks)
+    assert np.abs(moved).max() == 1 and (moved != 0).mean() > 0.01
+    assert np.array_equal(_bits(out), _bits(dequantize(data, qt).reshape(W.shape)))

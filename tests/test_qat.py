@@ -43,7 +43,7 @@ def _distil_steps(student, teacher, steps: int = 6, seed: int = 0, sub_lr: float
 
 
 @pytest.mark.parametrize("preset,weights", [("Q4_K_M", "ste"), ("Q4_0", "ste"), ("IQ4_XS", "ste"),
-                                            ("Q4_K_M", "round"), ("Q4_0", "frozen"), ("Q4_K_M", "round+sub"),
+                                            ("Q4_K_M", "round"), ("Q4_0", "frozen"), ("Q4_K_M", "round+sub"), ("Q4_K_M", "codes"),
                                             ("Q3_K_M", "ste+sub")])
 def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, weights, llama_cpp_available):
     """After distillation steps through the fake-quant forward, every block linear in the GGUF dequantizes (gguf-py)
@@ -57,7 +57,8 @@ def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, weights, llama_cpp
     teacher = load(tiny_hf("LlamaForCausalLM", **dims))
     m = copy.deepcopy(teacher)
     _, _, types = plan_model(m, preset)
-    fakes = qat.attach(m, types, learn_round=weights == "round", freeze=weights != "ste", learn_sub_scales=learn_sub)
+    fakes = qat.attach(m, types, learn_round=weights in ("round", "codes"), anchor=weights == "codes",
+                       freeze=weights != "ste", learn_sub_scales=learn_sub)
     assert len(fakes) == 7 * m.config["num_hidden_layers"]
     scales0 = [f.fake.d.detach().clone() for f in fakes]
     w0 = [f.module.parametrizations.weight.original.detach().clone() for f in fakes]
@@ -66,7 +67,7 @@ def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, weights, llama_cpp
     assert any((f.fake.d.detach() != s).any() for f, s in zip(fakes, scales0, strict=True))  # scales trained
     moved = [not torch.equal(f.module.parametrizations.weight.original, w) for f, w in zip(fakes, w0, strict=True)]
     assert all(moved) if weights == "ste" else not any(moved)
-    if weights == "round":
+    if weights in ("round", "codes"):
         assert all(f.fake.round_offset.abs().sum() > 0 for f in fakes)
     subs = [f for f in fakes if f.fake.sub_ranges is not None]
     assert bool(subs) == learn_sub

@@ -20,6 +20,10 @@ level spacing and clipped to [-ROUND_CLIP, ROUND_CLIP], is added to W before the
 through the straight-through estimator (its gradient: the output's times the spacing). An optimizer's step on v is
 then a fraction of a level whatever the block's scale, so a few dozen steps can move a weight to a neighbouring level,
 where a step on W itself (an absolute learning rate) would need hundreds; W stays as it was (the caller freezes it).
+Anchored (`anchor=True`, --qat-weights codes): the offsets move the starting levels themselves (level = start + v,
+rounded), so the learned scales scale the codes instead of re-rounding W on a moved grid: a start from GPTQ's codes
+is then exactly GPTQ's file, and a scale's step never adds a second rounding error (re-rounding GPTQ's values on a
+grid 2% off doubled the held-out KL at Q4_K_M's size, bench/qat.py).
 """
 from __future__ import annotations
 
@@ -108,9 +112,11 @@ class FakeQuant(torch.nn.Module):
     parameters (else buffers); `learn_round`: a trained per-weight offset `round_offset` (see the module's docstring)."""
 
     def __init__(self, qtype, blocks: np.ndarray, shape: tuple[int, int], *, learn_scales: bool = True,
-                 learn_round: bool = False, learn_sub_scales: bool = False, scale_grad: str | None = None):
+                 learn_round: bool = False, learn_sub_scales: bool = False, scale_grad: str | None = None,
+                 anchor: bool = False):
         super().__init__()
         self.scale_grad = scale_grad or SCALE_GRAD
+        self.anchor = anchor and learn_round
         qtype = grid.T(qtype)
         rows, cols = shape
         tab = grid.TABLES[qtype]
@@ -218,8 +224,20 @@ class FakeQuant(torch.nn.Module):
         step = a.detach().abs().mul(self.spacing).unsqueeze(-1)
         return w + self.round_offset.view_as(w).clamp(-ROUND_CLIP, ROUND_CLIP) * step
 
+    def anchored(self) -> torch.Tensor:
+        """Anchored learned rounding: the starting level of every weight moved by its offset (in levels, clipped to
+        ROUND_CLIP), (blocks, sub-blocks, sub) int64; the scales then never re-round a weight."""
+        v = self.round_offset.detach().view(self._blocks.shape[0], -1, self.sub).clamp(-ROUND_CLIP, ROUND_CLIP)
+        return (self.levels0.view_as(v) + v).round().clamp(0, len(self.table) - 1).long()
+
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         a, b = self.sub_grid()
+        if self.anchor:
+            with torch.no_grad():
+                t8 = self.table[self.anchored()].to(torch.int8)
+            # the offsets' straight-through path: a level up adds a * spacing to the value
+            v = self.round_offset.view_as(t8).clamp(-ROUND_CLIP, ROUND_CLIP)
+            return _OnGrid.apply(v * (a.detach() * self.spacing).unsqueeze(-1), a, b, t8, None).reshape(self.shape)
         w = self.rounded(self._split(W), a)
         with torch.no_grad():
             L = self.nearest(w, a.detach(), None if b is None else b.detach())
@@ -231,7 +249,8 @@ class FakeQuant(torch.nn.Module):
     def export(self, W: torch.Tensor) -> np.ndarray:
         """The blocks of forward(W): its levels and the fp16 scales it used."""
         a, b = self.sub_grid()
-        L = self.nearest(self.rounded(self._split(W), a), a, b).reshape(-1, self.block).long()
+        L = (self.anchored() if self.anchor else self.nearest(self.rounded(self._split(W), a), a, b)) \
+            .reshape(-1, self.block).long()
         d = _ThroughF16.apply(self.d).numpy()
         dmin = None if self.dmin0 is None else _ThroughF16.apply(self.dmin).numpy()
         blocks = grid.with_scales(self.qtype, self._blocks, d, dmin)

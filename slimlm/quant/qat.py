@@ -34,13 +34,15 @@ class Fake:
 
 
 def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn_scales: bool = True,
-           learn_round: bool = False, freeze: bool = False, learn_sub_scales: bool = False) -> list[Fake]:
+           learn_round: bool = False, anchor: bool = False, freeze: bool = False,
+           learn_sub_scales: bool = False) -> list[Fake]:
     """FakeQuant parametrizations on the block linears of `model` (in memory) whose type in `types` (GGUF name ->
     (QuantFormat, why), as writer.plan_model gives) is a block type; returns them in forward order. `start`: GGUF
     name -> encoded rows in llama.cpp's row order (GPTQ's codes) to start from instead of the encoder's; the
     module's weight should then be what they decode to (sequential.quantize_model's changed weights), so that the
     nearest levels of the first forward are those codes. `learn_round`: learned rounding offsets train and the float
-    weights are frozen; `freeze`: the float weights are frozen (their codes then change only where a learned scale
+    weights are frozen (`anchor`: the offsets move the starting codes themselves, which the learned scales then
+    never re-round: quant/fakequant.py); `freeze`: the float weights are frozen (their codes then change only where a learned scale
     moves the nearest level); `learn_sub_scales`: the integer sub-block scales and mins of K-quants / IQ4_XS train
     too (quant/fakequant.py). Frozen: marked `FROZEN`, which the trainer's parameter selection honours."""
     from ..gguf.writer import encode
@@ -72,7 +74,7 @@ def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn
             blocks = encode(W.numpy(), fmt, name, imp)
         blocks = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[fmt.ggml_type][1])
         fq = FakeQuant(fmt.ggml_type, blocks, tuple(W.shape), learn_scales=learn_scales, learn_round=learn_round,
-                       learn_sub_scales=learn_sub_scales)
+                       learn_sub_scales=learn_sub_scales, anchor=anchor)
         parametrize.register_parametrization(mod, "weight", fq, unsafe=True)
         if learn_round or freeze:
             orig = mod.parametrizations.weight.original

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
 
-QAT_WEIGHTS = ("round", "frozen", "ste")
+QAT_WEIGHTS = ("round", "codes", "frozen", "ste")
+LEARNED_ROUNDING = ("round", "codes")      # the QAT weight modes whose rounding offsets train (at round_lr)
 TRAIN_PARAMS = ("all", "all-but-embeddings", "norms+pruned", "from-changed", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEACHER_TARGETS = ("auto", "full", "topk")
@@ -94,7 +95,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be a number > {lo}, got {v}")
         if self.qat_weights is not None and self.qat_weights not in QAT_WEIGHTS:
             raise ConfigError(f"--qat-weights must be one of {', '.join(QAT_WEIGHTS)}, got {self.qat_weights!r}")
-        if self.round_lr is not None and self.qat_weights not in (None, "round"):
+        if self.round_lr is not None and self.qat_weights not in (None, *LEARNED_ROUNDING):
             raise ConfigError(f"--round-lr is learned rounding's learning rate: it does not go with --qat-weights "
                               f"{self.qat_weights} (give --qat-weights round, or leave --round-lr out)")
         for name, v in (("min-lr", self.min_lr), ("warmup", self.warmup)):
