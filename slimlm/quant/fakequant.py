@@ -12,7 +12,7 @@ range in every forward (straight-through), written back into the header's packed
 
 with L the level of the type's table T nearest to W on that grid (grid.nearest), recomputed every forward.
 Gradients: W gets the output's gradient unchanged (straight-through estimator), d and dmin get the gradient of
-the formula with L fixed (through their fp16 rounding as identity; SCALE_GRAD "lsq": LSQ's, where L follows). `export(W)` writes the levels and
+the formula with L fixed (through their fp16 rounding as identity). `export(W)` writes the levels and
 scales of exactly that forward: gguf-py's dequantization of its bytes equals the forward's output bit for bit.
 
 Learned rounding (`learn_round=True`, SignRound/AdaRound-style): a per-weight offset v, in units of its sub-block's
@@ -35,7 +35,6 @@ from . import grid
 
 F16_MAX = 65504.0
 ROUND_CLIP = 1.0        # learned rounding moves a weight at most this many level spacings from W
-SCALE_GRAD = "levels"   # the learned scales' gradient: levels (held) or lsq (_OnGrid)
 
 
 class _ThroughF16(torch.autograd.Function):
@@ -66,44 +65,29 @@ class _RoundInRange(torch.autograd.Function):
 class _OnGrid(torch.autograd.Function):
     """q = a * t (+ b) per weight, as (blocks, sub-blocks, sub) with a, b per sub-block broadcast over its weights
     (never repeated per weight) and t the table values of the chosen levels: the forward is the decoder's float32
-    arithmetic. Backward: w gets the output's gradient unchanged (straight-through estimator); a and b either the
-    formula's with the levels held (`lsq` False: sum over the sub-block of g * t, of g), or LSQ's (Esser et al.,
-    LSQ+ for the offset), whose levels follow the scale (the forward re-rounds w on the moved grid): with x = (w - b)
-    / a, dq/da = t - x and dq/db = 0 where x lies within the table's range, t and 1 where it is clipped. t is kept
-    for the backward as int8 (every level table holds integers in [-127, 127]), and for LSQ w too."""
+    arithmetic. Backward: w gets the output's gradient unchanged (straight-through estimator), a and b the
+    formula's with the levels held (sum over the sub-block of g * t, of g). Only t is kept for the backward, as int8
+    (every level table holds integers in [-127, 127]): one byte per weight."""
 
     @staticmethod
-    def forward(ctx, w, a, b, t8, lsq=None):
-        """w: (blocks, sub-blocks, sub); a, b: (blocks, sub-blocks); t8: the levels' table values, int8, as w;
-        lsq: None, or the table's (lowest, highest) value for LSQ's gradients."""
+    def forward(ctx, w, a, b, t8):
+        """w: (blocks, sub-blocks, sub); a, b: (blocks, sub-blocks); t8: the levels' table values, int8, as w."""
         q = a.unsqueeze(-1) * t8
         if b is not None:
             q = q + b.unsqueeze(-1)
-        ctx.save_for_backward(t8, *((w, a, b) if lsq is not None and b is not None else
-                                    (w, a) if lsq is not None else ()))
-        ctx.has_b, ctx.lsq = b is not None, lsq
+        ctx.save_for_backward(t8)
+        ctx.has_b = b is not None
         return q
 
     @staticmethod
     def backward(ctx, g):
-        t8, *rest = ctx.saved_tensors
+        (t8,) = ctx.saved_tensors
         ga = gb = None
-        if ctx.lsq is None:
-            if ctx.needs_input_grad[1]:
-                ga = (g * t8).sum(-1)
-            if ctx.has_b and ctx.needs_input_grad[2]:
-                gb = g.sum(-1)
-            return g, ga, gb, None, None
-        w, a, *b = rest
-        x = w - b[0].unsqueeze(-1) if b else w.clone()
-        x.div_(torch.where(a != 0, a, torch.ones_like(a)).unsqueeze(-1))
-        lo, hi = ctx.lsq
-        inside = (x >= lo) & (x <= hi)
         if ctx.needs_input_grad[1]:
-            ga = (g * torch.where(inside, t8 - x, t8.float())).sum(-1) * (a != 0)
+            ga = (g * t8).sum(-1)
         if ctx.has_b and ctx.needs_input_grad[2]:
-            gb = (g * (~inside)).sum(-1)
-        return g, ga, gb, None, None
+            gb = g.sum(-1)
+        return g, ga, gb, None
 
 
 class FakeQuant(torch.nn.Module):
@@ -112,10 +96,9 @@ class FakeQuant(torch.nn.Module):
     parameters (else buffers); `learn_round`: a trained per-weight offset `round_offset` (see the module's docstring)."""
 
     def __init__(self, qtype, blocks: np.ndarray, shape: tuple[int, int], *, learn_scales: bool = True,
-                 learn_round: bool = False, learn_sub_scales: bool = False, scale_grad: str | None = None,
+                 learn_round: bool = False, learn_sub_scales: bool = False,
                  anchor: bool = False):
         super().__init__()
-        self.scale_grad = scale_grad or SCALE_GRAD
         self.anchor = anchor and learn_round
         qtype = grid.T(qtype)
         rows, cols = shape
@@ -237,13 +220,12 @@ class FakeQuant(torch.nn.Module):
                 t8 = self.table[self.anchored()].to(torch.int8)
             # the offsets' straight-through path: a level up adds a * spacing to the value
             v = self.round_offset.view_as(t8).clamp(-ROUND_CLIP, ROUND_CLIP)
-            return _OnGrid.apply(v * (a.detach() * self.spacing).unsqueeze(-1), a, b, t8, None).reshape(self.shape)
+            return _OnGrid.apply(v * (a.detach() * self.spacing).unsqueeze(-1), a, b, t8).reshape(self.shape)
         w = self.rounded(self._split(W), a)
         with torch.no_grad():
             L = self.nearest(w, a.detach(), None if b is None else b.detach())
             t8 = (L.add_(float(self.table[0])) if self.uniform else self.table[L]).to(torch.int8)
-        lsq = (float(self.table[0]), float(self.table[-1])) if self.scale_grad == "lsq" else None
-        return _OnGrid.apply(w, a, b, t8, lsq).reshape(self.shape)
+        return _OnGrid.apply(w, a, b, t8).reshape(self.shape)
 
     @torch.no_grad()
     def export(self, W: torch.Tensor) -> np.ndarray:
