@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import SlimlmError
+from .errors import ConfigError, SlimlmError
 from .presets import PRESETS
 from .search import DEFAULT_BASELINES, STUDY
 from .train.config import (
@@ -121,12 +121,16 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
     g.add_argument("--seed", type=int, metavar="N", help="seed of the data order and generation (default 0)")
 
 
-def _heal_config(a, *, default_budget: str | None = None):
+def _heal_config(a, *, default_budget: str | None = None, qat: bool = False):
     """The HealConfig of the healing options given (None without --heal), validated. --device is every torch
-    pass's (not only healing's): it goes to the training config when there is healing."""
-    from .train.command import FLAGS, heal_options
+    pass's (not only healing's): it goes to the training config when there is healing. `qat`: the command can run
+    quantization-aware training (compress, which checks its options against --method); else they are refused."""
+    from .train.command import FLAGS, QAT_FLAGS, heal_options
     budget = a.heal or default_budget
     given = {k: getattr(a, k) for k in FLAGS if getattr(a, k, None) is not None and (k != "device" or budget)}
+    if not qat and (named := [FLAGS[k] for k in QAT_FLAGS if k in given]):
+        raise ConfigError(f"{', '.join(named)} set quantization-aware training, which runs in slimlm compress "
+                          f"--method qat or gptq+qat (this command heals in float)")
     return heal_options(budget, given, resume=a.resume)
 
 
@@ -489,7 +493,6 @@ def _check_args(a, *, models: tuple = (), text: str | None = None, calib: str | 
     --chunks may be, "all" when 0 means all of the text, "count" when it must be >= 1), the text files, and
     the headers of `models` (strict folder/GGUF checks, --ctx within the context; None: the default model)."""
     from .calib import check_text_file
-    from .errors import ConfigError
     from .source import check_ctx, check_ctx_value, source_info
     check_ctx_value(a.ctx)
     if chunks == "all" and a.chunks < 0:
@@ -519,7 +522,7 @@ def compress_config(a):
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
                          prune_ffn_multiple=a.prune_ffn_multiple,
-                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a), stream=a.stream,
+                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a, qat=True), stream=a.stream,
                          unhealed=not a.no_unhealed, qat_budget=a.qat_budget, qat_lr=a.qat_lr)
 
 
@@ -594,7 +597,7 @@ def cmd_imatrix(a) -> int:
 
 def cmd_kmeans(a) -> int:
     from .codebook import kmeans_model, load_kmeans, save_kmeans
-    from .errors import ConfigError, OutputError
+    from .errors import OutputError
     from .model import load
     if not 1 <= a.bits <= 8:
         raise ConfigError(f"--bits must be 1..8, got {a.bits}")
@@ -634,7 +637,6 @@ def cmd_kmeans(a) -> int:
 
 
 def cmd_prune(a) -> int:
-    from .errors import ConfigError
     from .prune.command import PruneConfig, prune
     try:
         drop = tuple(int(v) for v in a.drop_layers.split(",")) if a.drop_layers else ()
@@ -675,7 +677,6 @@ def cmd_sensitivity(a) -> int:
     import json
 
     from .calib import calibration_chunks, read_text, tokenize
-    from .errors import ConfigError
     from .eval.metrics import make_chunks
     from .formats import get_format
     from .io import atomic_write_bytes, check_output_path
@@ -723,7 +724,6 @@ def cmd_inspect(a) -> int:
 def cmd_generate(a) -> int:
     import math
 
-    from .errors import ConfigError
     from .eval.runtime import LlamaCppRunner
     from .gguf.reader import read_gguf
     from .source import MAX_CTX

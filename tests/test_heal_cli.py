@@ -243,3 +243,15 @@ def test_heal_under_torchrun_with_two_gloo_processes_writes_one_model(teacher, s
     assert e2e["world_size"] == 2 and e2e["parallel"] == parallel and e2e["tokens"] >= 1024
     assert (out / "config.json").exists() and not (tmp_path / "h.heal-work").exists()
     assert _kl(rep)[-1] < _kl(rep)[0]
+
+
+@pytest.mark.parametrize("cmd", ["heal", "prune"])
+def test_quantization_aware_training_options_are_refused_where_nothing_is_quantized(cmd, tmp_path, capsys):
+    """--scale-lr, --round-lr, --qat-weights, --sub-scales train fake-quant grids: slimlm heal and prune train in float,
+    so they refuse them (exit 2, naming compress --method qat) before loading anything."""
+    args = ["--teacher", "t"] if cmd == "heal" else ["--ffn", "64"]
+    for extra in (["--scale-lr", "1e-4"], ["--sub-scales"], ["--qat-weights", "codes"]):
+        assert main(["-q", cmd, str(tmp_path / "missing"), *args, "-o", str(tmp_path / "o"), "--heal", "1024",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert extra[0] in err and "compress --method qat" in err, err

@@ -40,6 +40,7 @@ TRAIN_FLAGS = {"lr": "--lr", "scale_lr": "--scale-lr", "round_lr": "--round-lr",
 HEAL_FLAGS = {"data": "--data", "generate": "--generate", "bias": "--bias", "blockwise": "--no-blockwise",
               "e2e": "--no-e2e"}
 FLAGS = {**TRAIN_FLAGS, **HEAL_FLAGS}
+QAT_FLAGS = ("scale_lr", "round_lr", "qat_weights", "sub_scales")      # quantization-aware training's own
 MAX_SEED = 2**32 - 1
 
 
