@@ -323,60 +323,51 @@ def test_a_time_budget_whose_plan_was_too_optimistic_shrinks_and_still_ends_its_
     assert r["curve"][-1][3] < 0.2 * cfg.lr
 
 
-def test_a_passing_slow_window_does_not_cut_a_time_budget_short(src, calib, tmp_path, monkeypatch):
-    """Ten steps slowed by something else on the machine: the plan shrinks for them, then grows back at the
-    median rate of the windows, so the run still uses its budget and ends its schedule."""
+def _slowed_15s_run(src, calib, tmp_path, monkeypatch, slow) -> tuple[dict, TrainConfig]:
+    """A 15-second budgeted run of the tiny worker model whose step n (from 1) sleeps slow(n, seconds since the first
+    step) seconds more (another process on the cores); the plan's first guess is far too long, as on a busy machine.
+    Asserts what every such run must do: end its schedule (learning rate at its end) by the budget, not the deadline."""
     sys.path.insert(0, str(WORKER.parent))
     import train_worker
 
     from slimlm.train import trainer
     teacher, student, data = train_worker.make(str(src), str(calib))
     monkeypatch.setattr(trainer.Trainer, "_plan", lambda self, fwd, order, deadline: (100_000, "full"))
-    calls, loss = [0], trainer.Trainer._loss
+    calls, loss, t0 = [0], trainer.Trainer._loss, []
 
     def slowed(self, *a):
         calls[0] += 1
-        if 10 < calls[0] <= 20:                       # the second window of REPLAN_STEPS steps
-            time.sleep(0.5)
+        t0 or t0.append(time.monotonic())
+        time.sleep(slow(calls[0], time.monotonic() - t0[0]))
         return loss(self, *a)
 
     monkeypatch.setattr(trainer.Trainer, "_loss", slowed)
     cfg = TrainConfig(budget="15s", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-3)
     r = trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
     assert r["stopped"] == "budget" and r["steps"] == r["total_steps"]
+    assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
+    return r, cfg
+
+
+def test_a_passing_slow_window_does_not_cut_a_time_budget_short(src, calib, tmp_path, monkeypatch):
+    """Ten steps slowed by something else on the machine: the plan shrinks for them, then grows back at the
+    median rate of the windows, so the run still uses its budget and ends its schedule."""
+    # the second window of REPLAN_STEPS steps
+    r, _ = _slowed_15s_run(src, calib, tmp_path, monkeypatch, lambda n, t: 0.5 if 10 < n <= 20 else 0.0)
     # a plan kept at the slow window's rate would end at 20 steps + the time left after them at that rate; the run
     # went past it to the budget (rates from the run's own curve: the full suite's other worker slows every step)
     c = r["curve"]
     slow_step_s = (c[19][4] - c[9][4]) / 10
     slow_plan = 20 + (15 - c[19][4]) / slow_step_s
     assert r["steps"] > 1.1 * slow_plan and r["seconds"] > 0.8 * 15, (r["steps"], slow_plan)
-    assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
 
 
 def test_a_slow_down_in_the_last_window_shrinks_the_schedule_to_end_on_time(src, calib, tmp_path, monkeypatch):
     """The machine slows in the run's last seconds (after the last whole window's replan): the schedule shrinks step
     by step so it still ends, learning rate at its end, before the deadline rather than being cut by it."""
-    sys.path.insert(0, str(WORKER.parent))
-    import train_worker
-
-    from slimlm.train import trainer
-    teacher, student, data = train_worker.make(str(src), str(calib))
-    monkeypatch.setattr(trainer.Trainer, "_plan", lambda self, fwd, order, deadline: (100_000, "full"))
-    loss, t0 = trainer.Trainer._loss, []
-
-    def slowed(self, *a):
-        t0 or t0.append(time.monotonic())
-        if time.monotonic() - t0[0] > 10.5:          # the budget's last ~4 seconds: each step takes 0.4 s more
-            time.sleep(0.4)
-        return loss(self, *a)
-
-    monkeypatch.setattr(trainer.Trainer, "_loss", slowed)
-    cfg = TrainConfig(budget="15s", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=0, lr=1e-3)
-    r = trainer.train(student, teacher, data, cfg, folder=tmp_path, progress=False)
-    assert r["stopped"] == "budget" and r["steps"] == r["total_steps"]
-    assert r["curve"][-1][3] == pytest.approx(lr_at(r["steps"] - 1, r["steps"], cfg))
-    slow = [c for c in r["curve"] if c[4] > 11.5]
-    assert slow, "no step ran in the slowed seconds"
+    # the budget's last ~4 seconds: each step takes 0.4 s more
+    r, _ = _slowed_15s_run(src, calib, tmp_path, monkeypatch, lambda n, t: 0.4 if t > 10.5 else 0.0)
+    assert [c for c in r["curve"] if c[4] > 11.5], "no step ran in the slowed seconds"
     assert r["curve"][-1][4] < 15 + 1.0                # the last step ends by the deadline (within one slow step)
 
 

@@ -336,7 +336,7 @@ class Trainer:
             return max(step + 1, int(world.mean(float(step + int((left - evals * t_eval) / per)), dev)))
 
         replan = state["step"] + REPLAN_STEPS if deadline is not None and cfg.budget_kind == "seconds" else None
-        t_window, windows = time.perf_counter(), []
+        t_window, windows, last_step_s = time.perf_counter(), [], 0.0
         bar = tqdm(total=total, initial=state["step"], desc="distillation", unit="step",
                    disable=not (self.progress and world.main), leave=False)
         stopped = "budget"
@@ -352,18 +352,23 @@ class Trainer:
                 per = statistics.median(windows[-REPLAN_WINDOWS:]) * 1.02
                 fit = fits(step, per)
                 replan, t_window = step + REPLAN_STEPS, time.perf_counter()
-            elif windows and step - (replan - REPLAN_STEPS) >= 2:
+            elif windows:
                 # between replans a slow-down shrinks the plan at once (the machine's load changed: in the run's last
                 # seconds the deadline would cut the schedule before its learning rate reaches zero; the full test
-                # suite's other worker once did that to a 15-second run); only the median's replan grows it back
+                # suite's other worker once did that to a 15-second run); only the median's replan grows it back.
+                # The rate: the window's so far, and in the last window's worth of time the last step's as well
                 done = step - (replan - REPLAN_STEPS)
-                fit = min(total, fits(step, max(per, (time.perf_counter() - t_window) / done * 1.02)))
+                rate = max(per, (time.perf_counter() - t_window) / done * 1.02) if done >= 2 else per
+                if deadline - time.monotonic() < REPLAN_STEPS * rate:
+                    rate = max(rate, last_step_s * 1.02)
+                fit = min(total, fits(step, rate))
             else:
                 fit = total
             if fit != total:
                 total = state["total_steps"] = fit
                 bar.total = total
                 bar.refresh()
+            t_step = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg) * g.get("lr_mult", 1.0)
             rows = order.rows(step, self.global_batch)
@@ -389,6 +394,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
+            last_step_s = time.perf_counter() - t_step
             state["tokens"] += self.global_batch * cfg.seq_len
             # [step, tokens, loss, lr, training seconds so far] (a bench's steady rate leaves out the first steps)
             state["curve"].append([step + 1, state["tokens"], loss_v, opt.param_groups[0]["lr"],
