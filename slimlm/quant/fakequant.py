@@ -6,7 +6,8 @@ blocks it exports (issue 16's quantization-aware training).
 (for types with a minimum) dmin, trainable through a factor on each (1 at the start, so that an optimizer's steps
 are relative to the scale), rounded to fp16 in every forward; the integer sub-block scales and mins of
 K-quants/IQ4_XS, fixed or (`learn_sub_scales`) moved by trained shifts and rounded to integers within the type's
-range in every forward (straight-through), written back into the header's packed bits. A forward takes the float weight W and returns
+range in every forward (straight-through), written back into the header's packed bits. A forward takes the float
+weight W and returns
 
     a * T[L] + b,   a = fp16(d) * sc,  b = -(fp16(dmin) * m) | fp16(dmin) | 0   (float32, llama.cpp's order)
 
@@ -22,8 +23,8 @@ then a fraction of a level whatever the block's scale, so a few dozen steps can 
 where a step on W itself (an absolute learning rate) would need hundreds; W stays as it was (the caller freezes it).
 Anchored (`anchor=True`, --qat-weights codes): the offsets move the starting levels themselves (level = start + v,
 rounded), so the learned scales scale the codes instead of re-rounding W on a moved grid: a start from GPTQ's codes
-is then exactly GPTQ's file, and a scale's step never adds a second rounding error (re-rounding GPTQ's values on a
-grid 2% off doubled the held-out KL at Q4_K_M's size, bench/qat.py).
+is then exactly GPTQ's file, and the held-levels gradient of a scale is the forward's own (at Q4_K_M's size it did
+as well as re-rounding, not better: README, bench/qat.py).
 """
 from __future__ import annotations
 

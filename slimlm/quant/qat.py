@@ -42,8 +42,8 @@ def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn
     module's weight should then be what they decode to (sequential.quantize_model's changed weights), so that the
     nearest levels of the first forward are those codes. `learn_round`: learned rounding offsets train and the float
     weights are frozen (`anchor`: the offsets move the starting codes themselves, which the learned scales then
-    never re-round: quant/fakequant.py); `freeze`: the float weights are frozen (their codes then change only where a learned scale
-    moves the nearest level); `learn_sub_scales`: the integer sub-block scales and mins of K-quants / IQ4_XS train
+    never re-round: quant/fakequant.py); `freeze`: the float weights are frozen (their codes then change only where
+    a learned scale moves the nearest level); `learn_sub_scales`: the integer sub-block scales and mins of K-quants / IQ4_XS train
     too (quant/fakequant.py). Frozen: marked `FROZEN`, which the trainer's parameter selection honours."""
     from ..gguf.writer import encode
     from ..lazy import streamed
