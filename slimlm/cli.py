@@ -67,8 +67,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "weights. round (default): they stay, and learned rounding (SignRound-style) gives each an offset "
                    "in units of its block's level spacing, at most one level, at --round-lr, while --lr (default "
                    "1e-4) trains the norms; codes: the same offsets move the starting codes (GPTQ's or the "
-                   "encoder's) by at most one level, and the learned scales never re-round them; frozen: they stay, their codes follow the learned block scales only; ste: "
-                   "they train through the straight-through estimator at --lr (default 1e-5)")
+                   "encoder's) by at most one level, and the learned scales never re-round them; frozen: they stay, "
+                   "their codes follow the learned block scales only; ste: they train through the straight-through "
+                   "estimator at --lr (default 1e-5)")
     g.add_argument("--scale-lr", type=float, metavar="LR", help="--method qat: peak learning rate of the blocks' "
                    "learned scales (factors on their fp16 d/dmin, so a step is relative; same schedule; default "
                    "1e-3; with --qat-weights ste: the weights' --lr, or --qat-lr after --prune)")
@@ -522,7 +523,8 @@ def compress_config(a):
                          measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
                          prune_ffn_multiple=a.prune_ffn_multiple,
-                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a, qat=True), stream=a.stream,
+                         format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a, qat=True),
+                         stream=a.stream,
                          unhealed=not a.no_unhealed, qat_budget=a.qat_budget, qat_lr=a.qat_lr)
 
 

@@ -29,6 +29,7 @@ from .presets import get_preset
 from .quant.imatrix import ImportanceMatrix
 from .report import Report
 from .sequential import collect_imatrix, quantize_model
+from .train.command import FLAGS, QAT_FLAGS
 from .train.config import LEARNED_ROUNDING, QAT_WEIGHTS, parse_budget
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "qat", "gptq+qat")
@@ -148,11 +149,10 @@ class CompressConfig:
                 raise ConfigError(f"--qat-lr must be a number > 0, got {self.qat_lr}")
             self.qat_heal()
         elif (self.qat_budget is not None or self.qat_lr is not None or self.heal is not None and
-              (self.heal.train.scale_lr is not None or self.heal.train.round_lr is not None or
-               self.heal.train.qat_weights is not None or self.heal.train.sub_scales)):
-            raise ConfigError("--qat-budget, --qat-lr, --scale-lr, --round-lr, --qat-weights and --sub-scales set "
-                              "quantization-aware "
-                              "training: give --method qat or gptq+qat")
+              any(getattr(self.heal.train, k) not in (None, False) for k in QAT_FLAGS)):
+            flags = ["--qat-budget", "--qat-lr", *(FLAGS[k] for k in QAT_FLAGS)]
+            raise ConfigError(f"{', '.join(flags[:-1])} and {flags[-1]} set quantization-aware training: give "
+                              f"--method qat or gptq+qat")
         elif self.heal is not None and self.prune is None:
             raise ConfigError("--heal heals a pruned model from its original: give --prune R too (or use slimlm heal "
                               "on a model pruned before)")

@@ -97,7 +97,7 @@ class TrainConfig:
             raise ConfigError(f"--qat-weights must be one of {', '.join(QAT_WEIGHTS)}, got {self.qat_weights!r}")
         if self.round_lr is not None and self.qat_weights not in (None, *LEARNED_ROUNDING):
             raise ConfigError(f"--round-lr is learned rounding's learning rate: it does not go with --qat-weights "
-                              f"{self.qat_weights} (give --qat-weights round, or leave --round-lr out)")
+                              f"{self.qat_weights} (give --qat-weights {' or '.join(LEARNED_ROUNDING)}, or leave --round-lr out)")
         for name, v in (("min-lr", self.min_lr), ("warmup", self.warmup)):
             if not (math.isfinite(v) and 0 <= v <= 1):
                 raise ConfigError(f"--{name} must be between 0 and 1, got {v}")
