@@ -50,6 +50,8 @@ def main() -> int:
                     help="the teacher's outputs QAT trains on (the CLI's --teacher-targets; default auto: top-k)")
     ap.add_argument("--sub-scales", action="store_true", help="the K-quants' / IQ4_XS's integer sub-block scales and "
                     "mins train too (the CLI's --sub-scales)")
+    ap.add_argument("--runtime-activations", action="store_true", help="QAT's linears see llama.cpp CPU's "
+                    "activation rounding (the CLI's --runtime-activations)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="QAT's training "
                     "precision (default auto, the CLI's: bf16 autocast where the CPU has fast bf16 matmuls; fp32 for "
                     "the ablation: 136 vs 231 tok/s here, 2026-12-06)")
@@ -82,7 +84,8 @@ def main() -> int:
             out = RESULTS / f"qat-slimlm-{method}-{p}.gguf"
             qat = "qat" in method
             opts = {"data": (a.calib,), "precision": a.precision, "teacher_targets": a.teacher_targets, **lrs,
-                    **({"sub_scales": True} if a.sub_scales else {})}
+                    **({"sub_scales": True} if a.sub_scales else {}),
+                    **({"runtime_activations": True} if a.runtime_activations else {})}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -128,6 +131,7 @@ def main() -> int:
     print("\n" + "\n".join(lines))
     (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "precision": a.precision, **lrs,
                                                   "sub_scales": a.sub_scales,
+                                                  "runtime_activations": a.runtime_activations,
                                                   "teacher_targets": a.teacher_targets, "machine": machine()}, indent=1))
     return 0 if ok else 1
 

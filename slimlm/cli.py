@@ -77,6 +77,11 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "IQ4_XS's integer sub-block scales (and mins) train too, at --scale-lr in units of the largest "
                    "value they store, rounded to their stored integers in every forward (default: they stay the "
                    "encoder's; only the fp16 d/dmin train)")
+    g.add_argument("--runtime-activations", action="store_const", const=True, help="--method qat: every linear's "
+                   "input is rounded as llama.cpp's CPU backend rounds it before its quantized dot products (Q8_K's "
+                   "blocks of 256 for K-quants and IQ4_XS, Q8_0's of 32 for the legacy types; straight through), so "
+                   "training sees and the held-out KL measures what the file does in llama.cpp on a CPU (default: "
+                   "float activations)")
     g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: peak learning rate of learned "
                    "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "
@@ -217,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-effects", action="store_true", help="with --target-size/--bpw: also measure "
                    "each tensor's KL divergence alone with its written weights (one calibration chunk; one partial "
                    "forward pass per tensor) and list it beside the prediction in the report")
+    p.add_argument("--weights-only-price", action="store_true", help="with --target-size/--bpw: price each type by "
+                   "its weights' rounding alone, not also by the rounding of the activations llama.cpp's CPU backend "
+                   "multiplies it with (Q8_K's blocks of 256 for K-quants and IQ4_XS, Q8_0's of 32 for the legacy "
+                   "types): for a runtime that multiplies in float (a GPU's f16 path, Metal)")
     p.add_argument("--no-cache", action="store_true", help="measure sensitivity again even when a cached "
                    "table for this model and text exists (cache: $SLIMLM_CACHE or ~/.cache/slimlm)")
     p.add_argument("--pre-tokenizer", metavar="NAME", help="llama.cpp pre-tokenizer name for an HF tokenizer "
@@ -520,7 +529,8 @@ def compress_config(a):
                          act_order=a.act_order, target_size=a.target_size, bpw=a.bpw,
                          calib_chunks=a.calib_chunks, gptq_chunks=a.gptq_chunks,
                          sensitivity_chunks=a.sensitivity_chunks, cache=not a.no_cache,
-                         measure_effects=a.measure_effects, prune=a.prune, prune_method=a.prune_method,
+                         measure_effects=a.measure_effects, price_activations=not a.weights_only_price,
+                         prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
                          prune_ffn_multiple=a.prune_ffn_multiple,
                          format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a, qat=True),

@@ -77,6 +77,7 @@ class CompressConfig:
     sensitivity_chunks: int = 8       # calibration chunks the sensitivity measurement uses
     cache: bool = True                # reuse a cached sensitivity table for the same model and text
     measure_effects: bool = False     # budget: measure each tensor's KLD alone with its written weights
+    price_activations: bool = True    # budget: price llama.cpp CPU's activation rounding per type (Q8_K vs Q8_0)
     prune: float | None = None        # structured pruning first: fraction of all parameters removed
     prune_method: str = "mlp+layers"  # mlp+layers | mlp | width | layers (slimlm prune --method)
     prune_allocate: str | None = None # uniform | global | sensitivity (default: global; slimlm prune)
@@ -111,6 +112,9 @@ class CompressConfig:
                                   f"{', '.join(KNOWN_PRE_TOKENIZERS)}")
         if self.act_order and "gptq" not in self.method:
             raise ConfigError("--act-order orders GPTQ's blocks: give --method gptq or awq+gptq")
+        if not self.price_activations and not self.budgeted:
+            raise ConfigError("--weights-only-price changes how a size budget prices each type: give --target-size "
+                              "or --bpw")
         if self.measure_effects and not self.budgeted:
             raise ConfigError("--measure-effects measures a size budget's per-tensor choices: give --target-size "
                               "or --bpw")
@@ -494,6 +498,7 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     import torch
 
     from .quant import qat
+    from .quant.activations import emulate
     from .train import command as healing
     from .train.command import beside
     heal = config.qat_heal()
@@ -509,7 +514,9 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     w = heal.train.qat_weights
     fakes = qat.attach(student, types, imatrix, start=start, learn_round=w in LEARNED_ROUNDING, anchor=w == "codes",
                        freeze=w != "ste", learn_sub_scales=heal.train.sub_scales)
-    say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids ...")
+    hooks = emulate(student, {n: f.name for n, (f, _) in types.items()}) if heal.train.runtime_activations else []
+    say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids"
+        f"{', activations rounded as llama.cpp does' if hooks else ''} ...")
     after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,
                             progress=progress, say=say, student_label="the quantized model (fake-quant)",
@@ -518,6 +525,8 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     if not healing.is_main_process():
         return None
     rec["what"] = "QAT"
+    for h in hooks:
+        h.remove()
     encoded, changed = qat.export(student, fakes)
     return student, encoded, changed, rec       # compress() removes the work folder once the file is written
 
@@ -615,7 +624,7 @@ def budget_types(m, chunks, config: CompressConfig, imatrix, progress: bool) -> 
     importance = imatrix.importance if imatrix is not None else None
     tag = imatrix.digest() if imatrix is not None else ""
     table, info = sensitivity_table(m, chunks, importance=importance, importance_tag=tag, cache=config.cache,
-                                    progress=progress)
+                                    activations=config.price_activations, progress=progress)
     tensors = _gguf_tensors(m)
     fixed = {n: 4 * W.numel() for n, _, W in tensors if n not in table}     # norms etc. stay F32
     if config.target_size is not None:

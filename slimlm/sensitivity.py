@@ -11,7 +11,9 @@ where o = W x and y is sampled from the original model (so E over y gives the tr
 empirical one). A is what GPTQ's Hessian and llama.cpp's importance matrix are built from (its diagonal
 *is* the importance matrix); g says how much each output row matters downstream, which neither has. The
 token embedding's input side is D[token] . S[token], with S the mean squared gradient reaching each used
-token's embedding; a tied embedding adds the output projection's term.
+token's embedding; a tied embedding adds the output projection's term. A type's price also holds what llama.cpp's
+CPU runtime adds to it: the rounding of the activations each quantized weight is multiplied with (Q8_K's blocks
+of 256 for the K-quants cost several times Q8_0's blocks of 32; `slimlm.quant.activations`).
 
 `predict()` encodes every quantizable tensor with each candidate type (the same encoders and importance
 weights the export uses) and evaluates that formula: a table name -> type -> (bytes, predicted dKLD).
@@ -33,10 +35,11 @@ from tqdm.auto import tqdm
 from .arch import decoder_layers, final_norm
 from .errors import NumericsError, OutputError
 from .formats import get_format
+from .quant.activations import KINDS, activation_kind, fits, runtime_activations
 
 # block types a tensor may get, most bytes first (each only where its block size divides the row length)
 CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K", "Q2_K")
-_VERSION = 2          # 2: the key hashes every weight and the config
+_VERSION = 3          # 2: the key hashes every weight and the config; 3: llama.cpp's activation rounding
 
 
 @dataclass
@@ -48,6 +51,8 @@ class FisherStats:
     tokens: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # input id -> activation kind -> (cols,) float64 mean squared rounding error of llama.cpp's activations
+    act: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool = True) -> FisherStats:
@@ -62,6 +67,7 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
     A: dict[str, torch.Tensor] = {}
     g: dict[str, torch.Tensor] = {}
     inputs: dict[str, str] = {}
+    act: dict[str, dict[str, torch.Tensor]] = {}
     live: dict[tuple, tuple] = {}
     emb_mod = module.get_input_embeddings()
     emb = torch.zeros(emb_mod.weight.shape, dtype=torch.float32)
@@ -75,6 +81,10 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
                 x2 = x.reshape(-1, x.shape[-1]).float()
                 a = (x2.T @ x2).double()
                 A[name] = A[name] + a if name in A else a
+                acc = act.setdefault(name, {})
+                for kind in [k for k in KINDS if fits(k, x2.shape[1])]:
+                    e = (runtime_activations(x2, kind) - x2).double().pow(2).sum(0)
+                    acc[kind] = acc[kind] + e if kind in acc else e
 
             def grad_hook(gr, name=name):
                 s = gr.detach().reshape(-1, gr.shape[-1]).double().pow(2).sum(0)
@@ -113,11 +123,13 @@ def fisher_stats(model, chunks: torch.Tensor, *, seed: int = 0, progress: bool =
             h.remove()
         live.clear()
     return FisherStats({k: v / n_tok for k, v in A.items()}, {k: v / n_tok for k, v in g.items()}, inputs,
-                       emb / n_tok, n_tok, time.perf_counter() - t0)
+                       emb / n_tok, n_tok, time.perf_counter() - t0,
+                       act={k: {t: e / n_tok for t, e in v.items()} for k, v in act.items()})
 
 
 def _weight_terms(model, stats: FisherStats) -> dict[str, list[tuple]]:
-    """GGUF name -> [(A, g in GGUF row order)] for the output-side terms of each quantizable 2-D tensor."""
+    """GGUF name -> [(A, g in GGUF row order, activation errors)] for the output-side terms of each quantizable
+    2-D tensor."""
     spec, cfg = model.spec, model.config
     tied = bool(cfg.get("tie_word_embeddings", False))
     out: dict[str, list[tuple]] = {}
@@ -130,19 +142,23 @@ def _weight_terms(model, stats: FisherStats) -> dict[str, list[tuple]]:
         else:
             gg = spec.hf_to_gguf(hf)
             rows = spec.to_gguf_tensor(hf, rows, cfg)
-        A = stats.A[stats.inputs[name]]
+        A, act = stats.A[stats.inputs[name]], stats.act.get(stats.inputs[name], {})
         terms = out.setdefault(gg, [])
-        if terms and terms[-1][0] is A and spec.layer_of(hf) is not None:
-            terms[-1] = (A, torch.cat([terms[-1][1], gsq[rows]]))    # the next part of a fused tensor (spec.fused)
+        if terms and terms[-1][0] is A and spec.layer_of(hf) is not None:   # the next part of a fused tensor
+            terms[-1] = (A, torch.cat([terms[-1][1], gsq[rows]]), act)
         else:
-            terms.append((A, gsq[rows]))
+            terms.append((A, gsq[rows], act))
     return out
 
 
-def predict(model, stats: FisherStats, *, candidates=CANDIDATES, importance=None,
+def predict(model, stats: FisherStats, *, candidates=CANDIDATES, importance=None, activations: bool = True,
             progress: bool = True) -> dict[str, dict[str, tuple[int, float]]]:
     """name -> type -> (bytes, predicted dKLD) for every 2-D tensor of the model and every candidate type
-    its rows fit. `importance(name)` gives the encoder's importance weights (as the export will use them)."""
+    its rows fit. `importance(name)` gives the encoder's importance weights (as the export will use them).
+
+    With `activations` a type's price includes llama.cpp's rounding of the activations it multiplies
+    (`slimlm.quant.activations`: Q8_K's blocks of 256 for the K-quants, Q8_0's of 32 for the legacy types): an
+    output error W dx with dx independent per input channel, 1/2 sum_r g_r sum_j W_rj^2 E[dx_j^2]."""
     from .gguf.writer import _gguf_tensors, encode
     from .quant import dequantize
     terms = _weight_terms(model, stats)
@@ -158,8 +174,11 @@ def predict(model, stats: FisherStats, *, candidates=CANDIDATES, importance=None
         for f in [f for f in fmts if f.fits(Wn.shape[1])] or [get_format("F16")]:
             D = Wt - torch.from_numpy(dequantize(encode(Wn, f, name, imp), f.ggml_type).reshape(Wn.shape))
             loss = 0.0
-            for Am, gsq in terms.get(name, []):
+            kind = activation_kind(f.name)
+            for Am, gsq, act in terms.get(name, []):
                 loss += 0.5 * float(((D @ Am.float()) * D).sum(1).double() @ gsq)
+                if activations and kind in act:
+                    loss += 0.5 * float(((Wt * Wt) @ act[kind].float()).double() @ gsq)
             if name == "token_embd.weight" and stats.emb is not None:
                 loss += 0.5 * float((stats.emb * D * D).sum())
             row[f.name] = (f.nbytes(tuple(Wn.shape)), loss)
@@ -188,12 +207,12 @@ def cache_dir() -> Path:
 
 
 def sensitivity_table(model, chunks: torch.Tensor, *, candidates=CANDIDATES, importance=None,
-                      importance_tag: str = "", seed: int = 0, cache: bool = True,
+                      importance_tag: str = "", seed: int = 0, cache: bool = True, activations: bool = True,
                       progress: bool = True) -> tuple[dict, dict]:
     """(table as predict() gives it, info) — from the cache when this model, text and candidates were
     measured before."""
     from .io import atomic_output
-    key = cache_key(model, chunks, candidates, seed, importance_tag)
+    key = cache_key(model, chunks, candidates, seed, importance_tag + ("" if activations else "/weights-only"))
     path = cache_dir() / f"sensitivity-{key}.json"
     if cache and path.is_file():
         try:
@@ -203,8 +222,10 @@ def sensitivity_table(model, chunks: torch.Tensor, *, candidates=CANDIDATES, imp
         except (OSError, ValueError, KeyError, TypeError):
             pass                                            # unreadable cache: measure again
     stats = fisher_stats(model, chunks, seed=seed, progress=progress)
-    table = predict(model, stats, candidates=candidates, importance=importance, progress=progress)
-    info = {"tokens": stats.tokens, "fisher_seconds": round(stats.seconds, 2), "seed": seed}
+    table = predict(model, stats, candidates=candidates, importance=importance, activations=activations,
+                    progress=progress)
+    info = {"tokens": stats.tokens, "fisher_seconds": round(stats.seconds, 2), "seed": seed,
+            "priced": "weights and llama.cpp's activation rounding" if activations else "weights"}
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

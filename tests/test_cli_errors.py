@@ -168,6 +168,8 @@ BEFORE_LOAD = [
     ("compress-act-order-rtn", lambda p: [_C, p["hf"], "-o", p["out"], "--act-order"], "--act-order"),
     ("compress-measure-no-budget", lambda p: [_C, p["hf"], "-o", p["out"], "--measure-effects"],
      "--measure-effects"),
+    ("compress-weights-only-price-no-budget", lambda p: [_C, p["hf"], "-o", p["out"], "--weights-only-price"],
+     "--weights-only-price"),
     ("compress-pre-tokenizer", lambda p: [_C, p["hf"], "-o", p["out"], "--pre-tokenizer", "nonsense"],
      "pre-tokenizer"),
     ("compress-prune-neg", lambda p: [_C, p["hf"], "-o", p["out"], "--prune", "-0.5"], "--prune"),

@@ -277,6 +277,28 @@ def test_gptq_qat_keeps_gptqs_output_projection(tiny_hf, tmp_path):
     assert raw["q"]["output.weight"] == raw["g"]["output.weight"]
 
 
+def test_runtime_activations_put_llama_cpps_activation_rounding_into_qat(tiny_hf, tmp_path):
+    """--runtime-activations: QAT's forward rounds every linear's input as llama.cpp's CPU backend does (K-quant rows
+    of 256: Q8_K), so the held-out KL it starts from and trains is higher than with float activations (the same
+    weights, rows and tokens: 1.2% here, where the Q4_K weights dominate), and a checkpoint of one setting does not resume
+    the other (the training's fingerprint holds it)."""
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.train.command import heal_options
+    src = tiny_hf("LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2)
+    base = dict(type="Q4_K_M", calib="default", calib_chunks=3, n_ctx=64, evaluate=False)
+    start = {}
+    for on in (False, True):
+        opts = {"seq_len": 32, "lr": 1e-4, "precision": "fp32", **({"runtime_activations": True} if on else {})}
+        heal = heal_options("256", opts)
+        assert ("runtime_activations" in heal.train.fingerprint()) == on
+        rep = compress(src, tmp_path / f"q{on}.gguf", CompressConfig(method="qat", heal=heal, **base), progress=False)
+        step = next(s for s in rep.steps if s["step"] == "qat")
+        start[on] = step["heldout_kl_unhealed"]
+        assert read_gguf(tmp_path / f"q{on}.gguf").tensor("blk.0.ffn_down.weight").ggml_type in (12, 13, 14)
+    assert start[True] > start[False], start          # deterministic: equal would mean no rounding was applied
+
+
 def test_qat_killed_with_sigkill_resumes_to_the_same_file(tiny_hf, tmp_path, capsys, llama_cpp_available):
     """kill -9 during QAT, then --resume: the fake-quant parametrizations, their learned scales and the optimizer
     come back from the checkpoint and the GGUF is byte-identical to an uninterrupted run's."""

@@ -58,6 +58,8 @@ class TrainConfig:
                                             # through the straight-through estimator); None: round (compress.qat_lrs)
     sub_scales: bool = False                # QAT: the K-quants' / IQ4_XS's integer sub-block scales and mins train too
                                             # (at scale_lr, in units of their largest stored value)
+    runtime_activations: bool = False       # QAT: the linears' inputs rounded as llama.cpp's CPU backend rounds them
+                                            # (quant/activations.py; straight through)
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
@@ -143,7 +145,8 @@ class TrainConfig:
         d = asdict(self)
         for k in ("checkpoint_every", "device", "parallel"):
             d.pop(k)
-        if not d["sub_scales"]:                # as before the option: checkpoints from then resume
-            d.pop("sub_scales")
+        for k in ("sub_scales", "runtime_activations"):
+            if not d[k]:                       # as before the option: checkpoints from then resume
+                d.pop(k)
         d["betas"] = list(d["betas"])
         return d
