@@ -63,16 +63,16 @@ def main() -> int:
     start = files["slimlm gptq, size of Q4_K_M, priced: weights"]
     q = slimlm.load(str(start), progress=False)
     qs = dict(q.module.named_parameters())
-    groups = {"token embedding / output (tied)": lambda n: "embed" in n or "lm_head" in n,
-              "attn_q, attn_k": lambda n: re.search(r"\.(q|k)_proj", n), "attn_v": lambda n: ".v_proj" in n,
-              "attn_output": lambda n: ".o_proj" in n, "ffn_gate, ffn_up": lambda n: re.search(r"(gate|up)_proj", n),
-              "ffn_down": lambda n: "down_proj" in n, "all": lambda n: True}
+    # by GGUF tensor name (llama.cpp's roles, any family)
+    groups = {"token embedding / output (tied)": r"^(token_embd|output)\.", "attn_q, attn_k": r"\.attn_(q|k)\.",
+              "attn_v": r"\.attn_v\.", "attn_output": r"\.attn_output\.", "ffn_gate, ffn_up": r"\.ffn_(gate|up)\.",
+              "ffn_down": r"\.ffn_down\.", "all": ""}
     models, names = [], []
     for k, f in groups.items():
         m = copy.deepcopy(ref)
         with torch.no_grad():
             for n, p in m.module.named_parameters():
-                if f(n) and n in qs and qs[n].shape == p.shape:
+                if re.search(f, q.spec.hf_to_gguf(n)) and n in qs and qs[n].shape == p.shape:
                     p.copy_(qs[n])
         models.append(m)
         names.append(f"dequantized weights in torch: {k}")

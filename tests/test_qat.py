@@ -161,8 +161,9 @@ def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budge
     heal = heal_options("30m", {})
     with pytest.raises(ConfigError, match="--qat-budget, --qat-lr"):
         CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal, qat_budget="10m")
-    for flag, v in (("scale_lr", 1e-3), ("round_lr", 1e-3), ("sub_scales", True)):   # QAT's own settings without QAT
-        with pytest.raises(ConfigError, match="--sub-scales set quantization-aware training"):
+    for flag, v in (("scale_lr", 1e-3), ("round_lr", 1e-3), ("sub_scales", True),   # QAT's own settings without QAT
+                    ("runtime_activations", True)):
+        with pytest.raises(ConfigError, match="--sub-scales and --runtime-activations set quantization-aware training"):
             CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal_options("30m", {flag: v}))
     with pytest.raises(ConfigError, match="--round-lr"):
         heal_options("1024", {"round_lr": 0.0})
