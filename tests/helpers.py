@@ -150,3 +150,11 @@ def kill_at_checkpoint(args: list[str], ck: Path, step: int, timeout: float = 24
     assert p.poll() is None, p.stderr.read().decode()[-2000:]
     p.send_signal(signal.SIGKILL)
     p.wait()
+
+
+def kl_of_logits(ref_logits, logits) -> float:
+    """Mean KL divergence KL(ref || model) over the rows of two logit tensors (float64)."""
+    import torch
+    p = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import kl_of_logits
 
 from slimlm.quant.activations import activation_kind, emulate, runtime_activations
 
@@ -36,11 +37,6 @@ def test_q8_0_activations_are_gguf_py_q8_0_blocks_and_q8_k_keeps_its_largest_val
     assert activation_kind("Q5_1") == "Q8_0" and activation_kind("Q4_K") == "Q8_K" and activation_kind("F32") == "F32"
 
 
-def _kl(ref, logits):
-    p, q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 @pytest.mark.parametrize("preset", ["Q8_0", "Q4_K_M"])
 def test_emulated_activation_rounding_moves_the_logits_as_much_as_llama_cpp_does(tiny_hf, tmp_path, preset):
     """llama.cpp's logits differ from the GGUF's dequantized weights in torch by what its quantized dot products
@@ -68,7 +64,7 @@ def test_emulated_activation_rounding_moves_the_logits_as_much_as_llama_cpp_does
     for h in handles:
         h.remove()
     assert len(handles) == 7 * m.config["num_hidden_layers"] + 1
-    assert 0.5 < _kl(plain, emulated) / _kl(plain, want) < 2.0, (_kl(plain, emulated), _kl(plain, want))
+    assert 0.5 < kl_of_logits(plain, emulated) / kl_of_logits(plain, want) < 2.0, (kl_of_logits(plain, emulated), kl_of_logits(plain, want))
 
 
 def test_predicted_activation_cost_tracks_the_emulated_one(tiny_hf):
@@ -94,8 +90,7 @@ def test_predicted_activation_cost_tracks_the_emulated_one(tiny_hf):
             got = torch.cat([e.module(input_ids=c[None]).logits[0] for c in chunks])
         for h in handles:
             h.remove()
-        p, q = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
-        meas.append(float((p.exp() * (p - q)).sum(-1).mean()))
+        meas.append(kl_of_logits(ref, got))
     assert preds[1] > preds[0] and meas[1] > meas[0], (preds, meas)
     for p, q in zip(preds, meas, strict=True):
         assert 0.5 < p / q < 2.0, (preds, meas)

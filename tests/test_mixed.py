@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import kl_of_logits
 
 from slimlm.errors import ConfigError
 from slimlm.mixed import allocate, parse_size
@@ -56,12 +57,6 @@ def tiny(tiny_hf):
                         num_attention_heads=4, num_key_value_heads=2), progress=False)
 
 
-def _kld(ref_logits, logits):
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_predicted_kld_tracks_the_measured_one(tiny):
     """The Fisher prediction of each preset's KLD (sum over tensors) is within 2x of the KLD measured in torch
     with those weights, and ranks the presets the same way."""
@@ -94,7 +89,7 @@ def test_predicted_kld_tracks_the_measured_one(tiny):
         with torch.no_grad():
             got = torch.cat([module(input_ids=c[None]).logits[0] for c in chunks])
         preds.append(sum(table[n][t][1] for n in table))
-        meas.append(_kld(ref, got))
+        meas.append(kl_of_logits(ref, got))
     assert preds == sorted(preds) and meas == sorted(meas)
     for p, m in zip(preds, meas, strict=True):
         assert 0.5 < p / m < 2.0, (preds, meas)

@@ -20,8 +20,9 @@ import torch
 _K = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
 VEC_DOT = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
            **{t: "Q8_K" for t in _K}, "F16": "F16", "BF16": "BF16", "F32": "F32"}
-# the distinct activation values: Q8_1 holds Q8_0's values (its block sum only serves the weight's minimum)
-KINDS = ("Q8_0", "Q8_K", "F16", "BF16")
+# the distinct activation values a sensitivity candidate (or its F16 fallback) is multiplied with: Q8_1 holds Q8_0's
+# values (its block sum only serves the weight's minimum)
+KINDS = ("Q8_0", "Q8_K", "F16")
 BLOCK = {"Q8_0": 32, "Q8_1": 32, "Q8_K": 256}
 
 
@@ -39,7 +40,7 @@ def fits(kind: str, cols: int) -> bool:
 def runtime_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     """x (..., cols) as llama.cpp's dot product uses it when quantized to `kind` (float32 out)."""
     xf = x.float()
-    if kind in ("F32",):
+    if kind == "F32":
         return xf
     if kind == "F16":
         return xf.half().float()
