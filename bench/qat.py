@@ -52,6 +52,8 @@ def main() -> int:
                     "mins train too (the CLI's --sub-scales)")
     ap.add_argument("--runtime-activations", action="store_true", help="QAT's linears see llama.cpp CPU's "
                     "activation rounding (the CLI's --runtime-activations)")
+    ap.add_argument("--qat-embeddings", action="store_true", help="the tied token embedding / LM head trains on its "
+                    "grid too (the CLI's --qat-embeddings)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="QAT's training "
                     "precision (default auto, the CLI's: bf16 autocast where the CPU has fast bf16 matmuls; fp32 for "
                     "the ablation: 136 vs 231 tok/s here, 2026-12-06)")
@@ -85,7 +87,8 @@ def main() -> int:
             qat = "qat" in method
             opts = {"data": (a.calib,), "precision": a.precision, "teacher_targets": a.teacher_targets, **lrs,
                     **({"sub_scales": True} if a.sub_scales else {}),
-                    **({"runtime_activations": True} if a.runtime_activations else {})}
+                    **({"runtime_activations": True} if a.runtime_activations else {}),
+                    **({"qat_embeddings": True} if a.qat_embeddings else {})}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -132,6 +135,7 @@ def main() -> int:
     (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "precision": a.precision, **lrs,
                                                   "sub_scales": a.sub_scales,
                                                   "runtime_activations": a.runtime_activations,
+                                                  "qat_embeddings": a.qat_embeddings,
                                                   "teacher_targets": a.teacher_targets, "machine": machine()}, indent=1))
     return 0 if ok else 1
 

@@ -82,6 +82,10 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "blocks of 256 for K-quants and IQ4_XS, Q8_0's of 32 for the legacy types; straight through), so "
                    "training sees and the held-out KL measures what the file does in llama.cpp on a CPU (default: "
                    "float activations)")
+    g.add_argument("--qat-embeddings", action="store_const", const=True, help="--method qat: the token embedding "
+                   "(and the LM head, tied to it or not) trains on its GGUF grid too: its block scales, rounding "
+                   "offsets (--qat-weights round/codes) and sub-block scales (--sub-scales), never its float weights "
+                   "(default: it is written as the encoder quantizes it)")
     g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: peak learning rate of learned "
                    "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "

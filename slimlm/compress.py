@@ -513,9 +513,12 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     student.changes = {}
     w = heal.train.qat_weights
     fakes = qat.attach(student, types, imatrix, start=start, learn_round=w in LEARNED_ROUNDING, anchor=w == "codes",
-                       freeze=w != "ste", learn_sub_scales=heal.train.sub_scales)
+                       freeze=w != "ste", learn_sub_scales=heal.train.sub_scales,
+                       embeddings=heal.train.qat_embeddings)
     hooks = emulate(student, {n: f.name for n, (f, _) in types.items()}) if heal.train.runtime_activations else []
-    say(f"quantization-aware training of {len(fakes)} block linears on their GGUF grids"
+    n_emb = sum(f.gguf_name in ("token_embd.weight", "output.weight") for f in fakes)
+    say(f"quantization-aware training of {len(fakes) - n_emb} block linears{' and the embedding' if n_emb else ''} "
+        f"on their GGUF grids"
         f"{', activations rounded as llama.cpp does' if hooks else ''} ...")
     after_healing = config.prune is not None           # healing's checkpoints stay in its own work folder
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,

@@ -250,7 +250,8 @@ def test_quantization_aware_training_options_are_refused_where_nothing_is_quanti
     """--scale-lr, --round-lr, --qat-weights, --sub-scales, --runtime-activations train fake-quant grids: slimlm heal and prune train in float,
     so they refuse them (exit 2, naming compress --method qat) before loading anything."""
     args = ["--teacher", "t"] if cmd == "heal" else ["--ffn", "64"]
-    for extra in (["--scale-lr", "1e-4"], ["--sub-scales"], ["--qat-weights", "codes"], ["--runtime-activations"]):
+    for extra in (["--scale-lr", "1e-4"], ["--sub-scales"], ["--qat-weights", "codes"], ["--runtime-activations"],
+                  ["--qat-embeddings"]):
         assert main(["-q", cmd, str(tmp_path / "missing"), *args, "-o", str(tmp_path / "o"), "--heal", "1024",
                      *extra]) == 2
         err = capsys.readouterr().err

@@ -44,29 +44,39 @@ def _distil_steps(student, teacher, steps: int = 6, seed: int = 0, sub_lr: float
 
 @pytest.mark.parametrize("preset,weights", [("Q4_K_M", "ste"), ("Q4_0", "ste"), ("IQ4_XS", "ste"),
                                             ("Q4_K_M", "round"), ("Q4_0", "frozen"), ("Q4_K_M", "round+sub"), ("Q4_K_M", "codes"),
-                                            ("Q3_K_M", "ste+sub")])
+                                            ("Q3_K_M", "ste+sub"), ("Q4_0", "round+emb"), ("Q4_K_M", "ste+emb+tie")])
 def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, weights, llama_cpp_available):
     """After distillation steps through the fake-quant forward, every block linear in the GGUF dequantizes (gguf-py)
     to the fake-quant weight bit for bit, and llama.cpp's logits match torch's fake-quant model's; with the
-    float weights frozen or under learned rounding too (they then never move; the rounding offsets do), and with the
-    K-quants' integer sub-block scales and mins learned (+sub: they move and ship)."""
+    float weights frozen or under learned rounding too (they then never move; the rounding offsets do), with the
+    K-quants' integer sub-block scales and mins learned (+sub: they move and ship), and with the token embedding and
+    LM head on their grids too (+emb, --qat-embeddings; +tie: the head tied to the embedding, one parametrization for
+    both, the tie kept after export; their float weights never move, even under ste)."""
+    weights, tie = weights.removesuffix("+tie"), weights.endswith("+tie")
+    weights, emb = weights.removesuffix("+emb"), weights.endswith("+emb")
     weights, learn_sub = weights.removesuffix("+sub"), weights.endswith("+sub")
     # +sub: rows of 256 weights, so that the K-quant types hold (the default tiny model's fall back to Q5_0/Q8_0)
     dims = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2) if learn_sub \
         else {}
-    teacher = load(tiny_hf("LlamaForCausalLM", **dims))
+    teacher = load(tiny_hf("LlamaForCausalLM", tie=tie, **dims))
     m = copy.deepcopy(teacher)
     _, _, types = plan_model(m, preset)
     fakes = qat.attach(m, types, learn_round=weights in ("round", "codes"), anchor=weights == "codes",
-                       freeze=weights != "ste", learn_sub_scales=learn_sub)
-    assert len(fakes) == 7 * m.config["num_hidden_layers"]
+                       freeze=weights != "ste", learn_sub_scales=learn_sub, embeddings=emb)
+    n_emb = (1 if tie else 2) if emb else 0
+    assert len(fakes) == 7 * m.config["num_hidden_layers"] + n_emb
+    assert [f.gguf_name for f in fakes[len(fakes) - n_emb:]] == ["token_embd.weight", "output.weight"][:n_emb]
     scales0 = [f.fake.d.detach().clone() for f in fakes]
     w0 = [f.module.parametrizations.weight.original.detach().clone() for f in fakes]
     losses = _distil_steps(m, teacher, sub_lr=0.05)
     assert all(np.isfinite(losses))
     assert any((f.fake.d.detach() != s).any() for f, s in zip(fakes, scales0, strict=True))  # scales trained
     moved = [not torch.equal(f.module.parametrizations.weight.original, w) for f, w in zip(fakes, w0, strict=True)]
+    assert moved[len(fakes) - n_emb:] == [False] * n_emb          # the embeddings' float weights never train
+    moved = moved[:len(fakes) - n_emb]
     assert all(moved) if weights == "ste" else not any(moved)
+    if emb:                                          # the embedding's grid trained: its scales moved
+        assert all((f.fake.d.detach() != s).any() for f, s in zip(fakes[-n_emb:], scales0[-n_emb:], strict=True))
     if weights in ("round", "codes"):
         assert all(f.fake.round_offset.abs().sum() > 0 for f in fakes)
     subs = [f for f in fakes if f.fake.sub_ranges is not None]
@@ -78,6 +88,9 @@ def test_what_trains_is_what_ships(tiny_hf, tmp_path, preset, weights, llama_cpp
         fq_weights = {f.hf_name: f.module.weight.detach().clone() for f in fakes}     # the last forward's
     encoded, changed = qat.export(m, fakes)
     assert not any(torch.nn.utils.parametrize.is_parametrized(f.module) for f in fakes)
+    head = m.module.get_output_embeddings()
+    assert (head.weight is m.module.get_input_embeddings().weight) == tie and not \
+        torch.nn.utils.parametrize.is_parametrized(head)
     for f in fakes:
         assert torch.equal(changed[f.hf_name], fq_weights[f.hf_name])
     out = tmp_path / "qat.gguf"
@@ -162,8 +175,9 @@ def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budge
     with pytest.raises(ConfigError, match="--qat-budget, --qat-lr"):
         CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal, qat_budget="10m")
     for flag, v in (("scale_lr", 1e-3), ("round_lr", 1e-3), ("sub_scales", True),   # QAT's own settings without QAT
-                    ("runtime_activations", True)):
-        with pytest.raises(ConfigError, match="--sub-scales and --runtime-activations set quantization-aware training"):
+                    ("runtime_activations", True), ("qat_embeddings", True)):
+        with pytest.raises(ConfigError, match="--runtime-activations and --qat-embeddings set quantization-aware "
+                                              "training"):
             CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal_options("30m", {flag: v}))
     with pytest.raises(ConfigError, match="--round-lr"):
         heal_options("1024", {"round_lr": 0.0})
@@ -240,20 +254,24 @@ def test_prune_heal_qat_in_one_command_reports_the_unhealed_and_llama_cpps_dense
     assert not (tmp_path / "pq.heal-work").exists() and not (tmp_path / "pq.qat-work").exists()
 
 
-def test_qat_can_start_from_gptq_codes(tiny_hf):
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_qat_can_start_from_gptq_codes(tiny_hf, embeddings):
     """attach(start=GPTQ's encoded rows) on the weights GPTQ decoded to: the first forward reproduces GPTQ's codes
-    (its weights exactly), and exporting untrained gives GPTQ's bytes back."""
+    (its weights exactly), and exporting untrained gives GPTQ's bytes back; with the embeddings on their grids too,
+    the tied embedding starts from the codes GPTQ gave the output projection."""
     from slimlm.calib import calibration_chunks
     from slimlm.sequential import quantize_model
-    m = load(tiny_hf("LlamaForCausalLM"))
+    m = load(tiny_hf("LlamaForCausalLM", tie=embeddings))
     _, _, types = plan_model(m, "Q4_K_M")
     chunks, _ = calibration_chunks(m, None, n_ctx=64, max_chunks=3)
-    encoded, changed, _ = quantize_model(m, chunks, types, output=False, progress=False)
+    encoded, changed, _ = quantize_model(m, chunks, types, output=embeddings, progress=False)
+    assert ("token_embd.weight" in encoded) == embeddings
     student = copy.deepcopy(m)
     with torch.no_grad():
         for hf, W in changed.items():
             student.module.get_parameter(hf).copy_(W)
-    fakes = qat.attach(student, types, start=encoded)
+    fakes = qat.attach(student, types, start=encoded, embeddings=embeddings)
+    assert (fakes[-1].gguf_name == "token_embd.weight") == embeddings
     with torch.no_grad():
         for f in fakes:
             assert torch.equal(f.module.weight, changed[f.hf_name]), f.gguf_name
@@ -298,6 +316,34 @@ def test_runtime_activations_put_llama_cpps_activation_rounding_into_qat(tiny_hf
         start[on] = step["heldout_kl_unhealed"]
         assert read_gguf(tmp_path / f"q{on}.gguf").tensor("blk.0.ffn_down.weight").ggml_type in (12, 13, 14)
     assert start[True] > start[False], start          # deterministic: equal would mean no rounding was applied
+
+
+def test_qat_embeddings_train_the_tied_embedding_through_the_trainers_fused_head(tiny_hf, tmp_path):
+    """--qat-embeddings in compress --method qat: the tied token embedding / LM head trains on its grid through the
+    trainer (whose LM head runs fused with the top-k loss, reading the parametrized weight every step), so the file's
+    token_embd differs from the one written without it; the held-out KL starts higher (the file's embedding values,
+    not the float ones) and trains down."""
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.train.command import heal_options
+    src = tiny_hf("LlamaForCausalLM", tie=True)
+    base = dict(type="Q4_0", calib="default", calib_chunks=3, n_ctx=64, evaluate=False)
+    emb, steps = {}, {}
+    for on in (False, True):
+        opts = {"seq_len": 32, "lr": 1e-4, "precision": "fp32", **({"qat_embeddings": True} if on else {})}
+        heal = heal_options("512", opts)
+        assert ("qat_embeddings" in heal.train.fingerprint()) == on
+        out = tmp_path / f"q{on}.gguf"
+        rep = compress(src, out, CompressConfig(method="qat", heal=heal, **base), progress=False)
+        steps[on] = next(s for s in rep.steps if s["step"] == "qat")
+        g = read_gguf(out)
+        t = g.tensor("token_embd.weight")
+        assert "output.weight" not in {t.name for t in g.tensors}          # tied: one tensor
+        emb[on] = (t.ggml_type, np.asarray(g.raw(t)).copy())
+    assert emb[True][0] == emb[False][0] and not np.array_equal(emb[True][1], emb[False][1])
+    assert steps[True]["tensors"] == steps[False]["tensors"] + 1
+    # the held-out KL it starts from now sees the embedding's rounding (without, torch trains a float embedding)
+    assert steps[True]["heldout_kl_unhealed"] > steps[False]["heldout_kl_unhealed"], steps
+    assert steps[True]["heldout_kl"] < steps[True]["heldout_kl_unhealed"], steps[True]
 
 
 def test_qat_killed_with_sigkill_resumes_to_the_same_file(tiny_hf, tmp_path, capsys, llama_cpp_available):

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericsError
@@ -166,13 +167,19 @@ class Trainer:
         return cache
 
     def _loss(self, fwd, targets, rows: torch.Tensor) -> torch.Tensor:
+        # a parametrized weight (QAT's fake-quant) computed once per micro-batch: a tied embedding's reaches the
+        # input side and the LM head (the graph keeps the value for the backward after the context)
+        with parametrize.cached():
+            return self._loss_uncached(fwd, targets, rows)
+
+    def _loss_uncached(self, fwd, targets, rows: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         ids = self.data.train[rows].to(self.device)
         tgt = targets(rows, ids)
         if self.head is not None and "idx" in tgt and not cfg.ce_weight and not self.hidden:
             with autocast(self.device, self.bf16):
                 h, _ = fwd(ids, False, head=False)
-                return head_kl_topk(h, self.head, tgt["idx"].to(self.device), tgt["lt"].to(self.device),
+                return head_kl_topk(h, self.head(), tgt["idx"].to(self.device), tgt["lt"].to(self.device),
                                     cfg.temperature)
         with autocast(self.device, self.bf16):
             logits, hs = fwd(ids, self.hidden)
@@ -288,7 +295,9 @@ class Trainer:
         opt = adamw(param_groups(params, names, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                     fused=not fsdp)
         # the LM head fused with the top-k loss (no (positions, vocab) logits); FSDP shards W inside the module
-        self.head = None if fsdp else fused_head(module)
+        # (a callable: under QAT of the embeddings the weight is a parametrization's output, new every step)
+        self.head = None if fsdp or fused_head(module) is None else partial(getattr, module.get_output_embeddings(),
+                                                                            "weight")
         fwd = _Forward(module)
         if world.size > 1 and not fsdp:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
