@@ -31,7 +31,7 @@ class Fake:
     hf_name: str
     module: torch.nn.Module
     fake: FakeQuant
-    tied: tuple = ()          # further modules that share the parametrization (an LM head tied to the embedding)
+    tied: tuple = ()          # further modules whose parametrization reads this one's value (a tied LM head: _TiedTo)
 
 
 def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn_scales: bool = True,
@@ -45,7 +45,7 @@ def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn
     weights are frozen (`anchor`: the offsets move the starting codes themselves, which the learned scales then
     never re-round: quant/fakequant.py); `freeze`: the float weights are frozen (their codes then change only where
     a learned scale moves the nearest level); `learn_sub_scales`: the integer sub-block scales and mins of K-quants / IQ4_XS train
-    too (quant/fakequant.py); `embeddings`: the token embedding (and the LM head: tied, the same parametrization) get
+    too (quant/fakequant.py); `embeddings`: the token embedding (and the LM head: tied, reading the embedding's) get
     one too, their float weights frozen whatever the mode (_attach_embeddings). Frozen: marked `FROZEN`, which the
     trainer's parameter selection honours."""
     from ..lazy import streamed
