@@ -83,9 +83,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "training sees and the held-out KL measures what the file does in llama.cpp on a CPU (default: "
                    "float activations)")
     g.add_argument("--qat-embeddings", action="store_const", const=True, help="--method qat: the token embedding "
-                   "(and the LM head, tied to it or not) trains on its GGUF grid too: its block scales, rounding "
-                   "offsets (--qat-weights round/codes) and sub-block scales (--sub-scales), never its float weights "
-                   "(default: it is written as the encoder quantizes it)")
+                   "(and the LM head, tied to it or not) trains on its GGUF grid too: its block scales and sub-block "
+                   "scales (--sub-scales), its codes following the nearest levels; never its float weights or "
+                   "learned rounding (default: it is written as the encoder or GPTQ quantized it)")
     g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: peak learning rate of learned "
                    "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "

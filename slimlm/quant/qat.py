@@ -116,8 +116,10 @@ class _TiedTo(torch.nn.Module):
 def _attach_embeddings(model, types: dict, imatrix, start: dict | None, kw: dict) -> list[Fake]:
     """FakeQuants on the token embedding (with the LM head when it is tied to it) and an untied LM head, where the
     plan gives them a block type, from `start`'s codes where it has them (GPTQ's output projection). Their float
-    weights never train (the trainer freezes the embeddings; here too under --qat-weights ste): their learned
-    scales, rounding and sub-block scales do."""
+    weights never train (the trainer freezes the embeddings; here too under --qat-weights ste), nor does their
+    rounding: their block scales (and with learn_sub_scales their sub-block scales) do, and the codes follow the
+    nearest levels of the trained scales (learned rounding offsets on the embedding cost memory and time and did
+    no better: README, "Training the tied embedding")."""
     from .grid import TABLES, T
     spec = model.spec
     emb, head = model.module.get_input_embeddings(), model.module.get_output_embeddings()
@@ -133,7 +135,8 @@ def _attach_embeddings(model, types: dict, imatrix, start: dict | None, kw: dict
         if fmt is None or fmt.is_float or not fmt.fits(mods[0].weight.shape[-1]) or \
                 T(fmt.ggml_type) not in TABLES:
             continue
-        out.append(_attach(model, name, hf, mods, fmt, imatrix, start, frozen=True, **kw))
+        out.append(_attach(model, name, hf, mods, fmt, imatrix, start, frozen=True,
+                           **{**kw, "learn_round": False}))
     return out
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
                                             # (at scale_lr, in units of their largest stored value)
     runtime_activations: bool = False       # QAT: the linears' inputs rounded as llama.cpp's CPU backend rounds them
                                             # (quant/activations.py; straight through)
-    qat_embeddings: bool = False            # QAT: the token embedding / LM head's block scales and rounding train too
+    qat_embeddings: bool = False            # QAT: the token embedding / LM head's block scales train too
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
