@@ -67,7 +67,7 @@ def attach(model, types: dict, imatrix=None, *, start: dict | None = None, learn
         out.append(_attach(model, name, f"{hf_of[id(mods[0])]}.weight", [mods[0]], fmt, imatrix, start,
                            frozen=learn_round or freeze, **kw))
     if embeddings:
-        out += _attach_embeddings(model, types, imatrix, start, kw)
+        out += _attach_embeddings(model, types, imatrix, start, hf_of, kw)
     return out
 
 
@@ -113,7 +113,7 @@ class _TiedTo(torch.nn.Module):
         return self._owner[0].weight
 
 
-def _attach_embeddings(model, types: dict, imatrix, start: dict | None, kw: dict) -> list[Fake]:
+def _attach_embeddings(model, types: dict, imatrix, start: dict | None, hf_of: dict, kw: dict) -> list[Fake]:
     """FakeQuants on the token embedding (with the LM head when it is tied to it) and an untied LM head, where the
     plan gives them a block type, from `start`'s codes where it has them (GPTQ's output projection). Their float
     weights never train (the trainer freezes the embeddings; here too under --qat-weights ste), nor does their
@@ -124,11 +124,9 @@ def _attach_embeddings(model, types: dict, imatrix, start: dict | None, kw: dict
     spec = model.spec
     emb, head = model.module.get_input_embeddings(), model.module.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
-    hf_of = {id(m): n for n, m in model.module.named_modules()}
+    groups = [[emb, head]] if tied else [[emb]] + ([[head]] if head is not None else [])
     out = []
-    for mods in ([emb, head] if tied else [emb], [] if tied or head is None else [head]):
-        if not mods:
-            continue
+    for mods in groups:
         hf = f"{hf_of[id(mods[0])]}.weight"
         name = spec.hf_to_gguf(hf)
         fmt = types[name][0] if name in types else None
