@@ -50,7 +50,7 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
             k, _, v = kv.partition("=")
             if k not in kinds or not v:
                 raise SystemExit(f"--variants: {kv!r} is not field=value of a TrainConfig field")
-            if k in ("seq_len", "micro_batch"):        # the rows are loaded at 256 tokens, 4 per step
+            if k == "seq_len":                         # the rows are loaded at 256 tokens
                 raise SystemExit(f"--variants: {k} is not a variant here; compare training contexts with --seq-lens")
             kind = kinds[k]
             try:
@@ -116,8 +116,8 @@ def main() -> int:
         out_json.write_text(json.dumps({"rows": rows, "machine": machine(), "args": vars(a)}, indent=1, default=str))
 
     def e2e(m, data, layer_map, seq_len: int = 256, **over) -> dict:
-        cfg = TrainConfig(budget=a.e2e, seq_len=seq_len, micro_batch=max(1, 1024 // seq_len), eval_every=0,
-                          checkpoint_every=0, compile="off", **over)
+        over = {"micro_batch": max(1, 1024 // seq_len), **over}      # 1024 tokens per step unless a variant says
+        cfg = TrainConfig(budget=a.e2e, seq_len=seq_len, eval_every=0, checkpoint_every=0, compile="off", **over)
         t = time.perf_counter()
         r = train(m, ref, data, cfg, folder=RESULTS / "heal-ablation-work", progress=False, layer_map=layer_map)
         return {"e2e_seconds": time.perf_counter() - t, "e2e_tokens": r["tokens"], "e2e_tps": r["tokens_per_s"]}
