@@ -24,6 +24,7 @@ Writes bench/results/heal.json and docs/heal-loss.png (the acceptance run's loss
 
     python bench/heal.py [--minutes 30] [--compare-tokens 60k] [--ratio 0.25] [--chunks 8] [--skip ...]
     python bench/heal.py --skip stages,cache,iterative,throughput --train from-changed --tag from-changed
+    python bench/heal.py --skip stages,cache,iterative,throughput --lr 4e-4 --tag lr4e-4
 """
 from __future__ import annotations
 
@@ -114,6 +115,10 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of: stages, e2e, cache, iterative, throughput")
     ap.add_argument("--train", default=None, choices=TRAIN_PARAMS, help="what trains in the acceptance row (default: "
                     "TrainConfig's)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate of the acceptance row (default: "
+                    "TrainConfig's)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="256-token rows per step in the acceptance row "
+                    "(default: TrainConfig's)")
     ap.add_argument("--tag", default="", help="suffix of the result files (heal-TAG.json, heal-loss-TAG.png, "
                     "results/heal-TAG/)")
     ap.add_argument("--reeval", action="store_true", help="only evaluate the Q8_0 files an earlier run wrote (unpruned, "
@@ -260,7 +265,8 @@ def main() -> int:
     heal_rec = None
     if "e2e" not in skip:
         s = copy.deepcopy(pruned)
-        over = {"train_params": a.train} if a.train else {}
+        over = {k: v for k, v in (("train_params", a.train), ("lr", a.lr), ("micro_batch", a.micro_batch))
+                if v is not None}
         hc = HealConfig(train=TrainConfig(budget=f"{a.minutes:g}m", **over), data=(a.calib,))
         t = time.perf_counter()
         heal_rec = heal_model(s, ref, hc, folder=out_dir / "work-e2e", layer_map=layer_map, eval_text=eval_text,
