@@ -186,6 +186,29 @@ def test_bad_plans_are_refused_before_work(tiny_hf):
         prune_structured(m, None, Plan(ffn=32), importance="obs", progress=False)
 
 
+@pytest.mark.parametrize("need,drop", [(40, [1]), (40, []), (20, [0, 2])])
+def test_per_layer_widths_remove_the_fewest_neurons_that_reach_the_ratio(tiny_hf, need, drop):
+    """The uniform plan rounds every layer's width down to 32 (SmolLM2 at 25%: 25.7% removed); per-layer widths
+    need only the total rounded: neurons_for_ratio's count, in 32s, reaches the ratio and one 32 fewer does not.
+    `need`: the ratio is what removing that many neurons (after the dropped layers) removes."""
+    from slimlm import load
+    from slimlm.prune.command import neurons_for_ratio
+    m = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=4), progress=False)
+    cfg, total, kept = m.config, n_params(m.config), 4 - len(drop)
+
+    def removed(n):            # n neurons off the kept layers, spread in 32s: the fraction of parameters removed
+        widths = [96 - 32 * (n // 32 // kept + (j < n // 32 % kept)) for j in range(kept)]
+        return 1 - n_params(planned_config(cfg, Plan(drop_layers=drop, ffn_per_layer=widths))) / total
+
+    full = n_params(planned_config(cfg, Plan(drop_layers=drop)))
+    per = (full - n_params(planned_config(cfg, Plan(drop_layers=drop, ffn=95)))) // kept
+    ratio = 1 - (full - need * per) / total
+    uniform = plan_for_ratio(planned_config(cfg, Plan(drop_layers=drop)), 1 - (1 - ratio) * total / full)
+    n = neurons_for_ratio(cfg, Plan(drop_layers=drop, ffn=uniform.ffn), ratio, 32)
+    assert n % 32 == 0 and removed(n) >= ratio - 1e-12 > removed(n - 32)
+    assert n == -(-need // 32) * 32 < (96 - uniform.ffn) * kept      # the uniform plan removes more
+
+
 def test_per_layer_widths_export_as_deci_and_reload(tiny_hf, tmp_path, llama_cpp_available):
     """Globally allocated MLP widths differ per layer: layer 1's MLP writes 50x less into the residual stream, so
     its neurons cost least and the global allocation cuts it to the floor (a quarter of its width) and the others

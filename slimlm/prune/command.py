@@ -2,6 +2,7 @@
 an HF folder, evaluated against the original, with a report."""
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -301,11 +302,14 @@ def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan
 
 
 def allocate_widths(m, chunks, plan: Plan, config: PruneConfig, say, progress: bool) -> None:
-    """Replace the plan's uniform MLP width by per-layer widths removing the same number of neurons."""
+    """Replace the plan's uniform MLP width by per-layer widths removing as many neurons (for --ratio: the fewest,
+    in whole multiples, that reach it; see neurons_for_ratio)."""
     from .structured import allocate_ffn
     d = dims(m.config)
     kept = [i for i in range(d["n_layer"]) if i not in plan.drop_layers]
     n_rm, mult = (d["ffn"] - plan.ffn) * len(kept), round_multiple(config)
+    if config.ratio is not None and config.ffn is None:
+        n_rm = min(n_rm, neurons_for_ratio(m.config, plan, config.ratio, mult))
     if config.allocation == "global":
         say("measuring every layer's MLP pruning curve (OBS) ...")
         plan.ffn_per_layer = allocate_ffn(m, chunks, n_rm, round_to=mult, layers=kept, progress=progress)
@@ -320,6 +324,21 @@ def allocate_widths(m, chunks, plan: Plan, config: PruneConfig, say, progress: b
     plan.ffn = None
     if len(set(plan.ffn_per_layer)) == 1:
         plan.ffn, plan.ffn_per_layer = plan.ffn_per_layer[0], None
+
+
+def neurons_for_ratio(cfg: dict, plan: Plan, ratio: float, mult: int) -> int:
+    """The fewest MLP neurons, a multiple of `mult` in all, whose removal from the layers `plan` keeps (with the
+    rest of `plan`) leaves at most (1 - ratio) of `cfg`'s parameters. The uniform plan rounds every layer's width
+    down to `mult`, which at SmolLM2's 25% removed 7,680 neurons where 7,200 reach it (25.7% instead of 25.0%);
+    per-layer widths only need the total rounded."""
+    import dataclasses
+
+    from .structured import n_params, planned_config
+    ffn, n_kept = dims(cfg)["ffn"], dims(cfg)["n_layer"] - len(plan.drop_layers)
+    full = n_params(planned_config(cfg, dataclasses.replace(plan, ffn=ffn)))
+    per = full - n_params(planned_config(cfg, dataclasses.replace(plan, ffn=ffn - 1)))   # one neuron in every kept layer
+    excess = full - math.floor(n_params(cfg) * (1.0 - ratio))
+    return max(0, -(-excess * n_kept // (per * mult))) * mult
 
 
 def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
