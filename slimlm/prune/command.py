@@ -334,7 +334,8 @@ def neurons_for_ratio(cfg: dict, plan: Plan, ratio: float, mult: int) -> int:
     import dataclasses
 
     from .structured import n_params, planned_config
-    ffn, n_kept = dims(cfg)["ffn"], dims(cfg)["n_layer"] - len(plan.drop_layers)
+    d = dims(cfg)
+    ffn, n_kept = d["ffn"], d["n_layer"] - len(plan.drop_layers)
     full = n_params(planned_config(cfg, dataclasses.replace(plan, ffn=ffn)))
     per = full - n_params(planned_config(cfg, dataclasses.replace(plan, ffn=ffn - 1)))   # one neuron in every kept layer
     excess = full - math.floor(n_params(cfg) * (1.0 - ratio))
