@@ -273,6 +273,9 @@ def main() -> int:
                               progress=True, say=print)
         name = f"+ end-to-end, {a.minutes:g} min budget (preparation included)"
         e2e = heal_rec["stages"][-1]["detail"]
+        print(f"end-to-end: {e2e['train_seconds']:.0f} s of training, of which held-out evaluations "
+              f"{e2e.get('eval_seconds', 0):.0f} s and {e2e.get('checkpoints', 0)} checkpoints "
+              f"{e2e.get('checkpoint_seconds', 0):.0f} s; teacher targets {e2e['teacher_targets']}", flush=True)
         record(name, s, seconds=time.perf_counter() - t, tokens=e2e["tokens"], tokens_per_s=e2e["tokens_per_s"],
                stages=[{k: v for k, v in x.items() if k != "detail"} for x in heal_rec["stages"]])
         loss_png(e2e["curve"], e2e["evals"], HERE.parent / "docs" / f"heal-loss{sfx}.png",

@@ -126,8 +126,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "are plain training")
     g.add_argument("--eval-every", type=int, metavar="N", help=f"held-out KL every N steps, the best state kept "
                    f"(default {_T.eval_every}; 0: only at the end)")
-    g.add_argument("--checkpoint-every", type=int, metavar="N", help=f"checkpoint every N steps (default "
-                   f"{_T.checkpoint_every}; 0: none)")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: none; default: "
+                   "every 100 steps, at most one per 10 minutes, since a checkpoint of weights, best state and "
+                   "AdamW moments takes seconds to write)")
     g.add_argument("--seed", type=int, metavar="N", help="seed of the data order and generation (default 0)")
 
 

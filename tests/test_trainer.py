@@ -459,3 +459,71 @@ def test_adamw_is_fused_for_plain_parameters_and_steps_like_the_per_tensor_loop(
     # not fused where asked not to (FSDP's shards) or where a tensor is not a plain Parameter
     assert not adamw([torch.nn.Parameter(torch.ones(3))], lr=1e-3, fused=False).defaults["fused"]
     assert not adamw([torch.ones(3, requires_grad=True)], lr=1e-3).defaults["fused"]
+
+
+def test_heldout_kl_keeps_the_teachers_logits_and_gives_the_same_number(src, calib, monkeypatch):
+    """The held-out evaluation runs the teacher once per run: later evaluations reuse its logits and equal a fresh
+    teacher forward exactly (the teacher is fixed)."""
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    calls = {"n": 0}
+    teacher.module.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    cfg = TrainConfig(budget="256", seq_len=32, micro_batch=1, eval_every=0, checkpoint_every=0, precision="fp32")
+    t = trainer.Trainer(student, teacher, data, cfg, folder=None, progress=False)
+    first = t.heldout_kl(student.module)
+    assert calls["n"] == data.heldout.shape[0] == 2           # one teacher forward per held-out micro-batch
+    second = t.heldout_kl(student.module)
+    assert calls["n"] == 2 and second == first                  # none the second time, the same number
+    monkeypatch.setattr(trainer, "HELDOUT_TEACHER_BYTES", 0)    # too big to keep: the teacher runs every time
+    fresh = trainer.Trainer(student, teacher, data, cfg, folder=None, progress=False)
+    assert fresh.heldout_kl(student.module) == first and fresh.heldout_kl(student.module) == first
+    assert calls["n"] == 6
+    with torch.no_grad():                                       # a changed student gives a different number
+        next(student.module.parameters()).mul_(0.5)
+    assert t.heldout_kl(student.module) != first and calls["n"] == 6
+
+
+@pytest.mark.parametrize("interval, want", [(0.0, [2, 4, 6, 8, 10]), (3600.0, [])])
+def test_default_checkpoints_every_n_steps_at_most_once_per_interval(src, calib, tmp_path, monkeypatch,
+                                                                      interval, want):
+    """Without --checkpoint-every, a checkpoint every AUTO_CHECKPOINT_STEPS steps once AUTO_CHECKPOINT_SECONDS have
+    passed since the last: none in a run shorter than the interval; an explicit N keeps its exact meaning."""
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train import trainer
+    monkeypatch.setattr(trainer, "AUTO_CHECKPOINT_STEPS", 2)
+    monkeypatch.setattr(trainer, "AUTO_CHECKPOINT_SECONDS", interval)
+    saved = []
+    real = trainer.checkpoint.save
+    monkeypatch.setattr(trainer.checkpoint, "save", lambda folder, **kw: (saved.append(kw["state"]["step"]),
+                                                                          real(folder, **kw))[1])
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    base = dict(budget="1536", seq_len=32, micro_batch=4, eval_every=0, lr=1e-3, teacher_targets="full")
+    trainer.train(student, teacher, data, TrainConfig(**base), folder=tmp_path / "a", progress=False)
+    assert saved == want                                         # 12 steps; never after the last
+    if interval:                                                 # an explicit N: every N steps, whatever the time
+        saved.clear()
+        trainer.train(student, teacher, data, TrainConfig(**base, checkpoint_every=5), folder=tmp_path / "b",
+                      progress=False)
+        assert saved == [5, 10]
+
+
+def test_heal_stages_heldout_kl_runs_the_teacher_once(src, calib):
+    """heal_model evaluates every stage on the same held-out rows: the teacher's logits are computed by the first
+    evaluation and reused, with the same number as a fresh forward."""
+    sys.path.insert(0, str(WORKER.parent))
+    import train_worker
+
+    from slimlm.train.heal import heldout_kl
+    teacher, student, data = train_worker.make(str(src), str(calib))
+    calls = {"n": 0}
+    teacher.module.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    keep: list = []
+    first = heldout_kl(student, teacher, data.heldout, batch=1, keep=keep)
+    assert calls["n"] == 2 and len(keep) == 2
+    assert heldout_kl(student, teacher, data.heldout, batch=1, keep=keep) == first and calls["n"] == 2
+    assert heldout_kl(student, teacher, data.heldout, batch=1) == first and calls["n"] == 4

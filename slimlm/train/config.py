@@ -83,7 +83,8 @@ class TrainConfig:
                                             # training token into a memory-mapped cache (top-k + remaining mass)
     topk: int = 256                         # logits kept per token in the cache (+ the remaining mass)
     eval_every: int = 50                    # held-out KL every N steps; the best state is kept (0: only at the end)
-    checkpoint_every: int = 100             # steps between checkpoints (0: none)
+    checkpoint_every: int | None = None     # steps between checkpoints (0: none; None: every 100 steps, at most
+                                            # one per 10 minutes: trainer.AUTO_CHECKPOINT_*)
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"                   # several processes: ddp (each holds the whole training state) | fsdp
@@ -112,7 +113,9 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         for name, v, lo in (("seq-len", self.seq_len, 8), ("micro-batch", self.micro_batch, 1),
                             ("accum", self.accum, 1), ("lora", self.lora_rank, 1), ("topk", self.topk, 1),
-                            ("eval-every", self.eval_every, 0), ("checkpoint-every", self.checkpoint_every, 0)):
+                            ("eval-every", self.eval_every, 0),
+                            *((("checkpoint-every", self.checkpoint_every, 0),) if self.checkpoint_every is not None
+                              else ())):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
         for name, v, ok in (("train", self.train_params, TRAIN_PARAMS), ("precision", self.precision, PRECISIONS),

@@ -75,14 +75,21 @@ class HealConfig:
 
 
 @torch.no_grad()
-def heldout_kl(student, teacher, heldout: torch.Tensor, batch: int = 4) -> float:
-    """KL(teacher || student) at T=1 on held-out rows, in float32."""
+def heldout_kl(student, teacher, heldout: torch.Tensor, batch: int = 4, keep: list | None = None) -> float:
+    """KL(teacher || student) at T=1 on held-out rows, in float32. `keep`: a list that holds the teacher's logits
+    of these rows between calls (filled by the first, read by the later ones: the same numbers, one teacher
+    forward)."""
     from .losses import kl_full
     tot = 0.0
-    for a in range(0, heldout.shape[0], batch):
+    for j, a in enumerate(range(0, heldout.shape[0], batch)):
         ids = heldout[a:a + batch]
         s = student.module(input_ids=ids, use_cache=False).logits
-        t = teacher.module(input_ids=ids, use_cache=False).logits
+        if keep is not None and j < len(keep):
+            t = keep[j]
+        else:
+            t = teacher.module(input_ids=ids, use_cache=False).logits
+            if keep is not None:
+                keep.append(t)
         tot += float(kl_full(s, t)) * ids.shape[0]
     return tot / heldout.shape[0]
 
@@ -116,7 +123,10 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
                  "data": {"sources": list(data.sources), "train_tokens": data.n_tokens,
                           "heldout_rows": int(data.heldout.shape[0]), "fingerprint": data.fingerprint},
                  "stages": []}
-    kl0 = heldout_kl(student, teacher, data.heldout)
+    # the teacher's held-out logits, once for every stage's evaluation (float32: 8 x 256 positions of a 49k
+    # vocabulary are 400 MB; a bigger vocabulary or more rows run the teacher each time)
+    keep = [] if data.heldout.numel() * int(teacher.config.get("vocab_size") or 0) * 4 <= 2**30 else None
+    kl0 = heldout_kl(student, teacher, data.heldout, keep=keep)
     rec["stages"].append({"stage": "unhealed", "heldout_kl": kl0, "seconds": 0.0})
     say(f"  held-out KL to the teacher: {kl0:.4f} (unhealed)")
     chunks = data.train[:config.stage_rows]
@@ -125,21 +135,21 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
         # its per-layer guard: 1/8 of the stage rows (2 rows of 256 tokens let it fit noise on SmolLM2)
         r = stages.bias_compensation(teacher, student, chunks, layer_map, holdout=max(2, chunks.shape[0] // 8),
                                      progress=progress)
-        _stage(rec, "bias compensation", r, student, teacher, data, say, undo=before)
+        _stage(rec, "bias compensation", r, student, teacher, data, say, undo=before, keep=keep)
     if config.blockwise and not resume:       # a resumed run's checkpoint holds the weights after this stage
         dl = None if deadline is None else t0 + config.blockwise_share * budget
         before = _keep_layers(student, [j for j, c in enumerate(stages.changed_layers(teacher, student, layer_map))
                                         if c])
         r = stages.blockwise_reconstruction(teacher, student, chunks, layer_map, epochs=config.blockwise_epochs,
                                             lr=config.blockwise_lr, deadline=dl, seed=cfg.seed, progress=progress)
-        _stage(rec, "block-wise reconstruction", r, student, teacher, data, say, undo=before)
+        _stage(rec, "block-wise reconstruction", r, student, teacher, data, say, undo=before, keep=keep)
     if config.e2e:
         say(f"end-to-end distillation ({cfg.budget}, {cfg.train_params}, teacher {cfg.teacher_targets}) ...")
         t = time.perf_counter()        # the trainer finds the changed layers where --train needs them
         r = train(student, teacher, data, cfg, folder=folder, resume=resume, layer_map=layer_map,
                   deadline=deadline, progress=progress, extra=extra)
         r["seconds"] = time.perf_counter() - t
-        _stage(rec, "end-to-end distillation", r, student, teacher, data, say)
+        _stage(rec, "end-to-end distillation", r, student, teacher, data, say, keep=keep)
     rec["seconds"] = time.monotonic() - t0
     rec["heldout_kl"] = rec["stages"][-1]["heldout_kl"]
     from ..model import check_finite
@@ -177,7 +187,7 @@ def _keep_layers(student, idx: list[int]):
     return undo
 
 
-def _stage(rec: dict, name: str, r: dict, student, teacher, data, say, undo=None) -> None:
+def _stage(rec: dict, name: str, r: dict, student, teacher, data, say, undo=None, keep: list | None = None) -> None:
     """Record a stage by the held-out KL after it. With `undo` (restores the student as it was before), a stage
     that raised the held-out KL is taken back: the cheap stages fit a few thousand tokens and can overfit them
     (bias compensation on SmolLM2 / brown-calib, 16k tokens: brown-eval KLD 1.08 -> 1.23)."""
@@ -185,7 +195,7 @@ def _stage(rec: dict, name: str, r: dict, student, teacher, data, say, undo=None
         say(f"  {name}: skipped ({r['skipped']})")
         rec["stages"].append({"stage": name, "skipped": r["skipped"]})
         return
-    kl = heldout_kl(student, teacher, data.heldout)
+    kl = heldout_kl(student, teacher, data.heldout, keep=keep)
     seconds = r.get("seconds", 0.0)
     prev = next(s["heldout_kl"] for s in reversed(rec["stages"]) if "heldout_kl" in s)
     entry = {"stage": name, "heldout_kl": kl, "seconds": seconds, "detail": r}

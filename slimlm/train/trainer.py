@@ -64,6 +64,15 @@ from .teacher import (
 # was within 1% of full logits' (0.613 vs 0.608) at 1.28x the tokens/s counting its build (203 vs 159).
 CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
 REPLAN_STEPS, REPLAN_WINDOWS = 10, 5
+# the teacher's logits on the held-out rows are kept (on the CPU, in the dtype they come in) for the run's later
+# evaluations while they take at most this much: SmolLM2's 8 x 256 rows in bf16 are 200 MB. The teacher is fixed,
+# so every evaluation is the same number as with a fresh teacher forward, at about half the cost.
+HELDOUT_TEACHER_BYTES = 2**30
+# --checkpoint-every's default: a checkpoint every AUTO_CHECKPOINT_STEPS steps, but at most one per
+# AUTO_CHECKPOINT_SECONDS of the run (a kill loses at most that much). SmolLM2's checkpoint (weights, best state,
+# AdamW moments) is 1.3 GB, 3-7 s to write and fsync on this machine: every 100 steps that was ~4% of a fast
+# machine's 30-minute healing
+AUTO_CHECKPOINT_STEPS, AUTO_CHECKPOINT_SECONDS = 100, 600.0
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -117,6 +126,7 @@ class Trainer:
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
         self.head = self.compiled = None
+        self._heldout_teacher: list[torch.Tensor] | None = None
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _kind(self, total: int) -> str:
@@ -201,13 +211,25 @@ class Trainer:
         was = module.training
         module.eval()
         tot, n = 0.0, 0
-        for a in range(0, self.data.heldout.shape[0], self.cfg.micro_batch):
+        kept = self._heldout_teacher
+        keep = kept is None and self.data.heldout.numel() * self.teacher.config.get("vocab_size", 0) * 2 <= \
+            HELDOUT_TEACHER_BYTES
+        if keep:
+            kept = []
+        for j, a in enumerate(range(0, self.data.heldout.shape[0], self.cfg.micro_batch)):
             ids = self.data.heldout[a:a + self.cfg.micro_batch].to(self.device)
             with autocast(self.device, self.bf16):
                 s = module(input_ids=ids, use_cache=False).logits
-                t = self.teacher.module(input_ids=ids, use_cache=False).logits
+                if kept is not None and j < len(kept):
+                    t = kept[j].to(self.device)
+                else:
+                    t = self.teacher.module(input_ids=ids, use_cache=False).logits
+                    if keep:
+                        kept.append(t.cpu())
             tot += float(kl_full(s, t)) * ids.shape[0]
             n += ids.shape[0]
+        if keep and kept[0].element_size() * sum(k.numel() for k in kept) <= HELDOUT_TEACHER_BYTES:
+            self._heldout_teacher = kept
         module.train(was)
         return tot / n
 
@@ -350,6 +372,7 @@ class Trainer:
                    disable=not (self.progress and world.main), leave=False)
         stopped = "budget"
         t_loop = time.perf_counter()
+        t_checkpoint = time.monotonic()
         tokens_at_loop = state["tokens"]
         while state["step"] < total:
             step = state["step"]
@@ -420,18 +443,21 @@ class Trainer:
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or last:
                 kl = self.heldout_kl(module)
                 t_eval = time.perf_counter() - t_aside
+                state["eval_seconds"] = state.get("eval_seconds", 0.0) + t_eval
                 state["evals"].append([state["step"], kl])
                 if kl < state["best"][1]:
                     state["best"] = [state["step"], kl]
                     best = {n: params[n].detach().clone() for n in names}
-            if self.folder is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 \
-                    and not last:
+            if self.folder is not None and not last and self._checkpoint_due(state["step"], t_checkpoint):
+                t_checkpoint = time.monotonic()
                 blob = {"params": module.state_dict(), "best": best, "optim": optim_state(opt)}
                 if fsdp:       # every process takes part in gathering the shards; rank 0 keeps and writes them
                     blob = dist.gather_full(blob, keep=world.main)
                 if world.main:
                     checkpoint.save(self.folder, fingerprint=fingerprint, state=state, **blob)
                 world.barrier()
+                state["checkpoint_seconds"] = state.get("checkpoint_seconds", 0.0) + time.monotonic() - t_checkpoint
+                state["checkpoints"] = state.get("checkpoints", 0) + 1
             t_window += time.perf_counter() - t_aside
         bar.close()
         state["train_seconds"] += time.perf_counter() - t_loop
@@ -441,6 +467,17 @@ class Trainer:
             if kl < state["best"][1]:
                 state["best"] = [state["step"], kl]
         return self._finish(module, lora, fsdp, state, best, stopped, t_start, targets, params, names)
+
+    def _checkpoint_due(self, step: int, since: float) -> bool:
+        """Whether a checkpoint is written after `step`: every --checkpoint-every steps, or by default every
+        AUTO_CHECKPOINT_STEPS steps once AUTO_CHECKPOINT_SECONDS have passed since the last one (or the start);
+        the same answer on every process."""
+        every = self.cfg.checkpoint_every
+        if every is not None:
+            return every > 0 and step % every == 0
+        if step % AUTO_CHECKPOINT_STEPS:
+            return False
+        return self.world.all_true(time.monotonic() - since >= AUTO_CHECKPOINT_SECONDS, self.device)
 
     def _finish(self, module, lora, fsdp, state, best, stopped, t_start, targets, params, names) -> dict:
         best_step, best_kl = state["best"]
@@ -467,6 +504,9 @@ class Trainer:
         return {"steps": final_step, "total_steps": state["total_steps"], "tokens": state["tokens"],
                 "seconds": time.perf_counter() - t_start, "train_seconds": tr,
                 "tokens_per_s": state["tokens"] / tr if tr else None, "curve": state["curve"],
+                # of train_seconds: the held-out evaluations and the checkpoints (written after the state they hold)
+                "eval_seconds": state.get("eval_seconds", 0.0), "checkpoint_seconds": state.get("checkpoint_seconds", 0.0),
+                "checkpoints": state.get("checkpoints", 0),
                 "evals": state["evals"], "initial_heldout_kl": state["evals"][0][1], "best_step": best_step,
                 "best_heldout_kl": best_kl, "stopped": stopped, "precision": "bf16" if self.bf16 else "fp32",
                 "device": str(self.device), "world_size": self.world.size,
