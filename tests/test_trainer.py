@@ -201,7 +201,8 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(src
     def poisoned(s, t, T=1.0):
         calls["n"] += 1
         out = real(s, t, T)
-        return out * float("nan") if calls["n"] == 1 + 7 else out   # held-out eval once, then step 7 NaN
+        return out * float("nan") if calls["n"] == 7 else out   # the training loss of step 7 (the held-out
+                                                                   # evaluation's KL is teacher.heldout_kl's)
     monkeypatch.setattr(trainer, "kl_full", poisoned)
     before = {k: v.clone() for k, v in student.module.state_dict().items()}
     cfg = TrainConfig(budget="3072", seq_len=32, micro_batch=4, eval_every=0, checkpoint_every=3,
@@ -467,6 +468,7 @@ def test_heldout_kl_keeps_the_teachers_logits_and_gives_the_same_number(src, cal
     sys.path.insert(0, str(WORKER.parent))
     import train_worker
 
+    from slimlm.train import teacher as teacher_mod
     from slimlm.train import trainer
     teacher, student, data = train_worker.make(str(src), str(calib))
     calls = {"n": 0}
@@ -477,7 +479,7 @@ def test_heldout_kl_keeps_the_teachers_logits_and_gives_the_same_number(src, cal
     assert calls["n"] == data.heldout.shape[0] == 2           # one teacher forward per held-out micro-batch
     second = t.heldout_kl(student.module)
     assert calls["n"] == 2 and second == first                  # none the second time, the same number
-    monkeypatch.setattr(trainer, "HELDOUT_TEACHER_BYTES", 0)    # too big to keep: the teacher runs every time
+    monkeypatch.setattr(teacher_mod, "HELDOUT_TEACHER_BYTES", 0)  # too big to keep: the teacher runs every time
     fresh = trainer.Trainer(student, teacher, data, cfg, folder=None, progress=False)
     assert fresh.heldout_kl(student.module) == first and fresh.heldout_kl(student.module) == first
     assert calls["n"] == 6

@@ -74,24 +74,10 @@ class HealConfig:
         return d
 
 
-@torch.no_grad()
 def heldout_kl(student, teacher, heldout: torch.Tensor, batch: int = 4, keep: list | None = None) -> float:
-    """KL(teacher || student) at T=1 on held-out rows, in float32. `keep`: a list that holds the teacher's logits
-    of these rows between calls (filled by the first, read by the later ones: the same numbers, one teacher
-    forward)."""
-    from .losses import kl_full
-    tot = 0.0
-    for j, a in enumerate(range(0, heldout.shape[0], batch)):
-        ids = heldout[a:a + batch]
-        s = student.module(input_ids=ids, use_cache=False).logits
-        if keep is not None and j < len(keep):
-            t = keep[j]
-        else:
-            t = teacher.module(input_ids=ids, use_cache=False).logits
-            if keep is not None:
-                keep.append(t)
-        tot += float(kl_full(s, t)) * ids.shape[0]
-    return tot / heldout.shape[0]
+    """KL(teacher || student) at T=1 on held-out rows, in float32 on the CPU (`keep`: teacher.heldout_kl's)."""
+    from .teacher import heldout_kl as kl
+    return kl(student.module, teacher.module, heldout, batch=batch, device=torch.device("cpu"), bf16=False, keep=keep)
 
 
 def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bool = False,
@@ -102,7 +88,7 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
     that overlaps it is cut or refused). Returns the record for the report."""
     from . import stages
     from .data import load_train_data
-    from .teacher import module_fingerprint
+    from .teacher import heldout_keep, module_fingerprint
     from .trainer import train
     t0 = time.monotonic()
     cfg = config.train
@@ -123,9 +109,7 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
                  "data": {"sources": list(data.sources), "train_tokens": data.n_tokens,
                           "heldout_rows": int(data.heldout.shape[0]), "fingerprint": data.fingerprint},
                  "stages": []}
-    # the teacher's held-out logits, once for every stage's evaluation (float32: 8 x 256 positions of a 49k
-    # vocabulary are 400 MB; a bigger vocabulary or more rows run the teacher each time)
-    keep = [] if data.heldout.numel() * int(teacher.config.get("vocab_size") or 0) * 4 <= 2**30 else None
+    keep = heldout_keep(data.heldout, teacher, 4)        # the teacher's held-out logits, once for every stage
     kl0 = heldout_kl(student, teacher, data.heldout, keep=keep)
     rec["stages"].append({"stage": "unhealed", "heldout_kl": kl0, "seconds": 0.0})
     say(f"  held-out KL to the teacher: {kl0:.4f} (unhealed)")

@@ -55,6 +55,8 @@ from .teacher import (
     TopKOnTheFly,
     autocast,
     fused_head,
+    heldout_keep,
+    heldout_kl,
     linears_in_bf16,
     module_fingerprint,
 )
@@ -64,10 +66,6 @@ from .teacher import (
 # was within 1% of full logits' (0.613 vs 0.608) at 1.28x the tokens/s counting its build (203 vs 159).
 CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
 REPLAN_STEPS, REPLAN_WINDOWS = 10, 5
-# the teacher's logits on the held-out rows are kept (on the CPU, in the dtype they come in) for the run's later
-# evaluations while they take at most this much: SmolLM2's 8 x 256 rows in bf16 are 200 MB. The teacher is fixed,
-# so every evaluation is the same number as with a fresh teacher forward, at about half the cost.
-HELDOUT_TEACHER_BYTES = 2**30
 # --checkpoint-every's default: a checkpoint every AUTO_CHECKPOINT_STEPS steps, but at most one per
 # AUTO_CHECKPOINT_SECONDS of the run (a kill loses at most that much). SmolLM2's checkpoint (weights, best state,
 # AdamW moments) is 1.3 GB, 3-7 s to write and fsync on this machine: every 100 steps that was ~4% of a fast
@@ -126,7 +124,7 @@ class Trainer:
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
         self.head = self.compiled = None
-        self._heldout_teacher: list[torch.Tensor] | None = None
+        self._heldout_teacher = heldout_keep(data.heldout, teacher, 2 if self.bf16 else 4)
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _kind(self, total: int) -> str:
@@ -210,28 +208,10 @@ class Trainer:
         """KL(teacher || student) at T=1 on the held-out rows (the full teacher distribution)."""
         was = module.training
         module.eval()
-        tot, n = 0.0, 0
-        kept = self._heldout_teacher
-        keep = kept is None and self.data.heldout.numel() * self.teacher.config.get("vocab_size", 0) * 2 <= \
-            HELDOUT_TEACHER_BYTES
-        if keep:
-            kept = []
-        for j, a in enumerate(range(0, self.data.heldout.shape[0], self.cfg.micro_batch)):
-            ids = self.data.heldout[a:a + self.cfg.micro_batch].to(self.device)
-            with autocast(self.device, self.bf16):
-                s = module(input_ids=ids, use_cache=False).logits
-                if kept is not None and j < len(kept):
-                    t = kept[j].to(self.device)
-                else:
-                    t = self.teacher.module(input_ids=ids, use_cache=False).logits
-                    if keep:
-                        kept.append(t.cpu())
-            tot += float(kl_full(s, t)) * ids.shape[0]
-            n += ids.shape[0]
-        if keep and kept[0].element_size() * sum(k.numel() for k in kept) <= HELDOUT_TEACHER_BYTES:
-            self._heldout_teacher = kept
+        kl = heldout_kl(module, self.teacher.module, self.data.heldout, batch=self.cfg.micro_batch,
+                        device=self.device, bf16=self.bf16, keep=self._heldout_teacher)
         module.train(was)
-        return tot / n
+        return kl
 
     def _timed_step(self, fwd, targets, rows: torch.Tensor) -> float:
         """Seconds of one micro-batch's forward and backward (the first pass pays one-time costs; the second is
