@@ -68,8 +68,8 @@ CACHE_BYTES, CACHE_BYTES_PER_LOGIT = 2 * 2**30, 6
 REPLAN_STEPS, REPLAN_WINDOWS = 10, 5
 # --checkpoint-every's default: a checkpoint every AUTO_CHECKPOINT_STEPS steps, but at most one per
 # AUTO_CHECKPOINT_SECONDS of the run (a kill loses at most that much). SmolLM2's checkpoint (weights, best state,
-# AdamW moments) is 1.3 GB, 3-7 s to write and fsync on this machine: every 100 steps that was ~4% of a fast
-# machine's 30-minute healing
+# AdamW moments) is 1.3 GB, 3-7 s to write and fsync on this machine: every 100 steps on a fast machine's 30-minute
+# healing that would be ~10 of them in ~1,000 s of training (an estimate, ~4%; not timed there)
 AUTO_CHECKPOINT_STEPS, AUTO_CHECKPOINT_SECONDS = 100, 600.0
 
 
