@@ -10,6 +10,7 @@ file, and weights transformers would fill with random values (missing from the c
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import logging
@@ -227,6 +228,52 @@ def _load_per_layer(d: Path, cfg: dict, files: list[Path]) -> torch.nn.Module:
     return module
 
 
+@contextlib.contextmanager
+def gguf_parsed_once(path: str | Path):
+    """Within this block transformers' GGUF loader parses `path` once, and faster.
+
+    transformers' `gguf_file=` loading parses the whole file with gguf-py's `GGUFReader` for each of the
+    tokenizer, the config and the weights (SmolLM2's 49k-token vocabulary and merges: ~3.4 s each on 2 cores), and
+    rebuilds gguf-py's tensor-name map for every module of the model (~400 times, ~15 ms each). Here the three
+    share one parse, made on a plain-array view of the memory map (numpy's memmap subclass costs per slice: the
+    same fields, 3x faster; `tests/test_model_load.py`), and the name map is built once per architecture and
+    depth. Both are gguf-py module attributes, swapped for the block and restored after it: not for threads that
+    use gguf-py at the same time."""
+    import gguf
+    stock_reader, stock_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    target, parsed = os.path.realpath(path), []
+
+    def reader(p, mode="r"):
+        if mode != "r" or os.path.realpath(p) != target:
+            return stock_reader(p, mode)
+        if not parsed:
+            parsed.append(_array_gguf_reader()(p))
+        return parsed[0]
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(stock_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = stock_reader, stock_map
+
+
+@functools.cache
+def _array_gguf_reader():
+    """gguf-py's reader class over a plain ndarray view of its memory map (the same bytes, no copy); made on first
+    use, as gguf-py is imported lazily."""
+    import numpy as np
+    from gguf.gguf_reader import GGUFReader  # the class itself (gguf_parsed_once swaps the package's name)
+
+    class ArrayGGUFReader(GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+    return ArrayGGUFReader
+
+
 def _load_gguf(p: Path, *, progress: bool) -> Model:
     g = read_gguf(p)
     check_model_gguf(g)   # hyper-parameters, shapes and tokenizer, before transformers sees the file
@@ -235,7 +282,7 @@ def _load_gguf(p: Path, *, progress: bool) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     sink = io.StringIO()
     with contextlib.redirect_stderr(sink) if not progress else contextlib.nullcontext(), _library_errors(p), \
-            _transformers_bars(progress):
+            _transformers_bars(progress), gguf_parsed_once(p):
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real-model fixtures (SmolLM2) are session-scoped: loading it takes ~30 s."""
+"""Shared fixtures. Real-model fixtures (SmolLM2) are session-scoped: loading it takes ~10 s."""
 from __future__ import annotations
 
 import importlib.util
@@ -59,9 +59,10 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     _needs_default_model()
     from transformers import AutoTokenizer
 
-    from slimlm.model import default_model_path
+    from slimlm.model import default_model_path, gguf_parsed_once
     p = default_model_path()
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    with gguf_parsed_once(p):
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     d = tmp_path_factory.mktemp("smol_tokenizer")
     tok.save_pretrained(d)
     return d
