@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 import io
 import logging
 import os
@@ -86,9 +87,13 @@ class Model:
         return m
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab) float32."""
-        return self.module(input_ids=tokens, use_cache=False).logits.float()
+    def logits(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab) float32; with `last`, those of the last `last`
+        positions only (batch, last, vocab): the output layer then runs on those alone."""
+        if last is not None and "logits_to_keep" in inspect.signature(self.module.forward).parameters:
+            return self.module(input_ids=tokens, use_cache=False, logits_to_keep=last).logits.float()
+        out = self.module(input_ids=tokens, use_cache=False).logits.float()
+        return out if last is None else out[:, out.shape[1] - last:]
 
 
 def default_model_path() -> Path:

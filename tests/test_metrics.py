@@ -84,3 +84,28 @@ def test_eval_reports_the_bits_per_weight_measured_on_disk(tiny_hf, tmp_path, ca
     changed.module.model.layers = changed.module.model.layers[:1]      # no longer the folder's model
     info = model_size_info(changed)
     assert info["file_bytes"] is None and info["bits_per_weight"] == 32.0 and info["n_params"] < m.n_params()
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma2ForCausalLM"])
+def test_logits_of_the_scored_rows_only_equal_the_full_logits_there(tiny_hf, tmp_path, arch, llama_cpp_available):
+    """The evaluation asks each runtime for the scored half of a chunk only (the output layer then runs on those
+    rows alone); the logits are those of the whole chunk's at the same rows, in torch and in llama.cpp."""
+    import slimlm
+    from slimlm.eval.runtime import LlamaCppRunner, TorchRunner
+    m = slimlm.load(tiny_hf(arch, num_hidden_layers=2), progress=False)
+    out = tmp_path / "m.gguf"
+    slimlm.export_gguf(m, out, "Q8_0", progress=False)
+    chunk = torch.randint(3, m.config["vocab_size"], (64,), generator=torch.Generator().manual_seed(3))
+    pos, _ = scored_slice(64)
+    t = TorchRunner(m)
+    full, part = t.logits(chunk), t.logits(chunk, pos)
+    assert part.shape == (31, m.config["vocab_size"]) and torch.allclose(part, full[pos], atol=1e-5, rtol=1e-5)
+    r = LlamaCppRunner(out, 64)
+    try:
+        part, full = r.logits(chunk, pos), r.logits(chunk)
+        again = r.logits(chunk, pos)
+        assert part.shape == (31, r.n_vocab) and torch.equal(part, again)
+        assert torch.allclose(part, full[pos], atol=1e-4, rtol=1e-4), (part - full[pos]).abs().max()
+        assert r.speed(chunk[:16], 4)["gen_tps"] > 0             # the context is usable after a partial batch
+    finally:
+        r.close()

@@ -159,9 +159,9 @@ def evaluate_many(models: list, ref=None, *, text: str | None = None, text_path:
         scores, (pos, tgt) = [Scores() for _ in models], scored_slice(n_ctx)
         t0 = time.perf_counter()
         for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress, leave=False):
-            ref_logits = ref_runner.logits(chunk)[pos] if ref_runner is not None else None
+            ref_logits = ref_runner.logits(chunk, pos) if ref_runner is not None else None
             for r, sc in zip(runners[: len(models)], scores, strict=True):
-                sc.add(r.logits(chunk)[pos], chunk[tgt], ref_logits)
+                sc.add(r.logits(chunk, pos), chunk[tgt], ref_logits)
         seconds = time.perf_counter() - t0
         plen = min(256, n_ctx // 2)
         prompt, n_gen = chunks[0][:plen], min(n_gen, n_ctx - plen)

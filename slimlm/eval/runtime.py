@@ -69,8 +69,12 @@ class TorchRunner:
         return int(self.model.config["vocab_size"])
 
     @torch.no_grad()
-    def logits(self, chunk: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(chunk[None].to(self.dev))[0].cpu()
+    def logits(self, chunk: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """The logits at every position of `chunk`, or at `rows` (a slice with a start) only."""
+        if rows is None:
+            return self.model.logits(chunk[None].to(self.dev))[0].cpu()
+        start, stop, _ = rows.indices(len(chunk))
+        return self.model.logits(chunk[None].to(self.dev), last=len(chunk) - start)[0, : stop - start].cpu()
 
     @torch.no_grad()
     def speed(self, prompt: torch.Tensor, n_gen: int) -> dict:
@@ -136,11 +140,28 @@ class LlamaCppRunner:
     def n_vocab(self) -> int:
         return int(self.llm.n_vocab())
 
-    def logits(self, chunk: torch.Tensor) -> torch.Tensor:
+    def logits(self, chunk: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """The logits at every position of `chunk`, or at `rows` only: then llama.cpp computes the output layer for
+        those positions alone (the batch's logits flags) and they are copied once."""
         ids = [int(t) for t in chunk]
-        self.llm.reset()
-        self.llm.eval(ids)
-        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+        llm = self.llm
+        if rows is None or len(ids) > llm.n_batch:
+            llm.reset()
+            llm.eval(ids)
+            out = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+            return out if rows is None else out[rows]
+        keep = range(len(ids))[rows]
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)            # as llama-cpp-python's eval() starts
+        batch = llm._batch
+        batch.set_batch(ids, 0, False)
+        for i in range(len(ids)):
+            batch.batch.logits[i] = i in keep
+        llm._ctx.decode(batch)
+        llm.input_ids[: len(ids)] = ids
+        llm.n_tokens = len(ids)
+        out = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(keep), self.n_vocab))
+        return torch.from_numpy(out.copy())
 
     def _last_logits(self) -> np.ndarray:
         ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
