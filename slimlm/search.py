@@ -25,6 +25,7 @@ are made and measured once and drawn on the same axes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -314,6 +315,32 @@ def open_storage(url: str):
             time.sleep(1.0 + attempt)
 
 
+@contextlib.contextmanager
+def ask_lock(url: str):
+    """Serializes the workers' `study.ask()` on an SQLite study. Optuna pops a queued trial with SELECT ... FOR
+    UPDATE, which SQLite ignores: two workers asking at once both got the same queued trial (6 of 10 tries
+    here), ran it into one file and failed. The lock is an flock on the database file itself (independent of
+    SQLite's own fcntl locks, released when a killed worker's process ends); other databases lock the row."""
+    path = None
+    if url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+        db = make_url(url).database
+        path = db if db and db != ":memory:" and os.path.exists(db) else None
+    try:
+        import fcntl
+    except ImportError:                           # no flock (Windows): a single worker is safe
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_storage_url(url: str) -> None:
     if not any(url.startswith(s) for s in ("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
         raise ConfigError(f"--storage {url!r}: give a database URL (sqlite:///path/study.db, "
@@ -453,7 +480,8 @@ def work(cfg: SearchConfig, model, out_dir: Path, url: str, *, deadline: float |
             if time.time() + expect >= deadline:
                 break
         study.sampler = _sampler(cfg, len(trials) + 7919 * worker)   # worker 0: the single-worker sequence
-        trial = study.ask()
+        with ask_lock(url):
+            trial = study.ask()
         trial.set_user_attr("host", host)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("worker", worker)
