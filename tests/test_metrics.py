@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -109,3 +110,23 @@ def test_logits_of_the_scored_rows_only_equal_the_full_logits_there(tiny_hf, tmp
         assert r.speed(chunk[:16], 4)["gen_tps"] > 0             # the context is usable after a partial batch
     finally:
         r.close()
+
+
+def test_prompt_speed_of_a_fresh_llama_cpp_context_is_measured_like_a_warm_ones(tiny_hf, tmp_path, llama_cpp_available):
+    """A decode that needs more logits rows than any before it grows llama.cpp's output buffer, which left its perf
+    counters a prompt time of ~0: the demo printed 10^6 prompt tok/s once the evaluation computed only the scored
+    rows. speed() warms up with the whole prompt; the first measurement then agrees with later ones."""
+    import slimlm
+    from slimlm.eval.runtime import LlamaCppRunner
+    m = slimlm.load(tiny_hf("LlamaForCausalLM", num_hidden_layers=2), progress=False)
+    out = tmp_path / "m.gguf"
+    slimlm.export_gguf(m, out, "Q8_0", progress=False)
+    chunk = torch.randint(3, m.config["vocab_size"], (64,), generator=torch.Generator().manual_seed(3))
+    r = LlamaCppRunner(out, 64)
+    try:
+        first = r.speed(chunk[:48], 2)["prompt_tps"]
+        r.logits(chunk, scored_slice(64)[0])                        # 31 rows: fewer than the prompt's 48
+        rest = [r.speed(chunk[:48], 2)["prompt_tps"] for _ in range(3)]
+    finally:
+        r.close()
+    assert all(0.1 < x / statistics.median(rest) < 10 for x in [first, *rest]), (first, rest)
