@@ -145,12 +145,11 @@ class LlamaCppRunner:
         those positions alone (the batch's logits flags) and they are copied once."""
         ids = [int(t) for t in chunk]
         llm = self.llm
-        if rows is None or len(ids) > llm.n_batch:
+        if rows is None:
             llm.reset()
             llm.eval(ids)
-            out = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-            return out if rows is None else out[rows]
-        keep = range(len(ids))[rows]
+            return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        keep = range(len(ids))[rows]                   # one batch: n_batch is the context size (__init__)
         llm.reset()
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)            # as llama-cpp-python's eval() starts
         batch = llm._batch
