@@ -82,3 +82,31 @@ def test_an_undone_bias_compensation_leaves_no_bias_behind(tiny_hf, calib, tmp_p
     rec = heal_model(student, teacher, cfg, folder=tmp_path / "w", layer_map=[0, 2])
     assert rec["stages"][-1]["undone"]
     assert all(layer.mlp.down_proj.bias is None for layer in student.module.model.layers)
+
+
+def test_a_duration_budget_covers_the_evaluations_after_the_last_step(tiny_hf, calib, tmp_path, monkeypatch):
+    """`--heal 10s` returns within 10 s: the trainer's last held-out evaluation and the stage's own one after it
+    fit in the budget. Each evaluation here sleeps 1 s more (a big model's evaluation takes seconds: a 30-minute
+    SmolLM2 run once ended 2.6 s late); without the reservation this run ends ~2 s late."""
+    import time
+
+    from slimlm.train import teacher as teacher_mod
+    from slimlm.train import trainer
+    real = teacher_mod.heldout_kl
+
+    def slow(*a, **kw):
+        time.sleep(1.0)
+        return real(*a, **kw)
+    monkeypatch.setattr(teacher_mod, "heldout_kl", slow)
+    monkeypatch.setattr(trainer, "heldout_kl", slow)
+    teacher = load(tiny_hf("LlamaForCausalLM", num_hidden_layers=3), progress=False)
+    chunks = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    student, _ = prune_structured(teacher, chunks, Plan(drop_layers=[1], ffn=64), progress=False)
+    cfg = HealConfig(train=TrainConfig(budget="10s", seq_len=32, eval_every=0, checkpoint_every=0),
+                     data=(str(calib),), blockwise=False, stage_rows=8, n_heldout=2)
+    t = time.monotonic()
+    rec = heal_model(student, teacher, cfg, folder=tmp_path / "work", layer_map=[0, 2], progress=False)
+    took = time.monotonic() - t
+    e2e = rec["stages"][-1]
+    assert e2e["detail"]["stopped"] == "budget" and e2e["detail"]["steps"] > 10
+    assert rec["seconds"] <= 10.3 and took <= 10.5, (rec["seconds"], took)

@@ -110,8 +110,10 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
                           "heldout_rows": int(data.heldout.shape[0]), "fingerprint": data.fingerprint},
                  "stages": []}
     keep = heldout_keep(data.heldout, teacher, 4)        # the teacher's held-out logits, once for every stage
+    t = time.perf_counter()
     kl0 = heldout_kl(student, teacher, data.heldout, keep=keep)
-    rec["stages"].append({"stage": "unhealed", "heldout_kl": kl0, "seconds": 0.0})
+    rec["stages"].append({"stage": "unhealed", "heldout_kl": kl0, "seconds": 0.0,
+                          "eval_seconds": time.perf_counter() - t})
     say(f"  held-out KL to the teacher: {kl0:.4f} (unhealed)")
     chunks = data.train[:config.stage_rows]
     if config.bias:
@@ -129,9 +131,12 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
         _stage(rec, "block-wise reconstruction", r, student, teacher, data, say, undo=before, keep=keep)
     if config.e2e:
         say(f"end-to-end distillation ({cfg.budget}, {cfg.train_params}, teacher {cfg.teacher_targets}) ...")
+        # the stage's own held-out evaluation after the training counts in the budget too: the trainer's deadline
+        # leaves it the time the last one took (the first, which also ran the teacher, when no other stage ran)
+        reserve = next(s["eval_seconds"] for s in reversed(rec["stages"]) if "eval_seconds" in s)
         t = time.perf_counter()        # the trainer finds the changed layers where --train needs them
         r = train(student, teacher, data, cfg, folder=folder, resume=resume, layer_map=layer_map,
-                  deadline=deadline, progress=progress, extra=extra)
+                  deadline=None if deadline is None else deadline - 1.1 * reserve, progress=progress, extra=extra)
         r["seconds"] = time.perf_counter() - t
         _stage(rec, "end-to-end distillation", r, student, teacher, data, say, keep=keep)
     rec["seconds"] = time.monotonic() - t0
@@ -179,10 +184,11 @@ def _stage(rec: dict, name: str, r: dict, student, teacher, data, say, undo=None
         say(f"  {name}: skipped ({r['skipped']})")
         rec["stages"].append({"stage": name, "skipped": r["skipped"]})
         return
+    t = time.perf_counter()
     kl = heldout_kl(student, teacher, data.heldout, keep=keep)
     seconds = r.get("seconds", 0.0)
     prev = next(s["heldout_kl"] for s in reversed(rec["stages"]) if "heldout_kl" in s)
-    entry = {"stage": name, "heldout_kl": kl, "seconds": seconds, "detail": r}
+    entry = {"stage": name, "heldout_kl": kl, "seconds": seconds, "eval_seconds": time.perf_counter() - t, "detail": r}
     if undo is not None and kl > prev:
         undo()
         entry.update(undone=True, heldout_kl_tried=kl, heldout_kl=prev)

@@ -341,9 +341,10 @@ class Trainer:
         # window (another process on the cores, a compile) once cut a 25-minute run to 14 minutes for good
         def fits(step: int, per: float) -> int:
             """The steps that end before the deadline at `per` seconds a step, the held-out evaluations they pass
-            left out; the same number on every process."""
+            and the one after the last step left out (a 30-minute SmolLM2 run once ended 2.6 s late on its final
+            evaluations); the same number on every process."""
             left = deadline - time.monotonic()
-            evals = int(left / per) // cfg.eval_every if cfg.eval_every else 0
+            evals = (int(left / per) // cfg.eval_every if cfg.eval_every else 0) + 1
             return max(step + 1, int(world.mean(float(step + int((left - evals * t_eval) / per)), dev)))
 
         replan = state["step"] + REPLAN_STEPS if deadline is not None and cfg.budget_kind == "seconds" else None
