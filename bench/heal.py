@@ -119,6 +119,8 @@ def main() -> int:
                     "TrainConfig's)")
     ap.add_argument("--micro-batch", type=int, default=None, help="256-token rows per step in the acceptance row "
                     "(default: TrainConfig's)")
+    ap.add_argument("--seq-len", type=int, default=None, help="token rows of the acceptance row's end-to-end stage "
+                    "(default: TrainConfig's 256; the evaluation scores positions 256-511 of 512-token chunks)")
     ap.add_argument("--tag", default="", help="suffix of the result files (heal-TAG.json, heal-loss-TAG.png, "
                     "results/heal-TAG/)")
     ap.add_argument("--reeval", action="store_true", help="only evaluate the Q8_0 files an earlier run wrote (unpruned, "
@@ -265,8 +267,8 @@ def main() -> int:
     heal_rec = None
     if "e2e" not in skip:
         s = copy.deepcopy(pruned)
-        over = {k: v for k, v in (("train_params", a.train), ("lr", a.lr), ("micro_batch", a.micro_batch))
-                if v is not None}
+        over = {k: v for k, v in (("train_params", a.train), ("lr", a.lr), ("micro_batch", a.micro_batch),
+                                  ("seq_len", a.seq_len)) if v is not None}
         hc = HealConfig(train=TrainConfig(budget=f"{a.minutes:g}m", **over), data=(a.calib,))
         t = time.perf_counter()
         heal_rec = heal_model(s, ref, hc, folder=out_dir / "work-e2e", layer_map=layer_map, eval_text=eval_text,
