@@ -87,7 +87,7 @@ def test_an_undone_bias_compensation_leaves_no_bias_behind(tiny_hf, calib, tmp_p
 def test_a_duration_budget_covers_the_evaluations_after_the_last_step(tiny_hf, calib, tmp_path, monkeypatch):
     """`--heal 10s` returns within 10 s: the trainer's last held-out evaluation and the stage's own one after it
     fit in the budget. Each evaluation here sleeps 1 s more (a big model's evaluation takes seconds: a 30-minute
-    SmolLM2 run once ended 2.6 s late); without the reservation this run ends ~2 s late."""
+    SmolLM2 run once ended 2.4 s late); without the reservation this run ends ~2 s late."""
     import time
 
     from slimlm.train import teacher as teacher_mod

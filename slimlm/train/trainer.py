@@ -341,7 +341,7 @@ class Trainer:
         # window (another process on the cores, a compile) once cut a 25-minute run to 14 minutes for good
         def fits(step: int, per: float) -> int:
             """The steps that end before the deadline at `per` seconds a step, the held-out evaluations they pass
-            and the one after the last step left out (a 30-minute SmolLM2 run once ended 2.6 s late on its final
+            and the one after the last step left out (a 30-minute SmolLM2 run once ended 2.4 s late on its final
             evaluations); the same number on every process."""
             left = deadline - time.monotonic()
             evals = (int(left / per) // cfg.eval_every if cfg.eval_every else 0) + 1
