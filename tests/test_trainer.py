@@ -81,6 +81,66 @@ def test_the_fused_lm_head_loss_equals_kl_topk_of_the_logits_in_value_and_gradie
         assert torch.equal(fi, ri) and torch.allclose(fv, rv, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_the_chunk_kernels_functional_form_equals_the_in_place_one_and_stays_finite_far_from_the_max(T):
+    """The form torch.compile gets (losses._chunk_kl_grad, _chunk_topk) against the eager in-place one, on bf16 and
+    fp32 logits, with a teacher token whose student logit sits 300 below the row's max (exp underflows to 0 there:
+    the log-probability must stay finite, not log(0))."""
+    g = torch.Generator().manual_seed(3)
+    n, V, k = 6, 300, 8
+    z = torch.randn(n, V, generator=g) * 4
+    idx, lt = topk_targets(torch.randn(n, V, generator=g) * 3, k, T)
+    z[0, idx[0, 0]] = z[0].max() - 300.0
+    for dt in (torch.float32, torch.bfloat16):
+        zc = z.to(dt)
+        kl_a, gz_a = losses._chunk_kl_grad(zc.clone(), idx, lt, T, 0.25, dt)
+        kl_b, gz_b = losses._chunk_kl_grad_inplace(zc.clone(), idx, lt, T, 0.25, dt)
+        assert torch.isfinite(kl_a).all() and torch.isfinite(gz_a.float()).all()
+        assert torch.allclose(kl_a, kl_b, rtol=1e-5, atol=1e-6)
+        assert gz_a.dtype == gz_b.dtype == dt
+        tol = dict(rtol=1e-5, atol=1e-8) if dt == torch.float32 else dict(rtol=1e-2, atol=1e-6)
+        assert torch.allclose(gz_a.float(), gz_b.float(), **tol)
+        # and both are kl_topk of these logits, value and gradient (scale = T/n for T^2 * the mean)
+        zz = zc.float().requires_grad_()
+        want = kl_topk(zz, idx, lt, T)
+        (dz,) = torch.autograd.grad(want, zz)
+        assert abs(float(kl_a.mean()) * T * T - float(want)) < 1e-5 * float(want)
+        kl_c, gz_c = losses._chunk_kl_grad(zc, idx, lt, T, T / n, torch.float32)
+        assert torch.allclose(gz_c, dz, rtol=1e-4, atol=1e-7)
+        ia, va = losses._TopKThen(losses._chunk_lse)(zc.clone(), k, T)
+        ib, vb = losses._chunk_topk_inplace(zc.clone(), k, T)
+        assert torch.allclose(va, vb, atol=1e-5) and torch.equal(zc.gather(-1, ia), zc.gather(-1, ib))
+    # the far token's term p_t * (log p_t - log p_s) is counted, finitely: log p_s <= -300 / T there
+    assert float(kl_a[0]) > 0.5 * float(lt[0, 0].exp()) * 300 / T
+
+
+@pytest.mark.slow
+def test_compiled_chunk_kernels_give_the_eager_loss_gradients_and_targets(monkeypatch):
+    """head_kl_topk / head_topk_targets with compiled=True (what a --compile run uses) against the eager path,
+    under bf16 autocast as in training, with a partial last chunk."""
+    monkeypatch.setattr(losses, "HEAD_CHUNK", 16)     # 40 positions: two whole chunks and a partial one
+    g = torch.Generator().manual_seed(2)
+    h0 = torch.randn(2, 20, 32, generator=g)
+    W = torch.randn(500, 32, generator=g) * 0.5
+    i, v = topk_targets(torch.randn(2, 20, 500, generator=g) * 2, 16)
+    out = {}
+    for compiled in (False, True):
+        h = h0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head_kl_topk(h, W, i, v, compiled=compiled)
+            ti, tv = head_topk_targets(h0, W, 16, compiled=compiled)
+        (dh,) = torch.autograd.grad(loss, h)
+        out[compiled] = (loss, dh, ti, tv)
+    assert losses.CHUNK_KERNELS.ok("kl_grad") and losses.CHUNK_KERNELS.ok("topk")
+    (la, ga, ia, va), (lb, gb, ib, vb) = out[False], out[True]
+    assert abs(float(la) - float(lb)) < 1e-5 * float(la)
+    assert torch.allclose(ga, gb, rtol=2e-2, atol=1e-6)          # bf16 gradients, rounded in two orders
+    # the same top-k values; among tied bf16 logits the ids may differ, never the logits they point at
+    assert torch.allclose(va, vb, atol=1e-5)
+    z = (h0.to(torch.bfloat16) @ W.to(torch.bfloat16).T)
+    assert torch.equal(z.gather(-1, ia), z.gather(-1, ib))
+
+
 def test_the_trainer_fuses_the_head_only_where_logits_are_hidden_times_w_and_its_loss_is_the_same(src, calib,
                                                                                                      tmp_path):
     sys.path.insert(0, str(WORKER.parent))

@@ -60,11 +60,43 @@ def _lse_inplace(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m + s.log(), s
 
 
-def _topk_kl_and_grad(z: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """kl_topk's per-position KL (not scaled) of logits z (n, vocab) at T=1; z is overwritten with d(sum KL)/dz.
+def _chunk_kl_grad(zc: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor, T: float, scale: float, out_dtype):
+    """One chunk of the fused head's loss: logits zc (n, vocab), any dtype -> (kl_topk's per-position KL, not
+    scaled; scale * dKL/dz in out_dtype) at temperature T (dz of the logits before the division by T: the caller
+    folds 1/T into scale). zc is only read.
     The gradient, written out: with ls_j = z_j - lse(z) at the k teacher tokens and the "rest" bucket
     rs = 1 - sum_j exp(ls_j), dKL/dls_j = g_j = exp(rt - rs) exp(ls_j) - p_t,j, and dls_j/dz = onehot_j - softmax(z);
-    so dKL/dz = scatter(g) - softmax(z) * sum_j g_j. Passes over z: max, exp, sum, scale (autograd's path: ~10)."""
+    so dKL/dz = softmax(z) * (-sum_j g_j) + scatter(g) (autograd's path: ~10 passes over z). The dense part is one
+    elementwise pass over the logits written straight to out_dtype, and the k entries of each row are then
+    overwritten with their whole value (top-k ids are distinct): under torch.compile (CHUNK_KERNELS) the pass over
+    the logits fuses with the max and the sum of exp. Eager, _chunk_kl_grad_inplace does the same in place."""
+    z = zc.float()
+    if T != 1:
+        z = z / T
+    m = z.amax(-1, keepdim=True)
+    s = (z - m).exp().sum(-1, keepdim=True)
+    zk = z.gather(-1, idx) - m
+    ek = zk.exp()                                       # softmax(z) * s at the k teacher tokens
+    ls = zk - s.log()
+    pt = lt.exp()
+    mass_s = torch.logsumexp(ls, -1)
+    rt, rs = _log1mexp(torch.logsumexp(lt, -1)), _log1mexp(mass_s)
+    kl = (pt * (lt - ls)).sum(-1) + rt.exp() * (rt - rs)
+    # _log1mexp clamps the student's top-k log-mass at -1e-7: no gradient through the clamp, as autograd has it
+    g = torch.where(mass_s < -1e-7, (rt - rs).exp(), 0.0)[:, None] * ls.exp() - pt
+    c = -g.sum(-1, keepdim=True) / s
+    gz = ((z - m).exp() * (c * scale)).to(out_dtype)
+    return kl, gz.scatter(-1, idx, ((ek * c + g) * scale).to(out_dtype))
+
+
+def _chunk_kl_grad_inplace(zc: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor, T: float, scale: float,
+                           out_dtype):
+    """_chunk_kl_grad eager, in place: the logits' fp32 copy (zc itself when it is fp32: then it is overwritten)
+    becomes the gradient, with no other temporary of its size (each would be 48 MiB at 256 x 49k, a page-fault
+    storm)."""
+    z = zc.float()
+    if T != 1:
+        z.div_(T)
     zk = z.gather(-1, idx)
     lse, s = _lse_inplace(z)                          # z = exp(z - max) = softmax(z) * s
     ls = zk - lse
@@ -72,11 +104,74 @@ def _topk_kl_and_grad(z: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor) -> t
     mass_s = torch.logsumexp(ls, -1)
     rt, rs = _log1mexp(torch.logsumexp(lt, -1)), _log1mexp(mass_s)
     kl = (pt * (lt - ls)).sum(-1) + rt.exp() * (rt - rs)
-    # _log1mexp clamps the student's top-k log-mass at -1e-7: no gradient through the clamp, as autograd has it
-    g = torch.where(mass_s < -1e-7, (rt - rs).exp(), 0.0)[:, None] * ls.exp() - pt
+    g = torch.where(mass_s < -1e-7, (rt - rs).exp(), 0.0)[:, None] * ls.exp() - pt     # as in _chunk_kl_grad
     z.mul_(-g.sum(-1, keepdim=True) / s)
     z.scatter_add_(-1, idx, g)
-    return kl
+    return kl, z.mul_(scale).to(out_dtype)
+
+
+def _chunk_topk_inplace(zc: torch.Tensor, k: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the teacher's top-k: logits zc (n, vocab) -> (ids, log-probabilities at T) of its top k; eager,
+    in place (zc is overwritten when it is fp32)."""
+    z = zc.float()
+    if T != 1:
+        z.div_(T)
+    v, i = z.topk(k, dim=-1)
+    return i, v.sub_(_lse_inplace(z)[0])
+
+
+def _chunk_lse(zc: torch.Tensor, T: float) -> torch.Tensor:
+    """logsumexp(zc / T) over the vocabulary, in fp32 (n, 1): the part of the teacher's top-k that compiles well."""
+    z = zc.float()
+    return torch.logsumexp(z / T if T != 1 else z, -1, keepdim=True)
+
+
+class _TopKThen:
+    """A chunk of the teacher's top-k for compiled runs: the top k taken in the logits' own dtype (the same k values
+    as from their fp32 copy, without writing one; among tied logits it may pick other ids of the same value), the
+    logsumexp by `lse` (compiled: one fused read of the logits)."""
+
+    def __init__(self, lse):
+        self.lse = lse
+
+    def __call__(self, zc: torch.Tensor, k: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = zc.topk(k, dim=-1)
+        v = v.float()
+        return i, (v / T if T != 1 else v) - self.lse(zc, T)
+
+
+class ChunkKernels:
+    """The fused head's per-chunk functions, eager or compiled (torch.compile fuses each chunk's passes over its
+    (positions, vocab) logits: the loss's dense gradient becomes one pass, the teacher's logsumexp one read;
+    bench/heal_kernels.py times them). The
+    trainer asks for the compiled ones where it compiles the student (--compile); a compile that fails runs
+    eager, with a warning, as the student does."""
+
+    def __init__(self):
+        # eager: in place (fewest passes and temporaries); compiled: the same math written functionally, which
+        # inductor fuses; tests/test_trainer.py checks the two forms against each other and the unfused loss
+        self.eager = {"kl_grad": _chunk_kl_grad_inplace, "topk": _chunk_topk_inplace}
+        self.compiled: dict = {}
+
+    def __call__(self, name: str, compiled: bool):
+        if not compiled:
+            return self.eager[name]
+        if name not in self.compiled:
+            from .parts import CompiledOrEager
+            if name == "kl_grad":
+                self.compiled[name] = CompiledOrEager(_chunk_kl_grad, eager=_chunk_kl_grad_inplace)
+            else:
+                # topk itself stays eager (inductor has no faster one), so only the logsumexp is compiled
+                self.compiled[name] = _TopKThen(CompiledOrEager(_chunk_lse))
+        return self.compiled[name]
+
+    def ok(self, name: str) -> bool | None:
+        """Whether the compiled kernel `name` compiled (None: not called yet)."""
+        k = self.compiled.get(name)
+        return None if k is None else (k.lse if isinstance(k, _TopKThen) else k).ok
+
+
+CHUNK_KERNELS = ChunkKernels()
 
 
 class _HeadTopKKL(torch.autograd.Function):
@@ -86,7 +181,7 @@ class _HeadTopKKL(torch.autograd.Function):
     matmuls run in its dtype (bf16), the loss in fp32, as the unfused path."""
 
     @staticmethod
-    def forward(ctx, h, W, idx, lt, T: float):
+    def forward(ctx, h, W, idx, lt, T: float, compiled: bool = False):
         d = h.shape[-1]
         h2, idx2, lt2 = h.reshape(-1, d), idx.reshape(-1, idx.shape[-1]).long(), lt.reshape(-1, lt.shape[-1]).float()
         n = h2.shape[0]
@@ -96,14 +191,13 @@ class _HeadTopKKL(torch.autograd.Function):
         dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
         dw = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        kernel = CHUNK_KERNELS("kl_grad", compiled)
         with torch.no_grad(), torch.autocast(dev, enabled=False):
             for a in range(0, n, HEAD_CHUNK):
                 hc = h2[a:a + HEAD_CHUNK].detach().to(cd)
-                z = (hc @ w.T).float()
-                if T != 1:
-                    z.div_(T)
-                total += _topk_kl_and_grad(z, idx2[a:a + HEAD_CHUNK], lt2[a:a + HEAD_CHUNK]).sum()
-                gz = z.mul_(T / n).to(cd)            # d(T^2 * mean KL)/d(logits) = T/n * dKL/dz
+                # d(T^2 * mean KL)/d(logits) = T/n * dKL/dz
+                kl, gz = kernel(hc @ w.T, idx2[a:a + HEAD_CHUNK], lt2[a:a + HEAD_CHUNK], T, T / n, cd)
+                total += kl.sum()
                 dh[a:a + HEAD_CHUNK] = gz @ w
                 if dw is not None:
                     dw.addmm_(gz.float().T, hc.float())
@@ -114,32 +208,35 @@ class _HeadTopKKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
-        return dh.mul(g).reshape(ctx.h_shape), None if dw is None else dw.mul(g).to(ctx.w_dtype), None, None, None
+        return (dh.mul(g).reshape(ctx.h_shape), None if dw is None else dw.mul(g).to(ctx.w_dtype), None, None, None,
+                None)
 
 
-def head_kl_topk(h: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+def head_kl_topk(h: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, lt: torch.Tensor, T: float = 1.0, *,
+                 compiled: bool = False) -> torch.Tensor:
     """kl_topk of the logits h @ W.T (h: (..., hidden) the final hidden states, W: (vocab, hidden) the LM head),
-    fused and chunked (_HeadTopKKL): the same loss and gradients without materialising the logits."""
-    return _HeadTopKKL.apply(h, W, idx, lt, T)
+    fused and chunked (_HeadTopKKL): the same loss and gradients without materialising the logits. `compiled`:
+    each chunk's loss and gradient run torch.compile'd (CHUNK_KERNELS)."""
+    return _HeadTopKKL.apply(h, W, idx, lt, T, compiled)
 
 
 @torch.no_grad()
-def head_topk_targets(h: torch.Tensor, W: torch.Tensor, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def head_topk_targets(h: torch.Tensor, W: torch.Tensor, k: int, T: float = 1.0, *,
+                      compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_targets of the logits h @ W.T, HEAD_CHUNK positions at a time (the top k of the logits are those of the
-    log-probabilities; each minus its chunk row's logsumexp)."""
+    log-probabilities; each minus its chunk row's logsumexp). `compiled`: each chunk's top-k and logsumexp run
+    torch.compile'd (CHUNK_KERNELS)."""
     lead, d = h.shape[:-1], h.shape[-1]
     h2 = h.reshape(-1, d)
     dev = h.device.type
     if torch.is_autocast_enabled(dev):           # cast once, not per chunk (the same values autocast would use)
         W = W.to(torch.get_autocast_dtype(dev))
+    kernel = CHUNK_KERNELS("topk", compiled)
     ii, vv = [], []
     for a in range(0, h2.shape[0], HEAD_CHUNK):
-        z = F.linear(h2[a:a + HEAD_CHUNK], W).float()
-        if T != 1:
-            z.div_(T)
-        v, i = z.topk(k, dim=-1)
+        i, v = kernel(F.linear(h2[a:a + HEAD_CHUNK], W), k, T)
         ii.append(i)
-        vv.append(v.sub_(_lse_inplace(z)[0]))
+        vv.append(v)
     return torch.cat(ii).reshape(*lead, k), torch.cat(vv).reshape(*lead, k)
 
 

@@ -157,10 +157,11 @@ def compile_wanted(cfg: TrainConfig, device: torch.device, *, fsdp: bool, lora: 
 
 
 class CompiledOrEager:
-    """torch.compile(fwd), falling back to the eager module (with a warning) when compiling its first call fails."""
+    """torch.compile(fwd), falling back to the eager module (with a warning) when compiling its first call fails.
+    `eager`: what runs then, when not fwd itself (the same math in a form eager runs better)."""
 
-    def __init__(self, fwd: torch.nn.Module):
-        self.eager, self.compiled, self.ok = fwd, torch.compile(fwd), None
+    def __init__(self, fwd, eager=None):
+        self.eager, self.compiled, self.ok = fwd if eager is None else eager, torch.compile(fwd), None
 
     def __call__(self, *a, **kw):
         if self.ok is None:

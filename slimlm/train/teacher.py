@@ -83,16 +83,16 @@ def linears_in_bf16(module: torch.nn.Module, enabled: bool):
 
 @torch.no_grad()
 def teacher_topk(teacher, ids: torch.Tensor, *, k: int, T: float, device: torch.device,
-                 bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 bf16: bool, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What the cache stores for `ids`: the teacher's top-k token ids (int32) and log-probabilities at T
-    (float16), on the CPU."""
+    (float16), on the CPU. `compiled`: the fused head's chunk kernels compiled (losses.head_topk_targets)."""
     W = fused_head(teacher.module)
     with autocast(device, bf16):
         if W is None:
             i, v = topk_targets(teacher.module(input_ids=ids, use_cache=False).logits, k, T)
         else:
             h = teacher.module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-            i, v = head_topk_targets(h, W, k, T)
+            i, v = head_topk_targets(h, W, k, T, compiled=compiled)
     return i.int().cpu(), v.half().cpu()
 
 
@@ -151,15 +151,21 @@ class TopKOnTheFly:
     kind = "topk"
     cached = False
 
-    def __init__(self, teacher, *, k: int, T: float, device: torch.device, bf16: bool):
-        self.teacher, self.k, self.T, self.device, self.bf16 = teacher, k, T, device, bf16
+    def __init__(self, teacher, *, k: int, T: float, device: torch.device, bf16: bool, compiled: bool = False):
+        self.teacher, self.k, self.T, self.device, self.bf16, self.compiled = teacher, k, T, device, bf16, compiled
         # not compiled with the student (--compile): bench/heal.py, AVX2 fp32, measured the compiled student at 142
         # tok/s with an eager teacher and at 106 (the eager rate) with the teacher's decoder compiled too
         self.build_seconds = 0.0
 
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> dict:
-        i, v = teacher_topk(self.teacher, ids, k=self.k, T=self.T, device=self.device, bf16=self.bf16)
+        i, v = teacher_topk(self.teacher, ids, k=self.k, T=self.T, device=self.device, bf16=self.bf16,
+                            compiled=self.compiled)
         return {"idx": i.long(), "lt": v.float()}
+
+
+# tokens per teacher forward while the top-k cache is built. SmolLM2 on 2 Xeon cores with AMX (bf16), teacher
+# forward and top-256 per second: 2,480 tokens at 1024 per forward, 2,850-2,950 at 2048, 2,460 at 4096
+CACHE_BATCH_TOKENS = 2048
 
 
 class TopKCache:
@@ -179,9 +185,11 @@ class TopKCache:
 
     @classmethod
     def build(cls, teacher, train: torch.Tensor, rows: torch.Tensor, *, k: int, T: float, folder: Path, key: str,
-              device: torch.device, bf16: bool, batch: int = 4, progress: bool = True) -> TopKCache:
+              device: torch.device, bf16: bool, batch: int | None = None, progress: bool = True,
+              compiled: bool = False) -> TopKCache:
         """Compute (or reuse) the cache of `rows` (sorted unique indices into train (n, seq_len)) under `folder`:
-        token ids int32, log-probabilities float16 (their rounding is below the loss's noise: bench/heal.py)."""
+        token ids int32, log-probabilities float16 (their rounding is below the loss's noise: bench/heal.py).
+        `batch`: rows per teacher forward (default: CACHE_BATCH_TOKENS of them); `compiled`: see teacher_topk."""
         import time
         t0 = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
@@ -189,6 +197,7 @@ class TopKCache:
         h = hashlib.sha256(f"{key}|{rows.tobytes().hex()}".encode()).hexdigest()[:16]
         pi, pl = folder / f"teacher-top{k}-{h}.idx.npy", folder / f"teacher-top{k}-{h}.logp.npy"
         L = train.shape[1]
+        batch = batch or max(1, CACHE_BATCH_TOKENS // L)
         if not (pi.exists() and pl.exists()):
             idx = np.empty((len(rows), L, k), dtype=np.int32)
             lt = np.empty((len(rows), L, k), dtype=np.float16)
@@ -197,7 +206,7 @@ class TopKCache:
             with torch.no_grad():
                 for a in range(0, len(rows), batch):
                     i, v = teacher_topk(teacher, train[torch.from_numpy(rows[a:a + batch])].to(device), k=k, T=T,
-                                        device=device, bf16=bf16)
+                                        device=device, bf16=bf16, compiled=compiled)
                     idx[a:a + batch], lt[a:a + batch] = i.numpy(), v.numpy()
                     bar.update(i.shape[0] * L)
             bar.close()

@@ -124,6 +124,7 @@ class Trainer:
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
         self.head = self.compiled = None
+        self.fast_kernels = False        # the fused head's chunk kernels compiled (losses.CHUNK_KERNELS): with --compile
         self._heldout_teacher = heldout_keep(data.heldout, teacher, 2 if self.bf16 else 4)
 
     # -- pieces ---------------------------------------------------------------------------------------
@@ -149,7 +150,8 @@ class Trainer:
         return total * self.global_batch <= self.data.train.shape[0]
 
     def _topk_on_the_fly(self) -> TopKOnTheFly:
-        return TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16)
+        return TopKOnTheFly(self.teacher, k=self.cfg.topk, T=self.cfg.temperature, device=self.device, bf16=self.bf16,
+                            compiled=self.fast_kernels)
 
     def _targets(self, total: int, kind: str):
         """The teacher's side: full logits on the fly, or top-k targets: on the fly while the run sees each row
@@ -167,7 +169,7 @@ class Trainer:
         if self.world.main:
             cache = TopKCache.build(self.teacher, self.data.train, rows, k=cfg.topk, T=cfg.temperature,
                                     folder=self.folder, key=key, device=self.device, bf16=self.bf16,
-                                    progress=self.progress)
+                                    progress=self.progress, compiled=self.fast_kernels)
         self.world.barrier()
         if not self.world.main:
             cache = TopKCache.build(self.teacher, self.data.train, rows, k=cfg.topk, T=cfg.temperature,
@@ -188,7 +190,7 @@ class Trainer:
             with autocast(self.device, self.bf16):
                 h, _ = fwd(ids, False, head=False)
                 return head_kl_topk(h, self.head(), tgt["idx"].to(self.device), tgt["lt"].to(self.device),
-                                    cfg.temperature)
+                                    cfg.temperature, compiled=self.fast_kernels)
         with autocast(self.device, self.bf16):
             logits, hs = fwd(ids, self.hidden)
         if "logits" in tgt:
@@ -305,6 +307,7 @@ class Trainer:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
         if compile_wanted(cfg, dev, fsdp=fsdp, lora=lora):
             fwd = self.compiled = CompiledOrEager(fwd)
+            self.fast_kernels = True
         order = RowOrder(self.data.train.shape[0], cfg.seed)
         state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
                  "teacher_targets": None, "train_seconds": 0.0}
