@@ -134,6 +134,10 @@ class _TopKThen:
     def __init__(self, lse):
         self.lse = lse
 
+    @property
+    def ok(self) -> bool | None:                      # as CompiledOrEager.ok: whether the compiled part compiled
+        return self.lse.ok
+
     def __call__(self, zc: torch.Tensor, k: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:
         v, i = zc.topk(k, dim=-1)
         v = v.float()
@@ -143,9 +147,8 @@ class _TopKThen:
 class ChunkKernels:
     """The fused head's per-chunk functions, eager or compiled (torch.compile fuses each chunk's passes over its
     (positions, vocab) logits: the loss's dense gradient becomes one pass, the teacher's logsumexp one read;
-    bench/heal_kernels.py times them). The
-    trainer asks for the compiled ones where it compiles the student (--compile); a compile that fails runs
-    eager, with a warning, as the student does."""
+    bench/heal_kernels.py times them). The trainer asks for the compiled ones where it compiles the student
+    (--compile); a compile that fails runs eager, with a warning, as the student does."""
 
     def __init__(self):
         # eager: in place (fewest passes and temporaries); compiled: the same math written functionally, which
@@ -167,8 +170,7 @@ class ChunkKernels:
 
     def ok(self, name: str) -> bool | None:
         """Whether the compiled kernel `name` compiled (None: not called yet)."""
-        k = self.compiled.get(name)
-        return None if k is None else (k.lse if isinstance(k, _TopKThen) else k).ok
+        return getattr(self.compiled.get(name), "ok", None)
 
 
 CHUNK_KERNELS = ChunkKernels()

@@ -124,10 +124,14 @@ class Trainer:
         self.changed_layers = changed_layers
         self.global_batch = config.micro_batch * config.accum * self.world.size
         self.head = self.compiled = None
-        self.fast_kernels = False        # the fused head's chunk kernels compiled (losses.CHUNK_KERNELS): with --compile
         self._heldout_teacher = heldout_keep(data.heldout, teacher, 2 if self.bf16 else 4)
 
     # -- pieces ---------------------------------------------------------------------------------------
+    @property
+    def fast_kernels(self) -> bool:
+        """Whether the fused head's chunk kernels run compiled (losses.CHUNK_KERNELS): where the student is."""
+        return self.compiled is not None
+
     def _kind(self, total: int) -> str:
         """The teacher targets a run of `total` steps uses: --teacher-targets, or for "auto" top-k unless the run
         needs hidden states, or it sees rows more than once (so top-k is cached) and has no work folder or its cache
@@ -307,7 +311,6 @@ class Trainer:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
         if compile_wanted(cfg, dev, fsdp=fsdp, lora=lora):
             fwd = self.compiled = CompiledOrEager(fwd)
-            self.fast_kernels = True
         order = RowOrder(self.data.train.shape[0], cfg.seed)
         state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
                  "teacher_targets": None, "train_seconds": 0.0}
