@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="QAT's training "
                     "precision (default auto, the CLI's: bf16 autocast where the CPU has fast bf16 matmuls; fp32 for "
                     "the ablation: 136 vs 231 tok/s here, 2026-12-06)")
+    ap.add_argument("--micro-batch", type=int, help="QAT's rows of --seq-len tokens per step (the CLI's --micro-batch; "
+                    "default the trainer's)")
     ap.add_argument("--size-of", default="Q4_K_M", help="presets whose slimlm rows get llama.cpp's file size as "
                     "--target-size (per-tensor types by sensitivity) instead of the preset's types (default Q4_K_M; "
                     "'' for none)")
@@ -88,7 +90,8 @@ def main() -> int:
             opts = {"data": (a.calib,), "precision": a.precision, "teacher_targets": a.teacher_targets, **lrs,
                     **({"sub_scales": True} if a.sub_scales else {}),
                     **({"runtime_activations": True} if a.runtime_activations else {}),
-                    **({"qat_embeddings": True} if a.qat_embeddings else {})}
+                    **({"qat_embeddings": True} if a.qat_embeddings else {}),
+                    **({"micro_batch": a.micro_batch} if a.micro_batch else {})}
             heal = heal_options(f"{a.minutes:g}m", opts) if qat else None
             cfg = CompressConfig(imatrix=str(im_path), calib=a.calib, calib_chunks=a.calib_chunks,
                                  evaluate=False, method=method, heal=heal, text=a.text, **kind)
@@ -135,7 +138,7 @@ def main() -> int:
     (RESULTS / "qat.json").write_text(json.dumps({"runs": runs, "minutes": a.minutes, "precision": a.precision, **lrs,
                                                   "sub_scales": a.sub_scales,
                                                   "runtime_activations": a.runtime_activations,
-                                                  "qat_embeddings": a.qat_embeddings,
+                                                  "qat_embeddings": a.qat_embeddings, "micro_batch": a.micro_batch,
                                                   "teacher_targets": a.teacher_targets, "machine": machine()}, indent=1))
     return 0 if ok else 1
 

@@ -502,8 +502,6 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     from .train import command as healing
     from .train.command import beside
     heal = config.qat_heal()
-    if heal.train.compile == "auto":                   # the fake-quant forward is not compiled (yet)
-        heal = dataclasses.replace(heal, train=dataclasses.replace(heal.train, compile="off"))
     heal = dataclasses.replace(heal, bias=False, blockwise=False, e2e=True)
     student = copy.copy(m)
     student.module = copy.deepcopy(m.module)

@@ -94,3 +94,30 @@ def test_predicted_activation_cost_tracks_the_emulated_one(tiny_hf):
     assert preds[1] > preds[0] and meas[1] > meas[0], (preds, meas)
     for p, q in zip(preds, meas, strict=True):
         assert 0.5 < p / q < 2.0, (preds, meas)
+
+
+def test_the_fused_lm_head_sees_the_emulated_rounding_of_its_input(tiny_hf):
+    """Under emulate()'s hooks (QAT --runtime-activations) the fused LM head (the trainer's top-k loss without the
+    (positions, vocab) logits) stays on, and computes the logits of the module with the head's input rounded: the
+    trainer's head=False path then equals the module's logits, hook included; without applying the hook it would
+    not. Removing the hooks is checked again (the cached check is per set of head hooks)."""
+    from slimlm import load
+    from slimlm.train.teacher import fused_head, head_input
+    from slimlm.train.trainer import _Forward
+    m = load(tiny_hf("LlamaForCausalLM", tie=True, **K_DIMS), progress=False)
+    ids = torch.arange(3, 40)[None]
+    W = fused_head(m.module)
+    assert W is not None
+    handles = emulate(m, {"token_embd.weight": "Q8_0"})          # the tied head reads Q8_0-rounded activations
+    assert len(handles) == 1
+    with torch.no_grad():
+        want = m.module(input_ids=ids, use_cache=False).logits
+        h, _ = _Forward(m.module)(ids, False, head=False)
+        raw = m.module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        assert fused_head(m.module) is W
+        assert torch.equal(torch.nn.functional.linear(h, W), want)
+        assert not torch.allclose(torch.nn.functional.linear(raw, W), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(head_input(m.module, raw), h)
+    for hd in handles:
+        hd.remove()
+    assert fused_head(m.module) is W and torch.equal(head_input(m.module, raw), raw)

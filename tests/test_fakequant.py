@@ -221,3 +221,33 @@ def test_anchored_rounding_starts_at_the_codes_and_scales_never_re_round_them(na
     moved = grid.levels(qt, data) - grid.levels(qt, blocks)
     assert np.abs(moved).max() == 1 and (moved != 0).mean() > 0.01
     assert np.array_equal(_bits(out), _bits(dequantize(data, qt).reshape(W.shape)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "IQ4_NL"])
+def test_compiled_fake_quant_is_the_eager_one_bit_for_bit(name):
+    """QAT --compile runs the fake-quant forward through torch.compile with the casts kept (CompiledOrEager's
+    exact_casts): its output equals the eager forward (so the file) bit for bit, one graph with no break, and the
+    gradients of the rounding offsets are equal too. Without exact casts inductor skips the scales' fp16 rounding
+    (what this test would catch): the forward would not be the file."""
+    from slimlm.train.parts import CompiledOrEager
+    W, qt, blocks, g = _setup(name, rows=16)
+    fq = FakeQuant(qt, blocks, tuple(W.shape), learn_round=True)
+    with torch.no_grad():
+        fq.round_offset.uniform_(-0.6, 0.6, generator=g)
+        fq.d_factor.mul_(1.0 + 0.01 * torch.rand(fq.d_factor.shape, generator=g))
+    torch._dynamo.reset()
+    comp = CompiledOrEager(fq, exact_casts=True)
+    outs = []
+    for f in (fq, comp):
+        fq.zero_grad(set_to_none=True)
+        q = f(W)
+        (q * q).sum().backward()
+        outs.append((q.detach().clone(), fq.round_offset.grad.clone(), fq.d_factor.grad.clone()))
+    assert comp.ok
+    assert torch._dynamo.explain(fq)(W).graph_break_count == 0
+    (qe, re, de), (qc, rc, dc) = outs
+    assert np.array_equal(_bits(qe), _bits(qc))
+    assert torch.equal(re, rc)
+    assert torch.allclose(de, dc, rtol=1e-5, atol=1e-7)
+    assert np.array_equal(_bits(qc), _bits(dequantize(fq.export(W), qt).reshape(W.shape)))

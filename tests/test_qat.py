@@ -319,6 +319,34 @@ def test_runtime_activations_put_llama_cpps_activation_rounding_into_qat(tiny_hf
     assert start[True] > start[False], start          # deterministic: equal would mean no rounding was applied
 
 
+@pytest.mark.slow
+def test_qat_compiles_its_student_with_the_fp16_roundings_kept(tiny_hf, tmp_path, monkeypatch):
+    """compress --method qat with --compile on (auto: runs of 15 minutes / 100k tokens and more) compiles the
+    fake-quant student with inductor's exact casts (tests/test_fakequant.py: without them the scales' fp16
+    rounding is skipped), with --runtime-activations through the fused LM head, and trains it down."""
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.train import trainer
+    from slimlm.train.command import heal_options
+    made = []
+
+    class Spy(trainer.CompiledOrEager):
+        def __init__(self, fwd, eager=None, **kw):
+            made.append(kw)
+            super().__init__(fwd, eager, **kw)
+    monkeypatch.setattr(trainer, "CompiledOrEager", Spy)
+    src = tiny_hf("LlamaForCausalLM", tie=True, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2)
+    heal = heal_options("1024", {"seq_len": 32, "lr": 1e-4, "precision": "fp32", "compile": "on",
+                                 "runtime_activations": True})
+    rep = compress(src, tmp_path / "q.gguf", CompressConfig(method="qat", heal=heal, type="Q4_K_M", calib="default",
+                                                            calib_chunks=3, n_ctx=64, evaluate=False), progress=False)
+    assert made == [{"exact_casts": True}]
+    e2e = next(s["detail"] for s in rep.healing["stages"] if s.get("stage") == "end-to-end distillation")
+    assert e2e["compiled"] is True
+    step = next(s for s in rep.steps if s["step"] == "qat")
+    assert step["heldout_kl"] < step["heldout_kl_unhealed"], step
+
+
 def test_qat_embeddings_train_the_tied_embedding_through_the_trainers_fused_head(tiny_hf, tmp_path):
     """--qat-embeddings in compress --method qat: the tied token embedding / LM head trains on its grid through the
     trainer (whose LM head runs fused with the top-k loss, reading the parametrized weight every step), so the file's

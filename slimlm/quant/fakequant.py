@@ -138,6 +138,7 @@ class FakeQuant(torch.nn.Module):
         # every table holds integers in [-127, 127]: the forward keeps the chosen values as int8
         assert torch.equal(self.table.to(torch.int8).float(), self.table), qtype.name
         self.uniform = tab.uniform
+        self.table0 = float(tab.values[0])      # the lowest level's value (a Python float: no .item() when compiled)
         self.spacing = float(tab.values[-1] - tab.values[0]) / (len(tab.values) - 1)    # mean level spacing
         self.round_offset = (torch.nn.Parameter(torch.zeros(rows * cols // self.block, self.block))
                              if learn_round else None)
@@ -187,7 +188,8 @@ class FakeQuant(torch.nn.Module):
         sub-block; where a == 0 the starting level. Uniform tables: the levels as float32 (integers), computed in
         place in one buffer (this runs on every weight every step); the others: int64."""
         v = self.table
-        zero = bool((a == 0).any())
+        # compiled (QAT --compile): no data-dependent branch (a graph break in every linear); the where is exact
+        zero = torch.compiler.is_compiling() or bool((a == 0).any())
         a3 = (torch.where(a != 0, a, torch.ones_like(a)) if zero else a).unsqueeze(-1)
         t = (w - b.unsqueeze(-1)) if b is not None else w.clone()
         t.div_(a3)
@@ -225,7 +227,7 @@ class FakeQuant(torch.nn.Module):
         w = self.rounded(self._split(W), a)
         with torch.no_grad():
             L = self.nearest(w, a.detach(), None if b is None else b.detach())
-            t8 = (L.add_(float(self.table[0])) if self.uniform else self.table[L]).to(torch.int8)
+            t8 = (L.add_(self.table0) if self.uniform else self.table[L]).to(torch.int8)
         return _OnGrid.apply(w, a, b, t8).reshape(self.shape)
 
     @torch.no_grad()

@@ -158,10 +158,13 @@ def compile_wanted(cfg: TrainConfig, device: torch.device, *, fsdp: bool, lora: 
 
 class CompiledOrEager:
     """torch.compile(fwd), falling back to the eager module (with a warning) when compiling its first call fails.
-    `eager`: what runs then, when not fwd itself (the same math in a form eager runs better)."""
+    `eager`: what runs then, when not fwd itself (the same math in a form eager runs better). `exact_casts`: keep
+    every low-precision rounding the code asks for (inductor's emulate_precision_casts; by default a fused kernel
+    may skip a `.half().float()` round trip, which QAT's fake quantization is made of: tests/test_fakequant.py)."""
 
-    def __init__(self, fwd, eager=None):
-        self.eager, self.compiled, self.ok = fwd if eager is None else eager, torch.compile(fwd), None
+    def __init__(self, fwd, eager=None, *, exact_casts: bool = False):
+        self.eager, self.ok = fwd if eager is None else eager, None
+        self.compiled = torch.compile(fwd, options={"emulate_precision_casts": True} if exact_casts else None)
 
     def __call__(self, *a, **kw):
         if self.ok is None:

@@ -35,24 +35,38 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def head_input(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden state h as the LM head's forward sees it: through the head's forward pre-hooks
+    (quant.activations.emulate's rounding of llama.cpp's activations under QAT --runtime-activations), so a loss
+    that runs the head itself (fused_head) computes what the module's logits would."""
+    head = module.get_output_embeddings()
+    for hook in head._forward_pre_hooks.values():
+        r = hook(head, (h,))
+        if r is not None:
+            h = r[0] if isinstance(r, tuple) else r
+    return h
+
+
 @torch.no_grad()
 def fused_head(module: torch.nn.Module) -> torch.Tensor | None:
-    """The LM head's weight W when the model's logits are exactly its decoder's last hidden state @ W.T (no bias,
-    soft-capping or logit scale: checked once per module on a few tokens, whatever the family), else None. The
-    trainer and the teacher's top-k then run the head fused with the loss, a chunk of positions at a time
-    (losses.head_kl_topk / head_topk_targets)."""
+    """The LM head's weight W when the model's logits are exactly its decoder's last hidden state (through the
+    head's pre-hooks: head_input) @ W.T (no bias, soft-capping or logit scale: checked on a few tokens, whatever
+    the family, once per module and set of head pre-hooks), else None. The trainer and the teacher's top-k then
+    run the head fused with the loss, a chunk of positions at a time (losses.head_kl_topk / head_topk_targets)."""
     head = module.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head._forward_pre_hooks_with_kwargs \
+            or head._forward_hooks:
         return None
-    ok = getattr(module, "_slimlm_fused_head", None)
+    key = tuple(head._forward_pre_hooks)                # a hook added or removed since: checked again
+    ok = getattr(module, "_slimlm_fused_head", {}).get(key)
     if ok is None:
         p = head.weight
         ids = torch.arange(4, device=p.device)[None] % module.config.vocab_size
         with torch.autocast(p.device.type, enabled=False):
             want = module(input_ids=ids, use_cache=False).logits.float()
-            h = module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            h = head_input(module, module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
             ok = bool(torch.allclose(torch.nn.functional.linear(h, p).float(), want, rtol=1e-4, atol=1e-4))
-        module._slimlm_fused_head = ok
+        module._slimlm_fused_head = {**getattr(module, "_slimlm_fused_head", {}), key: ok}
     return head.weight if ok else None
 
 
@@ -91,7 +105,7 @@ def teacher_topk(teacher, ids: torch.Tensor, *, k: int, T: float, device: torch.
         if W is None:
             i, v = topk_targets(teacher.module(input_ids=ids, use_cache=False).logits, k, T)
         else:
-            h = teacher.module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            h = head_input(teacher.module, teacher.module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
             i, v = head_topk_targets(h, W, k, T, compiled=compiled)
     return i.int().cpu(), v.half().cpu()
 

@@ -55,6 +55,7 @@ from .teacher import (
     TopKOnTheFly,
     autocast,
     fused_head,
+    head_input,
     heldout_keep,
     heldout_kl,
     linears_in_bf16,
@@ -92,7 +93,7 @@ class _Forward(torch.nn.Module):
         runs the LM head itself (losses.head_kl_topk)."""
         if not head:
             out = self.module.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            return out.last_hidden_state, out.hidden_states
+            return head_input(self.module, out.last_hidden_state), out.hidden_states
         out = self.module(input_ids=ids, use_cache=False, output_hidden_states=hidden)
         return out.logits, out.hidden_states
 
@@ -310,7 +311,10 @@ class Trainer:
         if world.size > 1 and not fsdp:
             fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
         if compile_wanted(cfg, dev, fsdp=fsdp, lora=lora):
-            fwd = self.compiled = CompiledOrEager(fwd)
+            # QAT's fake-quant parametrizations round the block scales to fp16 in the forward: compiled, the
+            # roundings stay (what trains is what the file holds)
+            exact = any(parametrize.is_parametrized(m) for m in module.modules())
+            fwd = self.compiled = CompiledOrEager(fwd, exact_casts=exact)
         order = RowOrder(self.data.train.shape[0], cfg.seed)
         state = {"step": 0, "tokens": 0, "curve": [], "evals": [], "best": None, "total_steps": None,
                  "teacher_targets": None, "train_seconds": 0.0}
