@@ -58,7 +58,8 @@ def fused_head(module: torch.nn.Module) -> torch.Tensor | None:
             or head._forward_hooks:
         return None
     key = tuple(head._forward_pre_hooks)                # a hook added or removed since: checked again
-    ok = getattr(module, "_slimlm_fused_head", {}).get(key)
+    checked = getattr(module, "_slimlm_fused_head", {})
+    ok = checked.get(key)
     if ok is None:
         p = head.weight
         ids = torch.arange(4, device=p.device)[None] % module.config.vocab_size
@@ -66,7 +67,7 @@ def fused_head(module: torch.nn.Module) -> torch.Tensor | None:
             want = module(input_ids=ids, use_cache=False).logits.float()
             h = head_input(module, module.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
             ok = bool(torch.allclose(torch.nn.functional.linear(h, p).float(), want, rtol=1e-4, atol=1e-4))
-        module._slimlm_fused_head = {**getattr(module, "_slimlm_fused_head", {}), key: ok}
+        module._slimlm_fused_head = {**checked, key: ok}
     return head.weight if ok else None
 
 
