@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-ffn-multiple", type=int, metavar="N", help="with --prune and --prune-method mlp or "
                    "mlp+layers: MLP widths a multiple of N (256: ffn_down's rows stay K-quant sized, e.g. for a "
                    "size budget; unlike --format-aware the hidden size and heads are not touched)")
+    p.add_argument("--prune-hidden", type=int, metavar="N", help="with --prune: also keep only N hidden (embedding) "
+                   "channels (Minitron-style, as slimlm prune --hidden; R counts them and the method removes the "
+                   "rest). A hidden size that is a multiple of 256 (512 for SmolLM2's 576) lets a size budget use "
+                   "K-quants (Q3_K, Q4_K ...) on every tensor that reads the residual stream; heal afterwards")
     p.add_argument("--format-aware", action="store_true", help="with --prune: round pruned widths to --type's "
                    "block size so that no tensor falls back to another type (with --target-size/--bpw: to the "
                    "K-quants' 256)")
@@ -537,7 +541,7 @@ def compress_config(a):
                          measure_effects=a.measure_effects, price_activations=not a.weights_only_price,
                          prune=a.prune, prune_method=a.prune_method,
                          prune_allocate=a.prune_allocate, prune_layer_share=a.prune_layer_share,
-                         prune_ffn_multiple=a.prune_ffn_multiple,
+                         prune_ffn_multiple=a.prune_ffn_multiple, prune_hidden=a.prune_hidden,
                          format_aware=a.format_aware, compare=a.compare, heal=_heal_config(a, qat=True),
                          stream=a.stream,
                          unhealed=not a.no_unhealed, qat_budget=a.qat_budget, qat_lr=a.qat_lr)

@@ -84,6 +84,7 @@ class CompressConfig:
     prune_layer_share: float | None = None  # mlp+layers: share of --prune taken as whole layers (default: prune's)
     prune_ffn_multiple: int | None = None   # mlp, mlp+layers: MLP widths a multiple of this (256: K-quant ffn_down)
     format_aware: bool = False        # pruned widths rounded to the type's block size
+    prune_hidden: int | None = None   # with --prune: keep this many hidden (embedding) channels; --prune R counts them
     compare: str | None = None        # also make llama.cpp's own quantization of this preset ("same": --type)
                                       # and evaluate both on the same tokens (slimlm.baseline)
     heal: object | None = None        # train.heal.HealConfig: heal the pruned model from the original (--heal);
@@ -138,8 +139,10 @@ class CompressConfig:
             if self.imatrix:
                 raise ConfigError("--imatrix was computed for the unpruned model; with --prune use --calib "
                                   "(the matrix is then computed on the pruned model)")
-        elif self.format_aware:
-            raise ConfigError("--format-aware rounds pruned widths: give --prune R too")
+        elif self.format_aware or self.prune_hidden is not None:
+            flag = "--format-aware rounds pruned widths" if self.format_aware else "--prune-hidden removes channels"
+            raise ConfigError(f"{flag}: give --prune R too (R counts every parameter removed, the hidden channels' "
+                              f"included; the method removes what the channels leave of R)")
         if "qat" in self.method:
             if self.heal is None:
                 raise ConfigError("--method qat trains the quantized model by distillation from the original: give "
@@ -202,6 +205,7 @@ class CompressConfig:
         # with a size budget, --format-aware rounds widths to the K-quants' 256 (the budget's candidate types)
         return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate, **share,
                            format_aware=self.format_aware, ffn_multiple=self.prune_ffn_multiple,
+                           hidden=self.prune_hidden,
                            type=self.type if not self.budgeted else ("Q4_K_M" if self.format_aware else "Q8_0"),
                            calib=self.calib, calib_chunks=self.calib_chunks, n_ctx=self.n_ctx)
 

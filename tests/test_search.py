@@ -322,6 +322,32 @@ def test_compress_prune_ffn_multiple_writes_mlp_widths_in_k_quant_rows(tiny_hf, 
     assert w["heads"] == [4] * len(w["ffn"])                 # heads and hidden size untouched
 
 
+def test_compress_prune_hidden_keeps_n_channels_so_that_k_quants_fit(tiny_hf, calib, tmp_path):
+    """--prune-hidden 256 on a 320-wide model: every tensor that reads the residual stream gets 256 columns, so
+    Q4_K_M's K-quants fit all of them (none fits 320: they would fall back); --prune R counts the channels (R
+    below their share: only they go)."""
+    import gguf
+
+    from slimlm.compress import CompressConfig
+    with pytest.raises(ConfigError, match="--prune R too"):
+        CompressConfig(prune_hidden=256)
+    with pytest.raises(ConfigError, match="--hidden"):
+        CompressConfig(prune=0.1, prune_hidden=0)
+    model = tiny_hf("LlamaForCausalLM", hidden_size=320, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    out = tmp_path / "h.gguf"
+    assert main(["-q", "compress", str(model), "-o", str(out), "--type", "Q4_K_M", "--prune", "0.05", "--prune-hidden",
+                 "256", "--calib", str(calib), "--calib-chunks", "2", "--ctx", "64", "--no-eval"]) == 0
+    r = gguf.GGUFReader(out)
+    assert int(r.get_field("llama.embedding_length").parts[-1][0]) == 256
+    assert int(r.get_field("llama.feed_forward_length").parts[-1][0]) == 512      # only the channels went:
+    assert int(r.get_field("llama.block_count").parts[-1][0]) == 2                # no layer for R's layer share
+    k_quants = {gguf.GGMLQuantizationType[t] for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")}
+    readers = [t for t in r.tensors if len(t.shape) == 2 and int(t.shape[0]) == 256]   # ggml: shape[0] = columns
+    assert len(readers) >= 2 * 6 + 1 and all(t.tensor_type in k_quants for t in readers), \
+        [(t.name, t.tensor_type.name) for t in readers]
+
+
 def test_min_speedup_target_measures_speed_against_llama_cpps_preset(src, calib, tmp_path):
     """--min-speedup: llama.cpp's --speed-of preset is made and timed once; each trial's constraint is that
     speed ratio, and the chosen file meets it."""

@@ -351,9 +351,13 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
     from .structured import Plan, n_params, planned_config
     if config.ratio is None or config.drop_layers:
         return dataclasses.replace(config, method="mlp")
-    total = n_params(m.config)
-    per_layer = total - n_params(planned_config(m.config, Plan(drop_layers=[0])))
-    k = min(round(config.layer_share * config.ratio * total / per_layer), len(order) - 1)
+    heads = config.parsed_heads() if config.heads else None
+    pre = planned_config(m.config, Plan(hidden=config.hidden, n_kv=heads[0] if heads else None,
+                                        q_per_kv=heads[1] if heads else None))
+    total = n_params(pre)                 # after the explicit --hidden/--heads, which --ratio counts (make_plan)
+    left = max(0.0, 1.0 - (1.0 - config.ratio) * n_params(m.config) / total)
+    per_layer = total - n_params(planned_config(pre, Plan(drop_layers=[0])))
+    k = min(round(config.layer_share * left * total / per_layer), len(order) - 1)
     return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
 
 
