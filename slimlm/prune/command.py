@@ -258,8 +258,9 @@ def _heads_for(cfg: dict, multiple: int, at_most: tuple[int, int] | None) -> tup
     return best
 
 
-def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan:
-    cfg = model.config
+def explicit_plan(cfg: dict, config: PruneConfig) -> Plan:
+    """The widths given explicitly (--hidden, --ffn, --heads, --drop-layers, --experts; with --format-aware the
+    heads rounded to the type's block size): what --ratio counts before its method removes the rest."""
     d = dims(cfg)
     mult = round_multiple(config)
     heads = config.parsed_heads() if config.heads else None
@@ -272,8 +273,15 @@ def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan
         if config.hidden is None and d["hidden"] % mult:
             raise ConfigError(f"the hidden size {d['hidden']} is not a multiple of {mult}: give --hidden "
                               f"{d['hidden'] // mult * mult} (or less) for format-aware pruning")
-    base = Plan(hidden=config.hidden, ffn=config.ffn, drop_layers=sorted(config.drop_layers),
+    return Plan(hidden=config.hidden, ffn=config.ffn, drop_layers=sorted(config.drop_layers),
                 n_kv=heads[0] if heads else None, q_per_kv=heads[1] if heads else None, experts=config.experts)
+
+
+def make_plan(model, config: PruneConfig, layer_order: list[int] | None) -> Plan:
+    cfg = model.config
+    d = dims(cfg)
+    mult = round_multiple(config)
+    base = explicit_plan(cfg, config)
     moe = n_experts(cfg) > 0
     if config.ratio is None:
         return base
@@ -351,13 +359,15 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
     from .structured import Plan, n_params, planned_config
     if config.ratio is None or config.drop_layers:
         return dataclasses.replace(config, method="mlp")
-    heads = config.parsed_heads() if config.heads else None
-    pre = planned_config(m.config, Plan(hidden=config.hidden, n_kv=heads[0] if heads else None,
-                                        q_per_kv=heads[1] if heads else None))
-    total = n_params(pre)                 # after the explicit --hidden/--heads, which --ratio counts (make_plan)
-    left = max(0.0, 1.0 - (1.0 - config.ratio) * n_params(m.config) / total)
-    per_layer = total - n_params(planned_config(pre, Plan(drop_layers=[0])))
-    k = min(round(config.layer_share * left * total / per_layer), len(order) - 1)
+    fixed = explicit_plan(m.config, config)
+    pre = planned_config(m.config, Plan(hidden=fixed.hidden, n_kv=fixed.n_kv, q_per_kv=fixed.q_per_kv))
+    total = n_params(m.config)
+    per_layer = total - n_params(planned_config(m.config, Plan(drop_layers=[0])))
+    k = round(config.layer_share * config.ratio * total / per_layer)
+    # never more layers than the explicit --hidden/--heads leave of --ratio (it counts them: make_plan)
+    left = n_params(pre) - (1.0 - config.ratio) * total
+    k = min(k, max(0, int(left // (n_params(pre) - n_params(planned_config(pre, Plan(drop_layers=[0])))))),
+            len(order) - 1)
     return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
 
 
