@@ -129,6 +129,8 @@ class CompressConfig:
             parse_size(self.target_size)
         if self.bpw is not None and not 2.0 <= self.bpw <= 16.0:
             raise ConfigError(f"--bpw must be between 2 and 16, got {self.bpw}")
+        if self.prune_hidden is not None and self.prune_hidden < 1:
+            raise ConfigError(f"--prune-hidden must be >= 1 (the hidden channels kept), got {self.prune_hidden}")
         if self.prune is not None and not 0 < self.prune < 1:      # also NaN
             raise ConfigError(f"--prune must be a fraction between 0 and 1, got {self.prune}")
         if self.prune is not None:

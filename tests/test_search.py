@@ -331,7 +331,7 @@ def test_compress_prune_hidden_keeps_n_channels_so_that_k_quants_fit(tiny_hf, ca
     from slimlm.compress import CompressConfig
     with pytest.raises(ConfigError, match="--prune R too"):
         CompressConfig(prune_hidden=256)
-    with pytest.raises(ConfigError, match="--hidden"):
+    with pytest.raises(ConfigError, match="--prune-hidden must be >= 1"):
         CompressConfig(prune=0.1, prune_hidden=0)
     model = tiny_hf("LlamaForCausalLM", hidden_size=320, intermediate_size=512, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)
