@@ -365,9 +365,9 @@ def _split_layers(m, config: PruneConfig, order: list[int]) -> PruneConfig:
     per_layer = total - n_params(planned_config(m.config, Plan(drop_layers=[0])))
     k = round(config.layer_share * config.ratio * total / per_layer)
     # never more layers than the explicit --hidden/--heads leave of --ratio (it counts them: make_plan)
-    left = n_params(pre) - (1.0 - config.ratio) * total
-    k = min(k, max(0, int(left // (n_params(pre) - n_params(planned_config(pre, Plan(drop_layers=[0])))))),
-            len(order) - 1)
+    n_pre = n_params(pre)
+    left, per_layer_pre = n_pre - (1.0 - config.ratio) * total, n_pre - n_params(planned_config(pre, Plan(drop_layers=[0])))
+    k = min(k, max(0, int(left // per_layer_pre)), len(order) - 1)
     return dataclasses.replace(config, method="mlp", drop_layers=tuple(sorted(order[:k])))
 
 
