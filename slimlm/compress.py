@@ -528,7 +528,8 @@ def _train_qat(m, teacher, types: dict, imatrix, out: Path, config: CompressConf
     rec = healing.heal_step(student, teacher, heal, out, resume=resume, layer_map=layer_map, text=config.text,
                             progress=progress, say=say, student_label="the quantized model (fake-quant)",
                             work=healing.qat_work_folder(out) if after_healing else None,
-                            loss_plot=beside(out, ".qat-loss.png") if after_healing else None)
+                            loss_plot=beside(out, ".qat-loss.png") if after_healing else None,
+                            caches=(healing.work_folder(out),) if after_healing else ())
     if not healing.is_main_process():
         return None
     rec["what"] = "QAT"

@@ -224,7 +224,7 @@ def test_prune_heal_qat_in_one_command_reports_the_unhealed_and_llama_cpps_dense
         texts[k] = tmp_path / f"{k}.txt"
         texts[k].write_text(text)
     out = tmp_path / "pq.gguf"
-    assert main(["-q", "compress", str(teacher), "-o", str(out), "--prune", "0.01", "--heal", "2048",
+    assert main(["-q", "compress", str(teacher), "-o", str(out), "--prune", "0.01", "--heal", "4096",
                  "--method", "gptq+qat", "--qat-budget", "1024", "--qat-lr", "1e-4", "--type", "Q4_0",
                  "--compare", "Q4_0", "--data", str(texts["train"]), "--calib", str(texts["train"]),
                  "--calib-chunks", "4", "--gptq-chunks", "4", "--text", str(texts["eval"]), "--seq-len", "32",
@@ -232,12 +232,17 @@ def test_prune_heal_qat_in_one_command_reports_the_unhealed_and_llama_cpps_dense
     rep = json.loads(out.with_suffix(".report.json").read_text())
     assert [s["step"] for s in rep["steps"]] == ["structured pruning", "healing", "imatrix", "gptq", "qat", "export"]
     heal, q = rep["healing"], rep["qat"]
-    assert heal.get("what") is None and heal["budget"] == "2048" and heal["heldout_kl"] < heal["stages"][0]["heldout_kl"]
+    assert heal.get("what") is None and heal["budget"] == "4096" and heal["heldout_kl"] < heal["stages"][0]["heldout_kl"]
     assert q["what"] == "QAT" and q["budget"] == "1024"
     d = q["stages"][-1]["detail"]
     from slimlm.train.dist import fast_bf16
     assert d["precision"] == ("bf16" if fast_bf16(torch.device("cpu")) else "fp32") and d["tokens"] == 1024
     assert next(s for s in rep["steps"] if s["step"] == "qat")["tensors"] >= 7 * len(heal["layer_map"])
+    # healing saw its rows twice, so its teacher top-k were cached; QAT (each row once) reads that cache (same
+    # teacher, rows and k) instead of running the teacher again
+    ht, qt = heal["stages"][-1]["detail"]["teacher_targets"], d["teacher_targets"]
+    assert ht["cached"] and qt["cached"] and ht["path"] and "pq.heal-work" in ht["path"]
+    assert qt["path"] == ht["path"], (qt, ht)
     e, u, b = rep["evaluation"], rep["unhealed"]["evaluation"], rep["baseline"]["evaluation"]
     assert rep["unhealed"]["method"] == "gptq" and u["n_scored_tokens"] == e["n_scored_tokens"] == b["n_scored_tokens"]
     assert e["kld"] < u["kld"], (e["kld"], u["kld"])                       # healing + QAT show in llama.cpp

@@ -142,8 +142,9 @@ def is_main_process() -> bool:
 # ---- the healing step -----------------------------------------------------------------------------------------
 def heal_step(student, teacher, config, out: str | Path, *, resume: bool, layer_map: list[int] | None,
               text: str | None, progress: bool, say, student_label: str | None = None, work: Path | None = None,
-              loss_plot: Path | None = None) -> dict:
-    """Heal `student` (changed in place) from `teacher` with its work folder beside `out` (`work`: another one);
+              loss_plot: Path | None = None, caches: tuple[Path, ...] = ()) -> dict:
+    """Heal `student` (changed in place) from `teacher` with its work folder beside `out` (`work`: another one;
+    `caches`: earlier stages' work folders whose teacher cache it may reuse);
     the healing record (heal.heal_model's, with the budget, the models and where the loss curve goes: `loss_plot`,
     default OUT.loss.png). `text`: the evaluation text file (None: the bundled one); training text that repeats it
     is cut or refused. `student_label`: how the report names the student (default: its source)."""
@@ -153,7 +154,7 @@ def heal_step(student, teacher, config, out: str | Path, *, resume: bool, layer_
     eval_text, _ = read_text(text, "eval", "--text")
     say(f"healing ({describe_budget(config.train.budget)}) against {teacher.source or 'the teacher'} ...")
     rec = heal_model(student, teacher, config, folder=work or work_folder(out), resume=resume, layer_map=layer_map,
-                     eval_text=eval_text, progress=progress, say=say)
+                     eval_text=eval_text, progress=progress, say=say, caches=caches)
     rec.update(budget=config.train.budget, resumed=resume, student=student_label or str(student.source or ""),
                teacher=str(teacher.source or ""), loss_plot=str(loss_plot or beside(out, ".loss.png")))
     return rec

@@ -82,9 +82,10 @@ def heldout_kl(student, teacher, heldout: torch.Tensor, batch: int = 4, keep: li
 
 def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bool = False,
                layer_map: list[int] | None = None, eval_text: str | None = None, progress: bool = True,
-               say=lambda msg: None) -> dict:
+               say=lambda msg: None, caches: tuple[Path, ...] = ()) -> dict:
     """Heal `student` (a slimlm Model, changed in place) from `teacher`. `folder`: the work folder (checkpoints,
-    teacher cache; `clear_work` removes it once the caller has written the result). `eval_text`: the text the result will be evaluated on (training text
+    teacher cache; `clear_work` removes it once the caller has written the result); `caches`: earlier stages'
+    work folders whose teacher cache it may reuse. `eval_text`: the text the result will be evaluated on (training text
     that overlaps it is cut or refused). Returns the record for the report."""
     from . import stages
     from .data import load_train_data
@@ -136,7 +137,8 @@ def heal_model(student, teacher, config: HealConfig, *, folder: Path, resume: bo
         reserve = next(s["eval_seconds"] for s in reversed(rec["stages"]) if "eval_seconds" in s)
         t = time.perf_counter()        # the trainer finds the changed layers where --train needs them
         r = train(student, teacher, data, cfg, folder=folder, resume=resume, layer_map=layer_map,
-                  deadline=None if deadline is None else deadline - 1.1 * reserve, progress=progress, extra=extra)
+                  deadline=None if deadline is None else deadline - 1.1 * reserve, progress=progress, extra=extra,
+                  caches=caches)
         r["seconds"] = time.perf_counter() - t
         _stage(rec, "end-to-end distillation", r, student, teacher, data, say, keep=keep)
     rec["seconds"] = time.monotonic() - t0

@@ -198,19 +198,37 @@ class TopKCache:
         return {"idx": torch.from_numpy(np.ascontiguousarray(self.idx[r])).long(),
                 "lt": torch.from_numpy(np.ascontiguousarray(self.lt[r]).astype(np.float32))}
 
+    @staticmethod
+    def paths(folder: Path, key: str, rows: torch.Tensor, k: int) -> tuple[Path, Path]:
+        """The cache's two files in `folder`: named by the key (teacher, data, settings) and the rows."""
+        h = hashlib.sha256(f"{key}|{rows.numpy().tobytes().hex()}".encode()).hexdigest()[:16]
+        return Path(folder) / f"teacher-top{k}-{h}.idx.npy", Path(folder) / f"teacher-top{k}-{h}.logp.npy"
+
+    @classmethod
+    def existing(cls, folder: Path | None, key: str, rows: torch.Tensor, k: int,
+                 also: tuple[Path, ...] = ()) -> tuple[Path, Path] | None:
+        """The files of a finished cache of this key and rows in `folder`, else in the first of `also` (an
+        earlier stage's work folder: the same teacher, tokens and settings give the same names) that has one."""
+        for f in ((folder,) if folder is not None else ()) + tuple(also):
+            pi, pl = cls.paths(f, key, rows, k)
+            if pi.exists() and pl.exists():
+                return pi, pl
+        return None
+
     @classmethod
     def build(cls, teacher, train: torch.Tensor, rows: torch.Tensor, *, k: int, T: float, folder: Path, key: str,
               device: torch.device, bf16: bool, batch: int | None = None, progress: bool = True,
-              compiled: bool = False) -> TopKCache:
+              compiled: bool = False, also: tuple[Path, ...] = ()) -> TopKCache:
         """Compute (or reuse) the cache of `rows` (sorted unique indices into train (n, seq_len)) under `folder`:
         token ids int32, log-probabilities float16 (their rounding is below the loss's noise: bench/heal.py).
-        `batch`: rows per teacher forward (default: CACHE_BATCH_TOKENS of them); `compiled`: see teacher_topk."""
+        `batch`: rows per teacher forward (default: CACHE_BATCH_TOKENS of them); `compiled`: see teacher_topk.
+        `also`: other folders (an earlier stage's work folder) whose cache of the same key is read instead of
+        building one; nothing is written there."""
         import time
         t0 = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
+        pi, pl = cls.existing(folder, key, rows, k, also) or cls.paths(folder, key, rows, k)
         rows = rows.numpy()
-        h = hashlib.sha256(f"{key}|{rows.tobytes().hex()}".encode()).hexdigest()[:16]
-        pi, pl = folder / f"teacher-top{k}-{h}.idx.npy", folder / f"teacher-top{k}-{h}.logp.npy"
         L = train.shape[1]
         batch = batch or max(1, CACHE_BATCH_TOKENS // L)
         if not (pi.exists() and pl.exists()):

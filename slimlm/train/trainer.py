@@ -101,8 +101,9 @@ class _Forward(torch.nn.Module):
 class Trainer:
     def __init__(self, student, teacher, data, config: TrainConfig, *, folder: Path | None,
                  layer_map: list[int] | None = None, changed_layers: list[int] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, caches: tuple[Path, ...] = ()):
         self.cfg, self.data, self.folder, self.progress = config, data, folder, progress
+        self.caches = tuple(caches)          # earlier stages' work folders whose teacher cache this run may read
         self.student, self.teacher = student, teacher
         self.device = resolve_device(config.device)
         self.world = init_world(self.device)
@@ -164,21 +165,23 @@ class Trainer:
         cfg = self.cfg
         if kind == "full":
             return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
-        if self._each_row_once(total):
-            return self._topk_on_the_fly()
         rows = torch.arange(self.data.train.shape[0])
+        key = f"{module_fingerprint(self.teacher.module)}|{self.data.fingerprint}|{cfg.topk}|{cfg.temperature}|" \
+              f"{self.bf16}" if self.caches or not self._each_row_once(total) else ""
+        if self._each_row_once(total) and not (self.caches and TopKCache.existing(None, key, rows, cfg.topk,
+                                                                                   self.caches)):
+            return self._topk_on_the_fly()           # (an earlier stage's finished cache is cheaper to read)
         if self.folder is None:
             raise ConfigError("the top-k teacher cache needs a work folder")
-        key = f"{module_fingerprint(self.teacher.module)}|{self.data.fingerprint}|{cfg.topk}|{cfg.temperature}|" \
-              f"{self.bf16}"
         if self.world.main:
             cache = TopKCache.build(self.teacher, self.data.train, rows, k=cfg.topk, T=cfg.temperature,
                                     folder=self.folder, key=key, device=self.device, bf16=self.bf16,
-                                    progress=self.progress, compiled=self.fast_kernels)
+                                    progress=self.progress, compiled=self.fast_kernels, also=self.caches)
         self.world.barrier()
         if not self.world.main:
             cache = TopKCache.build(self.teacher, self.data.train, rows, k=cfg.topk, T=cfg.temperature,
-                                    folder=self.folder, key=key, device=self.device, bf16=self.bf16, progress=False)
+                                    folder=self.folder, key=key, device=self.device, bf16=self.bf16, progress=False,
+                                    also=self.caches)
         return cache
 
     def _loss(self, fwd, targets, rows: torch.Tensor) -> torch.Tensor:
@@ -505,7 +508,8 @@ class Trainer:
                 "trainable_params": n_trainable, "compiled": bool(self.compiled and self.compiled.ok),
                 "teacher_targets": {"kind": targets.kind, "k": self.cfg.topk if targets.kind == "topk" else None,
                                     "cached": getattr(targets, "cached", False),
-                                    "build_seconds": getattr(targets, "build_seconds", 0.0)}}
+                                    "build_seconds": getattr(targets, "build_seconds", 0.0),
+                                    "path": str(getattr(targets, "path", "") or "") or None}}
 
 
 class _nullcontext:
@@ -518,13 +522,15 @@ class _nullcontext:
 
 def train(student, teacher, data, config: TrainConfig, *, folder: Path | None = None, resume: bool = False,
           layer_map: list[int] | None = None, changed_layers: list[int] | None = None,
-          deadline: float | None = None, progress: bool = True, extra: dict | None = None) -> dict:
+          deadline: float | None = None, progress: bool = True, extra: dict | None = None,
+          caches: tuple[Path, ...] = ()) -> dict:
     """Distil `student` (a slimlm Model, trained in place) from `teacher` on `data` (train.data.TrainData).
     `folder`: checkpoints and the teacher cache; `resume`: continue from its checkpoint (refused when any
     setting, the data, the global batch or `extra` — what the caller adds to the fingerprint — differs).
-    Returns the run's record."""
+    `caches`: earlier stages' work folders whose teacher top-k cache (same teacher, data and settings) is read
+    instead of built again. Returns the run's record."""
     t = Trainer(student, teacher, data, config, folder=folder, layer_map=layer_map, changed_layers=changed_layers,
-                progress=progress)
+                progress=progress, caches=caches)
     fp = fingerprint(config, data, t.world, **(extra or {}))
     blob = checkpoint.load(folder, fp) if resume else None
     with linears_in_bf16(teacher.module, t.bf16):
