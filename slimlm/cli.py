@@ -247,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-unhealed", action="store_true", help="with --prune and --heal: do not also quantize and "
                    "evaluate the unhealed pruned model (OUT.unhealed.gguf) for the side-by-side comparison")
     p.add_argument("--prune-ffn-multiple", type=int, metavar="N", help="with --prune and --prune-method mlp or "
-                   "mlp+layers: MLP widths a multiple of N (256: ffn_down's rows stay K-quant sized, e.g. for a "
-                   "size budget; unlike --format-aware the hidden size and heads are not touched)")
+                   "mlp+layers: MLP widths a multiple of N (256: ffn_down's rows stay K-quant sized; unlike "
+                   "--format-aware the hidden size and heads are not touched). Default with --target-size/--bpw: "
+                   "256 when the model's MLP widths are multiples of it (and no --format-aware/--prune-hidden), "
+                   "else any multiple of 32; give 32 for the finer widths")
     p.add_argument("--prune-hidden", type=int, metavar="N", help="with --prune: also keep only N hidden (embedding) "
                    "channels (Minitron-style, as slimlm prune --hidden; R counts them and the method removes the "
                    "rest). A hidden size that is a multiple of 256 (512 for SmolLM2's 576) lets a size budget use "

@@ -201,12 +201,22 @@ class CompressConfig:
                  (self.evaluate, "the evaluation (torch-side logits of the whole original)")]
         refuse_unstreamable(why, steps)
 
-    def prune_config(self):
-        from .prune.command import PruneConfig
+    def prune_config(self, model=None):
+        """--prune's settings. With a size budget, --format-aware rounds widths to the K-quants' 256 (the budget's
+        candidate types); without it (and without --prune-hidden) the MLP widths of mlp/mlp+layers default to
+        multiples of 256 when `model`'s are (prune.command.k_quant_ffn_multiple): ffn_down keeps K-quant rows, which
+        at 64 MiB for SmolLM2 lowers the budget's predicted KLD from 0.397 to 0.323 (README, "Search results")."""
+        from .prune.command import PruneConfig, k_quant_ffn_multiple
         share = {} if self.prune_layer_share is None else {"layer_share": self.prune_layer_share}
-        # with a size budget, --format-aware rounds widths to the K-quants' 256 (the budget's candidate types)
+        mult = self.prune_ffn_multiple
+        if mult is None and model is not None and self.budgeted and not self.format_aware \
+                and self.prune_hidden is None and self.prune_method in ("mlp", "mlp+layers"):
+            from .arch.spec import layer_dims, n_experts
+            if not n_experts(model.config):                     # a mixture of experts loses whole experts
+                mult = k_quant_ffn_multiple(layer_dims(model.config, i)[0]
+                                            for i in range(int(model.config["num_hidden_layers"])))
         return PruneConfig(ratio=self.prune, method=self.prune_method, allocate=self.prune_allocate, **share,
-                           format_aware=self.format_aware, ffn_multiple=self.prune_ffn_multiple,
+                           format_aware=self.format_aware, ffn_multiple=mult,
                            hidden=self.prune_hidden,
                            type=self.type if not self.budgeted else ("Q4_K_M" if self.format_aware else "Q8_0"),
                            calib=self.calib, calib_chunks=self.calib_chunks, n_ctx=self.n_ctx)
@@ -307,7 +317,7 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
     original = m
     if config.prune is not None:
         from .prune.command import structured_prune
-        m, st = structured_prune(m, chunks, config.prune_config(), say, progress)
+        m, st = structured_prune(m, chunks, config.prune_config(model=m), say, progress)
         steps.append({"step": "structured pruning", "source": prov, **st})
         if inspect is not None:
             inspect("pruned", original=original, model=m, chunks=chunks)

@@ -49,7 +49,6 @@ BPW_STEP = 0.25
 MAX_BPW = 8.5                       # Q8_0
 PROXY_CHUNKS = 2                    # calibration chunks the pruned model's KL divergence (the cheap proxy) uses
 RULE_OUT = 1.5                      # a candidate whose proxy is this x the best file's KLD (or --max-kld) stops
-FFN_MULTIPLE = 256                  # pruned MLP widths (when the model's are multiples): ffn_down rows fit K-quants
 FIRST_BPW = 4.5                     # the first trial: about Q4_0's bits per weight
 STARTUP_TRIALS = 5                  # random proposals before TPE models the results
 
@@ -177,10 +176,11 @@ def make_space(cfg: SearchConfig, info) -> Space:
     reach the size (llama.cpp's smallest types on what stays); without it, the bits per weight from the
     smallest the shapes can reach to Q8_0's."""
     from .mixed import parse_size, smallest_bytes
+    from .prune.command import k_quant_ffn_multiple
     small = smallest_bytes(info.shapes)
     n_params = max(int(info.n_params), 1)
     ffn = {s[1] for n, s in info.shapes.items() if n.endswith("ffn_down.weight") and len(s) == 2}
-    mult = FFN_MULTIPLE if ffn and all(f % FFN_MULTIPLE == 0 and f >= 2 * FFN_MULTIPLE for f in ffn) else None
+    mult = k_quant_ffn_multiple(ffn)        # pruned MLP widths in K-quant rows when the model's are
     hi = int(math.floor(cfg.max_prune / cfg.prune_step + 1e-9))
     lo = 0
     if cfg.target_size is not None:

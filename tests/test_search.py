@@ -455,3 +455,36 @@ def test_search_runs_a_qat_candidate_and_records_its_training(src, tmp_path):
     assert "qat" in [st["step"] for st in rep["steps"]]
     q = rep.get("qat") or rep["healing"]
     assert q["what"] == "QAT" and q["budget"] == "1024" and q["stages"][-1]["detail"]["tokens"] == 1024
+
+
+def test_compress_prune_with_a_size_budget_keeps_mlp_widths_in_k_quant_rows_by_default():
+    """compress --prune R --target-size/--bpw (mlp, mlp+layers): the pruned MLP widths default to multiples of 256
+    when the model's are (as slimlm search's trials), so ffn_down can take a K-quant; not without a budget, not
+    over an explicit --prune-ffn-multiple, --format-aware or --prune-hidden, not for widths that are not
+    multiples of 256 and not for a mixture of experts (whole experts go)."""
+    from types import SimpleNamespace
+
+    from slimlm.compress import CompressConfig
+    from slimlm.prune.command import k_quant_ffn_multiple
+
+    def model(ffn, **extra):
+        return SimpleNamespace(config={"num_hidden_layers": 3, "intermediate_size": ffn, "num_attention_heads": 9,
+                                       "num_key_value_heads": 3, **extra})
+    smol = model(1536)
+    assert CompressConfig(prune=0.1, target_size="64MiB").prune_config(model=smol).ffn_multiple == 256
+    assert CompressConfig(prune=0.1, bpw=4.0, prune_method="mlp").prune_config(model=smol).ffn_multiple == 256
+    assert CompressConfig(prune=0.1, type="Q4_K_M").prune_config(model=smol).ffn_multiple is None
+    assert CompressConfig(prune=0.1, target_size="64MiB", prune_ffn_multiple=64).prune_config(
+        model=smol).ffn_multiple == 64
+    assert CompressConfig(prune=0.1, target_size="64MiB", format_aware=True).prune_config(
+        model=smol).ffn_multiple is None
+    assert CompressConfig(prune=0.1, target_size="64MiB", prune_hidden=512).prune_config(
+        model=smol).ffn_multiple is None
+    assert CompressConfig(prune=0.1, target_size="64MiB", prune_method="width").prune_config(
+        model=smol).ffn_multiple is None
+    assert CompressConfig(prune=0.1, target_size="64MiB").prune_config(model=model(1408)).ffn_multiple is None
+    assert CompressConfig(prune=0.1, target_size="64MiB").prune_config(
+        model=model(1536, num_local_experts=8)).ffn_multiple is None
+    per_layer = model(1536, slimlm_per_layer={"intermediate_size": [1536, 1280, 768]})
+    assert CompressConfig(prune=0.1, target_size="64MiB").prune_config(model=per_layer).ffn_multiple == 256
+    assert k_quant_ffn_multiple([1536, 256]) is None and k_quant_ffn_multiple([]) is None   # 256 could not shrink

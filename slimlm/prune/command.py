@@ -226,6 +226,19 @@ class PruneConfig:
                               f"per KV head)") from None
 
 
+K_QUANT_ROW = 256          # K-quants' (and IQ4_XS's) super-block: ffn_down's rows must be a multiple to take one
+
+
+def k_quant_ffn_multiple(widths) -> int | None:
+    """K_QUANT_ROW when every MLP width in `widths` is a multiple of it and at least twice it (pruning can then
+    keep ffn_down's rows K-quant sized and still remove neurons), else None. `slimlm search` and `compress
+    --prune` with a size budget round pruned MLP widths to it."""
+    widths = [int(w) for w in widths]
+    if widths and all(w % K_QUANT_ROW == 0 and w >= 2 * K_QUANT_ROW for w in widths):
+        return K_QUANT_ROW
+    return None
+
+
 def round_multiple(config: PruneConfig) -> int:
     """Widths are multiples of 32 (every GGUF block type's row unit short of K-quants); format-aware: of the
     output type's main block size (256 for K-quants), so no tensor needs a fallback type; --ffn-multiple N:

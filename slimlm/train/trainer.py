@@ -161,16 +161,19 @@ class Trainer:
 
     def _targets(self, total: int, kind: str):
         """The teacher's side: full logits on the fly, or top-k targets: on the fly while the run sees each row
-        at most once, else cached once for every training row."""
+        at most once (unless an earlier stage's finished cache of them is there to read: `caches`), else cached
+        once for every training row."""
         cfg = self.cfg
         if kind == "full":
             return OnTheFly(self.teacher, self.device, self.bf16, hidden=self.hidden)
+        once = self._each_row_once(total)
+        if once and not self.caches:
+            return self._topk_on_the_fly()
         rows = torch.arange(self.data.train.shape[0])
         key = f"{module_fingerprint(self.teacher.module)}|{self.data.fingerprint}|{cfg.topk}|{cfg.temperature}|" \
-              f"{self.bf16}" if self.caches or not self._each_row_once(total) else ""
-        if self._each_row_once(total) and not (self.caches and TopKCache.existing(None, key, rows, cfg.topk,
-                                                                                   self.caches)):
-            return self._topk_on_the_fly()           # (an earlier stage's finished cache is cheaper to read)
+              f"{self.bf16}"
+        if once and TopKCache.existing(None, key, rows, cfg.topk, self.caches) is None:
+            return self._topk_on_the_fly()
         if self.folder is None:
             raise ConfigError("the top-k teacher cache needs a work folder")
         if self.world.main:
