@@ -226,16 +226,14 @@ class PruneConfig:
                               f"per KV head)") from None
 
 
-K_QUANT_ROW = 256          # K-quants' (and IQ4_XS's) super-block: ffn_down's rows must be a multiple to take one
-
-
 def k_quant_ffn_multiple(widths) -> int | None:
-    """K_QUANT_ROW when every MLP width in `widths` is a multiple of it and at least twice it (pruning can then
-    keep ffn_down's rows K-quant sized and still remove neurons), else None. `slimlm search` and `compress
-    --prune` with a size budget round pruned MLP widths to it."""
+    """QK_K (256, the K-quants' and IQ4_XS's super-block) when every MLP width in `widths` is a multiple of it and
+    at least twice it (pruning can then keep ffn_down's rows K-quant sized and still remove neurons), else None.
+    `slimlm search` and `compress --prune` with a size budget round pruned MLP widths to it."""
+    from ..quant.kquants import QK_K
     widths = [int(w) for w in widths]
-    if widths and all(w % K_QUANT_ROW == 0 and w >= 2 * K_QUANT_ROW for w in widths):
-        return K_QUANT_ROW
+    if widths and all(w % QK_K == 0 and w >= 2 * QK_K for w in widths):
+        return QK_K
     return None
 
 
