@@ -86,6 +86,9 @@ def _add_heal_args(p: argparse.ArgumentParser, *, command: bool) -> None:
                    "(and the LM head, tied to it or not) trains on its GGUF grid too: its block scales and sub-block "
                    "scales (--sub-scales), its codes following the nearest levels; never its float weights or "
                    "learned rounding (default: it is written as the encoder or GPTQ quantized it)")
+    g.add_argument("--embedding-scale-lr", type=float, metavar="LR", help="--qat-embeddings: peak learning rate of "
+                   "the embedding / LM head's block scales, apart from the block linears' --scale-lr (one tensor read "
+                   "by every token on both sides: a lower rate may keep it steadier; default: --scale-lr's)")
     g.add_argument("--round-lr", type=float, metavar="LR", help="--method qat: peak learning rate of learned "
                    "rounding's offsets (a step of LR moves them LR levels; default 0.01)")
     g.add_argument("--train", dest="train_params", choices=TRAIN_PARAMS, help="what trains end to end: all, "

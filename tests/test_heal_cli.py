@@ -247,11 +247,12 @@ def test_heal_under_torchrun_with_two_gloo_processes_writes_one_model(teacher, s
 
 @pytest.mark.parametrize("cmd", ["heal", "prune"])
 def test_quantization_aware_training_options_are_refused_where_nothing_is_quantized(cmd, tmp_path, capsys):
-    """--scale-lr, --round-lr, --qat-weights, --sub-scales, --runtime-activations train fake-quant grids: slimlm heal and prune train in float,
+    """--scale-lr, --round-lr, --qat-weights, --sub-scales, --runtime-activations, --qat-embeddings,
+    --embedding-scale-lr train fake-quant grids: slimlm heal and prune train in float,
     so they refuse them (exit 2, naming compress --method qat) before loading anything."""
     args = ["--teacher", "t"] if cmd == "heal" else ["--ffn", "64"]
     for extra in (["--scale-lr", "1e-4"], ["--sub-scales"], ["--qat-weights", "codes"], ["--runtime-activations"],
-                  ["--qat-embeddings"]):
+                  ["--qat-embeddings"], ["--embedding-scale-lr", "1e-5"]):
         assert main(["-q", cmd, str(tmp_path / "missing"), *args, "-o", str(tmp_path / "o"), "--heal", "1024",
                      *extra]) == 2
         err = capsys.readouterr().err

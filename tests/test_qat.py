@@ -14,7 +14,7 @@ from slimlm.errors import ConfigError
 from slimlm.gguf.reader import read_gguf
 from slimlm.gguf.writer import export_gguf, plan_model
 from slimlm.quant import qat
-from slimlm.train.parts import param_groups, select_parameters
+from slimlm.train.parts import embedding_prefixes, param_groups, select_parameters
 
 
 def _distil_steps(student, teacher, steps: int = 6, seed: int = 0, sub_lr: float = 1e-3) -> list[float]:
@@ -177,7 +177,7 @@ def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budge
         CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal, qat_budget="10m")
     for flag, v in (("scale_lr", 1e-3), ("round_lr", 1e-3), ("sub_scales", True),   # QAT's own settings without QAT
                     ("runtime_activations", True), ("qat_embeddings", True)):
-        with pytest.raises(ConfigError, match="--runtime-activations and --qat-embeddings set quantization-aware "
+        with pytest.raises(ConfigError, match="--qat-embeddings and --embedding-scale-lr set quantization-aware "
                                               "training"):
             CompressConfig(type="Q4_K_M", method="gptq", prune=0.25, heal=heal_options("30m", {flag: v}))
     with pytest.raises(ConfigError, match="--round-lr"):
@@ -453,6 +453,39 @@ def test_scale_lr_puts_the_learned_block_scales_in_their_own_adamw_group(tiny_hf
     assert len(one) == 1 and len(one[0]["params"]) == len(names)
     with pytest.raises(ConfigError, match="--scale-lr"):
         heal_options("1024", {"scale_lr": -1.0})
+
+
+def test_embedding_scale_lr_puts_the_embeddings_block_scales_in_a_group_of_their_own(tiny_hf):
+    """--embedding-scale-lr (with --qat-embeddings): the tied embedding / LM head's block scales train at their own
+    rate, apart from the block linears' (--scale-lr); without it they sit in the block linears' scale group, as
+    before; without --qat-embeddings it is refused."""
+    import dataclasses
+
+    from slimlm.train.command import heal_options
+    m = load(tiny_hf("LlamaForCausalLM", tie=True))
+    _, _, types = plan_model(m, "Q4_K_M")
+    fakes = qat.attach(m, types, embeddings=True)
+    emb_fakes = [f for f in fakes if f.gguf_name == "token_embd.weight"]
+    assert len(emb_fakes) == 1
+    names = select_parameters(m.module, "all-but-embeddings", None)
+    params = dict(m.module.named_parameters())
+    cfg = heal_options("1024", {"lr": 1e-5, "scale_lr": 1e-3, "qat_embeddings": True,
+                                "embedding_scale_lr": 1e-4}).train
+    assert cfg.fingerprint()["embedding_scale_lr"] == 1e-4
+    def ids(fs):
+        return {id(p) for f in fs for p in (f.fake.d_factor, f.fake.dmin_factor) if p is not None}
+    g = param_groups(params, names, cfg, embedding_prefixes(m.module))
+    assert [x["lr_mult"] for x in g] == [1.0, pytest.approx(10), pytest.approx(100)]
+    assert {id(p) for p in g[1]["params"]} == ids(emb_fakes)
+    assert {id(p) for p in g[2]["params"]} == ids(fakes) - ids(emb_fakes)
+    assert sum(len(x["params"]) for x in g) == len(names)
+    same = param_groups(params, names, dataclasses.replace(cfg, embedding_scale_lr=None), embedding_prefixes(m.module))
+    assert len(same) == 2 and {id(p) for p in same[1]["params"]} == ids(fakes)
+    assert "embedding_scale_lr" not in dataclasses.replace(cfg, embedding_scale_lr=None).fingerprint()
+    with pytest.raises(ConfigError, match="--qat-embeddings"):
+        heal_options("1024", {"embedding_scale_lr": 1e-4})
+    with pytest.raises(ConfigError, match="--embedding-scale-lr"):
+        heal_options("1024", {"qat_embeddings": True, "embedding_scale_lr": 0.0})
 
 
 def test_round_lr_trains_rounding_offsets_in_their_own_group_and_freezes_the_float_weights(tiny_hf):

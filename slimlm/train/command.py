@@ -30,7 +30,7 @@ DEFAULT_BUDGET = TrainConfig.budget
 # healing options: TrainConfig / HealConfig field -> the flag that sets it (argparse dest = field name)
 TRAIN_FLAGS = {"lr": "--lr", "scale_lr": "--scale-lr", "round_lr": "--round-lr", "qat_weights": "--qat-weights",
                "sub_scales": "--sub-scales", "runtime_activations": "--runtime-activations",
-               "qat_embeddings": "--qat-embeddings",
+               "qat_embeddings": "--qat-embeddings", "embedding_scale_lr": "--embedding-scale-lr",
                "train_params": "--train", "lora_rank": "--lora", "teacher_targets": "--teacher-targets",
                "topk": "--topk", "temperature": "--temperature", "ce_weight": "--ce-weight",
                "hidden_weight": "--hidden-weight", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
@@ -41,7 +41,8 @@ TRAIN_FLAGS = {"lr": "--lr", "scale_lr": "--scale-lr", "round_lr": "--round-lr",
 HEAL_FLAGS = {"data": "--data", "generate": "--generate", "bias": "--bias", "blockwise": "--no-blockwise",
               "e2e": "--no-e2e"}
 FLAGS = {**TRAIN_FLAGS, **HEAL_FLAGS}
-QAT_FLAGS = ("scale_lr", "round_lr", "qat_weights", "sub_scales", "runtime_activations", "qat_embeddings")      # quantization-aware training's own
+QAT_FLAGS = ("scale_lr", "round_lr", "qat_weights", "sub_scales", "runtime_activations", "qat_embeddings",
+             "embedding_scale_lr")      # quantization-aware training's own
 MAX_SEED = 2**32 - 1
 
 

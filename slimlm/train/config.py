@@ -61,6 +61,8 @@ class TrainConfig:
     runtime_activations: bool = False       # QAT: the linears' inputs rounded as llama.cpp's CPU backend rounds them
                                             # (quant/activations.py; straight through)
     qat_embeddings: bool = False            # QAT: the token embedding / LM head's block scales train too
+    embedding_scale_lr: float | None = None  # QAT with qat_embeddings: peak learning rate of the embedding / LM
+                                            # head's block scales (None: scale_lr, as the block linears')
     min_lr: float = 0.1                     # cosine floor, as a fraction of lr
     warmup: float = 0.05                    # fraction of the steps with a linear warmup
     weight_decay: float = 0.0
@@ -94,11 +96,16 @@ class TrainConfig:
         parse_budget(self.budget)
         for name, v, lo in (("lr", self.lr, 0.0), ("temperature", self.temperature, 0.0),
                             *((("scale-lr", self.scale_lr, 0.0),) if self.scale_lr is not None else ()),
-                            *((("round-lr", self.round_lr, 0.0),) if self.round_lr is not None else ())):
+                            *((("round-lr", self.round_lr, 0.0),) if self.round_lr is not None else ()),
+                            *((("embedding-scale-lr", self.embedding_scale_lr, 0.0),)
+                              if self.embedding_scale_lr is not None else ())):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
                 raise ConfigError(f"--{name} must be a number > {lo}, got {v}")
         if self.qat_weights is not None and self.qat_weights not in QAT_WEIGHTS:
             raise ConfigError(f"--qat-weights must be one of {', '.join(QAT_WEIGHTS)}, got {self.qat_weights!r}")
+        if self.embedding_scale_lr is not None and not self.qat_embeddings:
+            raise ConfigError("--embedding-scale-lr is the learning rate of the embedding's block scales, which "
+                              "train only with --qat-embeddings: give both, or leave --embedding-scale-lr out")
         if self.round_lr is not None and self.qat_weights not in (None, *LEARNED_ROUNDING):
             raise ConfigError(f"--round-lr is learned rounding's learning rate: it does not go with --qat-weights "
                               f"{self.qat_weights} (give --qat-weights {' or '.join(LEARNED_ROUNDING)}, or leave --round-lr out)")
@@ -149,7 +156,7 @@ class TrainConfig:
         d = asdict(self)
         for k in ("checkpoint_every", "device", "parallel"):
             d.pop(k)
-        for k in ("sub_scales", "runtime_activations", "qat_embeddings"):
+        for k in ("sub_scales", "runtime_activations", "qat_embeddings", "embedding_scale_lr"):
             if not d[k]:                       # as before the option: checkpoints from then resume
                 d.pop(k)
         d["betas"] = list(d["betas"])

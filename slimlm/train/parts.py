@@ -84,12 +84,23 @@ def load_optim_state(opt: torch.optim.Optimizer, state: dict, load=None) -> None
         g.update(k)
 
 
-def param_groups(params: dict, names: list[str], cfg: TrainConfig) -> list[dict]:
+def embedding_prefixes(module: torch.nn.Module) -> tuple[str, ...]:
+    """The parameter-name prefixes of the token embedding and the LM head ("model.embed_tokens.", "lm_head.")."""
+    mods = {id(module.get_input_embeddings()), id(module.get_output_embeddings())}
+    return tuple(f"{n}." for n, m in module.named_modules() if id(m) in mods)
+
+
+def param_groups(params: dict, names: list[str], cfg: TrainConfig, embedding: tuple[str, ...] = ()) -> list[dict]:
     """AdamW's parameter groups: one, or with --scale-lr the learned quantization scales and with --round-lr the
-    learned rounding offsets apart, their learning rates a multiple (`lr_mult`) of the schedule's."""
+    learned rounding offsets apart, their learning rates a multiple (`lr_mult`) of the schedule's; with
+    --embedding-scale-lr the scales of the parameters under the `embedding` prefixes (embedding_prefixes: the
+    token embedding / LM head's grid under --qat-embeddings) in a group of their own."""
     groups, apart = [], set()
-    for kinds, lr in ((SCALE_PARAMS, cfg.scale_lr), (ROUND_PARAMS, cfg.round_lr)):
-        mine = [n for n in names if n.rsplit(".", 1)[-1] in kinds] if lr is not None else []
+    emb = (lambda n: n.startswith(embedding)) if embedding else (lambda n: False)
+    for kinds, lr, where in ((SCALE_PARAMS, cfg.embedding_scale_lr, emb), (SCALE_PARAMS, cfg.scale_lr, None),
+                             (ROUND_PARAMS, cfg.round_lr, None)):
+        mine = [n for n in names if n not in apart and n.rsplit(".", 1)[-1] in kinds and (where is None or where(n))] \
+            if lr is not None else []
         if mine:
             groups.append({"params": [params[n] for n in mine], "lr_mult": lr / cfg.lr})
             apart |= set(mine)
