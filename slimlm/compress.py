@@ -347,8 +347,8 @@ def compress(model: str | Path | None, out: str | Path, config: CompressConfig =
             from .train.stages import layer_map_from
             layer_map = layer_map_from(original.config, st["drop_layers"])
         if heals:
-            rec_heal = healing.heal_step(m, original, heal, out, resume=resume, layer_map=layer_map,
-                                         text=config.text, progress=progress, say=say,
+            rec_heal = healing.heal_step(m, original, healing.float_healing(heal), out, resume=resume,
+                                         layer_map=layer_map, text=config.text, progress=progress, say=say,
                                          student_label="the pruned model")
             steps.append(healing.healing_step_record(rec_heal))
             if not healing.is_main_process():

@@ -203,6 +203,15 @@ def test_method_qat_settings_are_checked_and_after_pruning_qat_has_its_own_budge
     q = qat_train({"qat_weights": "ste"})           # the float weights through the STE, the scales at their lr
     assert (q.round_lr, q.lr, q.scale_lr) == (None, QAT_STE_LR, None)
     assert CompressConfig(type="Q4_K_M", method="qat", prune=0.25, heal=heal).qat_heal().train.budget == "30m"
+    # healing before QAT trains in float: its checkpoints' fingerprint leaves QAT's own settings out (a resume
+    # that changes them keeps healing's work); QAT's run keeps them
+    from slimlm.train.command import float_healing
+    given = {"lr": 1e-4, "scale_lr": 1e-3, "round_lr": 0.02, "sub_scales": True, "runtime_activations": True,
+             "qat_embeddings": True, "embedding_scale_lr": 1e-4}
+    assert float_healing(heal_options("30m", given)).train.fingerprint() == \
+        heal_options("30m", {"lr": 1e-4}).train.fingerprint()
+    c = CompressConfig(type="Q4_K_M", method="gptq+qat", prune=0.25, heal=heal_options("30m", given))
+    assert (c.qat_heal().train.qat_embeddings, c.qat_heal().train.embedding_scale_lr) == (True, 1e-4)
     # without --prune --heal is QAT's own budget, --qat-budget overrides it
     assert CompressConfig(type="Q4_K_M", method="qat", heal=heal, qat_budget="5m").qat_heal().train.budget == "5m"
 

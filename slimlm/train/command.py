@@ -82,6 +82,15 @@ def heal_options(budget: str | None, given: dict, *, resume: bool = False):
 
 
 # ---- paths beside the output ----------------------------------------------------------------------------------
+def float_healing(config):
+    """`config` (a HealConfig) with quantization-aware training's own settings at their defaults: healing before
+    QAT trains in float and never reads them, so its checkpoints (whose fingerprint holds the settings) resume
+    whatever QAT's settings are on the next run."""
+    import dataclasses
+    default = {k: getattr(TrainConfig, k) for k in QAT_FLAGS}
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **default))
+
+
 def beside(out: str | Path, suffix: str) -> Path:
     """A file named after the output, as the report is: `x.gguf` -> `x<suffix>`, a folder `x` -> `x<suffix>`."""
     out = Path(out)
