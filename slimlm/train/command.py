@@ -81,7 +81,6 @@ def heal_options(budget: str | None, given: dict, *, resume: bool = False):
     return HealConfig(train=TrainConfig(budget=budget, **train), **heal)
 
 
-# ---- paths beside the output ----------------------------------------------------------------------------------
 def float_healing(config):
     """`config` (a HealConfig) with quantization-aware training's own settings at their defaults: healing before
     QAT trains in float and never reads them, so its checkpoints (whose fingerprint holds the settings) resume
@@ -91,6 +90,7 @@ def float_healing(config):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **default))
 
 
+# ---- paths beside the output ----------------------------------------------------------------------------------
 def beside(out: str | Path, suffix: str) -> Path:
     """A file named after the output, as the report is: `x.gguf` -> `x<suffix>`, a folder `x` -> `x<suffix>`."""
     out = Path(out)

@@ -96,12 +96,14 @@ def param_groups(params: dict, names: list[str], cfg: TrainConfig, embedding: tu
     --embedding-scale-lr the scales of the parameters under the `embedding` prefixes (embedding_prefixes: the
     token embedding / LM head's grid under --qat-embeddings) in a group of their own."""
     groups, apart = [], set()
-    emb = (lambda n: n.startswith(embedding)) if embedding else (lambda n: False)
-    for kinds, lr, where in ((SCALE_PARAMS, cfg.embedding_scale_lr, emb), (SCALE_PARAMS, cfg.scale_lr, None),
-                             (ROUND_PARAMS, cfg.round_lr, None)):
-        mine = [n for n in names if n not in apart and n.rsplit(".", 1)[-1] in kinds and (where is None or where(n))] \
-            if lr is not None else []
-        if mine:
+    def anywhere(n):
+        return True
+    def in_embedding(n):                  # str.startswith(()) is False: no prefixes, no embedding group
+        return n.startswith(embedding)
+    for kinds, lr, where in ((SCALE_PARAMS, cfg.embedding_scale_lr, in_embedding),
+                             (SCALE_PARAMS, cfg.scale_lr, anywhere), (ROUND_PARAMS, cfg.round_lr, anywhere)):
+        mine = [n for n in names if n not in apart and n.rsplit(".", 1)[-1] in kinds and where(n)]
+        if lr is not None and mine:
             groups.append({"params": [params[n] for n in mine], "lr_mult": lr / cfg.lr})
             apart |= set(mine)
     return [{"params": [params[n] for n in names if n not in apart], "lr_mult": 1.0}, *groups]
