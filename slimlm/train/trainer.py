@@ -308,8 +308,8 @@ class Trainer:
         module.train()
         params = dict(module.named_parameters())         # with FSDP: this process's shards (DTensors)
         trainable = [params[n] for n in names]
-        opt = adamw(param_groups(params, names, cfg, embedding_prefixes(module)), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                    fused=not fsdp)
+        opt = adamw(param_groups(params, names, cfg, embedding_prefixes(module)), lr=cfg.lr, betas=cfg.betas,
+                    weight_decay=cfg.weight_decay, fused=not fsdp)
         # the LM head fused with the top-k loss (no (positions, vocab) logits); FSDP shards W inside the module
         # (a callable: under QAT of the embeddings the weight is a parametrization's output, new every step)
         self.head = None if fsdp or fused_head(module) is None else partial(getattr, module.get_output_embeddings(),
